@@ -1,0 +1,154 @@
+//! The aggregator's configuration file (TOML): where to listen, where to keep adapters, and
+//! the federation plan. Unknown fields are errors, so a typo never silently falls back to a
+//! default; every error names the file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedcore::FederationPlan;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A configuration that could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigFileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {source}")]
+    Invalid {
+        path: String,
+        #[source]
+        source: fedcore::ConfigError,
+    },
+}
+
+/// Network and storage settings of the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to serve gRPC on, e.g. `127.0.0.1:50051`.
+    pub listen: SocketAddr,
+    /// Directory that receives `round-NNNN/` and `final/` PEFT adapters.
+    pub output_dir: PathBuf,
+    /// After the last round, how long to keep serving so that participants can fetch the
+    /// final adapter; the server stops earlier once every participant has been told.
+    #[serde(default = "default_linger_ms")]
+    pub linger_after_finish_ms: u64,
+}
+
+fn default_linger_ms() -> u64 {
+    30_000
+}
+
+/// The whole aggregator configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    pub server: ServerSection,
+    pub plan: FederationPlan,
+}
+
+impl AggregatorConfig {
+    /// Parses and validates TOML text; `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigFileError> {
+        let config: AggregatorConfig =
+            toml::from_str(text).map_err(|e| ConfigFileError::Parse {
+                path: origin.to_string(),
+                message: e.to_string().trim_end().to_string(),
+            })?;
+        config
+            .plan
+            .validate()
+            .map_err(|source| ConfigFileError::Invalid {
+                path: origin.to_string(),
+                source,
+            })?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// A complete, valid example (what `fedaggregator init-config` prints).
+    pub fn example() -> Self {
+        AggregatorConfig {
+            server: ServerSection {
+                listen: "127.0.0.1:50051".parse().expect("valid address"),
+                output_dir: PathBuf::from("runs/federation"),
+                linger_after_finish_ms: default_linger_ms(),
+            },
+            plan: FederationPlan {
+                federation: "mekong-federation".into(),
+                model: fedcore::ModelSpec::tiny(),
+                lora: Default::default(),
+                training: Default::default(),
+                rounds: Default::default(),
+            },
+        }
+    }
+
+    /// TOML text of this configuration.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("configuration always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_round_trips() {
+        let c = AggregatorConfig::example();
+        let back = AggregatorConfig::from_toml(&c.to_toml(), "example.toml").unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = AggregatorConfig::example()
+            .to_toml()
+            .replace("[plan.training]", "[plan.training]\nlocal_stpes = 5");
+        let err = AggregatorConfig::from_toml(&text, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agg.toml:"), "{err}");
+        assert!(err.contains("unknown field `local_stpes`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let text = AggregatorConfig::example()
+            .to_toml()
+            .replace("min_updates = 2", "min_updates = 7");
+        let err = AggregatorConfig::from_toml(&text, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rounds.min_updates"), "{err}");
+        let text = AggregatorConfig::example()
+            .to_toml()
+            .replace("listen = \"127.0.0.1:50051\"", "listen = \"localhost\"");
+        let err = AggregatorConfig::from_toml(&text, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = AggregatorConfig::load(Path::new("/nonexistent/agg.toml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/agg.toml"));
+    }
+}

@@ -1,0 +1,19 @@
+//! # fedaggregator
+//!
+//! What the regional center runs: a tonic gRPC server for `mekong.v1.Federation` around
+//! fedcore's round coordinator, with every round's global adapter saved in the Hugging Face
+//! PEFT format.
+//!
+//! - [`config`]: the TOML configuration file, validated field by field.
+//! - [`server`]: start, watch, drain and stop a running aggregator.
+//! - [`service`]: the gRPC handlers.
+//! - [`store`]: the on-disk history of global adapters.
+
+pub mod config;
+pub mod server;
+pub mod service;
+mod status_map;
+pub mod store;
+
+pub use config::AggregatorConfig;
+pub use server::{RunningServer, ServeError, start};

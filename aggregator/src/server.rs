@@ -1,0 +1,173 @@
+//! Starting, watching and stopping the aggregator: binds the listener, serves gRPC with tonic,
+//! and runs the deadline ticker that lets fedcore's coordinator see time pass.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedcore::Coordinator;
+use fedcore::round::{Stage, Status};
+use mekong_proto::MAX_MESSAGE_BYTES;
+use mekong_proto::v1::federation_server::FederationServer;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::config::AggregatorConfig;
+use crate::service::{FederationService, Shared};
+use crate::store::AdapterStore;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("invalid plan: {0}")]
+    Plan(#[from] fedcore::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare {dir}: {message}")]
+    Store { dir: String, message: String },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC server task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// A running aggregator.
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    store: AdapterStore,
+    shutdown: oneshot::Sender<()>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    ticker: JoinHandle<()>,
+}
+
+/// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
+pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeError> {
+    let coordinator = Coordinator::new(config.plan.clone())?;
+    let store = AdapterStore::new(&config.server.output_dir);
+    let shared = Shared::new(coordinator, store.clone()).map_err(|status| ServeError::Store {
+        dir: store.dir().display().to_string(),
+        message: status.message().to_string(),
+    })?;
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.server.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.server.listen,
+        source,
+    })?;
+    let service = FederationServer::new(FederationService::new(shared.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = shutdown_rx.await;
+            }),
+    );
+    let ticker = tokio::spawn(run_ticker(shared.clone()));
+    info!(
+        addr = %local_addr,
+        federation = %config.plan.federation,
+        participants = config.plan.rounds.participants,
+        rounds = config.plan.rounds.rounds,
+        output = %store.dir().display(),
+        "aggregator serving"
+    );
+    Ok(RunningServer {
+        local_addr,
+        shared,
+        store,
+        shutdown,
+        server,
+        ticker,
+    })
+}
+
+/// Calls the coordinator's `tick` at each deadline (and at least every 250 ms).
+async fn run_ticker(shared: Arc<Shared>) {
+    loop {
+        let sleep_ms = {
+            let c = shared.lock();
+            c.next_deadline()
+                .map_or(250, |d| d.saturating_sub(shared.now_ms()).clamp(1, 250))
+        };
+        tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
+        let mut c = shared.lock();
+        match c.tick(shared.now_ms()) {
+            Ok(events) => shared.apply_events(&c, events),
+            Err(e) => tracing::error!(error = %e, "closing a round failed"),
+        }
+    }
+}
+
+impl RunningServer {
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://<addr>`, what a participant connects to.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// The adapter store (round and final directories).
+    pub fn store(&self) -> &AdapterStore {
+        &self.store
+    }
+
+    /// A snapshot of the coordinator's status.
+    pub fn status(&self) -> Status {
+        self.shared.lock().status()
+    }
+
+    /// Resolves when the last round has closed.
+    pub async fn finished(&self) {
+        let mut changes = self.shared.subscribe();
+        loop {
+            if self.status().stage == Stage::Finished {
+                return;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// After the run finished: resolves once every participant has fetched the final
+    /// adapter, or after `linger`, whichever comes first.
+    pub async fn drain(&self, linger: Duration) {
+        let mut changes = self.shared.subscribe();
+        let until = tokio::time::Instant::now() + linger;
+        while !self.shared.everyone_told() {
+            if tokio::time::timeout_at(until, changes.changed())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.ticker.abort();
+        let _ = self.shutdown.send(());
+        self.server.await??;
+        Ok(())
+    }
+}

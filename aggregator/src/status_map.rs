@@ -1,0 +1,25 @@
+//! How fedcore's refusals become gRPC statuses: the code says what kind of problem it is,
+//! the message (fedcore's own) says exactly what was wrong.
+
+use fedcore::RoundError;
+use tonic::{Code, Status};
+
+/// The gRPC status a participant receives for a refused request.
+pub fn status_for(error: &RoundError) -> Status {
+    let code = match error {
+        RoundError::UnknownParticipant(_) => Code::Unauthenticated,
+        RoundError::BadName(_)
+        | RoundError::LayoutMismatch { .. }
+        | RoundError::SampleWeight(_)
+        | RoundError::Update(_) => Code::InvalidArgument,
+        RoundError::DuplicateUpdate { .. } => Code::AlreadyExists,
+        RoundError::RunFinished
+        | RoundError::NoRoundOpen
+        | RoundError::StaleRound { .. }
+        | RoundError::FutureRound { .. }
+        | RoundError::NotInCohort { .. }
+        | RoundError::WrongBaseAdapter { .. } => Code::FailedPrecondition,
+        RoundError::Aggregate(_) => Code::Internal,
+    };
+    Status::new(code, error.to_string())
+}

@@ -1,0 +1,77 @@
+//! Where the aggregator keeps every round's global adapter: `round-NNNN/` directories in the
+//! Hugging Face PEFT format (round 0 is the starting adapter), a `round.json` beside each
+//! adapter recording who contributed, and `final/` once the run is finished.
+
+use std::path::{Path, PathBuf};
+
+use fedcore::{AdapterError, LoraAdapter, RoundRecord};
+use serde::Serialize;
+
+/// Directory-backed adapter history.
+#[derive(Debug, Clone)]
+pub struct AdapterStore {
+    dir: PathBuf,
+}
+
+#[derive(Serialize)]
+struct RoundFile<'a> {
+    round: u64,
+    contributors: &'a [String],
+    dropped: &'a [String],
+    total_samples: u64,
+    adapter_hash: &'a str,
+}
+
+impl AdapterStore {
+    /// A store rooted at `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        AdapterStore { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Directory of one round's adapter.
+    pub fn round_dir(&self, round: u64) -> PathBuf {
+        self.dir.join(format!("round-{round:04}"))
+    }
+
+    /// Directory of the final adapter.
+    pub fn final_dir(&self) -> PathBuf {
+        self.dir.join("final")
+    }
+
+    /// Saves the starting adapter as round 0.
+    pub fn save_initial(&self, adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        fedcore::peft::write_dir(&self.round_dir(0), adapter)
+    }
+
+    /// Saves a closed round's adapter and its record.
+    pub fn save_round(
+        &self,
+        record: &RoundRecord,
+        adapter: &LoraAdapter,
+    ) -> Result<(), AdapterError> {
+        let dir = self.round_dir(record.round);
+        fedcore::peft::write_dir(&dir, adapter)?;
+        let json = serde_json::to_string_pretty(&RoundFile {
+            round: record.round,
+            contributors: &record.contributors,
+            dropped: &record.dropped,
+            total_samples: record.total_samples,
+            adapter_hash: &record.adapter_hash,
+        })
+        .expect("record serialises");
+        let path = dir.join("round.json");
+        std::fs::write(&path, json).map_err(|source| AdapterError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Saves the run's final adapter.
+    pub fn save_final(&self, adapter: &LoraAdapter) -> Result<(), AdapterError> {
+        fedcore::peft::write_dir(&self.final_dir(), adapter)
+    }
+}

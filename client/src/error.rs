@@ -1,0 +1,98 @@
+//! Typed errors of the lab-side crate. Every message names what is wrong, so that a lab
+//! operator reading a log line knows which module, file or setting to look at.
+
+use thiserror::Error;
+
+/// What can go wrong building, adapting, training or evaluating the model.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// The plan's model, LoRA or training section does not describe something buildable.
+    #[error("invalid plan: {0}")]
+    Config(#[from] fedcore::ConfigError),
+
+    /// An adapter could not be assembled or read.
+    #[error("adapter: {0}")]
+    Adapter(#[from] fedcore::AdapterError),
+
+    /// The adapter's rank or alpha differs from the model's LoRA configuration.
+    #[error("adapter {field} is {found}, but the model was built with {field} = {expected}")]
+    AdapterConfig {
+        field: &'static str,
+        expected: String,
+        found: String,
+    },
+
+    /// A module the model adapts is absent from the adapter.
+    #[error("adapter has no module `{0}`, which the model adapts")]
+    MissingModule(String),
+
+    /// The adapter holds a module the model does not adapt.
+    #[error("adapter module `{0}` is not adapted by this model")]
+    UnexpectedModule(String),
+
+    /// One LoRA tensor has the wrong shape.
+    #[error("adapter tensor `{module}.{tensor}` is {found:?}, the model expects {expected:?}")]
+    ModuleShape {
+        module: String,
+        tensor: &'static str,
+        expected: [usize; 2],
+        found: [usize; 2],
+    },
+
+    /// Fewer tokens than one training or evaluation window needs.
+    #[error("{what} has {tokens} tokens, at least {needed} are needed")]
+    TooFewTokens {
+        what: &'static str,
+        tokens: usize,
+        needed: usize,
+    },
+
+    /// A token id the model's embedding cannot look up.
+    #[error("token id {token} is outside the model's vocabulary of {vocab_size}")]
+    TokenOutOfRange { token: u32, vocab_size: usize },
+
+    /// The model's parameters live on another device than the one the caller named.
+    #[error("the model lives on {model}, but the call asked for {requested}")]
+    DeviceMismatch { model: String, requested: String },
+
+    /// Training produced a loss that is not a finite number.
+    #[error("training diverged: loss is {loss} at step {step}")]
+    Diverged { step: usize, loss: f32 },
+
+    /// The backend failed to run or read back a tensor.
+    #[error("backend error while {during}: {message}")]
+    Backend {
+        during: &'static str,
+        message: String,
+    },
+}
+
+impl ModelError {
+    /// Wraps a backend failure, saying what was being done.
+    pub(crate) fn backend(during: &'static str, err: impl std::fmt::Debug) -> Self {
+        ModelError::Backend {
+            during,
+            message: format!("{err:?}"),
+        }
+    }
+}
+
+/// What can go wrong turning a lab's text into a training corpus.
+#[derive(Debug, Error)]
+pub enum CorpusError {
+    /// The corpus file could not be read.
+    #[error("cannot read corpus {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The held-out fraction is not strictly between 0 and 1.
+    #[error("held-out fraction must be strictly between 0 and 1, got {0}")]
+    HeldoutFraction(f64),
+
+    /// Too little text to split into a training part and a held-out part.
+    #[error("corpus for `{language}` is too short: {reason}")]
+    TooShort { language: String, reason: String },
+}

@@ -1,0 +1,177 @@
+//! Held-out evaluation: mean next-token loss, perplexity and bits per character.
+//!
+//! The held-out tokens are cut into non-overlapping windows of `seq_len + 1` tokens that
+//! overlap by one (the last token of a window is the first input of the next), so every token
+//! after the first is predicted exactly once. Full windows are batched; a shorter tail window,
+//! if any, runs on its own. One scalar is read back per batch.
+//!
+//! Bits per character divide the total NLL (in bits) by the number of characters that begin
+//! in the predicted tokens (`HeldOut::chars_started`, which the tokenizer supplies: for bytes,
+//! the non-continuation UTF-8 bytes), so it compares across tokenizers and scripts.
+
+use burn::module::Module;
+use burn::tensor::Device;
+use fedcore::ConfigError;
+
+use crate::data::HeldOut;
+use crate::error::ModelError;
+use crate::model::LoraLlama;
+use crate::model::batch::{check_vocab, windows};
+use crate::model::loss::token_nll;
+
+/// Windows per forward pass.
+const EVAL_BATCH: usize = 16;
+
+/// Held-out scores.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalStats {
+    /// Mean next-token NLL in nats.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Total NLL in bits per character covered by the predicted tokens (NaN when the
+    /// predicted tokens start no character).
+    pub bits_per_char: f64,
+    /// Number of predicted tokens.
+    pub tokens: usize,
+}
+
+/// Scores `model` on the held-out text with windows of at most `seq_len` predictions.
+pub fn evaluate(
+    model: &LoraLlama,
+    heldout: &HeldOut,
+    seq_len: usize,
+    device: &Device,
+) -> Result<EvalStats, ModelError> {
+    let tokens = &heldout.tokens;
+    let max_len = model.model_spec().max_position_embeddings;
+    if seq_len == 0 || seq_len > max_len {
+        return Err(ConfigError::field(
+            "seq_len",
+            format!("evaluation window must be between 1 and max_position_embeddings = {max_len}, got {seq_len}"),
+        )
+        .into());
+    }
+    if tokens.len() < 2 {
+        return Err(ModelError::TooFewTokens {
+            what: "held-out text",
+            tokens: tokens.len(),
+            needed: 2,
+        });
+    }
+    check_vocab(tokens, model.model_spec().vocab_size)?;
+    if model.device() != *device {
+        return Err(ModelError::DeviceMismatch {
+            model: format!("{:?}", model.device()),
+            requested: format!("{device:?}"),
+        });
+    }
+    // A validation snapshot never records an autodiff graph, even if handed a training model.
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+
+    let predicted = tokens.len() - 1;
+    let len = seq_len.min(predicted);
+    let full = predicted / len;
+    let starts: Vec<usize> = (0..full).map(|w| w * len).collect();
+    let mut total_nll = 0f64;
+    for chunk in starts.chunks(EVAL_BATCH) {
+        total_nll += batch_nll(&model, tokens, chunk, len, &device)?;
+    }
+    let tail = predicted - full * len;
+    if tail > 0 {
+        total_nll += batch_nll(&model, tokens, &[full * len], tail, &device)?;
+    }
+
+    let chars: u64 = heldout.chars_started[1..]
+        .iter()
+        .map(|&c| u64::from(c))
+        .sum();
+    let loss = total_nll / predicted as f64;
+    Ok(EvalStats {
+        loss,
+        perplexity: loss.exp(),
+        bits_per_char: if chars == 0 {
+            f64::NAN
+        } else {
+            total_nll / std::f64::consts::LN_2 / chars as f64
+        },
+        tokens: predicted,
+    })
+}
+
+/// Summed NLL of the windows starting at `starts`, each predicting `len` tokens.
+fn batch_nll(
+    model: &LoraLlama,
+    tokens: &[u32],
+    starts: &[usize],
+    len: usize,
+    device: &Device,
+) -> Result<f64, ModelError> {
+    let (inputs, targets) = windows(tokens, starts, len, device);
+    let sum: f32 = token_nll(model.forward(inputs), targets)
+        .sum()
+        .try_into_scalar()
+        .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;
+    Ok(f64::from(sum))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{ByteTokenizer, LocalCorpus, TextTokenizer};
+    use fedcore::{LoraSpec, ModelSpec};
+
+    fn heldout(text: &str) -> HeldOut {
+        LocalCorpus::from_text("xx", &format!("train line\n{text}"), 0.01, &ByteTokenizer)
+            .unwrap()
+            .heldout
+    }
+
+    #[test]
+    fn every_token_after_the_first_is_scored_once_whatever_the_window() {
+        let device = Device::flex();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &LoraSpec::default(), &device).unwrap();
+        let h = heldout("Tous les êtres humains naissent libres et égaux en dignité et en droits.");
+        let n = h.tokens.len();
+        let a = evaluate(&model, &h, 7, &device).unwrap(); // many windows + a tail
+        let b = evaluate(&model, &h, 256, &device).unwrap(); // one window
+        assert_eq!(a.tokens, n - 1);
+        assert_eq!(b.tokens, n - 1);
+        // A random model is near-uniform over 256 bytes.
+        assert!((a.loss - 256f64.ln()).abs() < 1.5, "{a:?}");
+        assert!((a.perplexity - a.loss.exp()).abs() < 1e-9);
+        // Characters, not bytes: 'ê', 'é' are two bytes each.
+        let chars = h.text.chars().count() - 1;
+        assert!(h.text.starts_with('T'));
+        let expected_bpc = a.loss * (n - 1) as f64 / std::f64::consts::LN_2 / chars as f64;
+        assert!((a.bits_per_char - expected_bpc).abs() < 1e-9, "{a:?}");
+        assert!(chars < n - 1);
+        // Contexts differ between the two windowings, so only roughly equal.
+        assert!((a.loss - b.loss).abs() < 0.5, "{a:?} vs {b:?}");
+    }
+
+    #[test]
+    fn refuses_bad_windows_and_tiny_texts() {
+        let device = Device::flex();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &LoraSpec::default(), &device).unwrap();
+        let h = heldout("abc");
+        assert!(
+            evaluate(&model, &h, 0, &device)
+                .unwrap_err()
+                .to_string()
+                .contains("seq_len")
+        );
+        assert!(evaluate(&model, &h, 257, &device).is_err());
+        let one = HeldOut {
+            tokens: ByteTokenizer.encode("a"),
+            chars_started: vec![1],
+            text: "a".into(),
+        };
+        let err = evaluate(&model, &one, 8, &device).unwrap_err();
+        assert!(
+            err.to_string().contains("held-out text has 1 tokens"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,22 @@
+//! # fedclient
+//!
+//! What runs at a lab: a Llama-style decoder with FFA-LoRA adapters in burn, the lab's local
+//! text, local training and held-out evaluation.
+//!
+//! - [`device`]: picking flex (CPU) or wgpu (GPU) at run time.
+//! - [`data`]: tokenising a lab's text and holding part of it out.
+//! - [`model`]: the decoder and its adapters.
+//! - [`train`]: one round of local training on LoRA B.
+//! - [`eval`]: held-out loss, perplexity, bits per character.
+//! - [`participant`]: the runtime that joins a federation and trains every round.
+//! - [`upload`]: the single seam where an update is encoded for the wire.
+//! - [`error`]: typed errors.
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod participant;
+pub mod train;
+pub mod upload;

@@ -1,0 +1,130 @@
+//! Moving the LoRA adapter between the model's tensors and fedcore's [`LoraAdapter`] (PEFT
+//! layout, canonical Hugging Face module names): export after local training, load the
+//! global adapter at the start of each round.
+
+use std::collections::HashSet;
+
+use fedcore::{LoraAdapter, TargetModule};
+
+use super::LoraLlama;
+use super::decoder::DecoderLayer;
+use super::lora_linear::LoraLinear;
+use crate::error::ModelError;
+
+impl DecoderLayer {
+    fn target(&self, target: TargetModule) -> &LoraLinear {
+        match target {
+            TargetModule::Q => &self.self_attn.q_proj,
+            TargetModule::K => &self.self_attn.k_proj,
+            TargetModule::V => &self.self_attn.v_proj,
+            TargetModule::O => &self.self_attn.o_proj,
+            TargetModule::Gate => &self.mlp.gate_proj,
+            TargetModule::Up => &self.mlp.up_proj,
+            TargetModule::Down => &self.mlp.down_proj,
+        }
+    }
+
+    fn target_mut(&mut self, target: TargetModule) -> &mut LoraLinear {
+        match target {
+            TargetModule::Q => &mut self.self_attn.q_proj,
+            TargetModule::K => &mut self.self_attn.k_proj,
+            TargetModule::V => &mut self.self_attn.v_proj,
+            TargetModule::O => &mut self.self_attn.o_proj,
+            TargetModule::Gate => &mut self.mlp.gate_proj,
+            TargetModule::Up => &mut self.mlp.up_proj,
+            TargetModule::Down => &mut self.mlp.down_proj,
+        }
+    }
+}
+
+impl LoraLlama {
+    /// `(name, layer, target)` of every adapted module, in the model's order.
+    fn adapted(&self) -> Vec<(String, usize, TargetModule)> {
+        (0..self.layers.len())
+            .flat_map(|layer| {
+                TargetModule::ALL
+                    .into_iter()
+                    .filter(|t| self.lora.target_modules.contains(t))
+                    .map(move |t| {
+                        (
+                            format!("model.layers.{layer}.{}", t.path_suffix()),
+                            layer,
+                            t,
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// The current adapter (A and B in PEFT layout), read back from the device.
+    ///
+    /// # Panics
+    ///
+    /// When the device fails to read a tensor back (a lost GPU); use
+    /// [`try_export_adapter`](Self::try_export_adapter) to get that as an error.
+    pub fn export_adapter(&self) -> LoraAdapter {
+        match self.try_export_adapter() {
+            Ok(adapter) => adapter,
+            Err(err) => panic!("exporting the LoRA adapter failed: {err}"),
+        }
+    }
+
+    /// The current adapter, or the backend error that prevented reading it.
+    pub fn try_export_adapter(&self) -> Result<LoraAdapter, ModelError> {
+        let mut modules = Vec::new();
+        for (name, layer, target) in self.adapted() {
+            let module = self.layers[layer]
+                .target(target)
+                .read_lora()?
+                .ok_or_else(|| ModelError::MissingModule(name.clone()))?;
+            modules.push((name, module));
+        }
+        Ok(LoraAdapter::new(self.adapter_config.clone(), modules)?)
+    }
+
+    /// Sets A and B of every adapted module from `adapter`. The adapter must carry exactly the
+    /// modules this model adapts, with the model's rank and alpha; everything is checked before
+    /// anything is written. A stays frozen and B trainable.
+    pub fn load_adapter(mut self, adapter: &LoraAdapter) -> Result<Self, ModelError> {
+        let config = adapter.config();
+        if config.rank != self.lora.rank {
+            return Err(ModelError::AdapterConfig {
+                field: "rank",
+                expected: self.lora.rank.to_string(),
+                found: config.rank.to_string(),
+            });
+        }
+        if config.alpha.to_bits() != self.lora.alpha.to_bits() {
+            return Err(ModelError::AdapterConfig {
+                field: "alpha",
+                expected: self.lora.alpha.to_string(),
+                found: config.alpha.to_string(),
+            });
+        }
+        let adapted = self.adapted();
+        let expected: HashSet<&str> = adapted.iter().map(|(n, _, _)| n.as_str()).collect();
+        if let Some((extra, _)) = adapter
+            .modules()
+            .iter()
+            .find(|(name, _)| !expected.contains(name.as_str()))
+        {
+            return Err(ModelError::UnexpectedModule(extra.clone()));
+        }
+        let mut updates = Vec::with_capacity(adapted.len());
+        for (name, layer, target) in &adapted {
+            let module = adapter
+                .module(name)
+                .ok_or_else(|| ModelError::MissingModule(name.clone()))?;
+            self.layers[*layer]
+                .target(*target)
+                .check_lora(name, module)?;
+            updates.push((name, *layer, *target, module));
+        }
+        for (name, layer, target, module) in updates {
+            self.layers[layer]
+                .target_mut(target)
+                .load_lora(name, module)?;
+        }
+        Ok(self)
+    }
+}

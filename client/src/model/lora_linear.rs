@@ -1,0 +1,297 @@
+//! A bias-free linear layer with an optional FFA-LoRA branch:
+//! `y = x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W and A frozen and only B trained.
+//!
+//! Tensors are stored in burn's matmul-ready layout (`[in, out]`, i.e. transposed relative to
+//! Hugging Face and PEFT, which store `[out, in]`, `lora_A` `[r, in]` and `lora_B` `[out, r]`),
+//! so the forward pass needs no transposes; the PEFT layout is restored on the host when the
+//! adapter is exported.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor, TensorData};
+use fedcore::{LoraModule, Matrix};
+
+use super::init::transpose;
+use crate::error::ModelError;
+
+/// A linear layer of the decoder; `lora` is `Some` for the modules LoRA targets.
+#[derive(Module, Debug)]
+pub struct LoraLinear {
+    /// Frozen base weight `Wᵀ`, `[in, out]`.
+    weight: Param<Tensor<2>>,
+    lora: Option<LoraBranch>,
+}
+
+/// The low-rank update of one adapted layer.
+#[derive(Module, Debug)]
+pub struct LoraBranch {
+    /// `Aᵀ`, `[in, r]`: frozen (FFA-LoRA draws A from a seed every participant shares).
+    a_t: Param<Tensor<2>>,
+    /// `Bᵀ`, `[r, out]`: the only trained tensor.
+    b_t: Param<Tensor<2>>,
+    /// `alpha / r`.
+    scaling: f32,
+}
+
+impl LoraLinear {
+    /// A frozen layer from a Hugging Face-layout weight (`[out, in]`, row-major).
+    pub(crate) fn frozen(
+        weight: &[f32],
+        out_features: usize,
+        in_features: usize,
+        device: &Device,
+    ) -> Self {
+        let data = TensorData::new(
+            transpose(weight, out_features, in_features),
+            [in_features, out_features],
+        );
+        LoraLinear {
+            weight: Param::from_data(data, device).set_require_grad(false),
+            lora: None,
+        }
+    }
+
+    /// `(in_features, out_features)`.
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.lazy_shape().dims();
+        (i, o)
+    }
+
+    /// Whether this layer carries a LoRA branch.
+    pub fn is_adapted(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// Adds (or replaces) the LoRA branch with A and B in PEFT layout.
+    pub(crate) fn with_lora(
+        mut self,
+        name: &str,
+        module: &LoraModule,
+        scaling: f32,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        self.check_lora(name, module)?;
+        let (a_t, b_t) = peft_to_burn(module);
+        self.lora = Some(LoraBranch {
+            a_t: Param::from_data(a_t, device).set_require_grad(false),
+            b_t: Param::from_data(b_t, device),
+            scaling,
+        });
+        Ok(self)
+    }
+
+    /// Replaces A and B of an adapted layer, keeping the parameters' ids, device and
+    /// trainability (A frozen, B trainable).
+    pub(crate) fn load_lora(&mut self, name: &str, module: &LoraModule) -> Result<(), ModelError> {
+        self.check_lora(name, module)?;
+        let Some(branch) = self.lora.take() else {
+            return Err(ModelError::UnexpectedModule(name.to_string()));
+        };
+        let device = branch.a_t.lazy_device();
+        let (a_t, b_t) = peft_to_burn(module);
+        let a_id: ParamId = branch.a_t.id;
+        let b_id: ParamId = branch.b_t.id;
+        self.lora = Some(LoraBranch {
+            a_t: branch
+                .a_t
+                .transform_for_load(Tensor::from_data(a_t, &device), a_id),
+            b_t: branch
+                .b_t
+                .transform_for_load(Tensor::from_data(b_t, &device), b_id),
+            scaling: branch.scaling,
+        });
+        Ok(())
+    }
+
+    /// A `[r, in]` and B `[out, r]` in PEFT layout, read back from the device.
+    pub(crate) fn read_lora(&self) -> Result<Option<LoraModule>, ModelError> {
+        let Some(branch) = &self.lora else {
+            return Ok(None);
+        };
+        let (a_t, [in_f, r]) = read(&branch.a_t)?;
+        let (b_t, [r2, out_f]) = read(&branch.b_t)?;
+        debug_assert_eq!(r, r2);
+        let a = Matrix::new(r, in_f, transpose(&a_t, in_f, r))
+            .map_err(|e| ModelError::backend("reading lora_A", e))?;
+        let b = Matrix::new(out_f, r2, transpose(&b_t, r2, out_f))
+            .map_err(|e| ModelError::backend("reading lora_B", e))?;
+        Ok(Some(LoraModule { a, b }))
+    }
+
+    /// The frozen base weight in Hugging Face layout `[out, in]`, read back from the device.
+    #[cfg(test)]
+    pub(crate) fn read_base(&self) -> Result<Matrix, ModelError> {
+        let (w_t, [in_f, out_f]) = read(&self.weight)?;
+        Matrix::new(out_f, in_f, transpose(&w_t, in_f, out_f))
+            .map_err(|e| ModelError::backend("reading a base weight", e))
+    }
+
+    /// `x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match &self.lora {
+            None => linear(x, self.weight.val(), None),
+            Some(branch) => {
+                let base = linear(x.clone(), self.weight.val(), None);
+                let low_rank = linear(x, branch.a_t.val(), None).mul_scalar(branch.scaling);
+                base + linear(low_rank, branch.b_t.val(), None)
+            }
+        }
+    }
+
+    /// Checks that `module`'s A is `[r, in]` and B `[out, r]` for this layer (and, when a
+    /// branch exists, its rank); the error names the tensor.
+    pub(crate) fn check_lora(&self, name: &str, module: &LoraModule) -> Result<(), ModelError> {
+        let (in_f, out_f) = self.dims();
+        let rank = module.a.rows();
+        let expected_rank = self
+            .lora
+            .as_ref()
+            .map(|b| b.a_t.lazy_shape().dims::<2>()[1])
+            .unwrap_or(rank);
+        let check = |tensor: &'static str, expected: [usize; 2], found: [usize; 2]| {
+            if expected == found {
+                Ok(())
+            } else {
+                Err(ModelError::ModuleShape {
+                    module: name.to_string(),
+                    tensor,
+                    expected,
+                    found,
+                })
+            }
+        };
+        check("lora_A", [expected_rank, in_f], module.a.shape())?;
+        check("lora_B", [out_f, expected_rank], module.b.shape())
+    }
+}
+
+/// PEFT `A [r, in]`, `B [out, r]` → burn `Aᵀ [in, r]`, `Bᵀ [r, out]`.
+fn peft_to_burn(module: &LoraModule) -> (TensorData, TensorData) {
+    let [r, in_f] = module.a.shape();
+    let [out_f, _] = module.b.shape();
+    (
+        TensorData::new(transpose(module.a.data(), r, in_f), [in_f, r]),
+        TensorData::new(transpose(module.b.data(), out_f, r), [r, out_f]),
+    )
+}
+
+fn read(param: &Param<Tensor<2>>) -> Result<(Vec<f32>, [usize; 2]), ModelError> {
+    let tensor = param.val();
+    let dims = tensor.dims();
+    let data = tensor
+        .try_into_data()
+        .map_err(|e| ModelError::backend("reading a parameter", e))?
+        .try_into_vec_as::<f32>()
+        .map_err(|e| ModelError::backend("reading a parameter", e))?;
+    Ok((data, dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init::WeightInit;
+
+    const IN: usize = 6;
+    const OUT: usize = 5;
+    const R: usize = 3;
+
+    fn layer(device: &Device) -> (LoraLinear, Vec<f32>) {
+        let w = WeightInit::new(3).uniform("w", OUT, IN, 0.5);
+        (LoraLinear::frozen(&w, OUT, IN, device), w)
+    }
+
+    fn module(b_scale: f32) -> LoraModule {
+        let init = WeightInit::new(9);
+        let mut b = Matrix::new(OUT, R, init.uniform("b", OUT, R, 1.0)).unwrap();
+        b.data_mut().iter_mut().for_each(|v| *v *= b_scale);
+        LoraModule {
+            a: Matrix::new(R, IN, init.uniform("a", R, IN, 1.0)).unwrap(),
+            b,
+        }
+    }
+
+    fn values(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_into_vec_as::<f32>().unwrap()
+    }
+
+    /// `x [n, in] · Mᵀ` with `M [out, in]`, in f64.
+    fn matmul_t(x: &[f32], n: usize, m: &[f64], out: usize, inner: usize) -> Vec<f64> {
+        (0..n)
+            .flat_map(|i| {
+                (0..out).map(move |o| {
+                    (0..inner)
+                        .map(|k| x[i * inner + k] as f64 * m[o * inner + k])
+                        .sum()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn zero_b_is_the_frozen_base_and_set_b_adds_the_scaled_low_rank_update() {
+        let device = Device::flex();
+        let (base, w) = layer(&device);
+        let x_host = WeightInit::new(4).uniform("x", 4, IN, 1.0);
+        let x = Tensor::<2>::from_data(TensorData::new(x_host.clone(), [4, IN]), &device);
+        let plain = values(base.forward(x.clone()));
+
+        // B = 0: bit-identical to the frozen base.
+        let (adapted, _) = layer(&device);
+        let adapted = adapted.with_lora("m", &module(0.0), 2.0, &device).unwrap();
+        assert_eq!(values(adapted.forward(x.clone())), plain);
+
+        // B ≠ 0: base + scaling · x·Aᵀ·Bᵀ, computed by hand.
+        let scaling = 16.0 / R as f32;
+        let m = module(1.0);
+        let (adapted, _) = layer(&device);
+        let adapted = adapted.with_lora("m", &m, scaling, &device).unwrap();
+        let got = values(adapted.forward(x));
+        let delta = m.delta(1.0).unwrap(); // B·A, [out, in]
+        let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+        let d64: Vec<f64> = delta.data().iter().map(|&v| v as f64).collect();
+        let expect_base = matmul_t(&x_host, 4, &w64, OUT, IN);
+        let expect_delta = matmul_t(&x_host, 4, &d64, OUT, IN);
+        for i in 0..got.len() {
+            let expected = expect_base[i] + scaling as f64 * expect_delta[i];
+            assert!(
+                (got[i] as f64 - expected).abs() < 1e-5,
+                "element {i}: {} vs {expected}",
+                got[i]
+            );
+        }
+        // The update is not negligible, so the comparison above can fail.
+        assert!(got.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-2));
+    }
+
+    #[test]
+    fn lora_round_trips_in_peft_layout_and_shapes_are_checked() {
+        let device = Device::flex();
+        let (l, w) = layer(&device);
+        let m = module(1.0);
+        let mut l = l.with_lora("m", &m, 1.0, &device).unwrap();
+        assert_eq!(l.read_lora().unwrap().unwrap(), m);
+        assert_eq!(l.read_base().unwrap().data(), &w[..]);
+
+        let mut wrong = module(1.0);
+        wrong.b = Matrix::zeros(OUT + 1, R);
+        let err = l
+            .load_lora("model.layers.0.mlp.up_proj", &wrong)
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("model.layers.0.mlp.up_proj.lora_B"), "{msg}");
+    }
+
+    #[test]
+    fn only_b_requires_grad_after_train() {
+        let device = Device::flex();
+        let (l, _) = layer(&device);
+        let l = l.with_lora("m", &module(1.0), 1.0, &device).unwrap();
+        let mut l = l;
+        l.load_lora("m", &module(0.5)).unwrap();
+        let l = l.train();
+        let branch = l.lora.as_ref().unwrap();
+        assert!(branch.b_t.val().is_require_grad());
+        assert!(!branch.a_t.val().is_require_grad());
+        assert!(!l.weight.val().is_require_grad());
+    }
+}

@@ -1,0 +1,31 @@
+//! # fedcore
+//!
+//! Mekong's protocol and math as pure state machines and functions. No network, no async
+//! runtime, no clock: callers pass time and randomness in, feed messages in and get decisions
+//! out, so every behaviour can be driven deterministically in tests (in the manner of
+//! quinn-proto or rustls).
+//!
+//! - [`adapter`]: LoRA adapters (A r×k, B d×r), FFA-LoRA initialisation from a shared seed.
+//! - [`manifest`]: hashed layouts that flatten adapters to one f32 vector and back.
+//! - [`peft`]: the Hugging Face PEFT on-disk format as byte-level codecs.
+//! - [`aggregate`]: sample-weighted FedAvg of FFA-LoRA updates, folded as they arrive.
+//! - [`update`]: the one place an update is encoded and checked before aggregation.
+//! - [`round`]: the round coordinator state machine the aggregator drives.
+//! - [`plan`]: the federation plan both sides agree on.
+
+pub mod adapter;
+pub mod error;
+pub mod manifest;
+pub mod plan;
+
+pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, TargetModule};
+pub use error::{AdapterError, ConfigError};
+pub use manifest::{LayoutManifest, TensorSlot};
+pub use plan::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
+pub mod aggregate;
+pub mod peft;
+pub mod round;
+pub mod update;
+
+pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
+pub use update::{SubmittedUpdate, UpdateError, UpdatePayload};

@@ -1,0 +1,494 @@
+//! The federation plan: which model, which LoRA layout, what local training a round asks for,
+//! and how rounds are run. The aggregator owns it, every participant receives it on join.
+//!
+//! It lives in `fedcore` because both sides must agree on it bit for bit: the adapter layout
+//! (and so the manifest hash every update is checked against) is derived from it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
+use crate::error::ConfigError;
+
+/// Architecture of a Llama-family decoder, named as in Hugging Face `config.json`.
+///
+/// In this release the base weights are initialised from `init_seed` by every participant
+/// (identically on every backend); real checkpoints replace that in a later release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Name recorded as `base_model_name_or_path` in PEFT adapters.
+    pub name: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Seed of the base weights every participant initialises identically.
+    pub init_seed: u64,
+}
+
+impl ModelSpec {
+    /// A tiny byte-level model that trains in seconds on two CPU cores.
+    pub fn tiny() -> Self {
+        ModelSpec {
+            name: "mekong/tiny-llama-bytes".to_string(),
+            vocab_size: 256,
+            hidden_size: 64,
+            intermediate_size: 176,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings: 256,
+            tie_word_embeddings: false,
+            init_seed: 17,
+        }
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    /// Checks that the numbers describe a buildable model; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("model.vocab_size", self.vocab_size),
+            ("model.hidden_size", self.hidden_size),
+            ("model.intermediate_size", self.intermediate_size),
+            ("model.num_hidden_layers", self.num_hidden_layers),
+            ("model.num_attention_heads", self.num_attention_heads),
+            ("model.num_key_value_heads", self.num_key_value_heads),
+            (
+                "model.max_position_embeddings",
+                self.max_position_embeddings,
+            ),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::field(field, "must be at least 1"));
+            }
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(ConfigError::field(
+                "model.hidden_size",
+                format!(
+                    "{} is not divisible by num_attention_heads = {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(ConfigError::field(
+                "model.hidden_size",
+                "head dimension (hidden_size / num_attention_heads) must be even for RoPE",
+            ));
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(ConfigError::field(
+                "model.num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads = {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(ConfigError::field(
+                "model.rope_theta",
+                "must be a positive number",
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(ConfigError::field(
+                "model.rms_norm_eps",
+                "must be a positive number",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shapes of the linear layers LoRA adapts, in the model's order, named as in Hugging Face
+    /// checkpoints (`model.layers.{i}.self_attn.q_proj`, `model.layers.{i}.mlp.down_proj`).
+    pub fn lora_modules(&self, targets: &[TargetModule]) -> Vec<ModuleShape> {
+        let attn_out = self.num_attention_heads * self.head_dim();
+        let kv_out = self.num_key_value_heads * self.head_dim();
+        let mut shapes = Vec::new();
+        for layer in 0..self.num_hidden_layers {
+            for target in TargetModule::ALL {
+                if !targets.contains(&target) {
+                    continue;
+                }
+                let (out_features, in_features) = match target {
+                    TargetModule::Q => (attn_out, self.hidden_size),
+                    TargetModule::K | TargetModule::V => (kv_out, self.hidden_size),
+                    TargetModule::O => (self.hidden_size, attn_out),
+                    TargetModule::Gate | TargetModule::Up => {
+                        (self.intermediate_size, self.hidden_size)
+                    }
+                    TargetModule::Down => (self.hidden_size, self.intermediate_size),
+                };
+                shapes.push(ModuleShape {
+                    name: format!("model.layers.{layer}.{}", target.path_suffix()),
+                    out_features,
+                    in_features,
+                });
+            }
+        }
+        shapes
+    }
+}
+
+/// Rank, scaling and placement of the LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    pub target_modules: Vec<TargetModule>,
+    /// FFA-LoRA: every participant derives the same frozen A matrices from this seed.
+    pub a_seed: u64,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: TargetModule::ALL.to_vec(),
+            a_seed: 2024,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// `alpha / rank`, the factor applied to `B·A`.
+    pub fn scaling(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// Checks rank, alpha and targets; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rank == 0 {
+            return Err(ConfigError::field("lora.rank", "must be at least 1"));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(ConfigError::field(
+                "lora.alpha",
+                "must be a positive number",
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(ConfigError::field(
+                "lora.target_modules",
+                "must name at least one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+            ));
+        }
+        let mut seen = Vec::new();
+        for t in &self.target_modules {
+            if seen.contains(t) {
+                return Err(ConfigError::field(
+                    "lora.target_modules",
+                    format!("{} is listed twice", t.peft_name()),
+                ));
+            }
+            seen.push(*t);
+        }
+        Ok(())
+    }
+}
+
+/// What one round of local training consists of.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSpec {
+    /// Optimizer steps each participant takes per round.
+    pub local_steps: usize,
+    pub batch_size: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Base seed of batch sampling; each participant and round derive their own from it.
+    pub seed: u64,
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        TrainingSpec {
+            local_steps: 20,
+            batch_size: 8,
+            seq_len: 64,
+            learning_rate: 5e-3,
+            weight_decay: 0.0,
+            seed: 7,
+        }
+    }
+}
+
+impl TrainingSpec {
+    /// The batch-sampling seed of one participant in one round: distinct per participant and
+    /// round, reproducible from the plan.
+    pub fn local_seed(&self, participant: &str, round: u64) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"mekong/local-seed/v1");
+        h.update(self.seed.to_le_bytes());
+        h.update((participant.len() as u64).to_le_bytes());
+        h.update(participant.as_bytes());
+        h.update(round.to_le_bytes());
+        let d = h.finalize();
+        u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Checks the numbers; errors name the field.
+    pub fn validate(&self, model: &ModelSpec) -> Result<(), ConfigError> {
+        if self.local_steps == 0 {
+            return Err(ConfigError::field(
+                "training.local_steps",
+                "must be at least 1",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::field(
+                "training.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if self.seq_len < 2 {
+            return Err(ConfigError::field("training.seq_len", "must be at least 2"));
+        }
+        if self.seq_len > model.max_position_embeddings {
+            return Err(ConfigError::field(
+                "training.seq_len",
+                format!(
+                    "{} exceeds model.max_position_embeddings = {}",
+                    self.seq_len, model.max_position_embeddings
+                ),
+            ));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err(ConfigError::field(
+                "training.learning_rate",
+                "must be a positive number",
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(ConfigError::field(
+                "training.weight_decay",
+                "must be zero or positive",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How rounds are run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSpec {
+    /// Number of rounds in the run.
+    pub rounds: u64,
+    /// Participants that must join before the first round starts; also the number of
+    /// updates after which a round closes early.
+    pub participants: usize,
+    /// Fewest updates a round may be aggregated from once its deadline passes.
+    pub min_updates: usize,
+    /// How long a round waits for updates, in milliseconds; participants that have not
+    /// submitted by then are treated as dropped for that round.
+    pub round_timeout_ms: u64,
+}
+
+impl Default for RoundSpec {
+    fn default() -> Self {
+        RoundSpec {
+            rounds: 3,
+            participants: 3,
+            min_updates: 2,
+            round_timeout_ms: 600_000,
+        }
+    }
+}
+
+impl RoundSpec {
+    /// Checks the numbers; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rounds == 0 {
+            return Err(ConfigError::field("rounds.rounds", "must be at least 1"));
+        }
+        if self.participants == 0 {
+            return Err(ConfigError::field(
+                "rounds.participants",
+                "must be at least 1",
+            ));
+        }
+        if self.min_updates == 0 {
+            return Err(ConfigError::field(
+                "rounds.min_updates",
+                "must be at least 1",
+            ));
+        }
+        if self.min_updates > self.participants {
+            return Err(ConfigError::field(
+                "rounds.min_updates",
+                format!(
+                    "{} exceeds rounds.participants = {}",
+                    self.min_updates, self.participants
+                ),
+            ));
+        }
+        if self.round_timeout_ms == 0 {
+            return Err(ConfigError::field(
+                "rounds.round_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Everything both sides must agree on for a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationPlan {
+    /// Human-readable name of the run, shown to participants.
+    pub federation: String,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub lora: LoraSpec,
+    #[serde(default)]
+    pub training: TrainingSpec,
+    #[serde(default)]
+    pub rounds: RoundSpec,
+}
+
+impl FederationPlan {
+    /// Validates every section; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.federation.trim().is_empty() {
+            return Err(ConfigError::field("federation", "must not be empty"));
+        }
+        self.model.validate()?;
+        self.lora.validate()?;
+        self.training.validate(&self.model)?;
+        self.rounds.validate()
+    }
+
+    /// Shapes of the adapted modules this plan implies.
+    pub fn lora_modules(&self) -> Vec<ModuleShape> {
+        self.model.lora_modules(&self.lora.target_modules)
+    }
+
+    /// The PEFT metadata of this plan's adapters.
+    pub fn adapter_config(&self) -> AdapterConfig {
+        AdapterConfig {
+            rank: self.lora.rank,
+            alpha: self.lora.alpha,
+            target_modules: self.lora.target_modules.clone(),
+            base_model: self.model.name.clone(),
+        }
+    }
+
+    /// The round-0 global adapter: FFA-LoRA's A from the shared seed, B zero.
+    pub fn initial_adapter(&self) -> LoraAdapter {
+        LoraAdapter::init_ffa(
+            self.adapter_config(),
+            &self.lora_modules(),
+            self.lora.a_seed,
+        )
+    }
+
+    /// Encodes the plan as JSON, the form it travels in on the wire.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a plan always serialises")
+    }
+
+    /// Decodes and validates a plan received from the aggregator.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let plan: FederationPlan =
+            serde_json::from_str(json).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        plan.validate()?;
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> FederationPlan {
+        FederationPlan {
+            federation: "test".into(),
+            model: ModelSpec::tiny(),
+            lora: LoraSpec::default(),
+            training: TrainingSpec::default(),
+            rounds: RoundSpec::default(),
+        }
+    }
+
+    #[test]
+    fn tiny_plan_is_valid_and_round_trips_through_json() {
+        let p = plan();
+        p.validate().unwrap();
+        assert_eq!(FederationPlan::from_json(&p.to_json()).unwrap(), p);
+    }
+
+    #[test]
+    fn lora_modules_follow_hf_names_and_shapes() {
+        let mut p = plan();
+        p.lora.target_modules = vec![TargetModule::Q, TargetModule::V, TargetModule::Down];
+        let m = p.lora_modules();
+        assert_eq!(m.len(), 3 * p.model.num_hidden_layers);
+        assert_eq!(m[0].name, "model.layers.0.self_attn.q_proj");
+        assert_eq!((m[0].out_features, m[0].in_features), (64, 64));
+        assert_eq!(m[1].name, "model.layers.0.self_attn.v_proj");
+        assert_eq!((m[1].out_features, m[1].in_features), (32, 64));
+        assert_eq!(m[2].name, "model.layers.0.mlp.down_proj");
+        assert_eq!((m[2].out_features, m[2].in_features), (64, 176));
+    }
+
+    #[test]
+    fn validation_names_the_bad_field() {
+        let mut p = plan();
+        p.model.num_key_value_heads = 3;
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("model.num_key_value_heads")
+        );
+        let mut p = plan();
+        p.rounds.min_updates = 9;
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rounds.min_updates")
+        );
+        let mut p = plan();
+        p.training.seq_len = 4096;
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("training.seq_len")
+        );
+        let mut p = plan();
+        p.lora.target_modules.clear();
+        assert!(
+            p.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("lora.target_modules")
+        );
+    }
+}
