@@ -12,20 +12,21 @@
 //! - [`update`]: the one place an update is encoded and checked before aggregation.
 //! - [`round`]: the round coordinator state machine the aggregator drives.
 //! - [`plan`]: the federation plan both sides agree on.
+//! - [`secagg`]: secure-aggregation primitives (masks, Shamir shares, quantisation).
 
 pub mod adapter;
+pub mod aggregate;
 pub mod error;
 pub mod manifest;
+pub mod peft;
 pub mod plan;
+pub mod round;
+pub mod secagg;
+pub mod update;
 
 pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, TargetModule};
 pub use error::{AdapterError, ConfigError};
 pub use manifest::{LayoutManifest, TensorSlot};
 pub use plan::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
-pub mod aggregate;
-pub mod peft;
-pub mod round;
-pub mod update;
-
 pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
 pub use update::{SubmittedUpdate, UpdateError, UpdatePayload};

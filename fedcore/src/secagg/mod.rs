@@ -1,0 +1,13 @@
+//! Secure-aggregation primitives, each a pure function of its inputs.
+//!
+//! - [`mask`]: AES-128-CTR mask streams from 16-byte seeds, specified byte for byte.
+//! - [`shamir`]: constant-time Shamir sharing over GF(2^8) for key and seed shares.
+//! - [`quantize`]: clip, scale and unbiased stochastic rounding into Z_{2^32}, with the
+//!   wrap-around check and the error bound.
+//!
+//! The protocol state machines (advertise keys → share keys → masked input → consistency
+//! check → unmask) are built on these in a later change.
+
+pub mod mask;
+pub mod quantize;
+pub mod shamir;
