@@ -1,5 +1,7 @@
 //! Secure-aggregation primitives, each a pure function of its inputs.
 //!
+//! - [`crypto`]: X25519 agreement, HKDF-SHA256 derivations, ChaCha20-Poly1305 share
+//!   encryption and Ed25519 stage signatures, all bound to session and round.
 //! - [`mask`]: AES-128-CTR mask streams from 16-byte seeds, specified byte for byte.
 //! - [`shamir`]: constant-time Shamir sharing over GF(2^8) for key and seed shares.
 //! - [`quantize`]: clip, scale and unbiased stochastic rounding into Z_{2^32}, with the
@@ -8,6 +10,7 @@
 //! The protocol state machines (advertise keys → share keys → masked input → consistency
 //! check → unmask) are built on these in a later change.
 
+pub mod crypto;
 pub mod mask;
 pub mod quantize;
 pub mod shamir;
