@@ -7,10 +7,22 @@
 //! - [`quantize`]: clip, scale and unbiased stochastic rounding into Z_{2^32}, with the
 //!   wrap-around check and the error bound.
 //!
-//! The protocol state machines (advertise keys → share keys → masked input → consistency
-//! check → unmask) are built on these in a later change.
+//! - [`participant`] and [`server`]: the two sides of one round as sans-IO state machines
+//!   (advertise keys → share keys → masked input → consistency check → unmask; Bonawitz et
+//!   al. 2017, actively secure variant, complete graph), exchanging the plain-data
+//!   [`messages`]; [`protocol`] holds their shared parameters, errors and signed bytes.
+//!
+//! Not yet done: a k-regular neighbourhood (SecAgg+), wiring into the gRPC runtime, and
+//! benchmarks.
 
 pub mod crypto;
 pub mod mask;
+pub mod messages;
+pub mod participant;
+pub mod protocol;
 pub mod quantize;
+pub mod server;
 pub mod shamir;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+//! What both sides of a secure-aggregation round share: its parameters, its errors, and the
+//! exact bytes that get signed.
+
+use thiserror::Error;
+
+use crate::secagg::crypto::{CryptoError, SessionContext};
+use crate::secagg::messages::Index;
+use crate::secagg::shamir::ShamirError;
+
+/// Fewest participants any secure-aggregation round may have: with two, each learns the
+/// other's input from the sum.
+pub const MIN_PEERS_FLOOR: usize = 3;
+
+/// Parameters of one round, known to every participant and the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundConfig {
+    pub context: SessionContext,
+    /// Shares needed to reconstruct a secret; also the fewest survivors of any stage.
+    pub threshold: usize,
+    /// A participant's own floor on the number of peers (never below [`MIN_PEERS_FLOOR`]).
+    pub min_peers: usize,
+    /// Length of the quantised input vectors, in u32 words.
+    pub vector_len: usize,
+    /// Hash of the global adapter this round trains from; signed in the consistency check.
+    pub model_hash: [u8; 32],
+}
+
+impl RoundConfig {
+    /// The number of members every stage needs: the threshold, the participant's own floor,
+    /// and never fewer than three.
+    pub fn quorum(&self) -> usize {
+        self.threshold.max(self.min_peers).max(MIN_PEERS_FLOOR)
+    }
+}
+
+/// Stages, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    ConsistencyCheck,
+    Unmask,
+    Done,
+}
+
+/// Why a round was refused or aborted. Honest participants return these instead of
+/// continuing whenever the server misbehaves.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("message for stage {got:?} arrived during stage {expected:?}")]
+    OutOfOrder { expected: Stage, got: Stage },
+    #[error("{stage:?}: only {got} participants remain, {needed} are needed; round aborted")]
+    TooFew {
+        stage: Stage,
+        got: usize,
+        needed: usize,
+    },
+    #[error("participant {0} is not in this round's roster")]
+    UnknownParticipant(Index),
+    #[error("participant {0} appears twice")]
+    Duplicate(Index),
+    #[error(
+        "the roster carries different public keys for this participant ({0}): keys were substituted"
+    )]
+    SubstitutedKeys(Index),
+    #[error("this participant ({0}) is missing from a list it must be in")]
+    MissingSelf(Index),
+    #[error("survivor {0} is not among the participants that shared keys")]
+    NotASubset(Index),
+    #[error("the unmask request's survivor list differs from the one this participant signed")]
+    InconsistentSurvivors,
+    #[error("message from {from} is addressed to {to}, not {me}")]
+    Misaddressed { from: Index, to: Index, me: Index },
+    #[error("participant {from} did not send shares for {missing}")]
+    MissingShare { from: Index, missing: Index },
+    #[error("masked input of participant {from} has {got} words, expected {expected}")]
+    Length {
+        from: Index,
+        got: usize,
+        expected: usize,
+    },
+    #[error("decrypted shares from {0} are malformed")]
+    MalformedShare(Index),
+    #[error("shares of participant {0} did not reconstruct: {1}")]
+    Reconstruct(Index, ShamirError),
+    #[error("both shares of participant {0} were requested; refusing to reveal")]
+    BothShares(Index),
+    #[error(
+        "threshold {threshold} is not a majority of the {members} members: a server could split them into two groups and learn both shares of one participant"
+    )]
+    ThresholdNotMajority { threshold: usize, members: usize },
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+/// Signature stage tags.
+pub(crate) const ADVERTISE_TAG: &str = "advertise-keys";
+pub(crate) const CONSISTENCY_TAG: &str = "consistency-check";
+
+/// The bytes a participant signs when advertising its keys.
+pub(crate) fn advertise_message(
+    cfg: &RoundConfig,
+    from: Index,
+    c_public: &[u8; 32],
+    s_public: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(32 + 8 + 4 + 64);
+    m.extend_from_slice(&cfg.context.session);
+    m.extend_from_slice(&cfg.context.round.to_le_bytes());
+    m.extend_from_slice(&from.to_le_bytes());
+    m.extend_from_slice(c_public);
+    m.extend_from_slice(s_public);
+    m
+}
+
+/// The bytes every survivor signs in the consistency check: session, round, the hash of
+/// the global model trained on, and the sorted survivor list.
+pub(crate) fn consistency_message(cfg: &RoundConfig, survivors: &[Index]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(32 + 8 + 32 + 8 + 4 * survivors.len());
+    m.extend_from_slice(&cfg.context.session);
+    m.extend_from_slice(&cfg.context.round.to_le_bytes());
+    m.extend_from_slice(&cfg.model_hash);
+    m.extend_from_slice(&(survivors.len() as u64).to_le_bytes());
+    for s in survivors {
+        m.extend_from_slice(&s.to_le_bytes());
+    }
+    m
+}
+
+/// Plaintext of one encrypted share pair: `x_s ‖ s-share (32) ‖ x_b ‖ b-share (16)`.
+pub(crate) const SHARE_PLAINTEXT_LEN: usize = 1 + 32 + 1 + 16;

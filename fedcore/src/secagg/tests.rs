@@ -1,0 +1,515 @@
+//! The protocol driven end to end in memory: honest runs with dropouts at every stage, and a
+//! malicious server attempting each known attack.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::crypto::{Identity, SessionContext};
+use super::messages::*;
+use super::participant::{ParticipantSession, RoundRandomness};
+use super::protocol::{ProtocolError, RoundConfig, Stage};
+use super::server::ServerSession;
+
+fn config(threshold: usize, len: usize) -> RoundConfig {
+    RoundConfig {
+        context: SessionContext {
+            session: [4; 32],
+            round: 7,
+        },
+        threshold,
+        min_peers: 3,
+        vector_len: len,
+        model_hash: [1; 32],
+    }
+}
+
+fn identity_seed(i: Index) -> [u8; 32] {
+    let mut s = [0u8; 32];
+    s[..4].copy_from_slice(&i.to_le_bytes());
+    s[31] = 0xaa;
+    s
+}
+
+fn identities(n: u32) -> BTreeMap<Index, [u8; 32]> {
+    (1..=n)
+        .map(|i| (i, Identity::from_seed(identity_seed(i)).public()))
+        .collect()
+}
+
+fn randomness(rng: &mut ChaCha8Rng) -> RoundRandomness {
+    let mut r = RoundRandomness {
+        c_secret: [0; 32],
+        s_secret: [0; 32],
+        self_mask_seed: [0; 16],
+        shamir_seed: [0; 32],
+    };
+    rng.fill_bytes(&mut r.c_secret);
+    rng.fill_bytes(&mut r.s_secret);
+    rng.fill_bytes(&mut r.self_mask_seed);
+    rng.fill_bytes(&mut r.shamir_seed);
+    r
+}
+
+struct Federation {
+    cfg: RoundConfig,
+    server: ServerSession,
+    parts: BTreeMap<Index, ParticipantSession>,
+    inputs: BTreeMap<Index, Vec<u32>>,
+}
+
+fn federation(n: u32, t: usize, len: usize, seed: u64) -> Federation {
+    let cfg = config(t, len);
+    let ids = identities(n);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut parts = BTreeMap::new();
+    let mut inputs = BTreeMap::new();
+    for i in 1..=n {
+        let p = ParticipantSession::new(
+            cfg.clone(),
+            i,
+            identity_seed(i),
+            ids.clone(),
+            randomness(&mut rng),
+        )
+        .unwrap();
+        parts.insert(i, p);
+        inputs.insert(i, (0..len).map(|_| rng.next_u32()).collect());
+    }
+    Federation {
+        server: ServerSession::new(cfg.clone(), ids),
+        cfg,
+        parts,
+        inputs,
+    }
+}
+
+/// Runs a round where `drops[k]` stop answering before stage k (0 = advertise,
+/// 1 = share keys, 2 = masked input, 3 = consistency, 4 = unmask).
+fn run(
+    f: &mut Federation,
+    drops: &[BTreeSet<Index>; 5],
+) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
+    let mut alive: BTreeSet<Index> = f.parts.keys().copied().collect();
+    alive.retain(|i| !drops[0].contains(i));
+    for i in &alive {
+        let m = f.parts.get_mut(i).unwrap().advertise()?;
+        f.server.receive_advertise(m)?;
+    }
+    let roster = f.server.close_advertise()?;
+
+    alive.retain(|i| !drops[1].contains(i));
+    for i in &alive {
+        let m = f.parts.get_mut(i).unwrap().share_keys(&roster)?;
+        f.server.receive_shares(m)?;
+    }
+    let deliveries = f.server.close_share_keys()?;
+
+    alive.retain(|i| !drops[2].contains(i));
+    for d in &deliveries {
+        if alive.contains(&d.to) {
+            let m = f
+                .parts
+                .get_mut(&d.to)
+                .unwrap()
+                .masked_input(d, &f.inputs[&d.to])?;
+            f.server.receive_masked(m)?;
+        }
+    }
+    let survivors = f.server.close_masked()?;
+
+    alive.retain(|i| !drops[3].contains(i));
+    for i in &survivors.survivors {
+        if alive.contains(i) {
+            let m = f.parts.get_mut(i).unwrap().consistency(&survivors)?;
+            f.server.receive_signature(m)?;
+        }
+    }
+    let request = f.server.close_consistency()?;
+
+    alive.retain(|i| !drops[4].contains(i));
+    for s in &request.signatures {
+        if alive.contains(&s.from) {
+            let m = f.parts.get_mut(&s.from).unwrap().unmask(&request)?;
+            f.server.receive_unmask(m)?;
+        }
+    }
+    f.server.finish()
+}
+
+fn plaintext_sum(f: &Federation, who: &[Index]) -> Vec<u32> {
+    let mut sum = vec![0u32; f.cfg.vector_len];
+    for i in who {
+        for (s, x) in sum.iter_mut().zip(&f.inputs[i]) {
+            *s = s.wrapping_add(*x);
+        }
+    }
+    sum
+}
+
+#[test]
+fn honest_round_without_dropouts_gives_the_exact_sum() {
+    let mut f = federation(5, 3, 100, 1);
+    let (sum, survivors) = run(&mut f, &Default::default()).unwrap();
+    assert_eq!(survivors, vec![1, 2, 3, 4, 5]);
+    assert_eq!(sum, plaintext_sum(&f, &survivors));
+}
+
+#[test]
+fn masked_input_alone_looks_uniform() {
+    // Input all zeros: the masked vector must still look uniform (mean of u32/2^32 ≈ 0.5,
+    // each of 16 buckets ≈ 1/16), so one participant's vector reveals nothing by itself.
+    let mut f = federation(4, 3, 20_000, 2);
+    for v in f.inputs.values_mut() {
+        v.fill(0);
+    }
+    let (_, deliveries) = through_share_keys(&mut f);
+    let words = f
+        .parts
+        .get_mut(&1)
+        .unwrap()
+        .masked_input(&deliveries[0], &f.inputs[&1])
+        .unwrap()
+        .words;
+    let n = words.len() as f64;
+    let mean = words
+        .iter()
+        .map(|w| *w as f64 / 4_294_967_296.0)
+        .sum::<f64>()
+        / n;
+    assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+    let mut buckets = [0usize; 16];
+    for w in &words {
+        buckets[(*w >> 28) as usize] += 1;
+    }
+    // Chi-square with 15 degrees of freedom: 99.9th percentile ≈ 37.7.
+    let expected = n / 16.0;
+    let chi2: f64 = buckets
+        .iter()
+        .map(|b| (*b as f64 - expected).powi(2) / expected)
+        .sum();
+    assert!(chi2 < 37.7, "chi2 {chi2}, buckets {buckets:?}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whenever a quorum survives every stage, the unmasked sum equals the plaintext sum of
+    /// the survivors' inputs exactly; otherwise the round aborts with TooFew, never a panic.
+    #[test]
+    fn dropouts_at_every_stage(
+        n in 3u32..40,
+        t_extra in 0.0f64..1.0,
+        drop_rates in proptest::array::uniform5(0.0f64..0.25),
+        seed in any::<u64>(),
+    ) {
+        let min_t = (n as usize) / 2 + 1;
+        let t = (min_t + ((n as usize - min_t) as f64 * t_extra) as usize).max(3).min(n as usize);
+        let mut f = federation(n, t, 24, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
+        let drops: [BTreeSet<Index>; 5] = core::array::from_fn(|k| {
+            (1..=n).filter(|_| (rng.next_u32() as f64 / u32::MAX as f64) < drop_rates[k]).collect()
+        });
+        // Who is left after each stage, to know whether a quorum survives.
+        let mut alive: BTreeSet<Index> = (1..=n).collect();
+        let mut enough = true;
+        let mut survivors = Vec::new();
+        for (k, d) in drops.iter().enumerate() {
+            alive.retain(|i| !d.contains(i));
+            enough &= alive.len() >= t.max(3);
+            if k == 2 {
+                survivors = alive.iter().copied().collect();
+            }
+        }
+        match run(&mut f, &drops) {
+            Ok((sum, got)) => {
+                prop_assert!(enough);
+                prop_assert_eq!(&got, &survivors);
+                prop_assert_eq!(sum, plaintext_sum(&f, &got));
+            }
+            Err(ProtocolError::TooFew { .. }) => prop_assert!(!enough),
+            Err(e) => prop_assert!(false, "unexpected error {}", e),
+        }
+    }
+}
+
+/// Runs stages 0-1 honestly and returns the deliveries.
+fn through_share_keys(f: &mut Federation) -> (KeyRoster, Vec<ShareDelivery>) {
+    let n = f.parts.len() as u32;
+    for i in 1..=n {
+        let m = f.parts.get_mut(&i).unwrap().advertise().unwrap();
+        f.server.receive_advertise(m).unwrap();
+    }
+    let roster = f.server.close_advertise().unwrap();
+    for i in 1..=n {
+        let m = f.parts.get_mut(&i).unwrap().share_keys(&roster).unwrap();
+        f.server.receive_shares(m).unwrap();
+    }
+    (roster, f.server.close_share_keys().unwrap())
+}
+
+#[test]
+fn substituted_public_keys_are_detected() {
+    let mut f = federation(4, 3, 8, 3);
+    for i in 1..=4 {
+        let m = f.parts.get_mut(&i).unwrap().advertise().unwrap();
+        f.server.receive_advertise(m).unwrap();
+    }
+    let roster = f.server.close_advertise().unwrap();
+    // The server swaps participant 2's mask key for one it controls.
+    let mut forged = roster.clone();
+    forged.keys[1].s_public = super::crypto::AgreementSecret::from_bytes([9; 32]).public();
+    // Participant 1 sees a signature that no longer verifies.
+    let err = f
+        .parts
+        .get_mut(&1)
+        .unwrap()
+        .share_keys(&forged)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::Crypto(super::crypto::CryptoError::BadSignature { signer: 2, .. })
+        ),
+        "{err}"
+    );
+    // Participant 2 also sees its own keys changed.
+    let mut f = federation(4, 3, 8, 3);
+    let mut own = None;
+    for i in 1..=4 {
+        let m = f.parts.get_mut(&i).unwrap().advertise().unwrap();
+        if i == 2 {
+            own = Some(m.clone());
+        }
+        f.server.receive_advertise(m).unwrap();
+    }
+    let roster = f.server.close_advertise().unwrap();
+    let mut replayed = roster.clone();
+    // A validly signed advertisement from another round cannot be substituted either.
+    replayed.keys.retain(|k| k.from != 2);
+    replayed.keys.push(AdvertiseKeys {
+        c_public: [7; 32],
+        ..own.unwrap()
+    });
+    let err = f
+        .parts
+        .get_mut(&2)
+        .unwrap()
+        .share_keys(&replayed)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::Crypto(_) | ProtocolError::SubstitutedKeys(2)
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn inconsistent_survivor_lists_are_refused() {
+    let mut f = federation(5, 3, 8, 4);
+    let (_, deliveries) = through_share_keys(&mut f);
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        f.server.receive_masked(m).unwrap();
+    }
+    let list = f.server.close_masked().unwrap();
+    // The server tells participants 1-3 that 4 and 5 survived, but tells 4 and 5 another story.
+    let sigs: Vec<ConsistencySignature> = (1..=5)
+        .map(|i| f.parts.get_mut(&i).unwrap().consistency(&list).unwrap())
+        .collect();
+    let request = UnmaskRequest {
+        survivors: vec![1, 2, 3],
+        signatures: sigs.clone(),
+    };
+    assert_eq!(
+        f.parts.get_mut(&1).unwrap().unmask(&request).unwrap_err(),
+        ProtocolError::InconsistentSurvivors
+    );
+    // Signatures over a different list do not count.
+    let mut f2 = federation(5, 3, 8, 4);
+    let (_, deliveries) = through_share_keys(&mut f2);
+    for d in &deliveries {
+        let m = f2
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f2.inputs[&d.to])
+            .unwrap();
+        f2.server.receive_masked(m).unwrap();
+    }
+    let full = SurvivorList {
+        survivors: vec![1, 2, 3, 4, 5],
+    };
+    let partial = SurvivorList {
+        survivors: vec![1, 2, 3],
+    };
+    let mut sigs = vec![f2.parts.get_mut(&1).unwrap().consistency(&partial).unwrap()];
+    for i in 2..=5 {
+        sigs.push(f2.parts.get_mut(&i).unwrap().consistency(&full).unwrap());
+    }
+    let err = f2
+        .parts
+        .get_mut(&1)
+        .unwrap()
+        .unmask(&UnmaskRequest {
+            survivors: vec![1, 2, 3],
+            signatures: sigs,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::NotASubset(4) | ProtocolError::Crypto(_)),
+        "{err}"
+    );
+}
+
+#[test]
+fn asking_for_both_shares_of_one_participant_fails() {
+    // To unmask participant 5 the server needs its self-mask seed (revealed only if 5
+    // survived) and its mask key (revealed only if 5 dropped). Splitting the honest
+    // participants into two groups with different survivor lists needs each group to have a
+    // quorum of signatures on its list; with a majority threshold that is impossible.
+    let mut f = federation(5, 3, 8, 5);
+    let (_, deliveries) = through_share_keys(&mut f);
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        f.server.receive_masked(m).unwrap();
+    }
+    let with_5 = SurvivorList {
+        survivors: vec![1, 2, 3, 4, 5],
+    };
+    let without_5 = SurvivorList {
+        survivors: vec![1, 2, 3, 4],
+    };
+    let a: Vec<_> = [1, 2]
+        .iter()
+        .map(|i| f.parts.get_mut(i).unwrap().consistency(&with_5).unwrap())
+        .collect();
+    let b: Vec<_> = [3, 4]
+        .iter()
+        .map(|i| f.parts.get_mut(i).unwrap().consistency(&without_5).unwrap())
+        .collect();
+    // Group B holds only two signatures on its list: below the threshold of 3.
+    let err = f
+        .parts
+        .get_mut(&3)
+        .unwrap()
+        .unmask(&UnmaskRequest {
+            survivors: vec![1, 2, 3, 4],
+            signatures: b,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::TooFew {
+                stage: Stage::Unmask,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = f
+        .parts
+        .get_mut(&1)
+        .unwrap()
+        .unmask(&UnmaskRequest {
+            survivors: vec![1, 2, 3, 4, 5],
+            signatures: a,
+        })
+        .unwrap_err();
+    assert!(matches!(err, ProtocolError::TooFew { .. }), "{err}");
+    // And a minority threshold is refused up front.
+    let mut weak = federation(6, 3, 8, 6);
+    for i in 1..=6 {
+        let m = weak.parts.get_mut(&i).unwrap().advertise().unwrap();
+        weak.server.receive_advertise(m).unwrap();
+    }
+    let roster = weak.server.close_advertise().unwrap();
+    assert_eq!(
+        weak.parts
+            .get_mut(&1)
+            .unwrap()
+            .share_keys(&roster)
+            .unwrap_err(),
+        ProtocolError::ThresholdNotMajority {
+            threshold: 3,
+            members: 6
+        }
+    );
+}
+
+#[test]
+fn different_global_models_break_the_consistency_check() {
+    // A participant that trained on a different global adapter signs a different model hash;
+    // its signature does not verify for the others, so the model-inconsistency attack is seen.
+    let mut f = federation(4, 3, 8, 7);
+    let (_, deliveries) = through_share_keys(&mut f);
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        f.server.receive_masked(m).unwrap();
+    }
+    let list = f.server.close_masked().unwrap();
+    let mut sigs: Vec<_> = (1..=3)
+        .map(|i| f.parts.get_mut(&i).unwrap().consistency(&list).unwrap())
+        .collect();
+    let mut other_cfg = f.cfg.clone();
+    other_cfg.model_hash = [2; 32];
+    let id4 = Identity::from_seed(identity_seed(4));
+    sigs.push(ConsistencySignature {
+        from: 4,
+        signature: id4.sign(
+            "consistency-check",
+            &super::protocol::consistency_message(&other_cfg, &list.survivors),
+        ),
+    });
+    let err = f
+        .parts
+        .get_mut(&1)
+        .unwrap()
+        .unmask(&UnmaskRequest {
+            survivors: list.survivors.clone(),
+            signatures: sigs.clone(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::Crypto(super::crypto::CryptoError::BadSignature { signer: 4, .. })
+        ),
+        "{err}"
+    );
+    // The server refuses it too.
+    assert!(f.server.receive_signature(sigs.pop().unwrap()).is_err());
+}
+
+#[test]
+fn stages_out_of_order_are_refused() {
+    let mut f = federation(3, 3, 4, 8);
+    let p = f.parts.get_mut(&1).unwrap();
+    let err = p
+        .consistency(&SurvivorList {
+            survivors: vec![1, 2, 3],
+        })
+        .unwrap_err();
+    assert!(matches!(err, ProtocolError::OutOfOrder { .. }));
+    assert!(f.server.close_masked().is_err());
+}
