@@ -116,17 +116,19 @@ impl AgreementSecret {
         Ok(seed)
     }
 
-    fn share_cipher(
+    /// The key that encrypts shares between `me` and `peer`, in both directions; derive it
+    /// once per peer and reuse it for sealing and opening.
+    pub fn share_key(
         &self,
         peer_public: &[u8; 32],
         ctx: &SessionContext,
         me: u32,
         peer: u32,
-    ) -> Result<ChaCha20Poly1305, CryptoError> {
+    ) -> Result<ShareKey, CryptoError> {
         let mut key = Zeroizing::new([0u8; 32]);
         self.derive(peer_public, ctx, b"share-key", me, peer, key.as_mut())?;
         let key: &[u8; 32] = &key;
-        Ok(ChaCha20Poly1305::new(key.into()))
+        Ok(ShareKey(ChaCha20Poly1305::new(key.into())))
     }
 
     /// Encrypts this participant's (`sender`) shares for `receiver`.
@@ -138,17 +140,8 @@ impl AgreementSecret {
         receiver: u32,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let cipher = self.share_cipher(receiver_public, ctx, sender, receiver)?;
-        let aad = share_aad(ctx, sender, receiver);
-        cipher
-            .encrypt(
-                &share_nonce(sender, receiver).into(),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| CryptoError::Decrypt { sender, receiver })
+        self.share_key(receiver_public, ctx, sender, receiver)?
+            .seal(ctx, sender, receiver, plaintext)
     }
 
     /// Decrypts shares that `sender` encrypted for this participant (`receiver`).
@@ -160,9 +153,45 @@ impl AgreementSecret {
         receiver: u32,
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let cipher = self.share_cipher(sender_public, ctx, receiver, sender)?;
+        self.share_key(sender_public, ctx, receiver, sender)?
+            .open(ctx, sender, receiver, ciphertext)
+    }
+}
+
+/// The AEAD key of one pair of participants (see the module docs).
+pub struct ShareKey(ChaCha20Poly1305);
+
+impl ShareKey {
+    /// Encrypts shares from `sender` to `receiver`.
+    pub fn seal(
+        &self,
+        ctx: &SessionContext,
+        sender: u32,
+        receiver: u32,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let aad = share_aad(ctx, sender, receiver);
-        cipher
+        self.0
+            .encrypt(
+                &share_nonce(sender, receiver).into(),
+                Payload {
+                    msg: plaintext,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| CryptoError::Decrypt { sender, receiver })
+    }
+
+    /// Decrypts and authenticates shares from `sender` to `receiver`.
+    pub fn open(
+        &self,
+        ctx: &SessionContext,
+        sender: u32,
+        receiver: u32,
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let aad = share_aad(ctx, sender, receiver);
+        self.0
             .decrypt(
                 &share_nonce(sender, receiver).into(),
                 Payload {

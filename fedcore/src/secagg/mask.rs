@@ -45,18 +45,27 @@ pub fn apply(seed: &[u8; 16], acc: &mut [u32], sign: MaskSign) {
     let mut bytes = [0u8; CHUNK_WORDS * 4];
     for chunk in acc.chunks_mut(CHUNK_WORDS) {
         let buf = &mut bytes[..chunk.len() * 4];
-        buf.fill(0);
-        cipher.apply_keystream(buf);
-        for (a, w) in chunk.iter_mut().zip(buf.chunks_exact(4)) {
-            let m = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            *a = match sign {
-                MaskSign::Add => a.wrapping_add(m),
-                MaskSign::Subtract => a.wrapping_sub(m),
-            };
+        cipher.apply_keystream_b2b(&ZEROS[..buf.len()], buf);
+        // Separate loops per sign so each one vectorises.
+        let words = buf
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        match sign {
+            MaskSign::Add => chunk
+                .iter_mut()
+                .zip(words)
+                .for_each(|(a, m)| *a = a.wrapping_add(m)),
+            MaskSign::Subtract => chunk
+                .iter_mut()
+                .zip(words)
+                .for_each(|(a, m)| *a = a.wrapping_sub(m)),
         }
     }
     bytes.zeroize();
 }
+
+/// Zeros the keystream is written over (so the buffer never needs clearing).
+static ZEROS: [u8; CHUNK_WORDS * 4] = [0; CHUNK_WORDS * 4];
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod quantize;
 pub mod server;
 pub mod shamir;
+pub mod simulation;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use zeroize::Zeroizing;
 
-use crate::secagg::crypto::{AgreementSecret, Identity, verify};
+use crate::secagg::crypto::{AgreementSecret, Identity, ShareKey, verify};
 use crate::secagg::mask::{MaskSign, apply};
 use crate::secagg::messages::{
     AdvertiseKeys, ConsistencySignature, EncryptedShare, Index, KeyRoster, MaskedInput,
@@ -46,6 +46,8 @@ pub struct ParticipantSession {
     shamir_seed: Zeroizing<[u8; 32]>,
     /// U1: members whose advertised keys verified, with (c, s) public keys.
     u1: BTreeMap<Index, ([u8; 32], [u8; 32])>,
+    /// Share-encryption keys with every other member of U1, derived once.
+    share_keys: BTreeMap<Index, ShareKey>,
     /// Shares held of each U2 member's secrets (own included).
     held: BTreeMap<Index, HeldShares>,
     /// U2: members that sent this participant shares (and itself).
@@ -85,6 +87,7 @@ impl ParticipantSession {
             self_mask_seed: Zeroizing::new(randomness.self_mask_seed),
             shamir_seed: Zeroizing::new(randomness.shamir_seed),
             u1: BTreeMap::new(),
+            share_keys: BTreeMap::new(),
             held: BTreeMap::new(),
             u2: BTreeSet::new(),
             u3: Vec::new(),
@@ -197,9 +200,11 @@ impl ParticipantSession {
             plain.extend_from_slice(&ks.y);
             plain.push(ms.x);
             plain.extend_from_slice(&ms.y);
-            let ciphertext =
-                self.c_secret
-                    .seal_shares(c_public, &self.cfg.context, self.me, v, &plain)?;
+            let key = self
+                .c_secret
+                .share_key(c_public, &self.cfg.context, self.me, v)?;
+            let ciphertext = key.seal(&self.cfg.context, self.me, v, &plain)?;
+            self.share_keys.insert(v, key);
             shares.push(EncryptedShare {
                 from: self.me,
                 to: v,
@@ -239,20 +244,14 @@ impl ParticipantSession {
                     me: self.me,
                 });
             }
-            let (c_public, _) = self
-                .u1
+            let key = self
+                .share_keys
                 .get(&s.from)
                 .ok_or(ProtocolError::UnknownParticipant(s.from))?;
             if !u2.insert(s.from) {
                 return Err(ProtocolError::Duplicate(s.from));
             }
-            let plain = self.c_secret.open_shares(
-                c_public,
-                &self.cfg.context,
-                s.from,
-                self.me,
-                &s.ciphertext,
-            )?;
+            let plain = key.open(&self.cfg.context, s.from, self.me, &s.ciphertext)?;
             if plain.len() != SHARE_PLAINTEXT_LEN {
                 return Err(ProtocolError::MalformedShare(s.from));
             }

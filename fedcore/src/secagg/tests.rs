@@ -1,7 +1,7 @@
 //! The protocol driven end to end in memory: honest runs with dropouts at every stage, and a
 //! malicious server attempting each known attack.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use proptest::prelude::*;
 use rand::{RngCore, SeedableRng};
@@ -9,9 +9,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::crypto::{Identity, SessionContext};
 use super::messages::*;
-use super::participant::{ParticipantSession, RoundRandomness};
 use super::protocol::{ProtocolError, RoundConfig, Stage};
-use super::server::ServerSession;
+use super::simulation::{Dropouts, SimulatedRound, identity_seed as simulation_identity_seed};
 
 fn config(threshold: usize, len: usize) -> RoundConfig {
     RoundConfig {
@@ -26,127 +25,24 @@ fn config(threshold: usize, len: usize) -> RoundConfig {
     }
 }
 
+fn federation(n: u32, t: usize, len: usize, seed: u64) -> SimulatedRound {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x1a2b);
+    let inputs = (1..=n)
+        .map(|i| (i, (0..len).map(|_| rng.next_u32()).collect()))
+        .collect();
+    SimulatedRound::new(config(t, len), inputs, seed).unwrap()
+}
+
+fn run(f: &mut SimulatedRound, drops: &Dropouts) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
+    f.run(drops)
+}
+
+fn plaintext_sum(f: &SimulatedRound, who: &[Index]) -> Vec<u32> {
+    f.plaintext_sum(who)
+}
+
 fn identity_seed(i: Index) -> [u8; 32] {
-    let mut s = [0u8; 32];
-    s[..4].copy_from_slice(&i.to_le_bytes());
-    s[31] = 0xaa;
-    s
-}
-
-fn identities(n: u32) -> BTreeMap<Index, [u8; 32]> {
-    (1..=n)
-        .map(|i| (i, Identity::from_seed(identity_seed(i)).public()))
-        .collect()
-}
-
-fn randomness(rng: &mut ChaCha8Rng) -> RoundRandomness {
-    let mut r = RoundRandomness {
-        c_secret: [0; 32],
-        s_secret: [0; 32],
-        self_mask_seed: [0; 16],
-        shamir_seed: [0; 32],
-    };
-    rng.fill_bytes(&mut r.c_secret);
-    rng.fill_bytes(&mut r.s_secret);
-    rng.fill_bytes(&mut r.self_mask_seed);
-    rng.fill_bytes(&mut r.shamir_seed);
-    r
-}
-
-struct Federation {
-    cfg: RoundConfig,
-    server: ServerSession,
-    parts: BTreeMap<Index, ParticipantSession>,
-    inputs: BTreeMap<Index, Vec<u32>>,
-}
-
-fn federation(n: u32, t: usize, len: usize, seed: u64) -> Federation {
-    let cfg = config(t, len);
-    let ids = identities(n);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut parts = BTreeMap::new();
-    let mut inputs = BTreeMap::new();
-    for i in 1..=n {
-        let p = ParticipantSession::new(
-            cfg.clone(),
-            i,
-            identity_seed(i),
-            ids.clone(),
-            randomness(&mut rng),
-        )
-        .unwrap();
-        parts.insert(i, p);
-        inputs.insert(i, (0..len).map(|_| rng.next_u32()).collect());
-    }
-    Federation {
-        server: ServerSession::new(cfg.clone(), ids),
-        cfg,
-        parts,
-        inputs,
-    }
-}
-
-/// Runs a round where `drops[k]` stop answering before stage k (0 = advertise,
-/// 1 = share keys, 2 = masked input, 3 = consistency, 4 = unmask).
-fn run(
-    f: &mut Federation,
-    drops: &[BTreeSet<Index>; 5],
-) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
-    let mut alive: BTreeSet<Index> = f.parts.keys().copied().collect();
-    alive.retain(|i| !drops[0].contains(i));
-    for i in &alive {
-        let m = f.parts.get_mut(i).unwrap().advertise()?;
-        f.server.receive_advertise(m)?;
-    }
-    let roster = f.server.close_advertise()?;
-
-    alive.retain(|i| !drops[1].contains(i));
-    for i in &alive {
-        let m = f.parts.get_mut(i).unwrap().share_keys(&roster)?;
-        f.server.receive_shares(m)?;
-    }
-    let deliveries = f.server.close_share_keys()?;
-
-    alive.retain(|i| !drops[2].contains(i));
-    for d in &deliveries {
-        if alive.contains(&d.to) {
-            let m = f
-                .parts
-                .get_mut(&d.to)
-                .unwrap()
-                .masked_input(d, &f.inputs[&d.to])?;
-            f.server.receive_masked(m)?;
-        }
-    }
-    let survivors = f.server.close_masked()?;
-
-    alive.retain(|i| !drops[3].contains(i));
-    for i in &survivors.survivors {
-        if alive.contains(i) {
-            let m = f.parts.get_mut(i).unwrap().consistency(&survivors)?;
-            f.server.receive_signature(m)?;
-        }
-    }
-    let request = f.server.close_consistency()?;
-
-    alive.retain(|i| !drops[4].contains(i));
-    for s in &request.signatures {
-        if alive.contains(&s.from) {
-            let m = f.parts.get_mut(&s.from).unwrap().unmask(&request)?;
-            f.server.receive_unmask(m)?;
-        }
-    }
-    f.server.finish()
-}
-
-fn plaintext_sum(f: &Federation, who: &[Index]) -> Vec<u32> {
-    let mut sum = vec![0u32; f.cfg.vector_len];
-    for i in who {
-        for (s, x) in sum.iter_mut().zip(&f.inputs[i]) {
-            *s = s.wrapping_add(*x);
-        }
-    }
-    sum
+    simulation_identity_seed(i)
 }
 
 #[test]
@@ -236,7 +132,7 @@ proptest! {
 }
 
 /// Runs stages 0-1 honestly and returns the deliveries.
-fn through_share_keys(f: &mut Federation) -> (KeyRoster, Vec<ShareDelivery>) {
+fn through_share_keys(f: &mut SimulatedRound) -> (KeyRoster, Vec<ShareDelivery>) {
     let n = f.parts.len() as u32;
     for i in 1..=n {
         let m = f.parts.get_mut(&i).unwrap().advertise().unwrap();
