@@ -100,21 +100,11 @@ impl ParticipantSession {
     }
 
     fn expect(&self, stage: Stage) -> Result<(), ProtocolError> {
-        if self.stage != stage {
-            return Err(ProtocolError::OutOfOrder {
-                expected: self.stage,
-                got: stage,
-            });
-        }
-        Ok(())
+        self.stage.expect(stage)
     }
 
     fn too_few(&self, stage: Stage, got: usize) -> Result<(), ProtocolError> {
-        let needed = self.cfg.quorum();
-        if got < needed {
-            return Err(ProtocolError::TooFew { stage, got, needed });
-        }
-        Ok(())
+        stage.require_quorum(&self.cfg, got)
     }
 
     /// Stage 0: this participant's signed public keys.

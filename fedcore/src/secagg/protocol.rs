@@ -94,6 +94,32 @@ pub enum ProtocolError {
     Crypto(#[from] CryptoError),
 }
 
+impl Stage {
+    /// Refuses a message for stage `got` while this stage is the current one.
+    pub(crate) fn expect(self, got: Stage) -> Result<(), ProtocolError> {
+        if self != got {
+            return Err(ProtocolError::OutOfOrder {
+                expected: self,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// Aborts this stage when fewer than the round's quorum take part in it.
+    pub(crate) fn require_quorum(self, cfg: &RoundConfig, got: usize) -> Result<(), ProtocolError> {
+        let needed = cfg.quorum();
+        if got < needed {
+            return Err(ProtocolError::TooFew {
+                stage: self,
+                got,
+                needed,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Signature stage tags.
 pub(crate) const ADVERTISE_TAG: &str = "advertise-keys";
 pub(crate) const CONSISTENCY_TAG: &str = "consistency-check";

@@ -61,21 +61,11 @@ impl ServerSession {
     }
 
     fn expect(&self, stage: Stage) -> Result<(), ProtocolError> {
-        if self.stage != stage {
-            return Err(ProtocolError::OutOfOrder {
-                expected: self.stage,
-                got: stage,
-            });
-        }
-        Ok(())
+        self.stage.expect(stage)
     }
 
     fn quorum(&self, stage: Stage, got: usize) -> Result<(), ProtocolError> {
-        let needed = self.cfg.quorum();
-        if got < needed {
-            return Err(ProtocolError::TooFew { stage, got, needed });
-        }
-        Ok(())
+        stage.require_quorum(&self.cfg, got)
     }
 
     /// Stage 0: accepts a signed advertisement.

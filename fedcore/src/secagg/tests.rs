@@ -146,6 +146,20 @@ fn through_share_keys(f: &mut SimulatedRound) -> (KeyRoster, Vec<ShareDelivery>)
     (roster, f.server.close_share_keys().unwrap())
 }
 
+/// Runs stages 0-2 honestly; every participant's masked input reaches the server.
+fn through_masked_input(f: &mut SimulatedRound) {
+    let (_, deliveries) = through_share_keys(f);
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        f.server.receive_masked(m).unwrap();
+    }
+}
+
 #[test]
 fn substituted_public_keys_are_detected() {
     let mut f = federation(4, 3, 8, 3);
@@ -207,16 +221,7 @@ fn substituted_public_keys_are_detected() {
 #[test]
 fn inconsistent_survivor_lists_are_refused() {
     let mut f = federation(5, 3, 8, 4);
-    let (_, deliveries) = through_share_keys(&mut f);
-    for d in &deliveries {
-        let m = f
-            .parts
-            .get_mut(&d.to)
-            .unwrap()
-            .masked_input(d, &f.inputs[&d.to])
-            .unwrap();
-        f.server.receive_masked(m).unwrap();
-    }
+    through_masked_input(&mut f);
     let list = f.server.close_masked().unwrap();
     // The server tells participants 1-3 that 4 and 5 survived, but tells 4 and 5 another story.
     let sigs: Vec<ConsistencySignature> = (1..=5)
@@ -232,16 +237,7 @@ fn inconsistent_survivor_lists_are_refused() {
     );
     // Signatures over a different list do not count.
     let mut f2 = federation(5, 3, 8, 4);
-    let (_, deliveries) = through_share_keys(&mut f2);
-    for d in &deliveries {
-        let m = f2
-            .parts
-            .get_mut(&d.to)
-            .unwrap()
-            .masked_input(d, &f2.inputs[&d.to])
-            .unwrap();
-        f2.server.receive_masked(m).unwrap();
-    }
+    through_masked_input(&mut f2);
     let full = SurvivorList {
         survivors: vec![1, 2, 3, 4, 5],
     };
@@ -274,16 +270,7 @@ fn asking_for_both_shares_of_one_participant_fails() {
     // participants into two groups with different survivor lists needs each group to have a
     // quorum of signatures on its list; with a majority threshold that is impossible.
     let mut f = federation(5, 3, 8, 5);
-    let (_, deliveries) = through_share_keys(&mut f);
-    for d in &deliveries {
-        let m = f
-            .parts
-            .get_mut(&d.to)
-            .unwrap()
-            .masked_input(d, &f.inputs[&d.to])
-            .unwrap();
-        f.server.receive_masked(m).unwrap();
-    }
+    through_masked_input(&mut f);
     let with_5 = SurvivorList {
         survivors: vec![1, 2, 3, 4, 5],
     };
@@ -353,16 +340,7 @@ fn different_global_models_break_the_consistency_check() {
     // A participant that trained on a different global adapter signs a different model hash;
     // its signature does not verify for the others, so the model-inconsistency attack is seen.
     let mut f = federation(4, 3, 8, 7);
-    let (_, deliveries) = through_share_keys(&mut f);
-    for d in &deliveries {
-        let m = f
-            .parts
-            .get_mut(&d.to)
-            .unwrap()
-            .masked_input(d, &f.inputs[&d.to])
-            .unwrap();
-        f.server.receive_masked(m).unwrap();
-    }
+    through_masked_input(&mut f);
     let list = f.server.close_masked().unwrap();
     let mut sigs: Vec<_> = (1..=3)
         .map(|i| f.parts.get_mut(&i).unwrap().consistency(&list).unwrap())
