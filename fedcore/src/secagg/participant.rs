@@ -14,7 +14,7 @@ use crate::secagg::messages::{
 };
 use crate::secagg::protocol::{
     ADVERTISE_TAG, CONSISTENCY_TAG, ProtocolError, RoundConfig, SHARE_PLAINTEXT_LEN, Stage,
-    advertise_message, consistency_message,
+    advertise_message, consistency_message, pair_mask_sign,
 };
 use crate::secagg::shamir::{Share, split};
 
@@ -271,12 +271,7 @@ impl ParticipantSession {
             let seed = self
                 .s_secret
                 .pairwise_mask_seed(s_public, &self.cfg.context, self.me, v)?;
-            let sign = if self.me < v {
-                MaskSign::Add
-            } else {
-                MaskSign::Subtract
-            };
-            apply(&seed, &mut words, sign);
+            apply(&seed, &mut words, pair_mask_sign(self.me, v));
         }
         self.held.extend(held);
         self.u2 = u2;

@@ -4,6 +4,7 @@
 use thiserror::Error;
 
 use crate::secagg::crypto::{CryptoError, SessionContext};
+use crate::secagg::mask::MaskSign;
 use crate::secagg::messages::Index;
 use crate::secagg::shamir::ShamirError;
 
@@ -117,6 +118,16 @@ impl Stage {
             });
         }
         Ok(())
+    }
+}
+
+/// How participant `me` applies the mask it shares with `peer`: the smaller index adds it,
+/// the larger subtracts it, so the pair cancels in the sum.
+pub(crate) fn pair_mask_sign(me: Index, peer: Index) -> MaskSign {
+    if me < peer {
+        MaskSign::Add
+    } else {
+        MaskSign::Subtract
     }
 }
 

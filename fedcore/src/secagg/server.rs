@@ -12,13 +12,14 @@ use crate::secagg::crypto::{AgreementSecret, verify};
 use crate::secagg::mask::{MaskSign, apply};
 use crate::secagg::messages::{
     AdvertiseKeys, ConsistencySignature, EncryptedShare, Index, KeyRoster, MaskedInput,
-    ShareDelivery, ShareKeys, SurvivorList, UnmaskRequest, UnmaskResponse,
+    RevealedShare, ShareDelivery, ShareKeys, SurvivorList, UnmaskRequest, UnmaskResponse,
 };
 use crate::secagg::protocol::{
     ADVERTISE_TAG, CONSISTENCY_TAG, ProtocolError, RoundConfig, Stage, advertise_message,
-    consistency_message,
+    consistency_message, pair_mask_sign,
 };
 use crate::secagg::shamir::{Share, combine};
+use zeroize::Zeroizing;
 
 /// The server in one round.
 pub struct ServerSession {
@@ -236,48 +237,23 @@ impl ServerSession {
         self.expect(Stage::Unmask)?;
         self.quorum(Stage::Unmask, self.responses.len())?;
         let t = self.cfg.threshold;
-        let mut self_mask: BTreeMap<Index, Vec<Share>> = BTreeMap::new();
-        let mut keys: BTreeMap<Index, Vec<Share>> = BTreeMap::new();
-        for r in self.responses.values() {
-            for s in &r.self_mask_shares {
-                self_mask.entry(s.owner).or_default().push(Share {
-                    x: s.x,
-                    y: s.y.clone(),
-                });
-            }
-            for s in &r.key_shares {
-                keys.entry(s.owner).or_default().push(Share {
-                    x: s.x,
-                    y: s.y.clone(),
-                });
-            }
-        }
+        let self_mask = by_owner(self.responses.values().flat_map(|r| &r.self_mask_shares));
+        let keys = by_owner(self.responses.values().flat_map(|r| &r.key_shares));
         let mut sum = std::mem::take(&mut self.sum);
         for &u in &self.survivors {
-            let shares = self_mask.get(&u).map_or(&[][..], Vec::as_slice);
-            let seed = combine(shares, t).map_err(|e| ProtocolError::Reconstruct(u, e))?;
-            let seed: [u8; 16] = seed
-                .as_slice()
-                .try_into()
-                .map_err(|_| ProtocolError::MalformedShare(u))?;
+            let seed: Zeroizing<[u8; 16]> = reconstruct(&self_mask, u, t)?;
             apply(&seed, &mut sum, MaskSign::Subtract);
         }
         for &v in self.u2.difference(&self.u3) {
-            let shares = keys.get(&v).map_or(&[][..], Vec::as_slice);
-            let key = combine(shares, t).map_err(|e| ProtocolError::Reconstruct(v, e))?;
-            let key: [u8; 32] = key
-                .as_slice()
-                .try_into()
-                .map_err(|_| ProtocolError::MalformedShare(v))?;
-            let secret = AgreementSecret::from_bytes(key);
+            let key: Zeroizing<[u8; 32]> = reconstruct(&keys, v, t)?;
+            let secret = AgreementSecret::from_bytes(*key);
             for &u in &self.survivors {
                 let seed =
                     secret.pairwise_mask_seed(&self.u1[&u].s_public, &self.cfg.context, v, u)?;
-                // u added the pair mask if u < v, subtracted it otherwise: undo that.
-                let sign = if u < v {
-                    MaskSign::Subtract
-                } else {
-                    MaskSign::Add
+                // Undo what survivor u applied for the pair (u, v).
+                let sign = match pair_mask_sign(u, v) {
+                    MaskSign::Add => MaskSign::Subtract,
+                    MaskSign::Subtract => MaskSign::Add,
                 };
                 apply(&seed, &mut sum, sign);
             }
@@ -285,4 +261,33 @@ impl ServerSession {
         self.stage = Stage::Done;
         Ok((sum, self.survivors.clone()))
     }
+}
+
+/// Groups revealed shares by the participant whose secret they share.
+fn by_owner<'a>(shares: impl Iterator<Item = &'a RevealedShare>) -> BTreeMap<Index, Vec<Share>> {
+    let mut out: BTreeMap<Index, Vec<Share>> = BTreeMap::new();
+    for s in shares {
+        out.entry(s.owner).or_default().push(Share {
+            x: s.x,
+            y: s.y.clone(),
+        });
+    }
+    out
+}
+
+/// Recovers `owner`'s N-byte secret from its shares; wiped when dropped.
+fn reconstruct<const N: usize>(
+    shares: &BTreeMap<Index, Vec<Share>>,
+    owner: Index,
+    threshold: usize,
+) -> Result<Zeroizing<[u8; N]>, ProtocolError> {
+    let shares = shares.get(&owner).map_or(&[][..], Vec::as_slice);
+    let secret = Zeroizing::new(
+        combine(shares, threshold).map_err(|e| ProtocolError::Reconstruct(owner, e))?,
+    );
+    let bytes: [u8; N] = secret
+        .as_slice()
+        .try_into()
+        .map_err(|_| ProtocolError::MalformedShare(owner))?;
+    Ok(Zeroizing::new(bytes))
 }
