@@ -81,6 +81,14 @@ pub enum ProtocolError {
         got: usize,
         expected: usize,
     },
+    #[error("masked input of participant {from}: chunk starts at word {got}, expected {expected}")]
+    ChunkOffset {
+        from: Index,
+        got: usize,
+        expected: usize,
+    },
+    #[error("the partial masked input of participant {0} was never retracted; the sum is unusable")]
+    Unretracted(Index),
     #[error("decrypted shares from {0} are malformed")]
     MalformedShare(Index),
     #[error("shares of participant {0} did not reconstruct: {1}")]

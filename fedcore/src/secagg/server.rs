@@ -31,6 +31,9 @@ pub struct ServerSession {
     shares: BTreeMap<Index, Vec<EncryptedShare>>,
     u2: BTreeSet<Index>,
     sum: Vec<u32>,
+    /// Words of each masked input folded so far, for inputs still streaming in (or
+    /// abandoned and awaiting retraction).
+    partial: BTreeMap<Index, usize>,
     u3: BTreeSet<Index>,
     signatures: BTreeMap<Index, ConsistencySignature>,
     survivors: Vec<Index>,
@@ -49,6 +52,7 @@ impl ServerSession {
             shares: BTreeMap::new(),
             u2: BTreeSet::new(),
             sum,
+            partial: BTreeMap::new(),
             u3: BTreeSet::new(),
             signatures: BTreeMap::new(),
             survivors: Vec::new(),
@@ -59,6 +63,48 @@ impl ServerSession {
     /// The stage the server is collecting.
     pub fn stage(&self) -> Stage {
         self.stage
+    }
+
+    /// The round's parameters.
+    pub fn config(&self) -> &RoundConfig {
+        &self.cfg
+    }
+
+    /// Who is expected to answer the current stage: the roster before keys are advertised,
+    /// then U1, U2, U3 and the signers of the consistency check (U4).
+    pub fn expected(&self) -> BTreeSet<Index> {
+        match self.stage {
+            Stage::AdvertiseKeys => self.identities.keys().copied().collect(),
+            Stage::ShareKeys => self.u1.keys().copied().collect(),
+            Stage::MaskedInput => self.u2.clone(),
+            Stage::ConsistencyCheck => self.u3.clone(),
+            Stage::Unmask => self.signatures.keys().copied().collect(),
+            Stage::Done => BTreeSet::new(),
+        }
+    }
+
+    /// Whether `who` has answered the current stage.
+    pub fn answered(&self, who: Index) -> bool {
+        match self.stage {
+            Stage::AdvertiseKeys => self.u1.contains_key(&who),
+            Stage::ShareKeys => self.shares.contains_key(&who),
+            Stage::MaskedInput => self.u3.contains(&who),
+            Stage::ConsistencyCheck => self.signatures.contains_key(&who),
+            Stage::Unmask => self.responses.contains_key(&who),
+            Stage::Done => true,
+        }
+    }
+
+    /// How many have answered the current stage.
+    pub fn answers(&self) -> usize {
+        match self.stage {
+            Stage::AdvertiseKeys => self.u1.len(),
+            Stage::ShareKeys => self.shares.len(),
+            Stage::MaskedInput => self.u3.len(),
+            Stage::ConsistencyCheck => self.signatures.len(),
+            Stage::Unmask => self.responses.len(),
+            Stage::Done => 0,
+        }
     }
 
     fn expect(&self, stage: Stage) -> Result<(), ProtocolError> {
@@ -153,12 +199,8 @@ impl ServerSession {
             .collect())
     }
 
-    /// Stage 2: folds one masked input into the running sum.
+    /// Stage 2: folds one whole masked input into the running sum.
     pub fn receive_masked(&mut self, msg: MaskedInput) -> Result<(), ProtocolError> {
-        self.expect(Stage::MaskedInput)?;
-        if !self.u2.contains(&msg.from) {
-            return Err(ProtocolError::UnknownParticipant(msg.from));
-        }
         if msg.words.len() != self.cfg.vector_len {
             return Err(ProtocolError::Length {
                 from: msg.from,
@@ -166,13 +208,103 @@ impl ServerSession {
                 expected: self.cfg.vector_len,
             });
         }
-        if !self.u3.insert(msg.from) {
-            return Err(ProtocolError::Duplicate(msg.from));
+        self.receive_masked_chunk(msg.from, 0, &msg.words)?;
+        self.commit_masked(msg.from)
+    }
+
+    /// Stage 2, streamed: folds the next `words` of `from`'s masked input, which start at
+    /// word `offset`, into the running sum as they arrive. Chunks come in order. Nothing of
+    /// the input is kept here; a caller whose stream breaks before [`Self::commit_masked`]
+    /// must hand the chunks back to [`Self::retract_masked_chunk`] (from its own spool).
+    pub fn receive_masked_chunk(
+        &mut self,
+        from: Index,
+        offset: usize,
+        words: &[u32],
+    ) -> Result<(), ProtocolError> {
+        self.expect(Stage::MaskedInput)?;
+        if !self.u2.contains(&from) {
+            return Err(ProtocolError::UnknownParticipant(from));
         }
-        for (s, w) in self.sum.iter_mut().zip(&msg.words) {
+        if self.u3.contains(&from) {
+            return Err(ProtocolError::Duplicate(from));
+        }
+        let folded = self.partial.get(&from).copied().unwrap_or(0);
+        if offset != folded {
+            return Err(ProtocolError::ChunkOffset {
+                from,
+                got: offset,
+                expected: folded,
+            });
+        }
+        let end = offset + words.len();
+        if end > self.cfg.vector_len {
+            return Err(ProtocolError::Length {
+                from,
+                got: end,
+                expected: self.cfg.vector_len,
+            });
+        }
+        for (s, w) in self.sum[offset..end].iter_mut().zip(words) {
             *s = s.wrapping_add(*w);
         }
+        self.partial.insert(from, end);
         Ok(())
+    }
+
+    /// Stage 2, streamed: `from`'s masked input is complete; `from` joins U3.
+    pub fn commit_masked(&mut self, from: Index) -> Result<(), ProtocolError> {
+        self.expect(Stage::MaskedInput)?;
+        let folded = self.partial.get(&from).copied().unwrap_or(0);
+        if self.u3.contains(&from) {
+            return Err(ProtocolError::Duplicate(from));
+        }
+        if folded != self.cfg.vector_len {
+            return Err(ProtocolError::Length {
+                from,
+                got: folded,
+                expected: self.cfg.vector_len,
+            });
+        }
+        self.partial.remove(&from);
+        self.u3.insert(from);
+        Ok(())
+    }
+
+    /// Takes back a chunk of a masked input that will never be committed (its stream broke
+    /// or the stage closed first). Allowed in any later stage until the round finishes; the
+    /// round cannot finish while any input is partly folded.
+    pub fn retract_masked_chunk(
+        &mut self,
+        from: Index,
+        offset: usize,
+        words: &[u32],
+    ) -> Result<(), ProtocolError> {
+        let folded = self
+            .partial
+            .get_mut(&from)
+            .ok_or(ProtocolError::UnknownParticipant(from))?;
+        let end = offset + words.len();
+        if end > *folded || words.len() > *folded {
+            return Err(ProtocolError::Length {
+                from,
+                got: end,
+                expected: *folded,
+            });
+        }
+        for (s, w) in self.sum[offset..end].iter_mut().zip(words) {
+            *s = s.wrapping_sub(*w);
+        }
+        *folded -= words.len();
+        if *folded == 0 {
+            self.partial.remove(&from);
+        }
+        Ok(())
+    }
+
+    /// Participants whose masked input is partly folded and not committed.
+    pub fn partial_inputs(&self) -> impl Iterator<Item = Index> + '_ {
+        self.partial.keys().copied()
     }
 
     /// Ends stage 2: the survivor list (U3).
@@ -236,6 +368,9 @@ impl ServerSession {
     pub fn finish(&mut self) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
         self.expect(Stage::Unmask)?;
         self.quorum(Stage::Unmask, self.responses.len())?;
+        if let Some(&from) = self.partial.keys().next() {
+            return Err(ProtocolError::Unretracted(from));
+        }
         let t = self.cfg.threshold;
         let self_mask = by_owner(self.responses.values().flat_map(|r| &r.self_mask_shares));
         let keys = by_owner(self.responses.values().flat_map(|r| &r.key_shares));

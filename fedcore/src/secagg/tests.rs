@@ -387,3 +387,109 @@ fn stages_out_of_order_are_refused() {
     assert!(matches!(err, ProtocolError::OutOfOrder { .. }));
     assert!(f.server.close_masked().is_err());
 }
+
+/// Runs stages 3-4 honestly for everyone in the survivor list and finishes.
+fn finish_honestly(f: &mut SimulatedRound) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
+    let list = f.server.close_masked()?;
+    for &i in &list.survivors {
+        let m = f.parts.get_mut(&i).unwrap().consistency(&list)?;
+        f.server.receive_signature(m)?;
+    }
+    let request = f.server.close_consistency()?;
+    for &i in &list.survivors {
+        let m = f.parts.get_mut(&i).unwrap().unmask(&request)?;
+        f.server.receive_unmask(m)?;
+    }
+    f.server.finish()
+}
+
+#[test]
+fn streamed_chunks_sum_like_whole_inputs_and_broken_streams_are_retracted() {
+    let mut f = federation(5, 3, 1000, 11);
+    let (_, deliveries) = through_share_keys(&mut f);
+    let mut broken = Vec::new();
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        let chunks: Vec<(usize, &[u32])> = m
+            .words
+            .chunks(300)
+            .enumerate()
+            .map(|(k, c)| (k * 300, c))
+            .collect();
+        if d.to == 2 {
+            // Participant 2's stream breaks after two chunks: they are taken back later.
+            for &(offset, c) in &chunks[..2] {
+                f.server.receive_masked_chunk(2, offset, c).unwrap();
+            }
+            broken = chunks[..2].iter().map(|&(o, c)| (o, c.to_vec())).collect();
+            continue;
+        }
+        // Out-of-order and overlong chunks are refused without touching the sum.
+        assert_eq!(
+            f.server.receive_masked_chunk(d.to, 300, chunks[1].1),
+            Err(ProtocolError::ChunkOffset {
+                from: d.to,
+                got: 300,
+                expected: 0
+            })
+        );
+        assert!(matches!(
+            f.server.receive_masked_chunk(d.to, 0, &vec![0; 1001]),
+            Err(ProtocolError::Length { got: 1001, .. })
+        ));
+        assert!(matches!(
+            f.server.commit_masked(d.to),
+            Err(ProtocolError::Length { got: 0, .. })
+        ));
+        for &(offset, c) in &chunks {
+            f.server.receive_masked_chunk(d.to, offset, c).unwrap();
+        }
+        f.server.commit_masked(d.to).unwrap();
+    }
+    assert_eq!(f.server.partial_inputs().collect::<Vec<_>>(), vec![2]);
+    // Closing stage 2 leaves participant 2 out; finishing is refused until it is retracted.
+    let list = f.server.close_masked().unwrap();
+    assert_eq!(list.survivors, vec![1, 3, 4, 5]);
+    for &i in &list.survivors {
+        let m = f.parts.get_mut(&i).unwrap().consistency(&list).unwrap();
+        f.server.receive_signature(m).unwrap();
+    }
+    let request = f.server.close_consistency().unwrap();
+    for &i in &list.survivors {
+        let m = f.parts.get_mut(&i).unwrap().unmask(&request).unwrap();
+        f.server.receive_unmask(m).unwrap();
+    }
+    assert_eq!(f.server.finish(), Err(ProtocolError::Unretracted(2)));
+    for (offset, c) in broken.iter().rev() {
+        f.server.retract_masked_chunk(2, *offset, c).unwrap();
+    }
+    let (sum, survivors) = f.server.finish().unwrap();
+    assert_eq!(sum, plaintext_sum(&f, &survivors));
+}
+
+#[test]
+fn a_participant_streaming_again_after_retraction_counts_once() {
+    let mut f = federation(4, 3, 64, 12);
+    let (_, deliveries) = through_share_keys(&mut f);
+    for d in &deliveries {
+        let m = f
+            .parts
+            .get_mut(&d.to)
+            .unwrap()
+            .masked_input(d, &f.inputs[&d.to])
+            .unwrap();
+        if d.to == 1 {
+            f.server.receive_masked_chunk(1, 0, &m.words[..10]).unwrap();
+            f.server.retract_masked_chunk(1, 0, &m.words[..10]).unwrap();
+        }
+        f.server.receive_masked(m).unwrap();
+    }
+    let (sum, survivors) = finish_honestly(&mut f).unwrap();
+    assert_eq!(survivors, vec![1, 2, 3, 4]);
+    assert_eq!(sum, plaintext_sum(&f, &survivors));
+}
