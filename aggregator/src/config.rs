@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fedcore::FederationPlan;
+use fedcore::roster::RosterEntry;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -44,6 +45,14 @@ pub struct ServerSection {
 
 fn default_linger_ms() -> u64 {
     30_000
+}
+
+/// The placeholder identity of an example lab. Its secret is derivable by anyone, so
+/// `serve` refuses to run with it; replace it with the lab's `fedclient keygen` output.
+fn example_public_key(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let seed: [u8; 32] = Sha256::digest(format!("mekong example identity {name}")).into();
+    hex::encode(fedcore::secagg::crypto::Identity::from_seed(seed).public())
 }
 
 /// The whole aggregator configuration.
@@ -95,8 +104,26 @@ impl AggregatorConfig {
                 lora: Default::default(),
                 training: Default::default(),
                 rounds: Default::default(),
+                roster: ["lab-a", "lab-b", "lab-c"]
+                    .iter()
+                    .map(|name| RosterEntry {
+                        name: name.to_string(),
+                        public_key: example_public_key(name),
+                    })
+                    .collect(),
+                secure_aggregation: Default::default(),
             },
         }
+    }
+
+    /// Names of roster entries that still carry the example's placeholder keys.
+    pub fn placeholder_keys(&self) -> Vec<String> {
+        self.plan
+            .roster
+            .iter()
+            .filter(|e| e.public_key == example_public_key(&e.name))
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     /// TOML text of this configuration.

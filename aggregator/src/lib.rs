@@ -8,10 +8,12 @@
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
+//! - `spool`: the undo log of a masked-input stream, so a broken stream leaves the sum clean.
 
 pub mod config;
 pub mod server;
 pub mod service;
+mod spool;
 mod status_map;
 pub mod store;
 

@@ -46,10 +46,13 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::InitConfig => {
             print!("{}", AggregatorConfig::example().to_toml());
+            eprintln!(
+                "note: replace each [[plan.roster]] public_key with the key the lab prints from `fedclient keygen`; `serve` refuses the placeholders"
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {
-            let c = AggregatorConfig::load(&config)?;
+            let c = load(&config)?;
             let modules = c.plan.lora_modules();
             let params: usize = modules
                 .iter()
@@ -64,14 +67,44 @@ async fn main() -> Result<()> {
                 modules.len(),
                 params
             );
+            if c.plan.secure_aggregation.enabled {
+                println!(
+                    "secure aggregation: on, {} labs on the roster, threshold {}, {}-bit quantisation clipped at ±{}",
+                    c.plan.roster.len(),
+                    c.plan.secure_aggregation.threshold_for(c.plan.roster.len()),
+                    c.plan.secure_aggregation.bits,
+                    c.plan.secure_aggregation.clip
+                );
+            } else {
+                println!(
+                    "secure aggregation: OFF — the aggregator will see every lab's update in plaintext"
+                );
+            }
+            println!(
+                "plan sha256: {} (labs pin it with `fedclient join --plan-sha256`)",
+                c.plan.fingerprint()
+            );
             Ok(())
         }
         Command::Serve { config } => serve(config).await,
     }
 }
 
+/// Loads a configuration and refuses the example's placeholder identities.
+fn load(path: &std::path::Path) -> Result<AggregatorConfig> {
+    let config = AggregatorConfig::load(path)?;
+    let placeholders = config.placeholder_keys();
+    if !placeholders.is_empty() {
+        anyhow::bail!(
+            "{}: roster entries {placeholders:?} still carry the example's placeholder public keys, whose secrets anyone can derive; replace them with each lab's `fedclient keygen` output",
+            path.display()
+        );
+    }
+    Ok(config)
+}
+
 async fn serve(path: PathBuf) -> Result<()> {
-    let config = AggregatorConfig::load(&path)?;
+    let config = load(&path)?;
     let server = fedaggregator::start(&config)
         .await
         .with_context(|| format!("starting the aggregator from {}", path.display()))?;

@@ -9,6 +9,7 @@ use fedcore::Coordinator;
 use fedcore::round::{Stage, Status};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::v1::federation_server::FederationServer;
+use rand::RngCore;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -51,7 +52,23 @@ pub struct RunningServer {
 
 /// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
 pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeError> {
-    let coordinator = Coordinator::new(config.plan.clone())?;
+    let mut session = [0u8; 32];
+    rand::rng().fill_bytes(&mut session);
+    let coordinator = Coordinator::new(config.plan.clone(), session)?;
+    if coordinator.secure() {
+        info!(
+            threshold = config
+                .plan
+                .secure_aggregation
+                .threshold_for(config.plan.roster.len()),
+            roster = config.plan.roster.len(),
+            "secure aggregation on: the aggregator learns only the sum of each round's updates"
+        );
+    } else {
+        tracing::warn!(
+            "SECURE AGGREGATION IS OFF (plan.secure_aggregation.enabled = false): every lab's update reaches this aggregator in plaintext"
+        );
+    }
     let store = AdapterStore::new(&config.server.output_dir);
     let shared = Shared::new(coordinator, store.clone()).map_err(|status| ServeError::Store {
         dir: store.dir().display().to_string(),
@@ -84,6 +101,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         federation = %config.plan.federation,
         participants = config.plan.rounds.participants,
         rounds = config.plan.rounds.rounds,
+        plan_sha256 = %config.plan.fingerprint(),
         output = %store.dir().display(),
         "aggregator serving"
     );

@@ -6,14 +6,19 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::path::PathBuf;
+
+use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
 use mekong_proto::convert::adapter_payload;
+use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
 use rand::RngCore;
 use tokio::sync::watch;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::spool::Spool;
 use crate::status_map::status_for;
 use crate::store::AdapterStore;
 
@@ -26,6 +31,8 @@ pub struct Shared {
     /// Names of participants that have been told the run is finished.
     told_finished: Mutex<BTreeSet<String>>,
     store: AdapterStore,
+    /// Where masked-input streams keep their undo logs.
+    spool_dir: PathBuf,
     started: Instant,
     /// Bumped after every state change; long-polls wait on it.
     changes: watch::Sender<u64>,
@@ -41,6 +48,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             coordinator: Mutex::new(coordinator),
             told_finished: Mutex::new(BTreeSet::new()),
+            spool_dir: store.dir().join(".spool"),
             store,
             started: Instant::now(),
             changes,
@@ -50,6 +58,11 @@ impl Shared {
     /// Milliseconds since the server started (the coordinator's clock).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The async-runtime instant of coordinator time `ms`.
+    fn instant_at(&self, ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.started + Duration::from_millis(ms))
     }
 
     /// The coordinator, locked. A handler that panicked cannot leave it half-updated (every
@@ -111,6 +124,21 @@ impl Shared {
                         received, needed, "deadline passed with too few updates; round extended"
                     );
                 }
+                Event::SecureStageClosed {
+                    round,
+                    attempt,
+                    stage,
+                    remaining,
+                } => {
+                    info!(round, attempt, stage = ?stage, remaining, "secure aggregation stage closed");
+                }
+                Event::SecureAttemptFailed {
+                    round,
+                    attempt,
+                    reason,
+                } => {
+                    warn!(round, attempt, %reason, "secure aggregation attempt failed; starting the next attempt");
+                }
                 Event::RunFinished { rounds } => {
                     info!(rounds, dir = %self.store.final_dir().display(), "run finished");
                     if let Err(e) = self.store.save_final(coordinator.global()) {
@@ -146,6 +174,25 @@ fn wait_reason(reason: &WaitReason) -> String {
         WaitReason::NextRound { round } => {
             format!("round {round} was already open when you joined; you take part from the next")
         }
+        WaitReason::SecureStage { round, stage } => {
+            format!(
+                "round {round}: secure aggregation stage {stage:?} is waiting for other participants"
+            )
+        }
+        WaitReason::DroppedFromAttempt { round, attempt } => format!(
+            "round {round}: you missed a stage of secure-aggregation attempt {attempt}; you take part again in the next attempt or round"
+        ),
+    }
+}
+
+/// The wire form of a secure-aggregation stage.
+fn secure_stage(stage: SecureStage) -> pb::SecureStage {
+    match stage {
+        SecureStage::AdvertiseKeys => pb::SecureStage::AdvertiseKeys,
+        SecureStage::ShareKeys => pb::SecureStage::ShareKeys,
+        SecureStage::MaskedInput => pb::SecureStage::MaskedInput,
+        SecureStage::ConsistencyCheck => pb::SecureStage::ConsistencyCheck,
+        SecureStage::Unmask | SecureStage::Done => pb::SecureStage::Unmask,
     }
 }
 
@@ -208,11 +255,28 @@ impl Federation for FederationService {
                         global,
                         global_hash,
                         deadline_ms,
+                        secure,
                     } => pb::fetch_task_response::Task::Train(pb::TrainTask {
                         round,
                         rounds_total: c.plan().rounds.rounds,
                         global_adapter: Some(adapter_payload(global, global_hash)),
                         deadline_in_ms: deadline_ms.saturating_sub(now),
+                        secure: secure.map(|s| pb::SecureSession {
+                            session: s.session.to_vec(),
+                            attempt: s.attempt,
+                            index: s.index,
+                        }),
+                    }),
+                    Task::Secure {
+                        round,
+                        attempt,
+                        step,
+                        deadline_ms,
+                    } => pb::fetch_task_response::Task::SecureStep(pb::SecureStep {
+                        round,
+                        attempt,
+                        deadline_in_ms: deadline_ms.saturating_sub(now),
+                        step: Some(step_to_wire(&step)),
                     }),
                     Task::Finished {
                         rounds,
@@ -300,6 +364,47 @@ impl Federation for FederationService {
         }
     }
 
+    async fn secure_aggregate(
+        &self,
+        request: Request<pb::SecureAggregateRequest>,
+    ) -> Result<Response<pb::SecureAggregateResponse>, Status> {
+        let req = request.into_inner();
+        let msg = message_from_wire(req.message.as_ref())
+            .map_err(|e| Status::invalid_argument(format!("secure aggregation message: {e}")))?;
+        let mut c = self.shared.lock();
+        let name = participant_name(&c, &req.participant_id);
+        match c.secure_message(
+            &req.participant_id,
+            req.round,
+            req.attempt,
+            msg,
+            self.shared.now_ms(),
+        ) {
+            Ok(events) => {
+                self.shared.apply_events(&c, events);
+                self.shared.changes.send_modify(|v| *v += 1);
+                Ok(Response::new(pb::SecureAggregateResponse {}))
+            }
+            Err(e) => {
+                warn!(participant = %name, round = req.round, attempt = req.attempt, error = %e, "secure aggregation message refused");
+                Err(status_for(&e))
+            }
+        }
+    }
+
+    async fn submit_masked(
+        &self,
+        request: Request<Streaming<pb::MaskedChunk>>,
+    ) -> Result<Response<pb::SubmitMaskedResponse>, Status> {
+        // The stream is served by its own task, so that a broken connection (which drops
+        // this future) still runs the retraction to its end.
+        let shared = self.shared.clone();
+        tokio::spawn(receive_masked(shared, request.into_inner()))
+            .await
+            .map_err(|e| Status::internal(format!("masked stream task failed: {e}")))?
+            .map(Response::new)
+    }
+
     async fn round_status(
         &self,
         _request: Request<pb::RoundStatusRequest>,
@@ -330,8 +435,180 @@ impl Federation for FederationService {
                     dropped: r.dropped,
                     total_samples: r.total_samples,
                     adapter_hash: r.adapter_hash,
+                    secure: r.secure.is_some(),
+                    secure_attempt: r.secure.as_ref().map_or(0, |s| s.attempt),
+                    quantisation_error_bound: r.secure.as_ref().map_or(0.0, |s| s.error_bound),
                 })
                 .collect(),
+            secure_aggregation: c.secure(),
+            secure_stage: s.secure.map_or(pb::SecureStage::Unspecified, |(stage, _)| {
+                secure_stage(stage)
+            }) as i32,
+            secure_attempt: s.secure.map_or(0, |(_, a)| a),
         }))
     }
+}
+
+fn participant_name(c: &Coordinator, token: &str) -> String {
+    c.participant(token)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| "<unknown>".into())
+}
+
+/// Which stream a masked upload belongs to.
+struct MaskedStream {
+    token: String,
+    round: u64,
+    attempt: u32,
+}
+
+/// Receives one masked update: folds each chunk into the running sum as it arrives and
+/// logs it to a spool; commits on the last chunk. If the stream breaks, is malformed, or is
+/// still open when the stage's deadline passes, every folded chunk is retracted.
+async fn receive_masked(
+    shared: Arc<Shared>,
+    mut stream: Streaming<pb::MaskedChunk>,
+) -> Result<pb::SubmitMaskedResponse, Status> {
+    let first = stream
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
+    let id = MaskedStream {
+        token: first.participant_id.clone(),
+        round: first.round,
+        attempt: first.attempt,
+    };
+    let deadline = {
+        let c = shared.lock();
+        let ms = c.next_deadline().unwrap_or_else(|| shared.now_ms());
+        shared.instant_at(ms)
+    };
+    let mut spool = Spool::new(&shared.spool_dir)
+        .map_err(|e| Status::unavailable(format!("aggregator cannot spool masked input: {e}")))?;
+    let mut index = None;
+    let outcome = fold_stream(
+        &shared,
+        &id,
+        first,
+        &mut stream,
+        deadline,
+        &mut spool,
+        &mut index,
+    )
+    .await;
+    match outcome {
+        Ok(words) => Ok(pb::SubmitMaskedResponse {
+            words_received: words as u64,
+        }),
+        Err(status) => {
+            if let Some(index) = index {
+                retract(&shared, &id, index, spool);
+            }
+            let name = participant_name(&shared.lock(), &id.token);
+            warn!(participant = %name, round = id.round, attempt = id.attempt, %status, "masked input not taken");
+            Err(status)
+        }
+    }
+}
+
+/// Folds chunks until the last one is committed; `index` is set once anything is folded.
+async fn fold_stream(
+    shared: &Shared,
+    id: &MaskedStream,
+    first: pb::MaskedChunk,
+    stream: &mut Streaming<pb::MaskedChunk>,
+    deadline: tokio::time::Instant,
+    spool: &mut Spool,
+    index: &mut Option<fedcore::secagg::messages::Index>,
+) -> Result<usize, Status> {
+    let mut next = Some(first);
+    loop {
+        let chunk = match next.take() {
+            Some(c) => c,
+            None => match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "the masked-input stage closed before the stream completed",
+                    ));
+                }
+                Ok(Err(status)) => return Err(status),
+                Ok(Ok(None)) => {
+                    return Err(Status::invalid_argument(format!(
+                        "masked stream ended after {} words without its last chunk",
+                        spool.len()
+                    )));
+                }
+                Ok(Ok(Some(c))) => c,
+            },
+        };
+        let words = decode_words(&chunk.words_u32_le)
+            .map_err(|e| Status::invalid_argument(format!("masked chunk: {e}")))?;
+        let folded = {
+            let mut c = shared.lock();
+            c.masked_chunk(
+                &id.token,
+                id.round,
+                id.attempt,
+                chunk.offset as usize,
+                &words,
+            )
+            .map_err(|e| status_for(&e))?
+        };
+        *index = Some(folded);
+        if let Err(e) = spool.append(&words) {
+            // The chunk is folded but not logged: take it back directly.
+            let mut c = shared.lock();
+            if let Ok(events) = c.masked_retract(
+                folded,
+                id.round,
+                id.attempt,
+                chunk.offset as usize,
+                &words,
+                shared.now_ms(),
+            ) {
+                shared.apply_events(&c, events);
+            }
+            return Err(Status::unavailable(format!(
+                "aggregator cannot spool masked input: {e}"
+            )));
+        }
+        if chunk.last {
+            let mut c = shared.lock();
+            let events = c
+                .masked_commit(&id.token, id.round, id.attempt, shared.now_ms())
+                .map_err(|e| status_for(&e))?;
+            shared.apply_events(&c, events);
+            shared.changes.send_modify(|v| *v += 1);
+            return Ok(spool.len());
+        }
+    }
+}
+
+/// Takes every spooled chunk of a broken stream back out of the sum.
+fn retract(
+    shared: &Shared,
+    id: &MaskedStream,
+    index: fedcore::secagg::messages::Index,
+    spool: Spool,
+) {
+    let mut events = Vec::new();
+    let mut failure = None;
+    let replayed = spool.replay(|offset, words| {
+        let mut c = shared.lock();
+        match c.masked_retract(index, id.round, id.attempt, offset, words, shared.now_ms()) {
+            Ok(e) => events.extend(e),
+            Err(e) => failure = Some(e.to_string()),
+        }
+    });
+    if let Err(e) = replayed {
+        failure = Some(format!("cannot read the spool back: {e}"));
+    }
+    if let Some(reason) = failure {
+        // The round cannot finish with a partial input in its sum; the attempt fails at
+        // the unmask deadline and is retried.
+        tracing::error!(index, round = id.round, attempt = id.attempt, %reason, "retracting a broken masked stream failed");
+    }
+    let c = shared.lock();
+    shared.apply_events(&c, events);
+    shared.changes.send_modify(|v| *v += 1);
 }

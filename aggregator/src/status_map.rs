@@ -2,6 +2,7 @@
 //! the message (fedcore's own) says exactly what was wrong.
 
 use fedcore::RoundError;
+use fedcore::secagg::protocol::ProtocolError;
 use tonic::{Code, Status};
 
 /// The gRPC status a participant receives for a refused request.
@@ -19,7 +20,15 @@ pub fn status_for(error: &RoundError) -> Status {
         | RoundError::FutureRound { .. }
         | RoundError::NotInCohort { .. }
         | RoundError::WrongBaseAdapter { .. } => Code::FailedPrecondition,
-        RoundError::Aggregate(_) => Code::Internal,
+        RoundError::Aggregate(_) | RoundError::SecureSum(_) => Code::Internal,
+        RoundError::NotOnRoster(_) => Code::PermissionDenied,
+        RoundError::SecureAggregationRequired | RoundError::SecureAggregationOff => {
+            Code::FailedPrecondition
+        }
+        RoundError::WrongAttempt { .. } => Code::FailedPrecondition,
+        // A message out of its stage is late or early; anything else is a bad message.
+        RoundError::Protocol(ProtocolError::OutOfOrder { .. }) => Code::FailedPrecondition,
+        RoundError::Protocol(_) => Code::InvalidArgument,
     };
     Status::new(code, error.to_string())
 }

@@ -20,6 +20,16 @@ struct RoundFile<'a> {
     dropped: &'a [String],
     total_samples: u64,
     adapter_hash: &'a str,
+    /// Present for securely aggregated rounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secure_aggregation: Option<SecureFile>,
+}
+
+#[derive(Serialize)]
+struct SecureFile {
+    attempt: u32,
+    /// Largest per-value error quantisation can have put into the mean update.
+    quantisation_error_bound: f64,
 }
 
 impl AdapterStore {
@@ -61,6 +71,10 @@ impl AdapterStore {
             dropped: &record.dropped,
             total_samples: record.total_samples,
             adapter_hash: &record.adapter_hash,
+            secure_aggregation: record.secure.as_ref().map(|s| SecureFile {
+                attempt: s.attempt,
+                quantisation_error_bound: s.error_bound,
+            }),
         })
         .expect("record serialises");
         let path = dir.join("round.json");

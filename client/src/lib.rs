@@ -10,12 +10,14 @@
 //! - [`eval`]: held-out loss, perplexity, bits per character.
 //! - [`participant`]: the runtime that joins a federation and trains every round.
 //! - [`upload`]: the single seam where an update is encoded for the wire.
+//! - [`identity`]: the lab's long-term Ed25519 identity file.
 //! - [`error`]: typed errors.
 
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod identity;
 pub mod model;
 pub mod participant;
 pub mod train;

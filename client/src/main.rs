@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::device::{DeviceChoice, select_device};
+use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, ParticipantOptions, Quiet};
 
 #[derive(Parser)]
@@ -46,6 +47,25 @@ enum Command {
         /// Seconds to keep retrying an unreachable aggregator.
         #[arg(long, default_value_t = 120)]
         patience: u64,
+        /// This lab's identity file (from `fedclient keygen`); needed for secure aggregation.
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// The plan fingerprint the labs agreed on (`fedaggregator check-config` prints it);
+        /// any other plan is refused.
+        #[arg(long)]
+        plan_sha256: Option<String>,
+        /// Fewest peers this lab accepts in a secure-aggregation round (at least 3).
+        #[arg(long, default_value_t = 3)]
+        min_peers: usize,
+    },
+    /// Create this lab's long-term identity key and print the public key for the roster.
+    Keygen {
+        /// Where to write the secret key (readable by its owner only; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// The lab's participant name, to print a ready-made roster entry.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -66,7 +86,17 @@ async fn main() -> Result<()> {
             heldout,
             device,
             patience,
+            identity,
+            plan_sha256,
+            min_peers,
         } => {
+            let identity = identity
+                .map(|p| {
+                    IdentitySeed::load(&p)
+                        .with_context(|| format!("loading the identity from {}", p.display()))
+                })
+                .transpose()?
+                .map(Arc::new);
             let corpus = LocalCorpus::from_file(&data, &language, heldout, &ByteTokenizer)
                 .with_context(|| format!("loading local data from {}", data.display()))?;
             let selected = select_device(device).context("selecting the compute device")?;
@@ -77,6 +107,9 @@ async fn main() -> Result<()> {
                 language,
                 evaluate: true,
                 connect_patience: Duration::from_secs(patience),
+                identity,
+                plan_sha256,
+                min_peers,
             };
             let report = participant::run(options, corpus, selected.device, Arc::new(Quiet))
                 .await
@@ -88,6 +121,20 @@ async fn main() -> Result<()> {
                     before.loss, after.loss, before.bits_per_char, after.bits_per_char
                 );
             }
+            Ok(())
+        }
+        Command::Keygen { out, name } => {
+            let identity = IdentitySeed::generate(&out)
+                .with_context(|| format!("creating an identity at {}", out.display()))?;
+            println!("identity written to {} (keep it secret)", out.display());
+            println!("public key: {}", identity.public_key_hex());
+            println!("roster entry for the aggregator's configuration:");
+            println!("[[plan.roster]]");
+            println!(
+                "name = {:?}",
+                name.as_deref().unwrap_or("<this lab's name>")
+            );
+            println!("public_key = \"{}\"", identity.public_key_hex());
             Ok(())
         }
     }

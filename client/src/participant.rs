@@ -2,28 +2,46 @@
 //!
 //! Join, then loop: fetch the round's task (long-poll), load the global adapter into the
 //! local model, train on local text, hand in the update, repeat until the aggregator says the
-//! run is finished. Local text never leaves this module: the only things sent are the
-//! participant's name and language label, the update built by [`crate::upload`], its sample
-//! weight and aggregate training losses.
+//! run is finished. Local text never leaves this module.
+//!
+//! With secure aggregation (the default) the only things sent are the participant's name and
+//! language label and the messages of the protocol: signed public keys, encrypted shares,
+//! the masked update (streamed in chunks), a signature over the survivors, and revealed
+//! shares. The update itself, its sample weight and the training losses never leave in the
+//! clear. The participant checks the plan against the fingerprint it was given, derives every
+//! protocol parameter from it, and takes part in at most one unmasking per round and update,
+//! so a server that restarts an attempt after learning a sum cannot difference two sums.
+//! Without secure aggregation the update, its sample weight and aggregate losses are sent in
+//! plaintext through [`crate::upload`].
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use burn::prelude::Device;
+use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadError, UploadSecrets};
+use fedcore::secagg::participant::RoundRandomness;
+use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
 use fedcore::{FederationPlan, LoraAdapter};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::convert::{PayloadError, decode_adapter_payload};
+use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use rand::RngCore;
 use thiserror::Error;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::data::LocalCorpus;
 use crate::error::ModelError;
 use crate::eval::{EvalStats, evaluate};
+use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
 use crate::train::{TrainStats, train_local};
 use crate::upload;
+
+/// Words per masked-input chunk (1 MiB).
+const MASKED_CHUNK_WORDS: usize = 256 * 1024;
 
 /// Why a participant stopped.
 #[derive(Debug, Error)]
@@ -45,6 +63,26 @@ pub enum ParticipantError {
     Model(#[from] ModelError),
     #[error("local training task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(
+        "the aggregator's plan has fingerprint {got}, not the pinned {expected}: refusing to take part"
+    )]
+    PlanMismatch { got: String, expected: String },
+    #[error(
+        "this federation uses secure aggregation, which needs this lab's identity key (--identity, from `fedclient keygen`)"
+    )]
+    NoIdentity,
+    #[error(
+        "this lab's identity key is not the one the roster lists for {name}: roster has {roster}, the key file gives {ours}"
+    )]
+    IdentityMismatch {
+        name: String,
+        roster: String,
+        ours: String,
+    },
+    #[error("secure aggregation: {0}")]
+    Secure(#[from] UploadError),
+    #[error("the aggregator sent a malformed secure-aggregation message: {0}")]
+    Wire(#[from] WireError),
 }
 
 /// How to take part.
@@ -60,11 +98,37 @@ pub struct ParticipantOptions {
     pub evaluate: bool,
     /// How long to keep retrying an unreachable aggregator before giving up.
     pub connect_patience: Duration,
+    /// The lab's identity (required when the federation uses secure aggregation).
+    pub identity: Option<Arc<IdentitySeed>>,
+    /// The plan fingerprint agreed out of band (`fedaggregator check-config` prints it).
+    /// When set, a different plan is refused; when not, the plan is trusted on first use
+    /// and a warning is logged.
+    pub plan_sha256: Option<String>,
+    /// Fewest peers this lab accepts in a secure round (never below 3).
+    pub min_peers: usize,
+}
+
+impl ParticipantOptions {
+    /// Options with the defaults for everything but the address, name and language.
+    pub fn new(aggregator_url: &str, name: &str, language: &str) -> Self {
+        ParticipantOptions {
+            aggregator_url: aggregator_url.to_string(),
+            name: name.to_string(),
+            language: language.to_string(),
+            evaluate: false,
+            connect_patience: Duration::from_secs(120),
+            identity: None,
+            plan_sha256: None,
+            min_peers: MIN_PEERS_FLOOR,
+        }
+    }
 }
 
 /// Progress notifications, for progress displays and tests.
 pub trait ParticipantObserver: Send + Sync {
-    /// Called after local training of a round, with exactly the values about to be uploaded.
+    /// Called after local training of a round, with the values about to be uploaded: the B
+    /// matrices in a plaintext federation; under secure aggregation the update
+    /// `B_local − B_global` before it is weighted, quantised and masked.
     fn round_trained(
         &self,
         _name: &str,
@@ -74,8 +138,19 @@ pub trait ParticipantObserver: Send + Sync {
         _num_samples: u64,
     ) {
     }
-    /// Called when the aggregator has accepted the round's update.
+    /// Called when the aggregator has accepted the round's update (under secure aggregation:
+    /// when this participant has revealed its shares).
     fn update_accepted(&self, _name: &str, _round: u64, _round_closed: bool) {}
+    /// Called before each secure-aggregation stage is answered; return false to go silent
+    /// instead (fault-injection tests simulate a lab that dies at a chosen stage).
+    fn secure_step(
+        &self,
+        _name: &str,
+        _round: u64,
+        _stage: fedcore::secagg::protocol::Stage,
+    ) -> bool {
+        true
+    }
 }
 
 /// An observer that ignores everything.
@@ -122,6 +197,7 @@ pub async fn run(
     })
     .await?;
     let plan = FederationPlan::from_json(&joined.plan_json)?;
+    check_plan(&options, &plan)?;
     let template = plan.initial_adapter();
     if template.b_manifest().hash_hex() != joined.upload_layout_hash {
         return Err(ParticipantError::Plan(fedcore::ConfigError::field(
@@ -142,6 +218,7 @@ pub async fn run(
         None
     };
     let mut rounds = Vec::new();
+    let mut secure = SecureState::default();
 
     loop {
         let task = call_with_retry(&options, "FetchTask", || {
@@ -164,65 +241,170 @@ pub async fn run(
             pb::fetch_task_response::Task::Train(t) => {
                 let global = decode_adapter_payload(t.global_adapter.as_ref(), &template)?;
                 let global_hash = global.content_hash();
-                let seed = plan.training.local_seed(&options.name, t.round);
-                let spec = plan.training.clone();
-                let data = corpus.clone();
-                let dev = device.clone();
-                let (trained, stats) = tokio::task::spawn_blocking(move || {
-                    let m = model.load_adapter(&global)?;
-                    train_local(m, &data.train, &spec, seed, &dev)
-                })
-                .await??;
-                model = trained;
-                let local = model.export_adapter();
-                let manifest = template.b_manifest();
-                let values = local.flatten(&manifest).map_err(ModelError::Adapter)?;
-                let num_samples = corpus.train_samples() as u64;
-                observer.round_trained(&options.name, t.round, &stats, &values, num_samples);
-                let request = pb::SubmitUpdateRequest {
-                    participant_id: id.clone(),
-                    round: t.round,
-                    layout_hash: manifest.hash_hex(),
-                    base_adapter_hash: global_hash,
-                    num_samples,
-                    payload: Some(upload::encode(&values)),
-                    metrics: Some(pb::TrainingMetrics {
-                        steps: stats.steps as u32,
-                        tokens: stats.tokens as u64,
-                        train_loss_first: stats.first_loss,
-                        train_loss_last: stats.last_loss,
-                    }),
-                };
-                let submitted = call_with_retry(&options, "SubmitUpdate", || {
-                    let mut c = client.clone();
-                    let req = request.clone();
-                    async move { c.submit_update(req).await }
-                })
-                .await;
-                match submitted {
-                    Ok(r) => {
+                let fresh = secure
+                    .trained
+                    .as_ref()
+                    .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
+                if fresh {
+                    if secure.revealed.contains(&(t.round, global_hash.clone())) {
+                        // Never a second unmasking of the same update (see module docs).
+                        error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        continue;
+                    }
+                    let seed = plan.training.local_seed(&options.name, t.round);
+                    let spec = plan.training.clone();
+                    let data = corpus.clone();
+                    let dev = device.clone();
+                    let start = global.clone();
+                    let (trained, stats) = tokio::task::spawn_blocking(move || {
+                        let m = model.load_adapter(&start)?;
+                        train_local(m, &data.train, &spec, seed, &dev)
+                    })
+                    .await??;
+                    model = trained;
+                    let manifest = template.b_manifest();
+                    let local = model
+                        .export_adapter()
+                        .flatten(&manifest)
+                        .map_err(ModelError::Adapter)?;
+                    let values = if t.secure.is_some() {
+                        let base = global.flatten(&manifest).map_err(ModelError::Adapter)?;
+                        local.iter().zip(&base).map(|(l, b)| l - b).collect()
+                    } else {
+                        local
+                    };
+                    let num_samples = corpus.train_samples() as u64;
+                    observer.round_trained(&options.name, t.round, &stats, &values, num_samples);
+                    secure.trained = Some(TrainedUpdate {
+                        round: t.round,
+                        global_hash: global_hash.clone(),
+                        values,
+                        num_samples,
+                        stats,
+                    });
+                } else if secure.revealed.contains(&(t.round, global_hash.clone())) {
+                    error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+                let trained = secure.trained.as_ref().expect("set above");
+                match &t.secure {
+                    Some(session) => {
+                        let session = SecureTrain {
+                            session: session.session.as_slice().try_into().map_err(|_| {
+                                WireError::Bytes {
+                                    field: "session",
+                                    got: session.session.len(),
+                                    expected: 32,
+                                }
+                            })?,
+                            attempt: session.attempt,
+                            index: session.index,
+                        };
+                        if !observer.secure_step(
+                            &options.name,
+                            t.round,
+                            fedcore::secagg::protocol::Stage::AdvertiseKeys,
+                        ) {
+                            secure.silent = true;
+                        }
+                        if secure.silent {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                        let (upload, advert) = open_secure(&options, &plan, session, trained)?;
                         info!(
                             participant = %options.name,
                             round = t.round,
-                            loss_first = stats.first_loss,
-                            loss_last = stats.last_loss,
-                            received = r.updates_received,
-                            cohort = r.cohort_size,
-                            "update accepted"
+                            attempt = session.attempt,
+                            loss_first = trained.stats.first_loss,
+                            loss_last = trained.stats.last_loss,
+                            clipped = upload.encoded().clipped,
+                            "trained; advertising keys for secure aggregation"
                         );
-                        observer.update_accepted(&options.name, t.round, r.round_closed);
-                        rounds.push(RoundReport {
-                            round: t.round,
-                            train: stats,
-                        });
+                        if upload.encoded().clipped > 0 {
+                            warn!(participant = %options.name, clipped = upload.encoded().clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
+                        }
+                        let sent = send_secure(
+                            &client,
+                            &options,
+                            &id,
+                            t.round,
+                            session.attempt,
+                            SecureMessage::Advertise(advert),
+                        )
+                        .await?;
+                        secure.upload = sent.then_some(upload);
                     }
-                    // The round closed without us (deadline): the next task tells us what next.
-                    Err(ParticipantError::Refused { status, .. })
-                        if status.code() == tonic::Code::FailedPrecondition =>
-                    {
-                        warn!(participant = %options.name, round = t.round, %status, "update not taken");
+                    None => {
+                        let layout_hash = template.b_manifest().hash_hex();
+                        if let Some(report) = submit_plaintext(
+                            &client,
+                            &options,
+                            &id,
+                            &t,
+                            (layout_hash, global_hash),
+                            trained,
+                            &*observer,
+                        )
+                        .await?
+                        {
+                            rounds.push(report);
+                        }
                     }
-                    Err(e) => return Err(e),
+                }
+            }
+            pb::fetch_task_response::Task::SecureStep(step) => {
+                let Some(upload) = secure.upload.as_mut() else {
+                    // No session for this attempt (e.g. this process restarted): the
+                    // aggregator will count this lab as dropped and ask again next attempt.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                };
+                if upload.round() != step.round || upload.attempt() != step.attempt {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                let owned = step_from_wire(step.step.as_ref())?;
+                let stage = stage_of(&owned);
+                if secure.silent || !observer.secure_step(&options.name, step.round, stage) {
+                    secure.silent = true;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                let reply = match upload.respond(&owned.as_step()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // The aggregator misbehaved (or lost data): refuse and say why.
+                        error!(participant = %options.name, round = step.round, attempt = step.attempt, error = %e, "refusing the aggregator's secure-aggregation request");
+                        secure.upload = None;
+                        continue;
+                    }
+                };
+                let revealed = upload.revealed();
+                let accepted = match reply {
+                    Reply::Message(msg) => {
+                        send_secure(&client, &options, &id, step.round, step.attempt, msg).await?
+                    }
+                    Reply::Masked(m) => {
+                        send_masked(&client, &options, &id, step.round, step.attempt, &m.words)
+                            .await?
+                    }
+                };
+                if revealed {
+                    if let Some(trained) = secure.trained.take() {
+                        secure.revealed.insert((trained.round, trained.global_hash));
+                        if accepted {
+                            info!(participant = %options.name, round = step.round, "shares revealed; secure aggregation of this round is done on our side");
+                            observer.update_accepted(&options.name, step.round, false);
+                            rounds.push(RoundReport {
+                                round: step.round,
+                                train: trained.stats,
+                            });
+                        }
+                    }
+                    secure.upload = None;
                 }
             }
             pb::fetch_task_response::Task::Finished(f) => {
@@ -314,5 +496,255 @@ where
             }
             Err(status) => return Err(ParticipantError::Refused { call, status }),
         }
+    }
+}
+
+/// The last trained update, kept so a restarted secure attempt reuses it.
+struct TrainedUpdate {
+    round: u64,
+    global_hash: String,
+    values: Vec<f32>,
+    num_samples: u64,
+    stats: TrainStats,
+}
+
+/// What the participant remembers between tasks about secure aggregation.
+#[derive(Default)]
+struct SecureState {
+    trained: Option<TrainedUpdate>,
+    upload: Option<SecureUpload>,
+    /// (round, global hash) pairs whose update this lab has unmasked.
+    revealed: BTreeSet<(u64, String)>,
+    /// Set by the observer to simulate a lab that died mid-protocol.
+    silent: bool,
+}
+
+/// Refuses a plan other than the pinned one, and a secure plan this lab cannot sign for.
+fn check_plan(options: &ParticipantOptions, plan: &FederationPlan) -> Result<(), ParticipantError> {
+    let fingerprint = plan.fingerprint();
+    match &options.plan_sha256 {
+        Some(expected) if !expected.eq_ignore_ascii_case(&fingerprint) => {
+            return Err(ParticipantError::PlanMismatch {
+                got: fingerprint,
+                expected: expected.clone(),
+            });
+        }
+        Some(_) => {}
+        None => warn!(
+            participant = %options.name,
+            plan_sha256 = %fingerprint,
+            "no plan fingerprint pinned (--plan-sha256): trusting the aggregator's plan, roster and threshold as sent"
+        ),
+    }
+    if !plan.secure_aggregation.enabled {
+        warn!(participant = %options.name, "this federation does NOT use secure aggregation: the aggregator will see this lab's update");
+        return Ok(());
+    }
+    let identity = options
+        .identity
+        .as_ref()
+        .ok_or(ParticipantError::NoIdentity)?;
+    let ours = identity.public_key_hex();
+    let listed = plan
+        .roster
+        .iter()
+        .find(|e| e.name == options.name)
+        .ok_or_else(|| UploadError::NotOnRoster(options.name.clone()))?;
+    if !listed.public_key.trim().eq_ignore_ascii_case(&ours) {
+        return Err(ParticipantError::IdentityMismatch {
+            name: options.name.clone(),
+            roster: listed.public_key.clone(),
+            ours,
+        });
+    }
+    Ok(())
+}
+
+/// Opens this attempt's protocol session with fresh randomness from the OS.
+fn open_secure(
+    options: &ParticipantOptions,
+    plan: &FederationPlan,
+    session: SecureTrain,
+    trained: &TrainedUpdate,
+) -> Result<(SecureUpload, fedcore::secagg::messages::AdvertiseKeys), ParticipantError> {
+    let identity = options
+        .identity
+        .as_ref()
+        .ok_or(ParticipantError::NoIdentity)?;
+    let mut rng = rand::rng();
+    let mut randomness = RoundRandomness {
+        c_secret: [0; 32],
+        s_secret: [0; 32],
+        self_mask_seed: [0; 16],
+        shamir_seed: [0; 32],
+    };
+    rng.fill_bytes(&mut randomness.c_secret);
+    rng.fill_bytes(&mut randomness.s_secret);
+    rng.fill_bytes(&mut randomness.self_mask_seed);
+    rng.fill_bytes(&mut randomness.shamir_seed);
+    let mut rounding_seed = [0u8; 32];
+    rng.fill_bytes(&mut rounding_seed);
+    let secrets = UploadSecrets {
+        identity_seed: identity.bytes(),
+        randomness,
+        rounding_seed,
+    };
+    Ok(SecureUpload::open(
+        plan,
+        &options.name,
+        session,
+        trained.round,
+        &trained.global_hash,
+        &trained.values,
+        trained.num_samples,
+        options.min_peers.max(MIN_PEERS_FLOOR),
+        secrets,
+    )?)
+}
+
+fn stage_of(step: &mekong_proto::secure::OwnedStep) -> fedcore::secagg::protocol::Stage {
+    use fedcore::secagg::protocol::Stage;
+    use mekong_proto::secure::OwnedStep;
+    match step {
+        OwnedStep::ShareKeys(_) => Stage::ShareKeys,
+        OwnedStep::MaskedInput(_) => Stage::MaskedInput,
+        OwnedStep::Consistency(_) => Stage::ConsistencyCheck,
+        OwnedStep::Unmask(_) => Stage::Unmask,
+    }
+}
+
+/// Sends one stage message; false when the stage had already closed without us.
+async fn send_secure(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    round: u64,
+    attempt: u32,
+    msg: SecureMessage,
+) -> Result<bool, ParticipantError> {
+    let request = pb::SecureAggregateRequest {
+        participant_id: id.to_string(),
+        round,
+        attempt,
+        message: Some(message_to_wire(&msg)),
+    };
+    let sent = call_with_retry(options, "SecureAggregate", || {
+        let mut c = client.clone();
+        let req = request.clone();
+        async move { c.secure_aggregate(req).await }
+    })
+    .await;
+    late_is_not_fatal(options, round, sent.map(|_| ()))
+}
+
+/// Streams the masked update in chunks; false when the stage had already closed.
+async fn send_masked(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    round: u64,
+    attempt: u32,
+    words: &[u32],
+) -> Result<bool, ParticipantError> {
+    let count = words.len().div_ceil(MASKED_CHUNK_WORDS);
+    let chunks: Vec<pb::MaskedChunk> = words
+        .chunks(MASKED_CHUNK_WORDS)
+        .enumerate()
+        .map(|(k, c)| pb::MaskedChunk {
+            participant_id: id.to_string(),
+            round,
+            attempt,
+            offset: (k * MASKED_CHUNK_WORDS) as u64,
+            words_u32_le: encode_words(c),
+            last: k + 1 == count,
+        })
+        .collect();
+    let sent = call_with_retry(options, "SubmitMasked", || {
+        let mut c = client.clone();
+        let stream = tokio_stream::iter(chunks.clone());
+        async move { c.submit_masked(stream).await }
+    })
+    .await;
+    late_is_not_fatal(options, round, sent.map(|_| ()))
+}
+
+/// A refusal because the stage or attempt moved on is expected after a slow answer: the
+/// next task says what to do. Anything else stops the participant.
+fn late_is_not_fatal(
+    options: &ParticipantOptions,
+    round: u64,
+    result: Result<(), ParticipantError>,
+) -> Result<bool, ParticipantError> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(ParticipantError::Refused { call, status })
+            if matches!(
+                status.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::DeadlineExceeded
+            ) =>
+        {
+            warn!(participant = %options.name, round, call, %status, "not taken: the stage moved on");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Hands in a plaintext update (secure aggregation off); the report when it was taken.
+async fn submit_plaintext(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    t: &pb::TrainTask,
+    (layout_hash, global_hash): (String, String),
+    trained: &TrainedUpdate,
+    observer: &dyn ParticipantObserver,
+) -> Result<Option<RoundReport>, ParticipantError> {
+    let stats = &trained.stats;
+    let request = pb::SubmitUpdateRequest {
+        participant_id: id.to_string(),
+        round: t.round,
+        layout_hash,
+        base_adapter_hash: global_hash,
+        num_samples: trained.num_samples,
+        payload: Some(upload::encode(&trained.values)),
+        metrics: Some(pb::TrainingMetrics {
+            steps: stats.steps as u32,
+            tokens: stats.tokens as u64,
+            train_loss_first: stats.first_loss,
+            train_loss_last: stats.last_loss,
+        }),
+    };
+    let submitted = call_with_retry(options, "SubmitUpdate", || {
+        let mut c = client.clone();
+        let req = request.clone();
+        async move { c.submit_update(req).await }
+    })
+    .await;
+    match submitted {
+        Ok(r) => {
+            info!(
+                participant = %options.name,
+                round = t.round,
+                loss_first = stats.first_loss,
+                loss_last = stats.last_loss,
+                received = r.updates_received,
+                cohort = r.cohort_size,
+                "update accepted"
+            );
+            observer.update_accepted(&options.name, t.round, r.round_closed);
+            Ok(Some(RoundReport {
+                round: t.round,
+                train: stats.clone(),
+            }))
+        }
+        // The round closed without us (deadline): the next task tells us what next.
+        Err(ParticipantError::Refused { status, .. })
+            if status.code() == tonic::Code::FailedPrecondition =>
+        {
+            warn!(participant = %options.name, round = t.round, %status, "update not taken");
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }

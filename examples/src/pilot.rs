@@ -10,9 +10,12 @@ use fedaggregator::config::ServerSection;
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::device::{DeviceChoice, select_device};
 use fedclient::eval::{EvalStats, evaluate};
+use fedclient::identity::IdentitySeed;
 use fedclient::model::LoraLlama;
 use fedclient::participant::{self, ParticipantObserver, ParticipantOptions};
 use fedclient::train::{TrainStats, train_local};
+use fedcore::roster::RosterEntry;
+use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
 
 use crate::corpus::udhr;
@@ -77,6 +80,9 @@ pub struct PilotOptions {
     pub out_dir: PathBuf,
     /// Also train each language alone with the same number of steps.
     pub local_baseline: bool,
+    /// Aggregate securely (default). Off only on request: the aggregator then sees every
+    /// lab's update.
+    pub secure: bool,
 }
 
 impl Default for PilotOptions {
@@ -97,6 +103,7 @@ impl Default for PilotOptions {
             heldout_fraction: 0.1,
             out_dir: PathBuf::from("runs/pilot"),
             local_baseline: true,
+            secure: true,
         }
     }
 }
@@ -122,6 +129,10 @@ pub struct PilotReport {
     pub final_adapter_dir: PathBuf,
     pub federated_time: Duration,
     pub baseline_time: Duration,
+    /// Whether rounds were securely aggregated, and the largest per-value quantisation
+    /// error bound of any round's mean update.
+    pub secure: bool,
+    pub max_error_bound: f64,
 }
 
 /// Prints one line per trained round.
@@ -137,8 +148,14 @@ impl ParticipantObserver for Progress {
 }
 
 impl PilotOptions {
-    /// The federation plan these options describe.
-    pub fn plan(&self) -> FederationPlan {
+    /// The name of the lab for language `code`.
+    pub fn lab_name(code: &str) -> String {
+        format!("lab-{code}")
+    }
+
+    /// The federation plan these options describe, with `identities` (one per language, in
+    /// order) on the roster.
+    pub fn plan(&self, identities: &[IdentitySeed]) -> FederationPlan {
         FederationPlan {
             federation: "mekong-pilot-udhr".into(),
             model: self.model.spec(),
@@ -159,6 +176,19 @@ impl PilotOptions {
                 min_updates: self.languages.len(),
                 round_timeout_ms: 3_600_000,
             },
+            roster: self
+                .languages
+                .iter()
+                .zip(identities)
+                .map(|(code, id)| RosterEntry {
+                    name: Self::lab_name(code),
+                    public_key: id.public_key_hex(),
+                })
+                .collect(),
+            secure_aggregation: SecureAggregationSpec {
+                enabled: self.secure,
+                ..Default::default()
+            },
         }
     }
 }
@@ -168,7 +198,22 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     if options.languages.is_empty() {
         return Err(anyhow!("--languages must name at least one language"));
     }
-    let plan = options.plan();
+    if options.secure && options.languages.len() < 3 {
+        return Err(anyhow!(
+            "secure aggregation needs at least 3 labs (with two, each learns the other's update from the sum); give --languages three or more, or pass --insecure-plaintext"
+        ));
+    }
+    // Each simulated lab gets a fresh identity, as `fedclient keygen` would make.
+    let dir = tempfile_dir(&options.out_dir)?;
+    let identities = options
+        .languages
+        .iter()
+        .map(|code| {
+            IdentitySeed::generate(&dir.join(format!("{}.key", PilotOptions::lab_name(code))))
+                .context("creating a lab identity")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = options.plan(&identities);
     plan.validate().context("pilot options")?;
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
@@ -206,13 +251,13 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let started = Instant::now();
     let observer: Arc<dyn ParticipantObserver> = Arc::new(Progress);
     let mut labs = Vec::new();
-    for (code, _, corpus) in &corpora {
+    for ((code, _, corpus), identity) in corpora.iter().zip(identities) {
         let participant_options = ParticipantOptions {
-            aggregator_url: server.url(),
-            name: format!("lab-{code}"),
-            language: code.clone(),
             evaluate: true,
             connect_patience: Duration::from_secs(30),
+            identity: Some(Arc::new(identity)),
+            plan_sha256: Some(plan.fingerprint()),
+            ..ParticipantOptions::new(&server.url(), &PilotOptions::lab_name(code), code)
         };
         labs.push(tokio::spawn(participant::run(
             participant_options,
@@ -226,7 +271,14 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         reports.push(lab.await.context("participant task")??);
     }
     server.finished().await;
+    let max_error_bound = server
+        .status()
+        .history
+        .iter()
+        .filter_map(|r| r.secure.as_ref().map(|s| s.error_bound))
+        .fold(0.0, f64::max);
     server.drain(Duration::from_secs(5)).await;
+    let _ = std::fs::remove_dir_all(&dir);
     let final_adapter_dir = server.store().final_dir();
     server.shutdown().await?;
     let federated_time = started.elapsed();
@@ -239,7 +291,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             let plan = plan.clone();
             let corpus = corpus.clone();
             let device = device.clone();
-            let name = format!("lab-{}", corpus.language);
+            let name = PilotOptions::lab_name(&corpus.language);
             baselines.push(tokio::task::spawn_blocking(move || {
                 local_only(&plan, &corpus, &name, &device)
             }));
@@ -280,7 +332,20 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         final_adapter_dir,
         federated_time,
         baseline_time,
+        secure: options.secure,
+        max_error_bound,
     })
+}
+
+/// A fresh directory for the simulated labs' identity files, beside the run's output.
+fn tempfile_dir(out_dir: &std::path::Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let dir = out_dir.join(".identities");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// One lab training alone: the same rounds × steps, the same seeds, no averaging.

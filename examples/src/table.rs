@@ -44,6 +44,18 @@ pub fn render(report: &PilotReport) -> String {
         out,
         "federated: the one global adapter all labs share; local-only: each lab's own adapter."
     );
+    if report.secure {
+        let _ = writeln!(
+            out,
+            "secure aggregation: on — the aggregator saw only each round's sum (mean update within ±{:.1e} per value of the exact weighted mean)",
+            report.max_error_bound
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "secure aggregation: OFF — the aggregator saw every lab's update in plaintext"
+        );
+    }
     let _ = writeln!(
         out,
         "federation {:.1} s, local-only baseline {:.1} s; final global adapter (PEFT): {}",

@@ -101,6 +101,34 @@ pub fn ffa_fedavg(
     Ok(next)
 }
 
+/// The next global adapter under FFA-LoRA from a mean update: A unchanged,
+/// `B ← B_global + mean_update` (laid out by `upload_manifest`), rounded once to f32.
+pub fn ffa_apply_mean_update(
+    global: &LoraAdapter,
+    upload_manifest: &LayoutManifest,
+    mean_update: &[f64],
+) -> Result<LoraAdapter, AggregateError> {
+    let length = AggregateError::Length {
+        got: mean_update.len(),
+        expected: upload_manifest.len(),
+    };
+    let current = global
+        .flatten(upload_manifest)
+        .map_err(|_| length.clone())?;
+    if current.len() != mean_update.len() {
+        return Err(length);
+    }
+    let next_b: Vec<f32> = current
+        .iter()
+        .zip(mean_update)
+        .map(|(b, d)| (*b as f64 + d) as f32)
+        .collect();
+    let mut next = global.clone();
+    next.unflatten(upload_manifest, &next_b)
+        .map_err(|_| length)?;
+    Ok(next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@
 //! - [`update`]: the one place an update is encoded and checked before aggregation.
 //! - [`round`]: the round coordinator state machine the aggregator drives.
 //! - [`plan`]: the federation plan both sides agree on.
+//! - [`roster`]: the provisioned labs and their identity keys.
 //! - [`secagg`]: secure-aggregation primitives (masks, Shamir shares, quantisation).
 
 pub mod adapter;
@@ -20,6 +21,7 @@ pub mod error;
 pub mod manifest;
 pub mod peft;
 pub mod plan;
+pub mod roster;
 pub mod round;
 pub mod secagg;
 pub mod update;

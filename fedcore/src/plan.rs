@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
 use crate::error::ConfigError;
+use crate::roster::{Roster, RosterEntry};
+use crate::secagg::spec::SecureAggregationSpec;
 
 /// Architecture of a Llama-family decoder, named as in Hugging Face `config.json`.
 ///
@@ -369,6 +371,12 @@ pub struct FederationPlan {
     pub training: TrainingSpec,
     #[serde(default)]
     pub rounds: RoundSpec,
+    /// The labs allowed to join, with their identity keys. Required (at least three) when
+    /// secure aggregation is on; when it is off and the roster is empty, any name may join.
+    #[serde(default)]
+    pub roster: Vec<RosterEntry>,
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationSpec,
 }
 
 impl FederationPlan {
@@ -380,7 +388,32 @@ impl FederationPlan {
         self.model.validate()?;
         self.lora.validate()?;
         self.training.validate(&self.model)?;
-        self.rounds.validate()
+        self.rounds.validate()?;
+        let roster = Roster::new(&self.roster)?;
+        self.secure_aggregation.validate(roster.len())?;
+        if !roster.is_empty() && self.rounds.participants > roster.len() {
+            return Err(ConfigError::field(
+                "rounds.participants",
+                format!(
+                    "{} labs must join, but the roster lists only {}",
+                    self.rounds.participants,
+                    roster.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The validated roster (empty when none is configured).
+    pub fn roster(&self) -> Result<Roster, ConfigError> {
+        Roster::new(&self.roster)
+    }
+
+    /// Hex SHA-256 of the plan's JSON form: what labs pin (`fedclient join --plan-sha256`) so
+    /// an aggregator cannot change the roster, threshold or anything else behind their back.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.to_json().as_bytes()))
     }
 
     /// Shapes of the adapted modules this plan implies.
@@ -432,7 +465,51 @@ mod tests {
             lora: LoraSpec::default(),
             training: TrainingSpec::default(),
             rounds: RoundSpec::default(),
+            roster: Vec::new(),
+            secure_aggregation: SecureAggregationSpec {
+                enabled: false,
+                ..Default::default()
+            },
         }
+    }
+
+    fn roster(n: u8) -> Vec<RosterEntry> {
+        (1..=n)
+            .map(|i| RosterEntry {
+                name: format!("lab{i}"),
+                public_key: hex::encode(
+                    crate::secagg::crypto::Identity::from_seed([i; 32]).public(),
+                ),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn secure_aggregation_is_on_by_default_and_needs_a_roster() {
+        let json = plan().to_json().replace(
+            r#""secure_aggregation":{"enabled":false"#,
+            r#""secure_aggregation":{"enabled":true"#,
+        );
+        let err = FederationPlan::from_json(&json).unwrap_err().to_string();
+        assert!(
+            err.contains("`roster`") && err.contains("fedclient keygen"),
+            "{err}"
+        );
+        let mut p = plan();
+        p.secure_aggregation = SecureAggregationSpec::default();
+        p.roster = roster(3);
+        p.validate().unwrap();
+        let back = FederationPlan::from_json(&p.to_json()).unwrap();
+        assert!(back.secure_aggregation.enabled);
+        assert_eq!(back.fingerprint(), p.fingerprint());
+        p.rounds.participants = 4;
+        let err = p.validate().unwrap_err().to_string();
+        assert!(err.contains("rounds.participants"), "{err}");
+        // A plan without the section at all defaults to secure aggregation.
+        let bare = r#"{"federation":"x","model":MODEL}"#
+            .replace("MODEL", &serde_json::to_string(&ModelSpec::tiny()).unwrap());
+        let err = FederationPlan::from_json(&bare).unwrap_err().to_string();
+        assert!(err.contains("roster"), "{err}");
     }
 
     #[test]

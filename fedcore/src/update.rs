@@ -49,6 +49,30 @@ pub enum UpdateError {
         col: usize,
         kind: &'static str,
     },
+    #[error("update value {index} is {kind}; updates must be finite")]
+    NonFiniteAt { index: usize, kind: &'static str },
+}
+
+/// Names a non-finite value.
+fn non_finite_kind(v: f32) -> &'static str {
+    if v.is_nan() {
+        "NaN"
+    } else if v > 0.0 {
+        "+infinity"
+    } else {
+        "-infinity"
+    }
+}
+
+/// Refuses the first non-finite value of an unlaid-out vector.
+pub fn check_finite(values: &[f32]) -> Result<(), UpdateError> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(UpdateError::NonFiniteAt {
+            index,
+            kind: non_finite_kind(values[index]),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Encodes f32 values as little-endian bytes (the wire form of vectors and adapters).
@@ -97,13 +121,7 @@ pub fn check_values(values: &[f32], layout: &LayoutManifest) -> Result<(), Updat
             tensor: slot.name.clone(),
             row: within / slot.shape[1],
             col: within % slot.shape[1],
-            kind: if v.is_nan() {
-                "NaN"
-            } else if v > 0.0 {
-                "+infinity"
-            } else {
-                "-infinity"
-            },
+            kind: non_finite_kind(v),
         });
     }
     Ok(())

@@ -8,8 +8,11 @@ use std::time::Duration;
 use fedaggregator::AggregatorConfig;
 use fedaggregator::config::ServerSection;
 use fedclient::data::{ByteTokenizer, LocalCorpus};
+use fedclient::identity::IdentitySeed;
 use fedclient::participant::{ParticipantObserver, ParticipantOptions};
 use fedclient::train::TrainStats;
+use fedcore::roster::RosterEntry;
+use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
 
 /// A small plan that trains in well under a second per round on two cores.
@@ -49,7 +52,41 @@ pub fn test_plan(
             min_updates,
             round_timeout_ms: timeout_ms,
         },
+        roster: Vec::new(),
+        // The exactness tests compare plaintext aggregation bit for bit; secure
+        // aggregation has its own end-to-end tests.
+        secure_aggregation: SecureAggregationSpec {
+            enabled: false,
+            ..Default::default()
+        },
     }
+}
+
+/// [`test_plan`] with secure aggregation on, one roster entry per `(name, identity)`.
+pub fn secure_test_plan(
+    labs: &[(&str, &IdentitySeed)],
+    rounds: u64,
+    timeout_ms: u64,
+    stage_timeout_ms: u64,
+) -> FederationPlan {
+    let mut plan = test_plan(labs.len(), rounds, 1, timeout_ms);
+    plan.roster = labs
+        .iter()
+        .map(|(name, id)| RosterEntry {
+            name: name.to_string(),
+            public_key: id.public_key_hex(),
+        })
+        .collect();
+    plan.secure_aggregation = SecureAggregationSpec {
+        stage_timeout_ms,
+        ..Default::default()
+    };
+    plan
+}
+
+/// A deterministic identity for test lab `i`.
+pub fn test_identity(i: u8) -> IdentitySeed {
+    IdentitySeed::from_bytes([i.wrapping_mul(37).wrapping_add(1); 32])
 }
 
 /// An aggregator configuration on a free loopback port writing into `dir`.
@@ -73,11 +110,8 @@ pub fn corpus(code: &str) -> LocalCorpus {
 /// Participant options for `name` against `url`.
 pub fn participant_options(url: &str, name: &str, language: &str) -> ParticipantOptions {
     ParticipantOptions {
-        aggregator_url: url.to_string(),
-        name: name.to_string(),
-        language: language.to_string(),
-        evaluate: false,
         connect_patience: Duration::from_secs(20),
+        ..ParticipantOptions::new(url, name, language)
     }
 }
 

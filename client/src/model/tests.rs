@@ -13,6 +13,11 @@ fn plan(lora: LoraSpec) -> FederationPlan {
         lora,
         training: TrainingSpec::default(),
         rounds: RoundSpec::default(),
+        roster: Vec::new(),
+        secure_aggregation: fedcore::secagg::spec::SecureAggregationSpec {
+            enabled: false,
+            ..Default::default()
+        },
     }
 }
 

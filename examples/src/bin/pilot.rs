@@ -1,8 +1,9 @@
 //! `pilot`: run a federation of national-language labs on this machine.
 //!
 //! One aggregator on loopback, one participant per language (each with only its own UDHR
-//! text, 10% held out), a few rounds of FFA-LoRA, then a table of held-out loss per
-//! language: before, federated, and local-only with the same budget.
+//! text, 10% held out, its own identity key), a few rounds of FFA-LoRA with secure
+//! aggregation, then a table of held-out loss per language: before, federated, and
+//! local-only with the same budget.
 
 use std::path::PathBuf;
 
@@ -51,6 +52,9 @@ struct Args {
     /// Skip the local-only baseline.
     #[arg(long)]
     no_local_baseline: bool,
+    /// Turn secure aggregation off: the aggregator sees every lab's update in plaintext.
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 #[tokio::main]
@@ -74,6 +78,7 @@ async fn main() -> Result<()> {
         lora_rank: a.rank,
         out_dir: a.out,
         local_baseline: !a.no_local_baseline,
+        secure: !a.insecure_plaintext,
         ..PilotOptions::default()
     };
     let report = mekong_examples::pilot::run(options).await?;

@@ -251,6 +251,14 @@ impl Identity {
     }
 }
 
+/// Checks that `public` is a usable identity key: a valid Ed25519 point of large order.
+pub fn check_identity_key(public: &[u8; 32]) -> Result<(), CryptoError> {
+    match VerifyingKey::from_bytes(public) {
+        Ok(key) if !key.is_weak() => Ok(()),
+        _ => Err(CryptoError::BadIdentityKey(0)),
+    }
+}
+
 /// Checks `signer`'s signature on `message` for stage `tag` (strict Ed25519 verification).
 pub fn verify(
     signer: u32,

@@ -24,6 +24,7 @@ pub mod quantize;
 pub mod server;
 pub mod shamir;
 pub mod simulation;
+pub mod spec;
 
 #[cfg(test)]
 mod tests;

@@ -285,10 +285,10 @@ impl ServerSession {
             .get_mut(&from)
             .ok_or(ProtocolError::UnknownParticipant(from))?;
         let end = offset + words.len();
-        if end > *folded || words.len() > *folded {
+        if end > self.cfg.vector_len || words.len() > *folded {
             return Err(ProtocolError::Length {
                 from,
-                got: end,
+                got: words.len(),
                 expected: *folded,
             });
         }

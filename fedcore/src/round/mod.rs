@@ -12,15 +12,30 @@
 //! (stragglers count as dropped for that round). A deadline that passes with too few updates
 //! extends the round and keeps what was received.
 
+mod secure;
+#[cfg(test)]
+mod secure_tests;
+mod upload;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
+use secure::{Progress, SecureRound};
+pub use secure::{SecureMessage, SecureStep};
+pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets};
+
 use crate::adapter::LoraAdapter;
-use crate::aggregate::{AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum, ffa_fedavg};
+use crate::aggregate::{
+    AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum, ffa_apply_mean_update, ffa_fedavg,
+};
 use crate::error::ConfigError;
 use crate::manifest::LayoutManifest;
 use crate::plan::FederationPlan;
+use crate::roster::{Roster, valid_name};
+use crate::secagg::messages::Index;
+use crate::secagg::protocol::{ProtocolError, Stage as SecureStage};
+use crate::secagg::spec::{DecodeError, MAX_ATTEMPTS};
 use crate::update::{SubmittedUpdate, UpdateError, UpdatePayload, decode_plaintext};
 
 /// Why the coordinator refused a request. Each variant names what was wrong.
@@ -58,6 +73,20 @@ pub enum RoundError {
     Update(#[from] UpdateError),
     #[error("aggregation failed: {0}")]
     Aggregate(#[from] AggregateError),
+    #[error(
+        "this federation uses secure aggregation: plaintext updates are refused (send masked updates)"
+    )]
+    SecureAggregationRequired,
+    #[error("this federation does not use secure aggregation; send a plaintext update")]
+    SecureAggregationOff,
+    #[error("participant {0} is not on the federation's roster")]
+    NotOnRoster(String),
+    #[error("message is for attempt {got} of round {round}, but attempt {current} is under way")]
+    WrongAttempt { round: u64, got: u32, current: u32 },
+    #[error("secure aggregation refused the message: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("the unmasked sum is unusable: {0}")]
+    SecureSum(#[from] DecodeError),
 }
 
 /// What happened as a result of an input; the caller persists and announces these.
@@ -81,6 +110,20 @@ pub enum Event {
     },
     /// The last round closed.
     RunFinished { rounds: u64 },
+    /// A secure-aggregation stage closed; `remaining` participants go on to the next.
+    SecureStageClosed {
+        round: u64,
+        attempt: u32,
+        stage: SecureStage,
+        remaining: usize,
+    },
+    /// A secure-aggregation attempt failed (too few survivors, or a misbehaving
+    /// participant); the round starts again with attempt `attempt + 1`.
+    SecureAttemptFailed {
+        round: u64,
+        attempt: u32,
+        reason: String,
+    },
 }
 
 /// The outcome of one closed round.
@@ -95,6 +138,16 @@ pub struct RoundRecord {
     pub total_samples: u64,
     /// Content hash of the new global adapter.
     pub adapter_hash: String,
+    /// For a securely aggregated round: which attempt succeeded and the largest per-value
+    /// error quantisation can have put into the mean update.
+    pub secure: Option<SecureRecord>,
+}
+
+/// How a round's secure aggregation went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureRecord {
+    pub attempt: u32,
+    pub error_bound: f64,
 }
 
 /// Why a participant is told to wait.
@@ -106,6 +159,11 @@ pub enum WaitReason {
     Submitted { round: u64 },
     /// This participant joined after `round` opened; it takes part from the next round.
     NextRound { round: u64 },
+    /// Secure aggregation of `round` is in `stage`, waiting for other participants.
+    SecureStage { round: u64, stage: SecureStage },
+    /// This participant missed a secure-aggregation stage of the attempt under way; it
+    /// takes part again in the next attempt or round.
+    DroppedFromAttempt { round: u64, attempt: u32 },
 }
 
 /// What a participant should do now.
@@ -117,12 +175,32 @@ pub enum Task<'a> {
         global: &'a LoraAdapter,
         global_hash: &'a str,
         deadline_ms: u64,
+        /// Present when updates are securely aggregated: then, after training, the
+        /// participant opens its session for this attempt and advertises its keys.
+        secure: Option<SecureTrain>,
+    },
+    /// A secure-aggregation stage awaits this participant's answer.
+    Secure {
+        round: u64,
+        attempt: u32,
+        step: SecureStep<'a>,
+        deadline_ms: u64,
     },
     Finished {
         rounds: u64,
         global: &'a LoraAdapter,
         global_hash: &'a str,
     },
+}
+
+/// What a participant needs to open its secure-aggregation session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecureTrain {
+    /// The run's session id, bound into every key and signature.
+    pub session: [u8; 32],
+    pub attempt: u32,
+    /// This participant's protocol index (its roster position).
+    pub index: Index,
 }
 
 /// Where the run stands.
@@ -145,6 +223,8 @@ pub struct Status {
     pub cohort_size: usize,
     pub updates_received: usize,
     pub global_hash: String,
+    /// The secure-aggregation stage and attempt of the open round, if any.
+    pub secure: Option<(SecureStage, u32)>,
     pub history: Vec<RoundRecord>,
 }
 
@@ -153,16 +233,18 @@ struct Member {
     language: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct OpenRound {
     round: u64,
     cohort: BTreeSet<String>,
     submitted: BTreeSet<String>,
     sum: WeightedSum,
+    /// Secure aggregation of this round (then `submitted` and `sum` stay empty).
+    secure: Option<Box<SecureRound>>,
     deadline_ms: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum State {
     Waiting,
     Open(OpenRound),
@@ -170,7 +252,7 @@ enum State {
 }
 
 /// The aggregator's round state machine (see the module docs).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Coordinator {
     plan: FederationPlan,
     upload_manifest: LayoutManifest,
@@ -182,12 +264,19 @@ pub struct Coordinator {
     tokens: BTreeMap<String, String>,
     state: State,
     history: Vec<RoundRecord>,
+    roster: Roster,
+    /// The run's session id for secure aggregation.
+    session: [u8; 32],
 }
 
 impl Coordinator {
     /// A coordinator for a validated plan, starting from the plan's initial adapter.
-    pub fn new(plan: FederationPlan) -> Result<Self, ConfigError> {
+    /// `session` must be fresh random bytes for every run (a restarted aggregator included):
+    /// it binds secure aggregation's keys and signatures to this run, so none can be
+    /// replayed into another.
+    pub fn new(plan: FederationPlan, session: [u8; 32]) -> Result<Self, ConfigError> {
         plan.validate()?;
+        let roster = plan.roster()?;
         let global = plan.initial_adapter();
         let upload_manifest = global.b_manifest();
         let global_hash = global.content_hash();
@@ -200,7 +289,14 @@ impl Coordinator {
             tokens: BTreeMap::new(),
             state: State::Waiting,
             history: Vec::new(),
+            roster,
+            session,
         })
+    }
+
+    /// Whether updates are securely aggregated.
+    pub fn secure(&self) -> bool {
+        self.plan.secure_aggregation.enabled
     }
 
     pub fn plan(&self) -> &FederationPlan {
@@ -237,7 +333,12 @@ impl Coordinator {
     /// The earliest time at which [`Coordinator::tick`] can change anything.
     pub fn next_deadline(&self) -> Option<u64> {
         match &self.state {
-            State::Open(open) => Some(open.deadline_ms),
+            State::Open(open) => Some(
+                open.secure
+                    .as_ref()
+                    .and_then(|s| s.stage_deadline_ms)
+                    .unwrap_or(open.deadline_ms),
+            ),
             _ => None,
         }
     }
@@ -256,6 +357,9 @@ impl Coordinator {
         }
         if matches!(self.state, State::Finished) {
             return Err(RoundError::RunFinished);
+        }
+        if !self.roster.is_empty() && self.roster.index_of(name).is_none() {
+            return Err(RoundError::NotOnRoster(name.to_string()));
         }
         self.tokens.retain(|_, n| n != name);
         self.tokens.insert(token, name.to_string());
@@ -293,13 +397,57 @@ impl Coordinator {
             State::Open(open) if open.submitted.contains(name) => {
                 Task::Wait(WaitReason::Submitted { round: open.round })
             }
-            State::Open(open) => Task::Train {
-                round: open.round,
+            State::Open(open) => match &open.secure {
+                None => Task::Train {
+                    round: open.round,
+                    global: &self.global,
+                    global_hash: &self.global_hash,
+                    deadline_ms: open.deadline_ms,
+                    secure: None,
+                },
+                Some(sec) => self.secure_task(open, sec, name),
+            },
+        })
+    }
+
+    fn secure_task<'a>(&'a self, open: &OpenRound, sec: &'a SecureRound, name: &str) -> Task<'a> {
+        let index = self.roster.index_of(name).unwrap_or(0);
+        let round = open.round;
+        if sec.stage() == SecureStage::AdvertiseKeys {
+            if !sec.awaits(index) {
+                return Task::Wait(WaitReason::SecureStage {
+                    round,
+                    stage: sec.stage(),
+                });
+            }
+            return Task::Train {
+                round,
                 global: &self.global,
                 global_hash: &self.global_hash,
                 deadline_ms: open.deadline_ms,
+                secure: Some(SecureTrain {
+                    session: self.session,
+                    attempt: sec.attempt,
+                    index,
+                }),
+            };
+        }
+        match sec.step_for(index) {
+            Some(step) => Task::Secure {
+                round,
+                attempt: sec.attempt,
+                step,
+                deadline_ms: sec.stage_deadline_ms.unwrap_or(open.deadline_ms),
             },
-        })
+            None if sec.server.expected().contains(&index) => Task::Wait(WaitReason::SecureStage {
+                round,
+                stage: sec.stage(),
+            }),
+            None => Task::Wait(WaitReason::DroppedFromAttempt {
+                round,
+                attempt: sec.attempt,
+            }),
+        }
     }
 
     /// Checks an update and folds it into the open round; closes the round when the whole
@@ -311,6 +459,9 @@ impl Coordinator {
         now_ms: u64,
     ) -> Result<Vec<Event>, RoundError> {
         let name = self.name_of(token)?.to_string();
+        if self.secure() {
+            return Err(RoundError::SecureAggregationRequired);
+        }
         let open = match &mut self.state {
             State::Waiting => return Err(RoundError::NoRoundOpen),
             State::Finished => return Err(RoundError::RunFinished),
@@ -373,6 +524,9 @@ impl Coordinator {
         let State::Open(open) = &mut self.state else {
             return Ok(Vec::new());
         };
+        if open.secure.is_some() {
+            return self.tick_secure(now_ms);
+        }
         if now_ms < open.deadline_ms {
             return Ok(Vec::new());
         }
@@ -406,8 +560,258 @@ impl Coordinator {
             cohort_size,
             updates_received,
             global_hash: self.global_hash.clone(),
+            secure: match &self.state {
+                State::Open(OpenRound {
+                    secure: Some(s), ..
+                }) => Some((s.stage(), s.attempt)),
+                _ => None,
+            },
             history: self.history.clone(),
         }
+    }
+
+    /// Feeds a secure-aggregation stage message (advertise keys, share keys, consistency
+    /// signature, unmask) from the participant holding `token`. A refused message changes
+    /// nothing.
+    pub fn secure_message(
+        &mut self,
+        token: &str,
+        round: u64,
+        attempt: u32,
+        msg: SecureMessage,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RoundError> {
+        let index = self.secure_index(token)?;
+        self.open_secure(round, attempt)?.receive(index, msg)?;
+        Ok(self.drive_secure(now_ms, false))
+    }
+
+    /// Folds the next chunk of the caller's masked update into the running sum; returns the
+    /// caller's index, which the caller keeps in case it must take the chunk back
+    /// ([`Self::masked_retract`]) because the stream breaks before
+    /// [`Self::masked_commit`].
+    pub fn masked_chunk(
+        &mut self,
+        token: &str,
+        round: u64,
+        attempt: u32,
+        offset: usize,
+        words: &[u32],
+    ) -> Result<Index, RoundError> {
+        let index = self.secure_index(token)?;
+        self.open_secure(round, attempt)?
+            .server
+            .receive_masked_chunk(index, offset, words)?;
+        Ok(index)
+    }
+
+    /// The caller's masked update is complete.
+    pub fn masked_commit(
+        &mut self,
+        token: &str,
+        round: u64,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RoundError> {
+        let index = self.secure_index(token)?;
+        self.open_secure(round, attempt)?
+            .server
+            .commit_masked(index)?;
+        Ok(self.drive_secure(now_ms, false))
+    }
+
+    /// Takes back a chunk of participant `index`'s masked update that will never be
+    /// committed. For an attempt no longer under way there is nothing to take back.
+    pub fn masked_retract(
+        &mut self,
+        index: Index,
+        round: u64,
+        attempt: u32,
+        offset: usize,
+        words: &[u32],
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RoundError> {
+        match self.open_secure(round, attempt) {
+            Ok(sec) => sec.server.retract_masked_chunk(index, offset, words)?,
+            Err(_) => return Ok(Vec::new()),
+        }
+        Ok(self.drive_secure(now_ms, false))
+    }
+
+    /// The protocol index of the participant holding `token`.
+    fn secure_index(&self, token: &str) -> Result<Index, RoundError> {
+        let name = self.name_of(token)?;
+        if !self.secure() {
+            return Err(RoundError::SecureAggregationOff);
+        }
+        self.roster
+            .index_of(name)
+            .ok_or_else(|| RoundError::NotOnRoster(name.to_string()))
+    }
+
+    /// The secure attempt under way, if it is the one named.
+    fn open_secure(&mut self, round: u64, attempt: u32) -> Result<&mut SecureRound, RoundError> {
+        let open = match &mut self.state {
+            State::Waiting => return Err(RoundError::NoRoundOpen),
+            State::Finished => return Err(RoundError::RunFinished),
+            State::Open(open) => open,
+        };
+        if round < open.round {
+            return Err(RoundError::StaleRound {
+                got: round,
+                current: open.round,
+            });
+        }
+        if round > open.round {
+            return Err(RoundError::FutureRound {
+                got: round,
+                current: open.round,
+            });
+        }
+        let sec = open
+            .secure
+            .as_mut()
+            .ok_or(RoundError::SecureAggregationOff)?;
+        if attempt != sec.attempt {
+            return Err(RoundError::WrongAttempt {
+                round,
+                got: attempt,
+                current: sec.attempt,
+            });
+        }
+        Ok(sec)
+    }
+
+    /// Deadlines of a securely aggregated round: stage 0 runs under the round's deadline
+    /// (and is extended like a plaintext round when too few have trained), later stages
+    /// under their own.
+    fn tick_secure(&mut self, now_ms: u64) -> Result<Vec<Event>, RoundError> {
+        let round_timeout = self.plan.rounds.round_timeout_ms;
+        let min_updates = self.plan.rounds.min_updates;
+        let State::Open(open) = &mut self.state else {
+            return Ok(Vec::new());
+        };
+        let Some(sec) = &open.secure else {
+            return Ok(Vec::new());
+        };
+        match sec.stage_deadline_ms {
+            None if now_ms >= open.deadline_ms => {
+                let needed = min_updates
+                    .min(open.cohort.len())
+                    .max(sec.server.config().quorum());
+                if sec.advertised() < needed {
+                    open.deadline_ms = now_ms + round_timeout;
+                    return Ok(vec![Event::RoundExtended {
+                        round: open.round,
+                        received: sec.advertised(),
+                        needed,
+                        deadline_ms: open.deadline_ms,
+                    }]);
+                }
+                Ok(self.drive_secure(now_ms, true))
+            }
+            Some(deadline) if now_ms >= deadline => Ok(self.drive_secure(now_ms, true)),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Closes whatever stages can close; completes the round from the unmasked sum, or
+    /// starts a new attempt when this one failed.
+    fn drive_secure(&mut self, now_ms: u64, deadline_passed: bool) -> Vec<Event> {
+        let timeout = self.plan.secure_aggregation.stage_timeout_ms;
+        let State::Open(open) = &mut self.state else {
+            return Vec::new();
+        };
+        let round = open.round;
+        let Some(sec) = open.secure.as_mut() else {
+            return Vec::new();
+        };
+        let attempt = sec.attempt;
+        let before = sec.stage();
+        let progress = sec.advance(now_ms, timeout, deadline_passed);
+        let mut events = Vec::new();
+        if sec.stage() != before {
+            events.push(Event::SecureStageClosed {
+                round,
+                attempt,
+                stage: before,
+                remaining: sec.server.expected().len(),
+            });
+        }
+        let failure = match progress {
+            Progress::Pending => return events,
+            Progress::Failed(e) => e.to_string(),
+            Progress::Finished { sum, survivors } => {
+                match self.complete_secure(&sum, &survivors, now_ms) {
+                    Ok(more) => {
+                        events.extend(more);
+                        return events;
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        events.push(Event::SecureAttemptFailed {
+            round,
+            attempt,
+            reason: failure,
+        });
+        events.extend(self.retry_secure(round, attempt + 1, now_ms));
+        events
+    }
+
+    /// Starts attempt `attempt` of `round` with the same cohort; participants train (or
+    /// reuse their update) and advertise fresh keys.
+    fn retry_secure(&mut self, round: u64, attempt: u32, now_ms: u64) -> Vec<Event> {
+        let State::Open(open) = &self.state else {
+            return Vec::new();
+        };
+        if attempt >= MAX_ATTEMPTS {
+            self.state = State::Finished;
+            return vec![Event::RunFinished { rounds: round - 1 }];
+        }
+        let next = self.secure_attempt(round, &open.cohort, attempt);
+        let deadline_ms = now_ms + self.plan.rounds.round_timeout_ms;
+        if let State::Open(open) = &mut self.state {
+            open.secure = Some(Box::new(next));
+            open.deadline_ms = deadline_ms;
+        }
+        Vec::new()
+    }
+
+    /// Turns the unmasked sum of the survivors into the next global adapter.
+    fn complete_secure(
+        &mut self,
+        sum: &[u32],
+        survivors: &[Index],
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RoundError> {
+        let State::Open(open) = &self.state else {
+            return Ok(Vec::new());
+        };
+        let Some(sec) = &open.secure else {
+            return Ok(Vec::new());
+        };
+        let decoded = sec.encoding.decode_sum(sum, survivors.len())?;
+        let next =
+            ffa_apply_mean_update(&self.global, &self.upload_manifest, &decoded.mean_update)?;
+        let contributors: BTreeSet<String> = survivors
+            .iter()
+            .filter_map(|i| self.roster.name_of(*i))
+            .map(str::to_string)
+            .collect();
+        let record = RoundRecord {
+            round: open.round,
+            dropped: open.cohort.difference(&contributors).cloned().collect(),
+            contributors: contributors.into_iter().collect(),
+            total_samples: decoded.total_weight,
+            adapter_hash: next.content_hash(),
+            secure: Some(SecureRecord {
+                attempt: sec.attempt,
+                error_bound: decoded.error_bound,
+            }),
+        };
+        self.finish_round(record, next, now_ms)
     }
 
     fn name_of(&self, token: &str) -> Result<&str, RoundError> {
@@ -425,14 +829,45 @@ impl Coordinator {
             cohort: cohort.iter().cloned().collect(),
             deadline_ms,
         };
+        let secure = self
+            .secure()
+            .then(|| Box::new(self.secure_attempt(round, &cohort, 0)));
         self.state = State::Open(OpenRound {
             round,
             cohort,
             submitted: BTreeSet::new(),
-            sum: WeightedSum::new(self.upload_manifest.len()),
+            sum: WeightedSum::new(if secure.is_some() {
+                0
+            } else {
+                self.upload_manifest.len()
+            }),
+            secure,
             deadline_ms,
         });
         event
+    }
+
+    /// A fresh secure-aggregation attempt for `round` over `cohort`.
+    fn secure_attempt(&self, round: u64, cohort: &BTreeSet<String>, attempt: u32) -> SecureRound {
+        let spec = &self.plan.secure_aggregation;
+        let len = self.upload_manifest.len();
+        let cfg = spec.round_config(
+            self.roster.len(),
+            self.session,
+            round,
+            attempt,
+            &self.global_hash,
+            len,
+            crate::secagg::protocol::MIN_PEERS_FLOOR,
+        );
+        let encoding = spec
+            .encoding(len)
+            .expect("the plan's secure-aggregation section was validated");
+        let indices = cohort
+            .iter()
+            .filter_map(|n| self.roster.index_of(n))
+            .collect();
+        SecureRound::new(cfg, self.roster.identities(), encoding, indices, attempt)
     }
 
     fn close_round(&mut self, now_ms: u64) -> Result<Vec<Event>, RoundError> {
@@ -446,8 +881,19 @@ impl Coordinator {
             dropped: open.cohort.difference(&open.submitted).cloned().collect(),
             total_samples: open.sum.total_weight(),
             adapter_hash: next.content_hash(),
+            secure: None,
         };
-        let round = open.round;
+        self.finish_round(record, next, now_ms)
+    }
+
+    /// Installs a closed round's adapter and opens the next round or finishes the run.
+    fn finish_round(
+        &mut self,
+        record: RoundRecord,
+        next: LoraAdapter,
+        now_ms: u64,
+    ) -> Result<Vec<Event>, RoundError> {
+        let round = record.round;
         self.global_hash = record.adapter_hash.clone();
         self.global = next;
         self.history.push(record.clone());
@@ -460,14 +906,6 @@ impl Coordinator {
         }
         Ok(events)
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -488,6 +926,11 @@ mod tests {
                 min_updates,
                 round_timeout_ms: 1_000,
             },
+            roster: Vec::new(),
+            secure_aggregation: crate::secagg::spec::SecureAggregationSpec {
+                enabled: false,
+                ..Default::default()
+            },
         }
     }
 
@@ -505,7 +948,7 @@ mod tests {
     }
 
     fn joined(participants: usize, min: usize, rounds: u64) -> Coordinator {
-        let mut c = Coordinator::new(plan(participants, min, rounds)).unwrap();
+        let mut c = Coordinator::new(plan(participants, min, rounds), [7; 32]).unwrap();
         for i in 0..participants {
             c.join(format!("t{i}"), &format!("p{i}"), "lo", 0).unwrap();
         }
@@ -514,7 +957,7 @@ mod tests {
 
     #[test]
     fn first_round_opens_when_enough_participants_joined() {
-        let mut c = Coordinator::new(plan(2, 1, 1)).unwrap();
+        let mut c = Coordinator::new(plan(2, 1, 1), [7; 32]).unwrap();
         assert!(c.join("t0".into(), "p0", "lo", 0).unwrap().is_empty());
         assert_eq!(
             c.task("t0").unwrap(),

@@ -1,0 +1,167 @@
+//! The participant's half of a securely aggregated round, sans IO: it turns a trained update
+//! into the quantised vector, runs one protocol session for one attempt, and answers each
+//! [`SecureStep`] the coordinator hands out. The client runtime only moves its messages.
+
+use zeroize::Zeroizing;
+
+use crate::plan::FederationPlan;
+use crate::round::{SecureMessage, SecureStep, SecureTrain};
+use crate::secagg::messages::{AdvertiseKeys, Index, MaskedInput};
+use crate::secagg::participant::{ParticipantSession, RoundRandomness};
+use crate::secagg::protocol::ProtocolError;
+use crate::secagg::spec::EncodedUpdate;
+use crate::update::UpdateError;
+
+/// Why a secure upload could not start or go on.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum UploadError {
+    #[error("the plan has no valid roster: {0}")]
+    Plan(#[from] crate::error::ConfigError),
+    #[error("the aggregator calls this participant {got}, but it is {expected} on the roster")]
+    WrongIndex { got: Index, expected: Index },
+    #[error("this participant ({0}) is not on the plan's roster")]
+    NotOnRoster(String),
+    #[error("the update cannot be encoded: {0}")]
+    Update(#[from] UpdateError),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// What to send in answer to a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Message(SecureMessage),
+    /// The masked update, to stream in chunks.
+    Masked(MaskedInput),
+}
+
+/// Everything a participant needs besides the update itself; secrets come from the caller
+/// (the OS in production).
+pub struct UploadSecrets {
+    /// The lab's long-term Ed25519 identity seed.
+    pub identity_seed: Zeroizing<[u8; 32]>,
+    /// Fresh per attempt.
+    pub randomness: RoundRandomness,
+    /// Seed of the stochastic rounding.
+    pub rounding_seed: [u8; 32],
+}
+
+/// One participant's secure upload for one attempt of one round.
+pub struct SecureUpload {
+    round: u64,
+    attempt: u32,
+    session: ParticipantSession,
+    /// The quantised, still unmasked update: wiped when dropped.
+    words: Zeroizing<Vec<u32>>,
+    encoded: EncodedSummary,
+    revealed: bool,
+}
+
+/// What encoding did to the update, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodedSummary {
+    pub clipped: usize,
+    pub weight: u64,
+}
+
+impl SecureUpload {
+    /// Opens attempt `task.attempt` of `round` for participant `name`, whose update
+    /// `delta = B_local − B_global` (upload layout) was trained from `global_hash` on
+    /// `num_samples` samples; returns the session and its key advertisement.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        plan: &FederationPlan,
+        name: &str,
+        task: SecureTrain,
+        round: u64,
+        global_hash: &str,
+        delta: &[f32],
+        num_samples: u64,
+        min_peers: usize,
+        secrets: UploadSecrets,
+    ) -> Result<(Self, AdvertiseKeys), UploadError> {
+        let roster = plan.roster()?;
+        let me = roster
+            .index_of(name)
+            .ok_or_else(|| UploadError::NotOnRoster(name.to_string()))?;
+        if me != task.index {
+            return Err(UploadError::WrongIndex {
+                got: task.index,
+                expected: me,
+            });
+        }
+        let spec = &plan.secure_aggregation;
+        let cfg = spec.round_config(
+            roster.len(),
+            task.session,
+            round,
+            task.attempt,
+            global_hash,
+            delta.len(),
+            min_peers,
+        );
+        let encoding = spec.encoding(delta.len())?;
+        let EncodedUpdate {
+            words,
+            clipped,
+            weight,
+        } = encoding.encode(delta, num_samples, secrets.rounding_seed)?;
+        let mut session = ParticipantSession::new(
+            cfg,
+            me,
+            *secrets.identity_seed,
+            roster.identities(),
+            secrets.randomness,
+        )?;
+        let advert = session.advertise()?;
+        Ok((
+            SecureUpload {
+                round,
+                attempt: task.attempt,
+                session,
+                words: Zeroizing::new(words),
+                encoded: EncodedSummary { clipped, weight },
+                revealed: false,
+            },
+            advert,
+        ))
+    }
+
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn encoded(&self) -> EncodedSummary {
+        self.encoded
+    }
+
+    /// Whether this session has revealed shares (and so must never run again for the same
+    /// round and update).
+    pub fn revealed(&self) -> bool {
+        self.revealed
+    }
+
+    /// Answers one step; a step inconsistent with what this participant saw is refused.
+    pub fn respond(&mut self, step: &SecureStep<'_>) -> Result<Reply, ProtocolError> {
+        Ok(match step {
+            SecureStep::ShareKeys(roster) => {
+                Reply::Message(SecureMessage::ShareKeys(self.session.share_keys(roster)?))
+            }
+            SecureStep::MaskedInput(delivery) => {
+                Reply::Masked(self.session.masked_input(delivery, &self.words)?)
+            }
+            SecureStep::Consistency(list) => {
+                Reply::Message(SecureMessage::Consistency(self.session.consistency(list)?))
+            }
+            SecureStep::Unmask(request) => {
+                let response = self.session.unmask(request)?;
+                self.revealed = true;
+                Reply::Message(SecureMessage::Unmask(response))
+            }
+        })
+    }
+}
