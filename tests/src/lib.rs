@@ -1,6 +1,8 @@
 //! Shared harness of Mekong's end-to-end tests: real aggregators on loopback, real
 //! participants training real burn models on the embedded UDHR text.
 
+pub mod wire_lab;
+
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;

@@ -5,23 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use burn::prelude::Device;
 use fedclient::participant::{self, ParticipantObserver};
 use fedclient::train::TrainStats;
-use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadSecrets};
-use fedcore::secagg::participant::RoundRandomness;
 use fedcore::secagg::protocol::Stage;
-use fedcore::{FederationPlan, LoraAdapter};
+use mekong_e2e::wire_lab::{WireBehaviour, WireLab};
 use mekong_e2e::{
     Recorder, aggregator_config, corpus, participant_options, secure_test_plan, test_identity,
 };
-use mekong_proto::convert::decode_adapter_payload;
-use mekong_proto::secure::{encode_words, message_to_wire, step_from_wire};
-use mekong_proto::v1::{self as pb, federation_client::FederationClient};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Records uploads, and makes chosen labs go silent at a chosen stage.
 struct Faults {
@@ -36,134 +28,6 @@ impl ParticipantObserver for Faults {
 
     fn secure_step(&self, name: &str, _round: u64, stage: Stage) -> bool {
         self.silent_at.get(name) != Some(&stage)
-    }
-}
-
-async fn next_task(
-    client: &mut FederationClient<Channel>,
-    id: &str,
-) -> pb::fetch_task_response::Task {
-    loop {
-        let task = client
-            .fetch_task(pb::FetchTaskRequest {
-                participant_id: id.to_string(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
-        if !matches!(task, pb::fetch_task_response::Task::Wait(_)) {
-            return task;
-        }
-    }
-}
-
-async fn send(
-    client: &mut FederationClient<Channel>,
-    id: &str,
-    round: u64,
-    attempt: u32,
-    msg: SecureMessage,
-) {
-    client
-        .secure_aggregate(pb::SecureAggregateRequest {
-            participant_id: id.to_string(),
-            round,
-            attempt,
-            message: Some(message_to_wire(&msg)),
-        })
-        .await
-        .unwrap();
-}
-
-/// A lab driven at the wire level that takes part honestly until masked input, sends the
-/// first chunk of its masked update and is killed mid-stream.
-async fn lab_killed_mid_stream(url: String, plan: FederationPlan, name: &str, identity: [u8; 32]) {
-    let mut client = FederationClient::connect(url).await.unwrap();
-    let joined = client
-        .join(pb::JoinRequest {
-            participant_name: name.to_string(),
-            language: "vi".into(),
-            client_version: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let id = joined.participant_id;
-    let pb::fetch_task_response::Task::Train(t) = next_task(&mut client, &id).await else {
-        panic!("expected a training task");
-    };
-    let template = plan.initial_adapter();
-    let global: LoraAdapter = decode_adapter_payload(t.global_adapter.as_ref(), &template).unwrap();
-    let secure = t.secure.unwrap();
-    let delta = vec![0.5f32; template.b_manifest().len()];
-    let (mut upload, advert) = SecureUpload::open(
-        &plan,
-        name,
-        SecureTrain {
-            session: secure.session.as_slice().try_into().unwrap(),
-            attempt: secure.attempt,
-            index: secure.index,
-        },
-        t.round,
-        &global.content_hash(),
-        &delta,
-        5_000,
-        3,
-        UploadSecrets {
-            identity_seed: zeroize::Zeroizing::new(identity),
-            randomness: RoundRandomness {
-                c_secret: [21; 32],
-                s_secret: [22; 32],
-                self_mask_seed: [23; 16],
-                shamir_seed: [24; 32],
-            },
-            rounding_seed: [25; 32],
-        },
-    )
-    .unwrap();
-    send(
-        &mut client,
-        &id,
-        t.round,
-        secure.attempt,
-        SecureMessage::Advertise(advert),
-    )
-    .await;
-    loop {
-        let pb::fetch_task_response::Task::SecureStep(step) = next_task(&mut client, &id).await
-        else {
-            panic!("expected a secure-aggregation step");
-        };
-        let owned = step_from_wire(step.step.as_ref()).unwrap();
-        match upload.respond(&owned.as_step()).unwrap() {
-            Reply::Message(m) => send(&mut client, &id, step.round, step.attempt, m).await,
-            Reply::Masked(m) => {
-                let (tx, rx) = tokio::sync::mpsc::channel(4);
-                tx.send(pb::MaskedChunk {
-                    participant_id: id.clone(),
-                    round: step.round,
-                    attempt: step.attempt,
-                    offset: 0,
-                    words_u32_le: encode_words(&m.words[..100]),
-                    last: false,
-                })
-                .await
-                .unwrap();
-                let mut streaming = client.clone();
-                let call =
-                    tokio::spawn(
-                        async move { streaming.submit_masked(ReceiverStream::new(rx)).await },
-                    );
-                // Let the aggregator fold the first chunk, then die mid-stream.
-                tokio::time::sleep(Duration::from_millis(800)).await;
-                call.abort();
-                drop(tx);
-                return;
-            }
-        }
     }
 }
 
@@ -198,12 +62,15 @@ async fn kills_during_key_sharing_and_masked_input_leave_the_survivors_weighted_
             faults.clone(),
         )));
     }
-    let killed = tokio::spawn(lab_killed_mid_stream(
-        server.url(),
+    let killed = WireLab::join(
+        &server.url(),
         plan.clone(),
         "lab-vi",
         *test_identity(4).bytes(),
-    ));
+    )
+    .await;
+    let len = plan.initial_adapter().b_manifest().len();
+    let killed = tokio::spawn(killed.run(vec![0.5; len], 5_000, WireBehaviour::KilledMidStream));
     killed.await.unwrap();
     let mut reports = Vec::new();
     for lab in labs {
@@ -263,5 +130,114 @@ async fn kills_during_key_sharing_and_masked_input_leave_the_survivors_weighted_
     // round.json records how the round was aggregated.
     let json = std::fs::read_to_string(server.store().round_dir(1).join("round.json")).unwrap();
     assert!(json.contains("quantisation_error_bound"), "{json}");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_federation_refuses_strangers_plaintext_and_malformed_messages() {
+    use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+    use tonic::Code;
+
+    let dir = tempfile::tempdir().unwrap();
+    let identities: Vec<_> = (0..3).map(test_identity).collect();
+    let names = ["lab-a", "lab-b", "lab-c"];
+    let roster: Vec<(&str, _)> = names.iter().copied().zip(&identities).collect();
+    let plan = secure_test_plan(&roster, 1, 60_000, 4_000);
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+    let mut client = FederationClient::connect(server.url()).await.unwrap();
+    let join = |name: &str| pb::JoinRequest {
+        participant_name: name.to_string(),
+        language: "lo".into(),
+        client_version: "test".into(),
+    };
+    let err = client.join(join("lab-z")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("not on the federation's roster"),
+        "{err}"
+    );
+    let id = client
+        .join(join("lab-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .participant_id;
+
+    let err = client
+        .submit_update(pb::SubmitUpdateRequest {
+            participant_id: id.clone(),
+            round: 1,
+            layout_hash: String::new(),
+            base_adapter_hash: String::new(),
+            num_samples: 1,
+            payload: Some(pb::submit_update_request::Payload::Plaintext(
+                pb::PlaintextUpdate {
+                    values_f32_le: vec![0; 4],
+                },
+            )),
+            metrics: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("plaintext updates are refused"),
+        "{err}"
+    );
+
+    let err = client
+        .secure_aggregate(pb::SecureAggregateRequest {
+            participant_id: id.clone(),
+            round: 1,
+            attempt: 0,
+            message: Some(pb::secure_aggregate_request::Message::Advertise(
+                pb::AdvertisedKeys {
+                    from: 1,
+                    c_public: vec![0; 32],
+                    s_public: vec![0; 31],
+                    signature: vec![0; 64],
+                },
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("`s_public` has 31 bytes, expected 32"),
+        "{err}"
+    );
+
+    // A participant with the wrong identity key refuses to take part at all.
+    let mut options = participant_options(&server.url(), "lab-b", "km");
+    options.identity = Some(Arc::new(test_identity(7)));
+    let err = participant::run(
+        options,
+        corpus("km"),
+        Device::flex(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not the one the roster lists for lab-b"),
+        "{err}"
+    );
+    // And one pinned to another plan refuses it.
+    let mut options = participant_options(&server.url(), "lab-b", "km");
+    options.identity = Some(Arc::new(test_identity(1)));
+    options.plan_sha256 = Some("00".repeat(32));
+    let err = participant::run(
+        options,
+        corpus("km"),
+        Device::flex(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("refusing to take part"), "{err}");
     server.shutdown().await.unwrap();
 }

@@ -1,0 +1,204 @@
+//! A lab driven directly at the wire level, without training: it joins, takes part in
+//! secure aggregation with a given update, and can be told to die in the middle of
+//! streaming its masked input. Fault-injection tests and the aggregator memory benchmark
+//! use it to play many labs cheaply.
+
+use std::time::Duration;
+
+use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadSecrets};
+use fedcore::secagg::participant::RoundRandomness;
+use fedcore::{FederationPlan, LoraAdapter};
+use mekong_proto::MAX_MESSAGE_BYTES;
+use mekong_proto::convert::decode_adapter_payload;
+use mekong_proto::secure::{encode_words, message_to_wire, step_from_wire};
+use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// How the lab behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireBehaviour {
+    /// Takes part honestly until the run finishes.
+    Honest,
+    /// Sends the first chunk of its masked update, then its connection dies.
+    KilledMidStream,
+}
+
+/// Words per masked chunk sent by a wire lab.
+pub const WIRE_CHUNK_WORDS: usize = 256 * 1024;
+
+/// A joined wire-level lab.
+pub struct WireLab {
+    client: FederationClient<Channel>,
+    id: String,
+    name: String,
+    plan: FederationPlan,
+    identity: [u8; 32],
+}
+
+impl WireLab {
+    /// Joins the aggregator at `url` as `name`.
+    pub async fn join(url: &str, plan: FederationPlan, name: &str, identity: [u8; 32]) -> Self {
+        let channel = Channel::from_shared(url.to_string())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("aggregator reachable");
+        let mut client = FederationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let joined = client
+            .join(pb::JoinRequest {
+                participant_name: name.to_string(),
+                language: "xx".into(),
+                client_version: "wire-lab".into(),
+            })
+            .await
+            .expect("join accepted")
+            .into_inner();
+        WireLab {
+            client,
+            id: joined.participant_id,
+            name: name.to_string(),
+            plan,
+            identity,
+        }
+    }
+
+    async fn next_task(&mut self) -> pb::fetch_task_response::Task {
+        loop {
+            let task = self
+                .client
+                .fetch_task(pb::FetchTaskRequest {
+                    participant_id: self.id.clone(),
+                    wait_ms: 5_000,
+                })
+                .await
+                .expect("fetch task")
+                .into_inner()
+                .task
+                .expect("a task");
+            if !matches!(task, pb::fetch_task_response::Task::Wait(_)) {
+                return task;
+            }
+        }
+    }
+
+    async fn send(&mut self, round: u64, attempt: u32, msg: SecureMessage) {
+        self.client
+            .secure_aggregate(pb::SecureAggregateRequest {
+                participant_id: self.id.clone(),
+                round,
+                attempt,
+                message: Some(message_to_wire(&msg)),
+            })
+            .await
+            .expect("stage message accepted");
+    }
+
+    /// Takes part with update `delta` (the upload layout's length) until the run finishes,
+    /// or until killed mid-stream.
+    pub async fn run(mut self, delta: Vec<f32>, num_samples: u64, behaviour: WireBehaviour) {
+        let template = self.plan.initial_adapter();
+        let mut upload: Option<SecureUpload> = None;
+        let mut seed = self.identity;
+        loop {
+            match self.next_task().await {
+                pb::fetch_task_response::Task::Train(t) => {
+                    let global: LoraAdapter =
+                        decode_adapter_payload(t.global_adapter.as_ref(), &template)
+                            .expect("global adapter");
+                    let secure = t.secure.expect("a secure federation");
+                    seed[0] = seed[0].wrapping_add(1);
+                    let (u, advert) = SecureUpload::open(
+                        &self.plan,
+                        &self.name,
+                        SecureTrain {
+                            session: secure.session.as_slice().try_into().expect("32 bytes"),
+                            attempt: secure.attempt,
+                            index: secure.index,
+                        },
+                        t.round,
+                        &global.content_hash(),
+                        &delta,
+                        num_samples,
+                        3,
+                        UploadSecrets {
+                            identity_seed: zeroize::Zeroizing::new(self.identity),
+                            randomness: RoundRandomness {
+                                c_secret: seed,
+                                s_secret: [seed[0] ^ 0x55; 32],
+                                self_mask_seed: [seed[0] ^ 0x33; 16],
+                                shamir_seed: [seed[0] ^ 0x77; 32],
+                            },
+                            rounding_seed: seed,
+                        },
+                    )
+                    .expect("session opens");
+                    upload = Some(u);
+                    self.send(t.round, secure.attempt, SecureMessage::Advertise(advert))
+                        .await;
+                }
+                pb::fetch_task_response::Task::SecureStep(step) => {
+                    let owned = step_from_wire(step.step.as_ref()).expect("well-formed step");
+                    let mut u = upload.take().expect("a session");
+                    let (u, reply) = tokio::task::spawn_blocking(move || {
+                        let reply = u.respond(&owned.as_step()).expect("honest server");
+                        (u, reply)
+                    })
+                    .await
+                    .expect("masking task");
+                    upload = Some(u);
+                    match reply {
+                        Reply::Message(m) => self.send(step.round, step.attempt, m).await,
+                        Reply::Masked(m) => {
+                            let killed = behaviour == WireBehaviour::KilledMidStream;
+                            self.stream(step.round, step.attempt, &m.words, killed)
+                                .await;
+                            if killed {
+                                return;
+                            }
+                        }
+                    }
+                }
+                pb::fetch_task_response::Task::Finished(_) => return,
+                pb::fetch_task_response::Task::Wait(_) => unreachable!("filtered"),
+            }
+        }
+    }
+
+    async fn stream(&mut self, round: u64, attempt: u32, words: &[u32], die_after_first: bool) {
+        let count = words.len().div_ceil(WIRE_CHUNK_WORDS);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let mut client = self.client.clone();
+        let call = tokio::spawn(async move { client.submit_masked(ReceiverStream::new(rx)).await });
+        for (k, c) in words.chunks(WIRE_CHUNK_WORDS).enumerate() {
+            let last = k + 1 == count;
+            let chunk = pb::MaskedChunk {
+                participant_id: self.id.clone(),
+                round,
+                attempt,
+                offset: (k * WIRE_CHUNK_WORDS) as u64,
+                words_u32_le: encode_words(if die_after_first && last {
+                    &c[..c.len() / 2]
+                } else {
+                    c
+                }),
+                last: last && !die_after_first,
+            };
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+            if die_after_first {
+                // Let the aggregator fold the chunk, then die mid-stream.
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                call.abort();
+                return;
+            }
+        }
+        drop(tx);
+        call.await
+            .expect("stream task")
+            .expect("masked input accepted");
+    }
+}
