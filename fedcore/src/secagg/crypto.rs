@@ -16,6 +16,10 @@
 //! - Signatures: Ed25519 (`verify_strict`) over `"mekong/secagg/v1/" ‖ tag ‖ 0x00 ‖ message`,
 //!   the tag naming the protocol stage, so a signature from one stage is never valid in
 //!   another.
+//!
+//! Test vectors: `vectors/secagg_crypto.json`, generated independently (Python
+//! `cryptography`) by `scripts/secagg_vectors.py`, whose docstring defines each field, and
+//! reproduced through this API by `fedcore/tests/secagg_vectors.rs`.
 
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
