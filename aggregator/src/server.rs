@@ -40,6 +40,15 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
 }
 
+/// HTTP/2 flow-control window per stream: 256 KiB keeps a 4 MiB masked upload at full
+/// speed up to ~25 ms round trip per slot, and bounds what a waiting stream buffers.
+const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
+/// HTTP/2 flow-control window per connection (one per lab).
+const CONNECTION_WINDOW_BYTES: u32 = 512 * 1024;
+
+/// How long `drain` keeps serving after the last participant was handed the final adapter.
+const FINAL_FLUSH_GRACE: Duration = Duration::from_secs(2);
+
 /// A running aggregator.
 pub struct RunningServer {
     local_addr: SocketAddr,
@@ -90,6 +99,11 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // What a lab may have in flight before the aggregator reads it. hyper's default
+            // (1 MiB per stream and per connection) would let every lab waiting for a
+            // masked-input slot park a MiB here, making memory grow with the number of labs.
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .add_service(service)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = shutdown_rx.await;
@@ -179,6 +193,9 @@ impl RunningServer {
                 return;
             }
         }
+        // "Told" means the answer was built; give the last final adapters time to travel
+        // before the connections close.
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + FINAL_FLUSH_GRACE)).await;
     }
 
     /// Stops serving and waits for the server task.

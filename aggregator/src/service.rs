@@ -25,6 +25,16 @@ use crate::store::AdapterStore;
 /// Longest a FetchTask call is held while the answer is "wait".
 const MAX_LONG_POLL: Duration = Duration::from_secs(20);
 
+/// Masked-input streams read at once. Each holds about one chunk in transit, so this bounds
+/// the aggregator's memory for masked inputs at a constant, whatever the number of labs;
+/// the rest wait their turn (within the stage deadline) with only flow-control windows
+/// buffered.
+const MAX_CONCURRENT_MASKED_STREAMS: usize = 8;
+
+/// A masked stream that sends nothing for this long is cut (and retracted), so a stalled
+/// lab cannot hold a reading slot until the stage deadline.
+const MASKED_CHUNK_IDLE: Duration = Duration::from_secs(30);
+
 /// State shared by the gRPC handlers and the deadline ticker.
 pub struct Shared {
     coordinator: Mutex<Coordinator>,
@@ -33,6 +43,8 @@ pub struct Shared {
     store: AdapterStore,
     /// Where masked-input streams keep their undo logs.
     spool_dir: PathBuf,
+    /// Reading slots for masked-input streams.
+    masked_slots: tokio::sync::Semaphore,
     started: Instant,
     /// Bumped after every state change; long-polls wait on it.
     changes: watch::Sender<u64>,
@@ -49,6 +61,7 @@ impl Shared {
             coordinator: Mutex::new(coordinator),
             told_finished: Mutex::new(BTreeSet::new()),
             spool_dir: store.dir().join(".spool"),
+            masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
             store,
             started: Instant::now(),
             changes,
@@ -469,10 +482,23 @@ async fn receive_masked(
     shared: Arc<Shared>,
     mut stream: Streaming<pb::MaskedChunk>,
 ) -> Result<pb::SubmitMaskedResponse, Status> {
-    let first = stream
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
+    let stage_deadline = {
+        let c = shared.lock();
+        shared.instant_at(c.next_deadline().unwrap_or_else(|| shared.now_ms()))
+    };
+    let _slot = tokio::time::timeout_at(stage_deadline, shared.masked_slots.acquire())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("the masked-input stage closed before this stream's turn")
+        })?
+        .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
+    let first = tokio::time::timeout_at(
+        stage_deadline.min(tokio::time::Instant::now() + MASKED_CHUNK_IDLE),
+        stream.message(),
+    )
+    .await
+    .map_err(|_| Status::deadline_exceeded("the masked stream sent nothing"))??
+    .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
     let id = MaskedStream {
         token: first.participant_id.clone(),
         round: first.round,
@@ -525,11 +551,17 @@ async fn fold_stream(
     loop {
         let chunk = match next.take() {
             Some(c) => c,
-            None => match tokio::time::timeout_at(deadline, stream.message()).await {
+            None => match tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + MASKED_CHUNK_IDLE),
+                stream.message(),
+            )
+            .await
+            {
                 Err(_) => {
-                    return Err(Status::deadline_exceeded(
-                        "the masked-input stage closed before the stream completed",
-                    ));
+                    return Err(Status::deadline_exceeded(format!(
+                        "the stream stalled or the masked-input stage closed after {} words",
+                        spool.len()
+                    )));
                 }
                 Ok(Err(status)) => return Err(status),
                 Ok(Ok(None)) => {

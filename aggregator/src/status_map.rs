@@ -28,6 +28,8 @@ pub fn status_for(error: &RoundError) -> Status {
         RoundError::WrongAttempt { .. } => Code::FailedPrecondition,
         // A message out of its stage is late or early; anything else is a bad message.
         RoundError::Protocol(ProtocolError::OutOfOrder { .. }) => Code::FailedPrecondition,
+        // Most often a retried message whose first copy arrived.
+        RoundError::Protocol(ProtocolError::Duplicate(_)) => Code::AlreadyExists,
         RoundError::Protocol(_) => Code::InvalidArgument,
     };
     Status::new(code, error.to_string())

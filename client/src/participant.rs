@@ -467,6 +467,20 @@ async fn connect(
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
+/// Whether a failed call may simply be repeated: the aggregator was unreachable, or the
+/// connection broke under the call (hyper reports that as `Unknown`). Every call is safe to
+/// repeat: a message that did arrive the first time is answered `AlreadyExists`.
+fn transient(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => {
+            let m = status.message();
+            m.starts_with("h2 protocol error") || m.starts_with("transport error")
+        }
+        _ => false,
+    }
+}
+
 /// Calls `f` until it succeeds, retrying with exponential backoff (200 ms doubling to 5 s)
 /// while the aggregator is unreachable, for at most `connect_patience`.
 async fn call_with_retry<T, F, Fut>(
@@ -483,7 +497,7 @@ where
     loop {
         match f().await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(status) if status.code() == tonic::Code::Unavailable => {
+            Err(status) if transient(&status) => {
                 if tokio::time::Instant::now() + backoff > give_up {
                     return Err(ParticipantError::Connect {
                         url: options.aggregator_url.clone(),
@@ -677,6 +691,12 @@ fn late_is_not_fatal(
 ) -> Result<bool, ParticipantError> {
     match result {
         Ok(()) => Ok(true),
+        // A retry of a message that had arrived before the connection broke.
+        Err(ParticipantError::Refused { status, .. })
+            if status.code() == tonic::Code::AlreadyExists =>
+        {
+            Ok(true)
+        }
         Err(ParticipantError::Refused { call, status })
             if matches!(
                 status.code(),

@@ -33,14 +33,18 @@ fn main() {
     } else {
         sizes
     };
-    println!("| participants | parameters | aggregator peak RSS | at start | round time |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| participants | parameters | peak RSS, whole run | RSS after keys advertised | peak RSS, secure stages | round time |"
+    );
+    println!("|---|---|---|---|---|---|");
     for n in sizes {
-        let (params, peak_kb, start_kb, elapsed) = measure(n);
+        let (params, [overall, at_reset, secure], elapsed) = measure(n);
+        let mib = |kb: u64| kb as f64 / 1024.0;
         println!(
-            "| {n} | {params} | {:.1} MiB | {:.1} MiB | {:.1} s |",
-            peak_kb as f64 / 1024.0,
-            start_kb as f64 / 1024.0,
+            "| {n} | {params} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} s |",
+            mib(overall),
+            mib(at_reset),
+            mib(secure),
             elapsed.as_secs_f64()
         );
     }
@@ -48,6 +52,10 @@ fn main() {
 
 /// The aggregator side: serve one round, then report peak memory on stdout.
 fn serve_child(config_path: &str) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_writer(std::io::stderr)
+        .try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -61,9 +69,28 @@ fn serve_child(config_path: &str) {
             .expect("aggregator starts");
         println!("START {}", vm_kb("VmRSS"));
         println!("URL {}", server.url());
+        // Once every lab has advertised its keys (so has downloaded the global adapter),
+        // reset the peak so that the second figure covers the secure stages alone: key
+        // sharing, the masked-input streams and unmasking.
+        loop {
+            let stage = server.status().secure.map(|(s, _)| s);
+            if stage.is_some_and(|s| s != fedcore::secagg::protocol::Stage::AdvertiseKeys) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let overall = vm_kb("VmHWM");
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let at_reset = vm_kb("VmRSS");
         server.finished().await;
+        let secure_peak = vm_kb("VmHWM");
+        println!(
+            "PEAK {} {} {}",
+            overall.max(secure_peak),
+            at_reset,
+            secure_peak
+        );
         server.drain(Duration::from_secs(5)).await;
-        println!("PEAK {}", vm_kb("VmHWM"));
         server.shutdown().await.expect("shutdown");
     });
 }
@@ -81,7 +108,7 @@ fn vm_kb(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn measure(n: usize) -> (usize, u64, u64, Duration) {
+fn measure(n: usize) -> (usize, [u64; 3], Duration) {
     let dir = tempfile::tempdir().expect("temp dir");
     let names: Vec<String> = (0..n).map(|i| format!("lab{i:03}")).collect();
     let identities: Vec<_> = (0..n).map(|i| test_identity(i as u8)).collect();
@@ -106,7 +133,9 @@ fn measure(n: usize) -> (usize, u64, u64, Duration) {
     let mut child = Command::new(std::env::current_exe().expect("own path"))
         .env(CHILD_ENV, &config_path)
         .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "1")
         .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(format!("/tmp/membench-child-{n}.log")).expect("log file"))
         .spawn()
         .expect("aggregator process");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -117,7 +146,7 @@ fn measure(n: usize) -> (usize, u64, u64, Duration) {
             .trim()
             .to_string()
     };
-    let start_kb: u64 = field("START").parse().expect("kB");
+    let _start_kb: u64 = field("START").parse().expect("kB");
     let url = field("URL");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -126,6 +155,23 @@ fn measure(n: usize) -> (usize, u64, u64, Duration) {
         .build()
         .expect("runtime");
     let started = Instant::now();
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    let watched = child.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            match watched.lock().expect("child lock").try_wait() {
+                Ok(Some(status)) => {
+                    if !status.success() {
+                        eprintln!("the aggregator process ended early: {status}");
+                    }
+                    return;
+                }
+                Ok(None) => {}
+                Err(_) => return,
+            }
+        }
+    });
     runtime.block_on(async {
         let mut tasks = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -135,11 +181,26 @@ fn measure(n: usize) -> (usize, u64, u64, Duration) {
             tasks.push(tokio::spawn(lab.run(delta, 1_000, WireBehaviour::Honest)));
         }
         for t in tasks {
-            t.await.expect("lab task");
+            if let Err(e) = t.await {
+                std::thread::sleep(Duration::from_millis(500));
+                let status = child.lock().expect("child lock").try_wait();
+                panic!("a lab failed ({e}); the aggregator process: {status:?}");
+            }
         }
     });
     let elapsed = started.elapsed();
-    let peak_kb: u64 = field("PEAK").parse().expect("kB");
-    child.wait().expect("aggregator exits");
-    (params, peak_kb, start_kb, elapsed)
+    let peaks: Vec<u64> = field("PEAK")
+        .split_whitespace()
+        .map(|v| v.parse().expect("kB"))
+        .collect();
+    while child
+        .lock()
+        .expect("child lock")
+        .try_wait()
+        .expect("status")
+        .is_none()
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (params, [peaks[0], peaks[1], peaks[2]], elapsed)
 }

@@ -66,18 +66,26 @@ impl WireLab {
     }
 
     async fn next_task(&mut self) -> pb::fetch_task_response::Task {
+        let mut broken = 0;
         loop {
-            let task = self
+            let answer = self
                 .client
                 .fetch_task(pb::FetchTaskRequest {
                     participant_id: self.id.clone(),
                     wait_ms: 5_000,
                 })
-                .await
-                .expect("fetch task")
-                .into_inner()
-                .task
-                .expect("a task");
+                .await;
+            let task = match answer {
+                Ok(r) => r.into_inner().task.expect("a task"),
+                // A connection broken under the call is retried, as fedclient does.
+                Err(status) if status.code() == tonic::Code::Unknown && broken < 5 => {
+                    broken += 1;
+                    eprintln!("{}: fetch task retried after {status}", self.name);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(status) => panic!("fetch task: {status}"),
+            };
             if !matches!(task, pb::fetch_task_response::Task::Wait(_)) {
                 return task;
             }
