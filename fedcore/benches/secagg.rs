@@ -2,7 +2,10 @@
 //! - mask expansion folded into an accumulator, per 1M words, against the raw AES-128-CTR
 //!   keystream on the same machine (target: within 1.5×);
 //! - a whole in-process round, 10 participants × 1M words, all participants' work included
-//!   (target: < 100 ms).
+//!   (target: < 100 ms), with and without a dropout;
+//! - 50 participants × 100k words over the complete graph with t = 26 (target: < 250 ms);
+//! - 100 participants × 100k words over a SecAgg+ Harary graph of degree 14 with t = 8;
+//! - the primitives those rounds are made of (agreement, signature checks, Shamir).
 //!
 //! Run: `cargo bench -p fedcore --bench secagg`.
 
@@ -11,10 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use aes::Aes128;
 use aes::cipher::{KeyIvInit, StreamCipher};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fedcore::secagg::crypto::SessionContext;
-use fedcore::secagg::mask::{MaskSign, apply};
-use fedcore::secagg::protocol::RoundConfig;
+use fedcore::secagg::crypto::{
+    AgreementSecret, Identity, IdentityKey, SessionContext, SignedItem, verify, verify_batch,
+};
+use fedcore::secagg::mask::{MaskSign, apply, apply_many};
+use fedcore::secagg::protocol::{Neighbourhood, RoundConfig};
+use fedcore::secagg::shamir::split;
 use fedcore::secagg::simulation::SimulatedRound;
+use zeroize::Zeroizing;
 
 const WORDS: usize = 1 << 20;
 
@@ -26,10 +33,27 @@ fn masks(c: &mut Criterion) {
     g.bench_function("expand_and_add_1M_words", |b| {
         b.iter(|| apply(&seed, &mut acc, MaskSign::Add))
     });
+    // A participant's masked input in the 50 × 100k round: its self mask and 49 pair masks.
+    let seeds: Vec<(Zeroizing<[u8; 16]>, MaskSign)> = (0..50u8)
+        .map(|i| (Zeroizing::new([i; 16]), MaskSign::Add))
+        .collect();
+    let mut small = vec![0u32; 100_000];
+    g.throughput(Throughput::Elements(50 * 100_000));
+    g.bench_function("apply_many_50_masks_100k_words", |b| {
+        b.iter(|| apply_many(&seeds, &mut small))
+    });
+    g.throughput(Throughput::Elements(WORDS as u64));
     let mut bytes = vec![0u8; WORDS * 4];
     g.bench_function("raw_aes128ctr_keystream_4MiB", |b| {
         b.iter(|| {
             let mut cipher = ctr::Ctr128BE::<Aes128>::new(&seed.into(), &[0u8; 16].into());
+            cipher.apply_keystream(&mut bytes);
+        })
+    });
+    // The 64-bit-counter implementation the masks use (same stream, see mask.rs).
+    g.bench_function("raw_aes128ctr64_keystream_4MiB", |b| {
+        b.iter(|| {
+            let mut cipher = ctr::Ctr64BE::<Aes128>::new(&seed.into(), &[0u8; 16].into());
             cipher.apply_keystream(&mut bytes);
         })
     });
@@ -49,6 +73,7 @@ fn round(c: &mut Criterion) {
         min_peers: 3,
         vector_len: WORDS,
         model_hash: [0; 32],
+        neighbourhood: Neighbourhood::Complete,
     };
     let inputs: BTreeMap<u32, Vec<u32>> = (1..=n).map(|i| (i, vec![i; WORDS])).collect();
     g.bench_function("10_participants_x_1M_words", |b| {
@@ -88,8 +113,85 @@ fn round(c: &mut Criterion) {
             criterion::BatchSize::LargeInput,
         )
     });
+    // SecAgg+ at 100 participants: a Harary graph of degree 14 (2·ceil(log2 100) = 14, the
+    // order Bell et al. recommend) and t = 8, the smallest strict majority of the 15 members
+    // of each neighbourhood.
+    let cfg100 = RoundConfig {
+        threshold: 8,
+        vector_len: 100_000,
+        neighbourhood: Neighbourhood::Harary { degree: 14 },
+        ..cfg.clone()
+    };
+    let inputs100: BTreeMap<u32, Vec<u32>> = (1..=100).map(|i| (i, vec![i; 100_000])).collect();
+    g.bench_function("100_participants_x_100k_words_harary_k14_t8", |b| {
+        b.iter_batched(
+            || SimulatedRound::new(cfg100.clone(), inputs100.clone(), 7).unwrap(),
+            |mut r| r.run(&Default::default()).unwrap(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
     g.finish();
 }
 
-criterion_group!(benches, masks, round);
+/// The per-operation costs behind the round figures (docs/benchmarks.md, "where the time
+/// goes").
+fn primitives(c: &mut Criterion) {
+    let mut g = c.benchmark_group("primitives");
+    let ctx = SessionContext {
+        session: [1; 32],
+        round: 1,
+    };
+    let a = AgreementSecret::from_bytes([1; 32]);
+    let b = AgreementSecret::from_bytes([2; 32]).public();
+    g.bench_function("x25519_mask_seed", |bn| {
+        bn.iter(|| a.pairwise_mask_seed(&b, &ctx, 1, 2).unwrap())
+    });
+    // As a participant derives them: 49 neighbours at once, per agreement.
+    let peers: Vec<(u32, [u8; 32])> = (10..59u32)
+        .map(|i| (i, AgreementSecret::from_bytes([i as u8; 32]).public()))
+        .collect();
+    g.throughput(Throughput::Elements(peers.len() as u64));
+    g.bench_function("x25519_mask_seeds_49_peers", |bn| {
+        bn.iter(|| a.pairwise_mask_seeds(&peers, &ctx, 1).unwrap())
+    });
+    g.throughput(Throughput::Elements(1));
+    // The Montgomery ladder the agreement used before (x25519-dalek), for comparison.
+    let ladder_secret = x25519_dalek::StaticSecret::from([1u8; 32]);
+    let ladder_public = x25519_dalek::PublicKey::from(b);
+    g.bench_function("x25519_ladder", |bn| {
+        bn.iter(|| ladder_secret.diffie_hellman(&ladder_public))
+    });
+    let ids: Vec<Identity> = (0..50u8).map(|i| Identity::from_seed([i; 32])).collect();
+    let keys: Vec<IdentityKey> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| IdentityKey::from_bytes(i as u32, &id.public()).unwrap())
+        .collect();
+    let sigs: Vec<[u8; 64]> = ids.iter().map(|id| id.sign("bench", b"message")).collect();
+    g.bench_function("ed25519_verify_strict", |bn| {
+        bn.iter(|| verify(0, &ids[0].public(), "bench", b"message", &sigs[0]).unwrap())
+    });
+    let items: Vec<SignedItem<'_>> = keys
+        .iter()
+        .zip(&sigs)
+        .enumerate()
+        .map(|(i, (key, signature))| SignedItem {
+            signer: i as u32,
+            key,
+            message: b"message",
+            signature,
+        })
+        .collect();
+    g.throughput(Throughput::Elements(50));
+    g.bench_function("ed25519_verify_batch_of_50", |bn| {
+        bn.iter(|| verify_batch("bench", &items).unwrap())
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("shamir_split_32_bytes_50_shares_t26", |bn| {
+        bn.iter(|| split(&[7; 32], 26, 50, [1; 32]).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, primitives, masks, round);
 criterion_main!(benches);

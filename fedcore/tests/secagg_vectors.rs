@@ -304,6 +304,7 @@ fn participant_state_machine_signs_and_encrypts_the_vector_bytes() {
         min_peers: 3,
         vector_len: 4,
         model_hash: array(&v, "/ed25519/consistency/model_hash"),
+        neighbourhood: Default::default(),
     };
     let seeds: BTreeMap<Index, [u8; 32]> = [
         (u, array(&v, "/ed25519/seed")),

@@ -868,6 +868,7 @@ impl Coordinator {
             .filter_map(|n| self.roster.index_of(n))
             .collect();
         SecureRound::new(cfg, self.roster.identities(), encoding, indices, attempt)
+            .expect("the plan's neighbourhood was validated against the roster")
     }
 
     fn close_round(&mut self, now_ms: u64) -> Result<Vec<Event>, RoundError> {

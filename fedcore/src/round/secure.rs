@@ -97,10 +97,10 @@ impl SecureRound {
         encoding: WeightedEncoding,
         cohort: BTreeSet<Index>,
         attempt: u32,
-    ) -> Self {
-        SecureRound {
+    ) -> Result<Self, ProtocolError> {
+        Ok(SecureRound {
             attempt,
-            server: ServerSession::new(cfg, identities),
+            server: ServerSession::new(cfg, identities)?,
             encoding,
             cohort,
             stage_deadline_ms: None,
@@ -108,7 +108,7 @@ impl SecureRound {
             deliveries: BTreeMap::new(),
             survivors: None,
             unmask: None,
-        }
+        })
     }
 
     pub fn stage(&self) -> Stage {

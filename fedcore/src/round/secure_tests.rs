@@ -523,3 +523,24 @@ fn stage_zero_is_extended_while_too_few_have_trained() {
         })
     );
 }
+
+#[test]
+fn sparse_neighbourhood_rounds_give_the_survivors_mean() {
+    let mut plan = secure_plan(7, None, 1);
+    plan.secure_aggregation.neighbourhood_degree = Some(4);
+    let mut c = Coordinator::new(plan, [10; 32]).unwrap();
+    let mut labs = labs(&mut c, 7, 7);
+    labs[5].silent_from = Some(S::MaskedInput);
+    let before = c.global().clone();
+    let mut events = drive(&mut c, &mut labs, 10);
+    let deadline = c.next_deadline().unwrap();
+    events.extend(c.tick(deadline).unwrap());
+    events.extend(drive(&mut c, &mut labs, deadline));
+    let record = completed(&events).expect("the round completes").clone();
+    assert_eq!(record.dropped, vec!["lab5"]);
+    assert_close(
+        &c,
+        &expected_b(&before, c.upload_manifest(), &labs, &[0, 1, 2, 3, 4, 6]),
+        record.secure.unwrap().error_bound,
+    );
+}

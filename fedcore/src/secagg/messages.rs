@@ -29,7 +29,8 @@ pub struct EncryptedShare {
     pub ciphertext: Vec<u8>,
 }
 
-/// Stage 1, participant → server: shares for every other member of U1.
+/// Stage 1, participant → server: shares for every neighbour in U1 (every other member of U1
+/// for the complete graph).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShareKeys {
     pub from: Index,

@@ -9,13 +9,17 @@
 //!
 //! - [`participant`] and [`server`]: the two sides of one round as sans-IO state machines
 //!   (advertise keys → share keys → masked input → consistency check → unmask; Bonawitz et
-//!   al. 2017, actively secure variant, complete graph), exchanging the plain-data
-//!   [`messages`]; [`protocol`] holds their shared parameters, errors and signed bytes.
+//!   al. 2017, actively secure variant), exchanging the plain-data [`messages`]; [`protocol`]
+//!   holds their shared parameters, errors and signed bytes.
+//! - [`graph`]: who deals with whom — the complete graph, or a pseudo-random k-regular
+//!   Harary graph drawn per round (SecAgg+, Bell et al. 2020), specified so that any
+//!   implementation reproduces it.
+//! - [`simulation`]: a whole round in one process, for tests, studies and benchmarks.
 //!
-//! Not yet done: a k-regular neighbourhood (SecAgg+), wiring into the gRPC runtime, and
-//! benchmarks.
+//! Not yet done: wiring into the gRPC runtime.
 
 pub mod crypto;
+pub mod graph;
 pub mod mask;
 pub mod messages;
 pub mod participant;

@@ -1,13 +1,35 @@
 //! The participant's side of a secure-aggregation round, as a sans-IO state machine: each
 //! method consumes the server's message for one stage and returns this participant's reply,
 //! or refuses when the server's message is inconsistent with what it saw before.
+//!
+//! Everything a participant does is confined to its *neighbourhood* in the round's graph
+//! ([`crate::secagg::graph`]): itself and its neighbours, every other member for the complete
+//! graph. It checks the advertisements of its neighbourhood only, Shamir-shares its secrets
+//! among the neighbourhood members that advertised (threshold t of them), masks against the
+//! neighbours that sent it shares, and reveals shares only of neighbours. Every quorum is
+//! counted inside the neighbourhood, and t must be a strict majority of the neighbourhood
+//! members that share keys.
+//!
+//! Why that is enough: the server learns `x_v` only with both `b_v` (self mask) and `s_v`
+//! (mask key), i.e. t shares of each. Both are held only by `v`'s neighbourhood, and an honest
+//! holder reveals at most one of the two for `v` in a round (it answers one unmask request,
+//! after signing one survivor list). Two disjoint groups of honest holders of t members each
+//! do not fit into a neighbourhood in which t is a strict majority. The consistency check
+//! (everyone signs the same global survivor list and the model hash, and each participant
+//! wants t valid signatures from its own neighbourhood) binds the round to one list and one
+//! model on top of that. Members outside the neighbourhood never hold anything of this
+//! participant, so their advertisements and signatures are not checked here (the server and
+//! their own neighbours check them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use zeroize::Zeroizing;
 
-use crate::secagg::crypto::{AgreementSecret, Identity, ShareKey, verify};
-use crate::secagg::mask::{MaskSign, apply};
+use crate::secagg::crypto::{
+    AgreementSecret, Identity, IdentityKey, ShareKey, SignedItem, verify_batch,
+};
+use crate::secagg::graph::Graph;
+use crate::secagg::mask::{MaskSign, apply_many};
 use crate::secagg::messages::{
     AdvertiseKeys, ConsistencySignature, EncryptedShare, Index, KeyRoster, MaskedInput,
     RevealedShare, ShareDelivery, ShareKeys, SurvivorList, UnmaskRequest, UnmaskResponse,
@@ -39,26 +61,40 @@ pub struct ParticipantSession {
     identity: Identity,
     /// Identity public keys of every roster member, from provisioning.
     identities: BTreeMap<Index, [u8; 32]>,
+    /// This participant and its neighbours in the round's graph.
+    neighbourhood: BTreeSet<Index>,
+    /// Decoded identity keys of the neighbourhood members seen so far (decoded once, used
+    /// for both of their signatures).
+    identity_keys: BTreeMap<Index, IdentityKey>,
     stage: Stage,
     c_secret: AgreementSecret,
     s_secret: AgreementSecret,
+    /// The public keys of `c_secret` and `s_secret`, computed when advertising.
+    publics: Option<([u8; 32], [u8; 32])>,
+    /// This participant's own signatures (advertisement, consistency check): when the
+    /// server relays them unchanged they need no verification (Ed25519 signing is
+    /// deterministic, so the same message gives the same bytes).
+    own_signatures: (Option<[u8; 64]>, Option<[u8; 64]>),
     self_mask_seed: Zeroizing<[u8; 16]>,
     shamir_seed: Zeroizing<[u8; 32]>,
-    /// U1: members whose advertised keys verified, with (c, s) public keys.
+    /// Every member listed in the key roster (U1), neighbours or not.
+    u1_all: BTreeSet<Index>,
+    /// U1 ∩ neighbourhood: members whose advertised keys verified, with (c, s) public keys.
     u1: BTreeMap<Index, ([u8; 32], [u8; 32])>,
-    /// Share-encryption keys with every other member of U1, derived once.
+    /// Share-encryption keys with every other member of `u1`, derived once.
     share_keys: BTreeMap<Index, ShareKey>,
     /// Shares held of each U2 member's secrets (own included).
     held: BTreeMap<Index, HeldShares>,
-    /// U2: members that sent this participant shares (and itself).
+    /// U2 ∩ neighbourhood: neighbours that sent this participant shares, and itself.
     u2: BTreeSet<Index>,
-    /// U3 as signed.
+    /// U3 as signed (global).
     u3: Vec<Index>,
 }
 
 impl ParticipantSession {
     /// A participant `me` with identity seed `identity_seed`, in a round whose roster
-    /// identities are `identities` (which must include `me`).
+    /// identities are `identities` (which must include `me`). Refuses a round whose graph
+    /// cannot be built or gives this participant a neighbourhood smaller than the quorum.
     pub fn new(
         cfg: RoundConfig,
         me: Index,
@@ -69,10 +105,14 @@ impl ParticipantSession {
         if !identities.contains_key(&me) {
             return Err(ProtocolError::MissingSelf(me));
         }
-        if identities.len() < cfg.quorum() {
+        let roster: Vec<Index> = identities.keys().copied().collect();
+        let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
+        let mut neighbourhood: BTreeSet<Index> = graph.neighbours(me).into_iter().collect();
+        neighbourhood.insert(me);
+        if neighbourhood.len() < cfg.quorum() {
             return Err(ProtocolError::TooFew {
                 stage: Stage::AdvertiseKeys,
-                got: identities.len(),
+                got: neighbourhood.len(),
                 needed: cfg.quorum(),
             });
         }
@@ -81,11 +121,16 @@ impl ParticipantSession {
             me,
             identity: Identity::from_seed(identity_seed),
             identities,
+            neighbourhood,
+            identity_keys: BTreeMap::new(),
             stage: Stage::AdvertiseKeys,
             c_secret: AgreementSecret::from_bytes(randomness.c_secret),
             s_secret: AgreementSecret::from_bytes(randomness.s_secret),
+            publics: None,
+            own_signatures: (None, None),
             self_mask_seed: Zeroizing::new(randomness.self_mask_seed),
             shamir_seed: Zeroizing::new(randomness.shamir_seed),
+            u1_all: BTreeSet::new(),
             u1: BTreeMap::new(),
             share_keys: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -99,6 +144,11 @@ impl ParticipantSession {
         self.stage
     }
 
+    /// This participant and its neighbours, ascending.
+    pub fn neighbourhood(&self) -> impl Iterator<Item = Index> + '_ {
+        self.neighbourhood.iter().copied()
+    }
+
     fn expect(&self, stage: Stage) -> Result<(), ProtocolError> {
         self.stage.expect(stage)
     }
@@ -107,15 +157,37 @@ impl ParticipantSession {
         stage.require_quorum(&self.cfg, got)
     }
 
+    /// The public keys of this round's two agreement secrets (each a base-point
+    /// multiplication, so computed once).
+    fn publics(&mut self) -> ([u8; 32], [u8; 32]) {
+        *self
+            .publics
+            .get_or_insert_with(|| (self.c_secret.public(), self.s_secret.public()))
+    }
+
+    /// The decoded identity key of roster member `v`.
+    fn identity_key(&mut self, v: Index) -> Result<IdentityKey, ProtocolError> {
+        if let Some(k) = self.identity_keys.get(&v) {
+            return Ok(*k);
+        }
+        let bytes = self
+            .identities
+            .get(&v)
+            .ok_or(ProtocolError::UnknownParticipant(v))?;
+        let key = IdentityKey::from_bytes(v, bytes)?;
+        self.identity_keys.insert(v, key);
+        Ok(key)
+    }
+
     /// Stage 0: this participant's signed public keys.
     pub fn advertise(&mut self) -> Result<AdvertiseKeys, ProtocolError> {
         self.expect(Stage::AdvertiseKeys)?;
-        let c_public = self.c_secret.public();
-        let s_public = self.s_secret.public();
+        let (c_public, s_public) = self.publics();
         let signature = self.identity.sign(
             ADVERTISE_TAG,
             &advertise_message(&self.cfg, self.me, &c_public, &s_public),
         );
+        self.own_signatures.0 = Some(signature);
         self.stage = Stage::ShareKeys;
         Ok(AdvertiseKeys {
             from: self.me,
@@ -125,31 +197,50 @@ impl ParticipantSession {
         })
     }
 
-    /// Stage 1: checks every advertisement (signature by the roster identity, this
-    /// participant's own keys unchanged, enough peers) and encrypts shares of this
-    /// participant's mask key and self-mask seed for every other member of U1.
+    /// Stage 1: checks the advertisements of its neighbourhood (signature by the roster
+    /// identity, this participant's own keys unchanged, enough members, t a majority of
+    /// them) and encrypts shares of this participant's mask key and self-mask seed for every
+    /// neighbour in U1. Other members' entries are only checked to be known and unique.
     pub fn share_keys(&mut self, roster: &KeyRoster) -> Result<ShareKeys, ProtocolError> {
         self.expect(Stage::ShareKeys)?;
+        let mut u1_all = BTreeSet::new();
         let mut u1 = BTreeMap::new();
+        let mut checked = Vec::new();
         for k in &roster.keys {
-            let identity = self
-                .identities
-                .get(&k.from)
-                .ok_or(ProtocolError::UnknownParticipant(k.from))?;
-            verify(
-                k.from,
-                identity,
-                ADVERTISE_TAG,
-                &advertise_message(&self.cfg, k.from, &k.c_public, &k.s_public),
-                &k.signature,
-            )?;
-            if u1.insert(k.from, (k.c_public, k.s_public)).is_some() {
+            if !self.identities.contains_key(&k.from) {
+                return Err(ProtocolError::UnknownParticipant(k.from));
+            }
+            if !u1_all.insert(k.from) {
                 return Err(ProtocolError::Duplicate(k.from));
             }
+            if self.neighbourhood.contains(&k.from) {
+                u1.insert(k.from, (k.c_public, k.s_public));
+                // Its own advertisement, relayed unchanged, is known good.
+                if k.from == self.me
+                    && (k.c_public, k.s_public) == self.publics()
+                    && Some(k.signature) == self.own_signatures.0
+                {
+                    continue;
+                }
+                let key = self.identity_key(k.from)?;
+                let message = advertise_message(&self.cfg, k.from, &k.c_public, &k.s_public);
+                checked.push((k.from, key, message, &k.signature));
+            }
         }
+        let items: Vec<SignedItem<'_>> = checked
+            .iter()
+            .map(|(signer, key, message, signature)| SignedItem {
+                signer: *signer,
+                key,
+                message,
+                signature,
+            })
+            .collect();
+        verify_batch(ADVERTISE_TAG, &items)?;
+        let own = self.publics();
         match u1.get(&self.me) {
             None => return Err(ProtocolError::MissingSelf(self.me)),
-            Some((c, s)) if *c != self.c_secret.public() || *s != self.s_secret.public() => {
+            Some(keys) if *keys != own => {
                 return Err(ProtocolError::SubstitutedKeys(self.me));
             }
             Some(_) => {}
@@ -172,8 +263,17 @@ impl ParticipantSession {
         let mask_shares = split(self.self_mask_seed.as_ref(), t, n, seed_b)
             .map_err(|e| ProtocolError::Reconstruct(self.me, e))?;
 
+        let peers: Vec<(Index, [u8; 32])> = u1
+            .iter()
+            .filter(|(v, _)| **v != self.me)
+            .map(|(&v, (c_public, _))| (v, *c_public))
+            .collect();
+        let mut keys = self
+            .c_secret
+            .share_keys(&peers, &self.cfg.context, self.me)?
+            .into_iter();
         let mut shares = Vec::with_capacity(n - 1);
-        for (pos, (&v, (c_public, _))) in u1.iter().enumerate() {
+        for (pos, &v) in u1.keys().enumerate() {
             let (ks, ms) = (&key_shares[pos], &mask_shares[pos]);
             if v == self.me {
                 self.held.insert(
@@ -185,14 +285,12 @@ impl ParticipantSession {
                 );
                 continue;
             }
+            let key = keys.next().ok_or(ProtocolError::UnknownParticipant(v))?;
             let mut plain = Zeroizing::new(Vec::with_capacity(SHARE_PLAINTEXT_LEN));
             plain.push(ks.x);
             plain.extend_from_slice(&ks.y);
             plain.push(ms.x);
             plain.extend_from_slice(&ms.y);
-            let key = self
-                .c_secret
-                .share_key(c_public, &self.cfg.context, self.me, v)?;
             let ciphertext = key.seal(&self.cfg.context, self.me, v, &plain)?;
             self.share_keys.insert(v, key);
             shares.push(EncryptedShare {
@@ -202,6 +300,7 @@ impl ParticipantSession {
             });
         }
         self.u1 = u1;
+        self.u1_all = u1_all;
         self.stage = Stage::MaskedInput;
         Ok(ShareKeys {
             from: self.me,
@@ -209,8 +308,8 @@ impl ParticipantSession {
         })
     }
 
-    /// Stage 2: decrypts the shares received (their senders form U2), and masks `input`
-    /// with the self mask and one pairwise mask per other member of U2.
+    /// Stage 2: decrypts the shares received (their senders form U2, all neighbours), and
+    /// masks `input` with the self mask and one pairwise mask per neighbour in U2.
     pub fn masked_input(
         &mut self,
         delivery: &ShareDelivery,
@@ -261,18 +360,27 @@ impl ParticipantSession {
         }
         self.too_few(Stage::MaskedInput, u2.len())?;
 
-        let mut words = input.to_vec();
-        apply(&self.self_mask_seed, &mut words, MaskSign::Add);
-        for &v in &u2 {
-            if v == self.me {
-                continue;
-            }
-            let (_, s_public) = &self.u1[&v];
-            let seed = self
-                .s_secret
-                .pairwise_mask_seed(s_public, &self.cfg.context, self.me, v)?;
-            apply(&seed, &mut words, pair_mask_sign(self.me, v));
+        let peers = u2
+            .iter()
+            .filter(|v| **v != self.me)
+            .map(|&v| {
+                let (_, s_public) = self
+                    .u1
+                    .get(&v)
+                    .ok_or(ProtocolError::UnknownParticipant(v))?;
+                Ok((v, *s_public))
+            })
+            .collect::<Result<Vec<_>, ProtocolError>>()?;
+        let seeds = self
+            .s_secret
+            .pairwise_mask_seeds(&peers, &self.cfg.context, self.me)?;
+        let mut masks = Vec::with_capacity(u2.len());
+        masks.push((self.self_mask_seed.clone(), MaskSign::Add));
+        for ((v, _), seed) in peers.iter().zip(seeds) {
+            masks.push((seed, pair_mask_sign(self.me, *v)));
         }
+        let mut words = input.to_vec();
+        apply_many(&masks, &mut words);
         self.held.extend(held);
         self.u2 = u2;
         self.stage = Stage::ConsistencyCheck;
@@ -282,8 +390,9 @@ impl ParticipantSession {
         })
     }
 
-    /// Stage 3: signs the survivor list after checking it is a large enough subset of U2
-    /// that contains this participant.
+    /// Stage 3: signs the (global) survivor list after checking that it contains this
+    /// participant, lists only members of U1, lists of its neighbours only those that sent it
+    /// shares, and holds a quorum of its neighbourhood.
     pub fn consistency(
         &mut self,
         list: &SurvivorList,
@@ -293,14 +402,21 @@ impl ParticipantSession {
         if !survivors.contains(&self.me) {
             return Err(ProtocolError::MissingSelf(self.me));
         }
-        if let Some(v) = survivors.iter().find(|v| !self.u2.contains(v)) {
+        if let Some(v) = survivors.iter().find(|v| {
+            !self.u1_all.contains(v) || (self.neighbourhood.contains(v) && !self.u2.contains(v))
+        }) {
             return Err(ProtocolError::NotASubset(*v));
         }
-        self.too_few(Stage::ConsistencyCheck, survivors.len())?;
+        let local = survivors
+            .iter()
+            .filter(|v| self.neighbourhood.contains(v))
+            .count();
+        self.too_few(Stage::ConsistencyCheck, local)?;
         let signature = self
             .identity
             .sign(CONSISTENCY_TAG, &consistency_message(&self.cfg, &survivors));
         self.u3 = survivors;
+        self.own_signatures.1 = Some(signature);
         self.stage = Stage::Unmask;
         Ok(ConsistencySignature {
             from: self.me,
@@ -308,9 +424,11 @@ impl ParticipantSession {
         })
     }
 
-    /// Stage 4: checks that at least a quorum of survivors signed the very list this
-    /// participant signed, then reveals, for each other member of U2, either its self-mask
-    /// share (it survived) or its mask-key share (it dropped) — never both.
+    /// Stage 4: checks that at least a quorum of its neighbourhood signed the very list this
+    /// participant signed (signatures of other members are checked for membership and
+    /// uniqueness only: they count for nothing here), then reveals, for each neighbour in
+    /// U2 and itself, either its self-mask share (it survived) or its mask-key share (it
+    /// dropped) — never both.
     pub fn unmask(&mut self, request: &UnmaskRequest) -> Result<UnmaskResponse, ProtocolError> {
         self.expect(Stage::Unmask)?;
         if request.survivors != self.u3 {
@@ -318,27 +436,45 @@ impl ParticipantSession {
         }
         let message = consistency_message(&self.cfg, &self.u3);
         let mut signers = BTreeSet::new();
+        let mut checked = Vec::new();
+        let mut signers_in_hood = 0;
         for s in &request.signatures {
-            if !self.u3.contains(&s.from) {
+            if self.u3.binary_search(&s.from).is_err() {
                 return Err(ProtocolError::NotASubset(s.from));
             }
             if !signers.insert(s.from) {
                 return Err(ProtocolError::Duplicate(s.from));
             }
-            let identity = self
-                .identities
-                .get(&s.from)
-                .ok_or(ProtocolError::UnknownParticipant(s.from))?;
-            verify(s.from, identity, CONSISTENCY_TAG, &message, &s.signature)?;
+            if !self.identities.contains_key(&s.from) {
+                return Err(ProtocolError::UnknownParticipant(s.from));
+            }
+            if s.from == self.me && Some(s.signature) == self.own_signatures.1 {
+                signers_in_hood += 1;
+            } else if self.neighbourhood.contains(&s.from) {
+                checked.push((s.from, self.identity_key(s.from)?, &s.signature));
+                signers_in_hood += 1;
+            }
         }
-        self.too_few(Stage::Unmask, signers.len())?;
+        let items: Vec<SignedItem<'_>> = checked
+            .iter()
+            .map(|(signer, key, signature)| SignedItem {
+                signer: *signer,
+                key,
+                message: &message,
+                signature,
+            })
+            .collect();
+        verify_batch(CONSISTENCY_TAG, &items)?;
+        self.too_few(Stage::Unmask, signers_in_hood)?;
 
-        let survivors: BTreeSet<Index> = self.u3.iter().copied().collect();
         let mut self_mask_shares = Vec::new();
         let mut key_shares = Vec::new();
         for &v in &self.u2 {
-            let held = &self.held[&v];
-            if survivors.contains(&v) {
+            let held = self.held.get(&v).ok_or(ProtocolError::MissingShare {
+                from: v,
+                missing: self.me,
+            })?;
+            if self.u3.binary_search(&v).is_ok() {
                 self_mask_shares.push(RevealedShare {
                     owner: v,
                     x: held.self_mask_share.x,

@@ -12,11 +12,27 @@ use crate::secagg::shamir::ShamirError;
 /// other's input from the sum.
 pub const MIN_PEERS_FLOOR: usize = 3;
 
+/// Which pairs of participants share keys and masks (see [`crate::secagg::graph`] for the
+/// exact derivation every party reproduces).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Neighbourhood {
+    /// Everyone with everyone (Bonawitz et al. 2017): right for cross-silo rounds of tens
+    /// of institutions, where O(n) work per participant is small.
+    #[default]
+    Complete,
+    /// A pseudo-random `degree`-regular Harary graph drawn per round (SecAgg+, Bell et al.
+    /// 2020): O(degree) work per participant, for rounds of hundreds or thousands.
+    /// `degree >= n - 1` is the complete graph; an odd degree needs an even roster.
+    Harary { degree: usize },
+}
+
 /// Parameters of one round, known to every participant and the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundConfig {
     pub context: SessionContext,
-    /// Shares needed to reconstruct a secret; also the fewest survivors of any stage.
+    /// Shares needed to reconstruct a secret; also the fewest members of a participant's
+    /// neighbourhood that must survive each stage. Must be a strict majority of every
+    /// neighbourhood that shares keys.
     pub threshold: usize,
     /// A participant's own floor on the number of peers (never below [`MIN_PEERS_FLOOR`]).
     pub min_peers: usize,
@@ -24,11 +40,13 @@ pub struct RoundConfig {
     pub vector_len: usize,
     /// Hash of the global adapter this round trains from; signed in the consistency check.
     pub model_hash: [u8; 32],
+    /// Who shares keys and masks with whom.
+    pub neighbourhood: Neighbourhood,
 }
 
 impl RoundConfig {
-    /// The number of members every stage needs: the threshold, the participant's own floor,
-    /// and never fewer than three.
+    /// The number of members every stage needs in each participant's neighbourhood (itself
+    /// included): the threshold, the participant's own floor, and never fewer than three.
     pub fn quorum(&self) -> usize {
         self.threshold.max(self.min_peers).max(MIN_PEERS_FLOOR)
     }
@@ -99,6 +117,14 @@ pub enum ProtocolError {
         "threshold {threshold} is not a majority of the {members} members: a server could split them into two groups and learn both shares of one participant"
     )]
     ThresholdNotMajority { threshold: usize, members: usize },
+    #[error(
+        "no {degree}-regular graph exists on {members} participants (odd degree, odd count); use an even degree"
+    )]
+    OddDegree { degree: usize, members: usize },
+    #[error(
+        "participant {from} revealed a share of {owner}, which it cannot hold or must not reveal"
+    )]
+    UnexpectedShare { from: Index, owner: Index },
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 }
@@ -115,7 +141,8 @@ impl Stage {
         Ok(())
     }
 
-    /// Aborts this stage when fewer than the round's quorum take part in it.
+    /// Aborts this stage when fewer than the round's quorum take part in it (counted in the
+    /// neighbourhood of whoever checks).
     pub(crate) fn require_quorum(self, cfg: &RoundConfig, got: usize) -> Result<(), ProtocolError> {
         let needed = cfg.quorum();
         if got < needed {

@@ -5,11 +5,17 @@
 //! answered by then has dropped. Masked inputs are folded into one running sum as they
 //! arrive: the server never stores an individual masked vector, let alone an unmasked one,
 //! and its memory is O(vector), not O(participants × vector).
+//!
+//! With a sparse neighbourhood graph ([`crate::secagg::graph`]) the server expects shares only
+//! between neighbours, accepts revealed shares only from a holder's neighbourhood, rebuilds
+//! each survivor's self mask from its neighbours' shares, and removes for each dropped
+//! participant only the pair masks it shared with its surviving neighbours.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::secagg::crypto::{AgreementSecret, verify};
-use crate::secagg::mask::{MaskSign, apply};
+use crate::secagg::graph::Graph;
+use crate::secagg::mask::{MaskSign, apply_many};
 use crate::secagg::messages::{
     AdvertiseKeys, ConsistencySignature, EncryptedShare, Index, KeyRoster, MaskedInput,
     RevealedShare, ShareDelivery, ShareKeys, SurvivorList, UnmaskRequest, UnmaskResponse,
@@ -25,6 +31,7 @@ use zeroize::Zeroizing;
 pub struct ServerSession {
     cfg: RoundConfig,
     identities: BTreeMap<Index, [u8; 32]>,
+    graph: Graph,
     stage: Stage,
     u1: BTreeMap<Index, AdvertiseKeys>,
     /// ShareKeys messages received, by sender (U2 once closed).
@@ -41,12 +48,27 @@ pub struct ServerSession {
 }
 
 impl ServerSession {
-    /// A server for a round whose roster identities are `identities`.
-    pub fn new(cfg: RoundConfig, identities: BTreeMap<Index, [u8; 32]>) -> Self {
+    /// A server for a round whose roster identities are `identities`. Refuses a round whose
+    /// graph cannot be built (odd degree on an odd roster) or whose neighbourhoods are
+    /// smaller than the quorum (every participant would refuse it).
+    pub fn new(
+        cfg: RoundConfig,
+        identities: BTreeMap<Index, [u8; 32]>,
+    ) -> Result<Self, ProtocolError> {
+        let roster: Vec<Index> = identities.keys().copied().collect();
+        let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
+        if graph.degree() + 1 < cfg.quorum() {
+            return Err(ProtocolError::TooFew {
+                stage: Stage::AdvertiseKeys,
+                got: graph.degree() + 1,
+                needed: cfg.quorum(),
+            });
+        }
         let sum = vec![0; cfg.vector_len];
-        ServerSession {
+        Ok(ServerSession {
             cfg,
             identities,
+            graph,
             stage: Stage::AdvertiseKeys,
             u1: BTreeMap::new(),
             shares: BTreeMap::new(),
@@ -57,7 +79,12 @@ impl ServerSession {
             signatures: BTreeMap::new(),
             survivors: Vec::new(),
             responses: BTreeMap::new(),
-        }
+        })
+    }
+
+    /// The round's neighbourhood graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 
     /// The stage the server is collecting.
@@ -146,8 +173,8 @@ impl ServerSession {
         })
     }
 
-    /// Stage 1: accepts one member's encrypted shares, which must cover every other
-    /// member of U1 exactly once.
+    /// Stage 1: accepts one member's encrypted shares, which must cover every neighbour of
+    /// the sender in U1 exactly once, and no one else.
     pub fn receive_shares(&mut self, msg: ShareKeys) -> Result<(), ProtocolError> {
         self.expect(Stage::ShareKeys)?;
         if !self.u1.contains_key(&msg.from) {
@@ -158,7 +185,10 @@ impl ServerSession {
         }
         let mut to = BTreeSet::new();
         for s in &msg.shares {
-            if s.from != msg.from || s.to == msg.from || !self.u1.contains_key(&s.to) {
+            if s.from != msg.from
+                || !self.u1.contains_key(&s.to)
+                || !self.graph.are_neighbours(msg.from, s.to)
+            {
                 return Err(ProtocolError::Misaddressed {
                     from: s.from,
                     to: s.to,
@@ -169,7 +199,11 @@ impl ServerSession {
                 return Err(ProtocolError::Duplicate(s.to));
             }
         }
-        if let Some(&missing) = self.u1.keys().find(|v| **v != msg.from && !to.contains(v)) {
+        if let Some(&missing) = self
+            .u1
+            .keys()
+            .find(|&&v| self.graph.are_neighbours(msg.from, v) && !to.contains(&v))
+        {
             return Err(ProtocolError::MissingShare {
                 from: msg.from,
                 missing,
@@ -350,7 +384,9 @@ impl ServerSession {
         })
     }
 
-    /// Stage 4: accepts a participant's revealed shares.
+    /// Stage 4: accepts a participant's revealed shares: self-mask shares only of survivors
+    /// in its neighbourhood, mask-key shares only of its neighbours that dropped after
+    /// sharing keys, each owner at most once.
     pub fn receive_unmask(&mut self, msg: UnmaskResponse) -> Result<(), ProtocolError> {
         self.expect(Stage::Unmask)?;
         if !self.signatures.contains_key(&msg.from) {
@@ -359,12 +395,40 @@ impl ServerSession {
         if self.responses.contains_key(&msg.from) {
             return Err(ProtocolError::Duplicate(msg.from));
         }
+        let mut owners = BTreeSet::new();
+        for s in &msg.self_mask_shares {
+            if !self.u3.contains(&s.owner) || !self.graph.in_neighbourhood(msg.from, s.owner) {
+                return Err(ProtocolError::UnexpectedShare {
+                    from: msg.from,
+                    owner: s.owner,
+                });
+            }
+            if !owners.insert(s.owner) {
+                return Err(ProtocolError::Duplicate(s.owner));
+            }
+        }
+        for s in &msg.key_shares {
+            if !self.u2.contains(&s.owner)
+                || self.u3.contains(&s.owner)
+                || !self.graph.are_neighbours(msg.from, s.owner)
+            {
+                return Err(ProtocolError::UnexpectedShare {
+                    from: msg.from,
+                    owner: s.owner,
+                });
+            }
+            if !owners.insert(s.owner) {
+                return Err(ProtocolError::Duplicate(s.owner));
+            }
+        }
         self.responses.insert(msg.from, msg);
         Ok(())
     }
 
-    /// Ends the round: reconstructs the survivors' self masks and the dropped members' mask
-    /// keys, removes every mask, and returns `Σ_{u ∈ U3} x_u mod 2^32` with U3.
+    /// Ends the round: reconstructs the survivors' self masks and the mask keys of the
+    /// members that dropped after sharing keys (those with a surviving neighbour), removes
+    /// every mask, and returns `Σ_{u ∈ U3} x_u mod 2^32` with U3. Each secret needs t shares
+    /// from its owner's neighbourhood; too few is [`ProtocolError::Reconstruct`].
     pub fn finish(&mut self) -> Result<(Vec<u32>, Vec<Index>), ProtocolError> {
         self.expect(Stage::Unmask)?;
         self.quorum(Stage::Unmask, self.responses.len())?;
@@ -374,25 +438,46 @@ impl ServerSession {
         let t = self.cfg.threshold;
         let self_mask = by_owner(self.responses.values().flat_map(|r| &r.self_mask_shares));
         let keys = by_owner(self.responses.values().flat_map(|r| &r.key_shares));
-        let mut sum = std::mem::take(&mut self.sum);
+        // Every seed first, so a missing share aborts before the sum is touched.
+        let mut masks = Vec::new();
         for &u in &self.survivors {
             let seed: Zeroizing<[u8; 16]> = reconstruct(&self_mask, u, t)?;
-            apply(&seed, &mut sum, MaskSign::Subtract);
+            masks.push((seed, MaskSign::Subtract));
         }
         for &v in self.u2.difference(&self.u3) {
+            let affected: Vec<Index> = self
+                .survivors
+                .iter()
+                .copied()
+                .filter(|&u| self.graph.are_neighbours(u, v))
+                .collect();
+            if affected.is_empty() {
+                continue;
+            }
             let key: Zeroizing<[u8; 32]> = reconstruct(&keys, v, t)?;
             let secret = AgreementSecret::from_bytes(*key);
-            for &u in &self.survivors {
-                let seed =
-                    secret.pairwise_mask_seed(&self.u1[&u].s_public, &self.cfg.context, v, u)?;
+            let peers = affected
+                .iter()
+                .map(|&u| {
+                    let advert = self
+                        .u1
+                        .get(&u)
+                        .ok_or(ProtocolError::UnknownParticipant(u))?;
+                    Ok((u, advert.s_public))
+                })
+                .collect::<Result<Vec<_>, ProtocolError>>()?;
+            let seeds = secret.pairwise_mask_seeds(&peers, &self.cfg.context, v)?;
+            for (u, seed) in affected.into_iter().zip(seeds) {
                 // Undo what survivor u applied for the pair (u, v).
                 let sign = match pair_mask_sign(u, v) {
                     MaskSign::Add => MaskSign::Subtract,
                     MaskSign::Subtract => MaskSign::Add,
                 };
-                apply(&seed, &mut sum, sign);
+                masks.push((seed, sign));
             }
         }
+        let mut sum = std::mem::take(&mut self.sum);
+        apply_many(&masks, &mut sum);
         self.stage = Stage::Done;
         Ok((sum, self.survivors.clone()))
     }

@@ -5,7 +5,10 @@
 //! `threshold` shares recover the secret by Lagrange interpolation at 0; fewer reveal nothing.
 //! The field is GF(2^8) with the AES polynomial x^8 + x^4 + x^3 + x + 1. Multiplication is
 //! branch-free and uses no lookup tables, so timing does not depend on secret bytes (the
-//! table-based crates sharks/blahaj do). Randomness comes in as a 32-byte seed so the caller
+//! table-based crates sharks/blahaj do). Secret bytes are only ever multiplied by public
+//! values (evaluation points, Lagrange coefficients), eight at a time packed in a u64
+//! ([`Lanes`]): that makes sharing a 32-byte key among 50 with threshold 26 about eight times
+//! faster than byte by byte, which matters when every participant shares two secrets. Randomness comes in as a 32-byte seed so the caller
 //! decides where it comes from (the OS in production, fixed seeds in tests).
 
 use rand::{RngCore, SeedableRng};
@@ -87,22 +90,27 @@ pub fn split(
     for c in &mut coefficients {
         rng.fill_bytes(c);
     }
+    let mut coefficient_lanes: Vec<Lanes> = coefficients.iter().map(|c| Lanes::pack(c)).collect();
+    let mut secret_lanes = Lanes::pack(secret);
     let out = (1..=shares as u8)
         .map(|x| {
-            let y = (0..secret.len())
-                .map(|i| {
-                    // Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + secret
-                    let mut acc = 0u8;
-                    for c in coefficients.iter().rev() {
-                        acc = mul(acc, x) ^ c[i];
-                    }
-                    mul(acc, x) ^ secret[i]
-                })
-                .collect();
+            let by_x = PublicFactor::new(x);
+            // Horner: ((c_{t-1} x + c_{t-2}) x + ...) x + secret, eight bytes at a time.
+            let mut acc = Lanes::zero(secret.len());
+            for c in coefficient_lanes.iter().rev() {
+                acc.mul_assign(&by_x);
+                acc.xor_assign(c);
+            }
+            acc.mul_assign(&by_x);
+            acc.xor_assign(&secret_lanes);
+            let y = acc.unpack();
+            acc.zeroize();
             Share { x, y }
         })
         .collect();
     coefficients.zeroize();
+    coefficient_lanes.zeroize();
+    secret_lanes.zeroize();
     Ok(out)
 }
 
@@ -148,13 +156,98 @@ pub fn combine(shares: &[Share], threshold: usize) -> Result<Vec<u8>, ShamirErro
             mul(num, inv(den))
         })
         .collect();
-    Ok((0..len)
-        .map(|i| {
-            used.iter()
-                .zip(&basis)
-                .fold(0u8, |acc, (s, l)| acc ^ mul(s.y[i], *l))
-        })
-        .collect())
+    let mut acc = Lanes::zero(len);
+    for (s, l) in used.iter().zip(&basis) {
+        let mut term = Lanes::pack(&s.y);
+        term.mul_assign(&PublicFactor::new(*l));
+        acc.xor_assign(&term);
+        term.zeroize();
+    }
+    let secret = acc.unpack();
+    acc.zeroize();
+    Ok(secret)
+}
+
+/// Up to eight field elements per u64 (byte `i` in lane `i / 8`, bits `8 (i % 8)..`), so
+/// one word operation acts on eight secret bytes at once.
+#[derive(Zeroize)]
+struct Lanes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Lanes {
+    fn zero(len: usize) -> Self {
+        Lanes {
+            words: vec![0; len.div_ceil(8)],
+            len,
+        }
+    }
+
+    fn pack(bytes: &[u8]) -> Self {
+        let mut lanes = Lanes::zero(bytes.len());
+        for (w, chunk) in lanes.words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+            b.zeroize();
+        }
+        lanes
+    }
+
+    fn unpack(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len);
+        out
+    }
+
+    fn xor_assign(&mut self, other: &Lanes) {
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a ^= b;
+        }
+    }
+
+    /// Multiplies every element by the same public factor.
+    fn mul_assign(&mut self, by: &PublicFactor) {
+        for w in &mut self.words {
+            *w = by.apply(*w);
+        }
+    }
+}
+
+/// Multiplication by a public field element, as the bits of that element: `a · f` is the
+/// XOR of `a · 2^j` over the set bits `j` of `f`. Branches depend on `f` only (public);
+/// the secret operand goes through the same instructions whatever its value.
+struct PublicFactor {
+    bits: u8,
+}
+
+impl PublicFactor {
+    fn new(f: u8) -> Self {
+        PublicFactor { bits: f }
+    }
+
+    /// Eight products at once: each byte lane of `a` times the factor.
+    fn apply(&self, mut a: u64) -> u64 {
+        let mut product = 0u64;
+        let mut bits = self.bits;
+        while bits != 0 {
+            if bits & 1 == 1 {
+                product ^= a;
+            }
+            a = xtime_lanes(a);
+            bits >>= 1;
+        }
+        product
+    }
+}
+
+/// Multiplies each byte lane by x (i.e. 2), reducing by the AES polynomial: shift left within
+/// the lane and XOR 0x1b into lanes whose top bit fell off.
+fn xtime_lanes(a: u64) -> u64 {
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let carries = (a & HIGH) >> 7;
+    ((a & !HIGH) << 1) ^ (carries * 0x1b)
 }
 
 #[cfg(test)]
@@ -190,6 +283,46 @@ mod tests {
         }
         // FIPS-197 §4.2 example: {57} • {83} = {c1}.
         assert_eq!(mul(0x57, 0x83), 0xc1);
+    }
+
+    #[test]
+    fn lane_multiplication_matches_the_scalar_one() {
+        for f in 0..=255u8 {
+            let by = PublicFactor::new(f);
+            for a in 0..=255u8 {
+                let packed =
+                    u64::from_le_bytes([a, a ^ 0x5a, 0, 0xff, 1, a.wrapping_mul(7), 0x80, 3]);
+                let got = by.apply(packed).to_le_bytes();
+                for (lane, byte) in packed.to_le_bytes().iter().enumerate() {
+                    assert_eq!(got[lane], mul(*byte, f), "{byte} * {f}");
+                }
+            }
+        }
+        let l = Lanes::pack(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(l.words.len(), 2);
+        assert_eq!(l.unpack(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    }
+
+    /// Shares are the same bytes as the straightforward per-byte Horner evaluation.
+    #[test]
+    fn shares_match_per_byte_evaluation() {
+        let secret: Vec<u8> = (0..45u8).map(|i| i.wrapping_mul(37)).collect();
+        let (t, n, seed) = (7, 20, [3u8; 32]);
+        let shares = split(&secret, t, n, seed).unwrap();
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut coefficients = vec![vec![0u8; secret.len()]; t - 1];
+        for c in &mut coefficients {
+            rand::RngCore::fill_bytes(&mut rng, c);
+        }
+        for s in &shares {
+            for (i, y) in s.y.iter().enumerate() {
+                let mut acc = 0u8;
+                for c in coefficients.iter().rev() {
+                    acc = mul(acc, s.x) ^ c[i];
+                }
+                assert_eq!(*y, mul(acc, s.x) ^ secret[i]);
+            }
+        }
     }
 
     #[test]

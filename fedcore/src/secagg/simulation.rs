@@ -4,6 +4,7 @@
 //! randomness are derived from a seed, so it is for simulation only, never for deployment.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -64,7 +65,7 @@ impl SimulatedRound {
             parts.insert(i, p);
         }
         Ok(SimulatedRound {
-            server: ServerSession::new(cfg.clone(), identities),
+            server: ServerSession::new(cfg.clone(), identities)?,
             cfg,
             parts,
             inputs,
@@ -154,22 +155,28 @@ fn select<'a, X>(
 }
 
 /// Runs `step` for every participant on all cores and hands each reply to `sink` on the
-/// calling thread as it arrives; the first error stops the stage.
+/// calling thread as it arrives; the first error stops the stage. Workers take the next
+/// participant from a shared queue, so a core slowed down by other work (the server's, on
+/// the calling thread) does not leave the other idle at the end of the stage.
 fn par_stage<X: Send, M: Send>(
-    mut work: Vec<(&mut ParticipantSession, X)>,
+    work: Vec<(&mut ParticipantSession, X)>,
     step: impl Fn(&mut ParticipantSession, &X) -> Result<M, ProtocolError> + Sync,
     mut sink: impl FnMut(M) -> Result<(), ProtocolError>,
 ) -> Result<(), ProtocolError> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_thread = work.len().div_ceil(threads).max(1);
-    let step = &step;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(work.len())
+        .max(1);
+    let queue = Mutex::new(work.into_iter());
+    let (queue, step) = (&queue, &step);
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::channel();
-        for batch in work.chunks_mut(per_thread) {
+        for _ in 0..threads {
             let tx = tx.clone();
             scope.spawn(move || {
-                for (p, x) in batch.iter_mut() {
-                    if tx.send(step(p, x)).is_err() {
+                // A poisoned queue means another worker panicked: stop taking work.
+                while let Some((p, x)) = queue.lock().ok().and_then(|mut q| q.next()) {
+                    if tx.send(step(p, &x)).is_err() {
                         return;
                     }
                 }

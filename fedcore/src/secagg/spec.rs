@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::secagg::crypto::SessionContext;
-use crate::secagg::protocol::RoundConfig;
+use crate::secagg::graph::Graph;
+use crate::secagg::protocol::{Neighbourhood, RoundConfig};
 use crate::secagg::quantize::Quantizer;
 use crate::update::{UpdateError, check_finite};
 
@@ -42,6 +43,10 @@ pub struct SecureAggregationSpec {
     pub weight_cap: u64,
     /// How long each protocol stage after training waits before the silent are dropped.
     pub stage_timeout_ms: u64,
+    /// SecAgg+ (Bell et al. 2020): each lab shares keys and masks with only this many
+    /// neighbours of a pseudo-random regular graph drawn per round, instead of with every
+    /// other lab. For hundreds of labs; unset (the default) means the complete graph.
+    pub neighbourhood_degree: Option<usize>,
 }
 
 impl Default for SecureAggregationSpec {
@@ -53,14 +58,33 @@ impl Default for SecureAggregationSpec {
             bits: 24,
             weight_cap: 1 << 20,
             stage_timeout_ms: 60_000,
+            neighbourhood_degree: None,
         }
     }
 }
 
 impl SecureAggregationSpec {
-    /// The threshold for a roster of `members` labs.
+    /// The graph for a roster of `members` labs.
+    pub fn neighbourhood(&self, members: usize) -> Neighbourhood {
+        match self.neighbourhood_degree {
+            Some(degree) if degree + 1 < members => Neighbourhood::Harary { degree },
+            _ => Neighbourhood::Complete,
+        }
+    }
+
+    /// Labs in one neighbourhood (a lab and its neighbours).
+    fn neighbourhood_size(&self, members: usize) -> usize {
+        match self.neighbourhood(members) {
+            Neighbourhood::Harary { degree } => degree + 1,
+            Neighbourhood::Complete => members,
+        }
+    }
+
+    /// The threshold for a roster of `members` labs: by default a strict majority of a
+    /// neighbourhood.
     pub fn threshold_for(&self, members: usize) -> usize {
-        self.threshold.unwrap_or(members / 2 + 1)
+        self.threshold
+            .unwrap_or(self.neighbourhood_size(members) / 2 + 1)
     }
 
     /// Checks the section against the roster size; errors name the field.
@@ -76,13 +100,35 @@ impl SecureAggregationSpec {
                 ),
             ));
         }
+        let size = self.neighbourhood_size(members);
+        if let Neighbourhood::Harary { degree } = self.neighbourhood(members) {
+            let roster: Vec<u32> = (1..=members as u32).collect();
+            let probe = SessionContext {
+                session: [0; 32],
+                round: 0,
+            };
+            Graph::new(Neighbourhood::Harary { degree }, &probe, &roster).map_err(|e| {
+                ConfigError::field("secure_aggregation.neighbourhood_degree", e.to_string())
+            })?;
+            if degree < 2 {
+                return Err(ConfigError::field(
+                    "secure_aggregation.neighbourhood_degree",
+                    format!("{degree} is too small; a neighbourhood needs at least 2 neighbours"),
+                ));
+            }
+        }
         let t = self.threshold_for(members);
-        if 2 * t <= members || t > members {
+        if 2 * t <= size || t > size {
+            let what = if size == members {
+                format!("the {members} labs")
+            } else {
+                format!("a neighbourhood of {size} labs")
+            };
             return Err(ConfigError::field(
                 "secure_aggregation.threshold",
                 format!(
-                    "{t} must be a strict majority of the {members} labs (between {} and {members})",
-                    members / 2 + 1
+                    "{t} must be a strict majority of {what} (between {} and {size})",
+                    size / 2 + 1
                 ),
             ));
         }
@@ -138,6 +184,7 @@ impl SecureAggregationSpec {
             },
             threshold: self.threshold_for(members),
             min_peers,
+            neighbourhood: self.neighbourhood(members),
             vector_len: upload_len + 1,
             model_hash: model_hash_bytes(global_hash),
         }
@@ -333,6 +380,32 @@ mod tests {
             ..Default::default()
         };
         off.validate(0).unwrap();
+    }
+
+    #[test]
+    fn sparse_neighbourhoods_are_checked_at_configuration() {
+        let spec = SecureAggregationSpec {
+            neighbourhood_degree: Some(6),
+            ..Default::default()
+        };
+        spec.validate(40).unwrap();
+        assert_eq!(spec.threshold_for(40), 4);
+        assert_eq!(spec.neighbourhood(40), Neighbourhood::Harary { degree: 6 });
+        // A degree covering everyone is the complete graph.
+        assert_eq!(spec.neighbourhood(7), Neighbourhood::Complete);
+        assert_eq!(spec.threshold_for(7), 4);
+        let odd = SecureAggregationSpec {
+            neighbourhood_degree: Some(5),
+            ..Default::default()
+        };
+        let err = odd.validate(41).unwrap_err().to_string();
+        assert!(err.contains("neighbourhood_degree"), "{err}");
+        let loose = SecureAggregationSpec {
+            threshold: Some(3),
+            ..spec
+        };
+        let err = loose.validate(40).unwrap_err().to_string();
+        assert!(err.contains("a neighbourhood of 7 labs"), "{err}");
     }
 
     #[test]
