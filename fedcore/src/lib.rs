@@ -10,10 +10,12 @@
 //! - [`peft`]: the Hugging Face PEFT on-disk format as byte-level codecs.
 //! - [`aggregate`]: sample-weighted FedAvg of FFA-LoRA updates, folded as they arrive.
 //! - [`update`]: the one place an update is encoded and checked before aggregation.
-//! - [`round`]: the round coordinator state machine the aggregator drives.
+//! - [`round`]: the round coordinator state machine the aggregator drives, with secure
+//!   aggregation on by default, and the participant's secure upload.
 //! - [`plan`]: the federation plan both sides agree on.
 //! - [`roster`]: the provisioned labs and their identity keys.
-//! - [`secagg`]: secure-aggregation primitives (masks, Shamir shares, quantisation).
+//! - [`secagg`]: secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbourhoods): masks,
+//!   Shamir shares, quantisation, crypto, and both sides of the protocol as state machines.
 
 pub mod adapter;
 pub mod aggregate;

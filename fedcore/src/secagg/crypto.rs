@@ -174,7 +174,7 @@ impl AgreementSecret {
     }
 
     /// [`Self::pairwise_mask_seed`] with every `(peer, public key)` in `peers`, in order,
-    /// sharing the cost of the agreements (see [`Self::agree_many`]).
+    /// sharing the cost of the agreements (see `agree_many`).
     pub fn pairwise_mask_seeds(
         &self,
         peers: &[(u32, [u8; 32])],
@@ -207,7 +207,7 @@ impl AgreementSecret {
     }
 
     /// [`Self::share_key`] with every `(peer, public key)` in `peers`, in order, sharing the
-    /// cost of the agreements (see [`Self::agree_many`]).
+    /// cost of the agreements (see `agree_many`).
     pub fn share_keys(
         &self,
         peers: &[(u32, [u8; 32])],

@@ -15,8 +15,12 @@
 //!   Harary graph drawn per round (SecAgg+, Bell et al. 2020), specified so that any
 //!   implementation reproduces it.
 //! - [`simulation`]: a whole round in one process, for tests, studies and benchmarks.
+//! - [`spec`]: the plan's `[secure_aggregation]` section and the weighted encoding of an
+//!   update into the words that are masked.
 //!
-//! Not yet done: wiring into the gRPC runtime.
+//! The federation runs these through [`crate::round`]: the coordinator drives a
+//! [`server::ServerSession`] per attempt, and [`crate::round::SecureUpload`] drives a
+//! [`participant::ParticipantSession`] at each lab.
 
 pub mod crypto;
 pub mod graph;

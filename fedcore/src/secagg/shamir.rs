@@ -7,7 +7,7 @@
 //! branch-free and uses no lookup tables, so timing does not depend on secret bytes (the
 //! table-based crates sharks/blahaj do). Secret bytes are only ever multiplied by public
 //! values (evaluation points, Lagrange coefficients), eight at a time packed in a u64
-//! ([`Lanes`]): that makes sharing a 32-byte key among 50 with threshold 26 about eight times
+//! (`Lanes`): that makes sharing a 32-byte key among 50 with threshold 26 about eight times
 //! faster than byte by byte, which matters when every participant shares two secrets. Randomness comes in as a 32-byte seed so the caller
 //! decides where it comes from (the OS in production, fixed seeds in tests).
 
