@@ -344,10 +344,7 @@ impl Federation for FederationService {
             payload,
         };
         let mut c = self.shared.lock();
-        let name = c
-            .participant(&req.participant_id)
-            .map(|(n, _)| n.to_string())
-            .unwrap_or_else(|| "<unknown>".into());
+        let name = participant_name(&c, &req.participant_id);
         let rounds_before = c.history().len();
         match c.submit(&req.participant_id, &update, self.shared.now_ms()) {
             Ok(events) => {
@@ -504,11 +501,6 @@ async fn receive_masked(
         round: first.round,
         attempt: first.attempt,
     };
-    let deadline = {
-        let c = shared.lock();
-        let ms = c.next_deadline().unwrap_or_else(|| shared.now_ms());
-        shared.instant_at(ms)
-    };
     let mut spool = Spool::new(&shared.spool_dir)
         .map_err(|e| Status::unavailable(format!("aggregator cannot spool masked input: {e}")))?;
     let mut index = None;
@@ -517,7 +509,7 @@ async fn receive_masked(
         &id,
         first,
         &mut stream,
-        deadline,
+        stage_deadline,
         &mut spool,
         &mut index,
     )

@@ -241,17 +241,17 @@ pub async fn run(
             pb::fetch_task_response::Task::Train(t) => {
                 let global = decode_adapter_payload(t.global_adapter.as_ref(), &template)?;
                 let global_hash = global.content_hash();
+                if secure.revealed.contains(&(t.round, global_hash.clone())) {
+                    // Never a second unmasking of the same update (see module docs).
+                    error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
                 let fresh = secure
                     .trained
                     .as_ref()
                     .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
                 if fresh {
-                    if secure.revealed.contains(&(t.round, global_hash.clone())) {
-                        // Never a second unmasking of the same update (see module docs).
-                        error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        continue;
-                    }
                     let seed = plan.training.local_seed(&options.name, t.round);
                     let spec = plan.training.clone();
                     let data = corpus.clone();
@@ -283,10 +283,6 @@ pub async fn run(
                         num_samples,
                         stats,
                     });
-                } else if secure.revealed.contains(&(t.round, global_hash.clone())) {
-                    error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
                 }
                 let trained = secure.trained.as_ref().expect("set above");
                 match &t.secure {
@@ -367,7 +363,7 @@ pub async fn run(
                     continue;
                 }
                 let owned = step_from_wire(step.step.as_ref())?;
-                let stage = stage_of(&owned);
+                let stage = owned.as_step().stage();
                 if secure.silent || !observer.secure_step(&options.name, step.round, stage) {
                     secure.silent = true;
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -586,16 +582,7 @@ fn open_secure(
         .as_ref()
         .ok_or(ParticipantError::NoIdentity)?;
     let mut rng = rand::rng();
-    let mut randomness = RoundRandomness {
-        c_secret: [0; 32],
-        s_secret: [0; 32],
-        self_mask_seed: [0; 16],
-        shamir_seed: [0; 32],
-    };
-    rng.fill_bytes(&mut randomness.c_secret);
-    rng.fill_bytes(&mut randomness.s_secret);
-    rng.fill_bytes(&mut randomness.self_mask_seed);
-    rng.fill_bytes(&mut randomness.shamir_seed);
+    let randomness = RoundRandomness::draw(&mut rng);
     let mut rounding_seed = [0u8; 32];
     rng.fill_bytes(&mut rounding_seed);
     let secrets = UploadSecrets {
@@ -614,17 +601,6 @@ fn open_secure(
         options.min_peers.max(MIN_PEERS_FLOOR),
         secrets,
     )?)
-}
-
-fn stage_of(step: &mekong_proto::secure::OwnedStep) -> fedcore::secagg::protocol::Stage {
-    use fedcore::secagg::protocol::Stage;
-    use mekong_proto::secure::OwnedStep;
-    match step {
-        OwnedStep::ShareKeys(_) => Stage::ShareKeys,
-        OwnedStep::MaskedInput(_) => Stage::MaskedInput,
-        OwnedStep::Consistency(_) => Stage::ConsistencyCheck,
-        OwnedStep::Unmask(_) => Stage::Unmask,
-    }
 }
 
 /// Sends one stage message; false when the stage had already closed without us.

@@ -53,6 +53,18 @@ pub enum SecureStep<'a> {
     Unmask(&'a UnmaskRequest),
 }
 
+impl SecureStep<'_> {
+    /// The protocol stage this step belongs to.
+    pub fn stage(&self) -> Stage {
+        match self {
+            SecureStep::ShareKeys(_) => Stage::ShareKeys,
+            SecureStep::MaskedInput(_) => Stage::MaskedInput,
+            SecureStep::Consistency(_) => Stage::ConsistencyCheck,
+            SecureStep::Unmask(_) => Stage::Unmask,
+        }
+    }
+}
+
 /// How an attempt stands after being driven forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Progress {

@@ -1,7 +1,7 @@
 //! The coordinator with secure aggregation on, driven by real participant sessions: whole
 //! rounds, dropouts at each stage, failed attempts, broken streams, and refusals.
 
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use zeroize::Zeroizing;
 
@@ -81,17 +81,7 @@ fn labs(c: &mut Coordinator, n: usize, seed: u64) -> Vec<Lab> {
 }
 
 fn randomness(rng: &mut ChaCha8Rng) -> RoundRandomness {
-    let mut r = RoundRandomness {
-        c_secret: [0; 32],
-        s_secret: [0; 32],
-        self_mask_seed: [0; 16],
-        shamir_seed: [0; 32],
-    };
-    rng.fill_bytes(&mut r.c_secret);
-    rng.fill_bytes(&mut r.s_secret);
-    rng.fill_bytes(&mut r.self_mask_seed);
-    rng.fill_bytes(&mut r.shamir_seed);
-    r
+    RoundRandomness::draw(rng)
 }
 
 /// Streams a masked input in chunks of `chunk` words and commits it.
@@ -166,12 +156,7 @@ fn drive(c: &mut Coordinator, labs: &mut [Lab], now: u64) -> Vec<Event> {
                     step,
                     ..
                 } => {
-                    let stage = match step {
-                        SecureStep::ShareKeys(_) => S::ShareKeys,
-                        SecureStep::MaskedInput(_) => S::MaskedInput,
-                        SecureStep::Consistency(_) => S::ConsistencyCheck,
-                        SecureStep::Unmask(_) => S::Unmask,
-                    };
+                    let stage = step.stage();
                     if lab.silent_from.is_some_and(|s| s as u8 <= stage as u8) {
                         continue;
                     }

@@ -48,6 +48,24 @@ pub struct RoundRandomness {
     pub shamir_seed: [u8; 32],
 }
 
+impl RoundRandomness {
+    /// Draws every secret from `rng` (the OS-seeded generator in production, a seeded
+    /// one in simulations).
+    pub fn draw(rng: &mut impl rand::RngCore) -> Self {
+        let mut r = RoundRandomness {
+            c_secret: [0; 32],
+            s_secret: [0; 32],
+            self_mask_seed: [0; 16],
+            shamir_seed: [0; 32],
+        };
+        rng.fill_bytes(&mut r.c_secret);
+        rng.fill_bytes(&mut r.s_secret);
+        rng.fill_bytes(&mut r.self_mask_seed);
+        rng.fill_bytes(&mut r.shamir_seed);
+        r
+    }
+}
+
 /// The two shares this participant holds of one peer's secrets.
 struct HeldShares {
     key_share: Share,

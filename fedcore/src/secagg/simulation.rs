@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use rand::{RngCore, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::secagg::crypto::Identity;
@@ -50,16 +50,7 @@ impl SimulatedRound {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut parts = BTreeMap::new();
         for &i in inputs.keys() {
-            let mut r = RoundRandomness {
-                c_secret: [0; 32],
-                s_secret: [0; 32],
-                self_mask_seed: [0; 16],
-                shamir_seed: [0; 32],
-            };
-            rng.fill_bytes(&mut r.c_secret);
-            rng.fill_bytes(&mut r.s_secret);
-            rng.fill_bytes(&mut r.self_mask_seed);
-            rng.fill_bytes(&mut r.shamir_seed);
+            let r = RoundRandomness::draw(&mut rng);
             let p =
                 ParticipantSession::new(cfg.clone(), i, identity_seed(i), identities.clone(), r)?;
             parts.insert(i, p);
