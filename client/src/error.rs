@@ -59,6 +59,10 @@ pub enum ModelError {
     #[error("training diverged: loss is {loss} at step {step}")]
     Diverged { step: usize, loss: f32 },
 
+    /// The base checkpoint could not be loaded into the model.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+
     /// The backend failed to run or read back a tensor.
     #[error("backend error while {during}: {message}")]
     Backend {
@@ -95,4 +99,76 @@ pub enum CorpusError {
     /// Too little text to split into a training part and a held-out part.
     #[error("corpus for `{language}` is too short: {reason}")]
     TooShort { language: String, reason: String },
+}
+
+/// What can go wrong opening or reading a pretrained checkpoint. Every message names the
+/// file, tensor or field at fault.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// A checkpoint file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not a well-formed checkpoint of its kind.
+    #[error("{path}: {reason}")]
+    Format { path: String, reason: String },
+
+    /// A field of the checkpoint's configuration is missing or unusable.
+    #[error("{path}: field `{field}`: {reason}")]
+    Config {
+        path: String,
+        field: String,
+        reason: String,
+    },
+
+    /// The model needs a tensor the checkpoint does not hold.
+    #[error("checkpoint {path} has no tensor `{name}`")]
+    MissingTensor { path: String, name: String },
+
+    /// A tensor has another shape than the configuration implies.
+    #[error("tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A tensor is stored in a data type or quantisation this release cannot read.
+    #[error(
+        "tensor `{name}` is stored as {dtype}, which is not supported (supported: {supported})"
+    )]
+    UnsupportedDtype {
+        name: String,
+        dtype: String,
+        supported: &'static str,
+    },
+
+    /// The tokenizer could not be built or read.
+    #[error("tokenizer of {path}: {reason}")]
+    Tokenizer { path: String, reason: String },
+
+    /// The checkpoint is not the one the federation plan pins.
+    #[error(
+        "checkpoint {path} has fingerprint {found}, but the plan pins model.weights_sha256 = {expected}"
+    )]
+    Fingerprint {
+        path: String,
+        expected: String,
+        found: String,
+    },
+
+    /// The checkpoint's architecture differs from the plan's `[model]` section.
+    #[error(
+        "checkpoint {path} does not match the plan: model.{field} is {plan} in the plan, {checkpoint} in the checkpoint"
+    )]
+    PlanMismatch {
+        path: String,
+        field: &'static str,
+        plan: String,
+        checkpoint: String,
+    },
 }

@@ -4,6 +4,7 @@
 //! text, local training and held-out evaluation.
 //!
 //! - [`device`]: picking flex (CPU) or wgpu (GPU) at run time.
+//! - [`checkpoint`]: pretrained base models (Hugging Face safetensors, GGUF) and tokenizers.
 //! - [`data`]: tokenising a lab's text and holding part of it out.
 //! - [`model`]: the decoder and its adapters.
 //! - [`train`]: one round of local training on LoRA B.
@@ -13,6 +14,7 @@
 //! - [`identity`]: the lab's long-term Ed25519 identity file.
 //! - [`error`]: typed errors.
 
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;

@@ -11,10 +11,18 @@ use crate::error::ConfigError;
 use crate::roster::{Roster, RosterEntry};
 use crate::secagg::spec::SecureAggregationSpec;
 
-/// Architecture of a Llama-family decoder, named as in Hugging Face `config.json`.
+/// Architecture of a Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2), named as in
+/// Hugging Face `config.json`.
 ///
-/// In this release the base weights are initialised from `init_seed` by every participant
-/// (identically on every backend); real checkpoints replace that in a later release.
+/// The base weights come from one of two places. With `weights_sha256` set, every lab loads a
+/// pretrained checkpoint (Hugging Face safetensors or GGUF) whose fingerprint must equal it, so
+/// that all labs fine-tune the same base; the architecture fields must then match the
+/// checkpoint's own configuration. Without it, every participant draws the weights from
+/// `init_seed` (identically on every backend): a randomly initialised model for tests and
+/// for pilots without a checkpoint.
+///
+/// The fields added for real checkpoints (`head_dim`, the biases, `rope_scaling`,
+/// `weights_sha256`) default to the plain Llama values, so older plans still read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -30,8 +38,120 @@ pub struct ModelSpec {
     pub rms_norm_eps: f32,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Seed of the base weights every participant initialises identically.
+    /// Seed of the base weights every participant initialises identically (used only when
+    /// `weights_sha256` is absent).
     pub init_seed: u64,
+    /// Width of one attention head when the checkpoint states it (Mistral, Qwen3); otherwise
+    /// `hidden_size / num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Biases on the q, k and v projections (Qwen2; Llama's `attention_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias` sets it with `qkv_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub o_bias: bool,
+    /// Biases on gate, up and down projections (Llama's `mlp_bias`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mlp_bias: bool,
+    /// RoPE frequency scaling for long contexts (Llama 3.1+), if the checkpoint uses one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Fingerprint (lowercase hex SHA-256, see `fedclient::checkpoint`) of the pretrained base
+    /// checkpoint every lab must load; `None` for a seeded random base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// RoPE frequency scaling, as in Hugging Face `rope_scaling`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Llama 3.1's piecewise scaling: wavelengths longer than
+    /// `original_max_position_embeddings / low_freq_factor` are divided by `factor`, shorter
+    /// than `original / high_freq_factor` are kept, and the band between is interpolated.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+}
+
+impl RopeScaling {
+    /// The scaled inverse frequency for one unscaled `inv_freq = theta^(-2i/d)`.
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::Linear { factor } => inv_freq / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let original = original_max_position_embeddings as f64;
+                let low_freq_wavelen = original / low_freq_factor;
+                let high_freq_wavelen = original / high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < high_freq_wavelen {
+                    inv_freq
+                } else if wavelen > low_freq_wavelen {
+                    inv_freq / factor
+                } else {
+                    let smooth = (original / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |field: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(ConfigError::field(
+                    &format!("model.rope_scaling.{field}"),
+                    format!("must be a positive number, got {v}"),
+                ))
+            }
+        };
+        match *self {
+            RopeScaling::Linear { factor } => positive("factor", factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(ConfigError::field(
+                        "model.rope_scaling.high_freq_factor",
+                        format!(
+                            "must be greater than low_freq_factor = {low_freq_factor}, got {high_freq_factor}"
+                        ),
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return Err(ConfigError::field(
+                        "model.rope_scaling.original_max_position_embeddings",
+                        "must be at least 1",
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl ModelSpec {
@@ -50,12 +170,19 @@ impl ModelSpec {
             max_position_embeddings: 256,
             tie_word_embeddings: false,
             init_seed: 17,
+            head_dim: None,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            rope_scaling: None,
+            weights_sha256: None,
         }
     }
 
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Checks that the numbers describe a buildable model; errors name the field.
@@ -77,19 +204,45 @@ impl ModelSpec {
                 return Err(ConfigError::field(field, "must be at least 1"));
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err(ConfigError::field(
-                "model.hidden_size",
-                format!(
-                    "{} is not divisible by num_attention_heads = {}",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
+        match self.head_dim {
+            Some(0) => return Err(ConfigError::field("model.head_dim", "must be at least 1")),
+            Some(d) if d % 2 != 0 => {
+                return Err(ConfigError::field(
+                    "model.head_dim",
+                    format!("{d} is odd; RoPE rotates pairs, so it must be even"),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+                    return Err(ConfigError::field(
+                        "model.hidden_size",
+                        format!(
+                            "{} is not divisible by num_attention_heads = {}",
+                            self.hidden_size, self.num_attention_heads
+                        ),
+                    ));
+                }
+                if !self.head_dim().is_multiple_of(2) {
+                    return Err(ConfigError::field(
+                        "model.hidden_size",
+                        "head dimension (hidden_size / num_attention_heads) must be even for RoPE",
+                    ));
+                }
+            }
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
+        }
+        if let Some(hash) = &self.weights_sha256
+            && !(hash.len() == 64
+                && hash
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
             return Err(ConfigError::field(
-                "model.hidden_size",
-                "head dimension (hidden_size / num_attention_heads) must be even for RoPE",
+                "model.weights_sha256",
+                format!("must be 64 lowercase hex digits (a SHA-256), got `{hash}`"),
             ));
         }
         if !self
@@ -159,6 +312,9 @@ pub struct LoraSpec {
     pub target_modules: Vec<TargetModule>,
     /// FFA-LoRA: every participant derives the same frozen A matrices from this seed.
     pub a_seed: u64,
+    /// Dropout on the LoRA branch's input during training (PEFT's `lora_dropout`); 0 = off.
+    #[serde(default)]
+    pub dropout: f32,
 }
 
 impl Default for LoraSpec {
@@ -168,6 +324,7 @@ impl Default for LoraSpec {
             alpha: 16.0,
             target_modules: TargetModule::ALL.to_vec(),
             a_seed: 2024,
+            dropout: 0.0,
         }
     }
 }
@@ -187,6 +344,12 @@ impl LoraSpec {
             return Err(ConfigError::field(
                 "lora.alpha",
                 "must be a positive number",
+            ));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return Err(ConfigError::field(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
             ));
         }
         if self.target_modules.is_empty() {

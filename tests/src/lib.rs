@@ -39,6 +39,7 @@ pub fn test_plan(
             alpha: 8.0,
             target_modules: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
             a_seed: 11,
+            dropout: 0.0,
         },
         training: TrainingSpec {
             local_steps: 3,

@@ -1,0 +1,132 @@
+//! Pretrained base checkpoints: Hugging Face directories (`config.json`, `model.safetensors`
+//! or a sharded `model.safetensors.index.json`, `tokenizer.json`) and GGUF files.
+//!
+//! Both formats are opened into one [`Checkpoint`]: the architecture as a [`ModelSpec`], a
+//! [`WeightSource`] that yields each tensor on demand as f32 in **Hugging Face naming and
+//! layout** (`model.layers.{i}.self_attn.q_proj.weight`, row-major `[out, in]`, q/k rows in
+//! the rotate-half RoPE order), the tokenizer, and a fingerprint. The model builder
+//! (`crate::model`) therefore has one loading path, whatever the file format; all format
+//! differences (names, dtypes, quantisation, GGUF's reversed dimensions and its interleaved
+//! q/k rows) are undone here.
+//!
+//! Tensors are read one at a time with positioned reads, so opening a checkpoint costs only its
+//! headers and loading holds at most one tensor on the host beside the model.
+
+pub mod fingerprint;
+pub mod gguf;
+pub mod hf;
+
+use std::path::{Path, PathBuf};
+
+use fedcore::ModelSpec;
+
+use crate::error::CheckpointError;
+
+/// One tensor converted to f32, row-major, in Hugging Face layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    /// Checks the shape against what the model expects; the error names the tensor.
+    pub fn expect_shape(&self, name: &str, expected: &[usize]) -> Result<(), CheckpointError> {
+        if self.shape == expected {
+            Ok(())
+        } else {
+            Err(CheckpointError::TensorShape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: self.shape.clone(),
+            })
+        }
+    }
+}
+
+/// Named base weights, read on demand.
+pub trait WeightSource: Send + Sync {
+    /// Every tensor the source holds, by its Hugging Face name.
+    fn names(&self) -> Vec<String>;
+
+    /// One tensor, dequantised or cast to f32, in Hugging Face layout. A name the source does
+    /// not hold is [`CheckpointError::MissingTensor`].
+    fn tensor(&self, name: &str) -> Result<HostTensor, CheckpointError>;
+}
+
+/// Which file format a checkpoint came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckpointFormat {
+    /// A Hugging Face directory with safetensors weights.
+    HfSafetensors,
+    /// A GGUF v3 file (llama.cpp).
+    Gguf,
+}
+
+/// The tokenizer that belongs to a checkpoint, with what chat formatting needs.
+#[derive(Clone)]
+pub struct CheckpointTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    /// Text of the beginning-of-sequence token, if the model has one.
+    pub bos_token: Option<String>,
+    /// Text of the end-of-sequence (end-of-turn) token, if the model has one.
+    pub eos_token: Option<String>,
+    /// The Jinja chat template (`tokenizer_config.json` or GGUF `tokenizer.chat_template`).
+    pub chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for CheckpointTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointTokenizer")
+            .field("vocab_size", &self.tokenizer.get_vocab_size(true))
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+/// An opened checkpoint.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub format: CheckpointFormat,
+    /// The architecture from the checkpoint's own configuration. `name` is the model's name
+    /// and `weights_sha256` its [`fingerprint`](fingerprint::checkpoint_fingerprint).
+    pub spec: ModelSpec,
+    pub weights: Box<dyn WeightSource>,
+    pub tokenizer: Option<CheckpointTokenizer>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("spec", &self.spec)
+            .field("tokenizer", &self.tokenizer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a checkpoint: a `.gguf` file, or a Hugging Face directory (or its `config.json`).
+pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    if path.is_dir() {
+        return hf::open(path);
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("gguf") => gguf::open(path),
+        _ if path.file_name().is_some_and(|n| n == "config.json") => {
+            hf::open(path.parent().unwrap_or(Path::new(".")))
+        }
+        _ if !path.exists() => Err(CheckpointError::Io {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        }),
+        _ => Err(CheckpointError::Format {
+            path: path.display().to_string(),
+            reason: "not a checkpoint: expected a `.gguf` file or a Hugging Face directory with \
+                     config.json"
+                .to_string(),
+        }),
+    }
+}
