@@ -1,5 +1,5 @@
-//! A bias-free linear layer with an optional FFA-LoRA branch:
-//! `y = x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W and A frozen and only B trained.
+//! A linear layer with an optional frozen bias and an optional FFA-LoRA branch:
+//! `y = x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W, b and A frozen and only B trained.
 //!
 //! Tensors are stored in burn's matmul-ready layout (`[in, out]`, i.e. transposed relative to
 //! Hugging Face and PEFT, which store `[out, in]`, `lora_A` `[r, in]` and `lora_B` `[out, r]`),
@@ -19,6 +19,8 @@ use crate::error::ModelError;
 pub struct LoraLinear {
     /// Frozen base weight `Wᵀ`, `[in, out]`.
     weight: Param<Tensor<2>>,
+    /// Frozen base bias `[out]` (Qwen2's q/k/v projections; Llama with `attention_bias`).
+    bias: Option<Param<Tensor<1>>>,
     lora: Option<LoraBranch>,
 }
 
@@ -47,8 +49,17 @@ impl LoraLinear {
         );
         LoraLinear {
             weight: Param::from_data(data, device).set_require_grad(false),
+            bias: None,
             lora: None,
         }
+    }
+
+    /// Adds a frozen bias of `out_features` values.
+    pub(crate) fn with_bias(mut self, bias: Vec<f32>, device: &Device) -> Self {
+        let n = bias.len();
+        self.bias =
+            Some(Param::from_data(TensorData::new(bias, [n]), device).set_require_grad(false));
+        self
     }
 
     /// `(in_features, out_features)`.
@@ -126,12 +137,13 @@ impl LoraLinear {
             .map_err(|e| ModelError::backend("reading a base weight", e))
     }
 
-    /// `x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
+    /// `x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(|b| b.val());
         match &self.lora {
-            None => linear(x, self.weight.val(), None),
+            None => linear(x, self.weight.val(), bias),
             Some(branch) => {
-                let base = linear(x.clone(), self.weight.val(), None);
+                let base = linear(x.clone(), self.weight.val(), bias);
                 let low_rank = linear(x, branch.a_t.val(), None).mul_scalar(branch.scaling);
                 base + linear(low_rank, branch.b_t.val(), None)
             }
