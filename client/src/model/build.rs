@@ -224,7 +224,13 @@ impl Builder<'_> {
             .adapter
             .module(&name)
             .ok_or_else(|| ModelError::MissingModule(name.clone()))?;
-        linear.with_lora(&name, module, self.lora.scaling(), self.device)
+        linear.with_lora(
+            &name,
+            module,
+            self.lora.scaling(),
+            f64::from(self.lora.dropout),
+            self.device,
+        )
     }
 
     fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {

@@ -7,6 +7,7 @@
 //! adapter is exported.
 
 use burn::module::{Module, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedcore::{LoraModule, Matrix};
@@ -33,6 +34,8 @@ pub struct LoraBranch {
     b_t: Param<Tensor<2>>,
     /// `alpha / r`.
     scaling: f32,
+    /// PEFT's `lora_dropout` on the branch's input; active only in training (autodiff).
+    dropout: Dropout,
 }
 
 impl LoraLinear {
@@ -73,12 +76,14 @@ impl LoraLinear {
         self.lora.is_some()
     }
 
-    /// Adds (or replaces) the LoRA branch with A and B in PEFT layout.
+    /// Adds (or replaces) the LoRA branch with A and B in PEFT layout and dropout probability
+    /// `dropout` on its input (in `[0, 1)`, checked by `LoraSpec::validate`).
     pub(crate) fn with_lora(
         mut self,
         name: &str,
         module: &LoraModule,
         scaling: f32,
+        dropout: f64,
         device: &Device,
     ) -> Result<Self, ModelError> {
         self.check_lora(name, module)?;
@@ -87,6 +92,7 @@ impl LoraLinear {
             a_t: Param::from_data(a_t, device).set_require_grad(false),
             b_t: Param::from_data(b_t, device),
             scaling,
+            dropout: DropoutConfig::new(dropout).init(),
         });
         Ok(self)
     }
@@ -110,6 +116,7 @@ impl LoraLinear {
                 .b_t
                 .transform_for_load(Tensor::from_data(b_t, &device), b_id),
             scaling: branch.scaling,
+            dropout: branch.dropout,
         });
         Ok(())
     }
@@ -144,7 +151,8 @@ impl LoraLinear {
             None => linear(x, self.weight.val(), bias),
             Some(branch) => {
                 let base = linear(x.clone(), self.weight.val(), bias);
-                let low_rank = linear(x, branch.a_t.val(), None).mul_scalar(branch.scaling);
+                let low_rank = linear(branch.dropout.forward(x), branch.a_t.val(), None)
+                    .mul_scalar(branch.scaling);
                 base + linear(low_rank, branch.b_t.val(), None)
             }
         }
@@ -249,14 +257,16 @@ mod tests {
 
         // B = 0: bit-identical to the frozen base.
         let (adapted, _) = layer(&device);
-        let adapted = adapted.with_lora("m", &module(0.0), 2.0, &device).unwrap();
+        let adapted = adapted
+            .with_lora("m", &module(0.0), 2.0, 0.0, &device)
+            .unwrap();
         assert_eq!(values(adapted.forward(x.clone())), plain);
 
         // B ≠ 0: base + scaling · x·Aᵀ·Bᵀ, computed by hand.
         let scaling = 16.0 / R as f32;
         let m = module(1.0);
         let (adapted, _) = layer(&device);
-        let adapted = adapted.with_lora("m", &m, scaling, &device).unwrap();
+        let adapted = adapted.with_lora("m", &m, scaling, 0.0, &device).unwrap();
         let got = values(adapted.forward(x));
         let delta = m.delta(1.0).unwrap(); // B·A, [out, in]
         let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
@@ -280,7 +290,7 @@ mod tests {
         let device = Device::flex();
         let (l, w) = layer(&device);
         let m = module(1.0);
-        let mut l = l.with_lora("m", &m, 1.0, &device).unwrap();
+        let mut l = l.with_lora("m", &m, 1.0, 0.0, &device).unwrap();
         assert_eq!(l.read_lora().unwrap().unwrap(), m);
         assert_eq!(l.read_base().unwrap().data(), &w[..]);
 
@@ -297,7 +307,7 @@ mod tests {
     fn only_b_requires_grad_after_train() {
         let device = Device::flex();
         let (l, _) = layer(&device);
-        let l = l.with_lora("m", &module(1.0), 1.0, &device).unwrap();
+        let l = l.with_lora("m", &module(1.0), 1.0, 0.0, &device).unwrap();
         let mut l = l;
         l.load_lora("m", &module(0.5)).unwrap();
         let l = l.train();

@@ -13,7 +13,7 @@
 
 mod adapter_io;
 mod attention;
-pub(crate) mod batch;
+pub mod batch;
 mod build;
 mod decoder;
 mod init;
@@ -30,6 +30,7 @@ mod tests;
 pub(crate) use snapshot::parameters as snapshot_parameters;
 
 pub use attention::{Attention, segment_mask};
+pub use batch::RowBatch;
 pub use decoder::DecoderLayer;
 pub use lora_linear::{LoraBranch, LoraLinear};
 pub use mlp::Mlp;
