@@ -176,6 +176,18 @@ pub enum CheckpointError {
         found: String,
     },
 
+    /// The plan pins a pretrained base, but this lab was given none.
+    #[error(
+        "the plan pins a pretrained base model (model.weights_sha256 = {expected}); give this lab that checkpoint (e.g. `--model PATH`)"
+    )]
+    Required { expected: String },
+
+    /// A checkpoint was given, but the plan trains a seeded random base.
+    #[error(
+        "a base checkpoint ({path}) was given, but the plan has no model.weights_sha256: it trains a seeded random base, so every lab would start from different weights"
+    )]
+    NotPinned { path: String },
+
     /// The checkpoint's architecture differs from the plan's `[model]` section.
     #[error(
         "checkpoint {path} does not match the plan: model.{field} is {plan} in the plan, {checkpoint} in the checkpoint"

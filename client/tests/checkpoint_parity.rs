@@ -208,3 +208,34 @@ fn missing_tensor_and_bad_shape_are_named() {
     let err = checkpoint::open(dir.path()).unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 }
+
+/// A federation plan pins its base checkpoint: the right one loads, anything else is named.
+#[test]
+fn plans_pin_their_base_checkpoint() {
+    let device = Device::flex();
+    let ckpt = checkpoint::open(&fixture("tiny-qwen2")).unwrap();
+    let pinned = ckpt.spec.clone();
+    assert_eq!(pinned.weights_sha256.as_ref().unwrap().len(), 64);
+    LoraLlama::for_plan(&pinned, &lora(), Some(&ckpt), &device).unwrap();
+
+    // The bf16 copy holds other bytes: another fingerprint.
+    let other = checkpoint::open(&fixture("tiny-qwen2-bf16")).unwrap();
+    let err = LoraLlama::for_plan(&pinned, &lora(), Some(&other), &device).unwrap_err();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+
+    let mut wider = pinned.clone();
+    wider.intermediate_size = 80;
+    let err = LoraLlama::for_plan(&wider, &lora(), Some(&ckpt), &device).unwrap_err();
+    assert!(
+        err.to_string().contains("model.intermediate_size is 80"),
+        "{err}"
+    );
+
+    let err = LoraLlama::for_plan(&pinned, &lora(), None, &device).unwrap_err();
+    assert!(err.to_string().contains("pins a pretrained base"), "{err}");
+
+    let mut random = pinned.clone();
+    random.weights_sha256 = None;
+    let err = LoraLlama::for_plan(&random, &lora(), Some(&ckpt), &device).unwrap_err();
+    assert!(err.to_string().contains("no model.weights_sha256"), "{err}");
+}

@@ -56,6 +56,37 @@ impl LoraLlama {
         )
     }
 
+    /// Builds the model a federation plan describes: on `base` when the plan pins a
+    /// pretrained checkpoint (`model.weights_sha256`), after checking that `base` is that
+    /// checkpoint and has the plan's architecture; on the seeded random base otherwise.
+    pub fn for_plan(
+        model: &ModelSpec,
+        lora: &LoraSpec,
+        base: Option<&Checkpoint>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        match (&model.weights_sha256, base) {
+            (Some(_), Some(checkpoint)) => {
+                checkpoint.check_plan(model)?;
+                Self::build(
+                    model,
+                    lora,
+                    BaseWeights::Checkpoint(checkpoint.weights.as_ref()),
+                    device,
+                )
+            }
+            (Some(hash), None) => Err(CheckpointError::Required {
+                expected: hash.clone(),
+            }
+            .into()),
+            (None, Some(checkpoint)) => Err(CheckpointError::NotPinned {
+                path: checkpoint.path.display().to_string(),
+            }
+            .into()),
+            (None, None) => Self::new(model, lora, device),
+        }
+    }
+
     fn build(
         model: &ModelSpec,
         lora: &LoraSpec,
