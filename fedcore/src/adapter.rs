@@ -195,9 +195,15 @@ impl LoraModule {
 pub struct AdapterConfig {
     pub rank: usize,
     pub alpha: f32,
+    /// The adapted modules. A set, as in PEFT: order carries no meaning, and
+    /// [`crate::peft::decode_config`] returns it in [`TargetModule::ALL`] order.
     pub target_modules: Vec<TargetModule>,
     /// `base_model_name_or_path`.
     pub base_model: String,
+    /// PEFT's `lora_dropout`: dropout on the LoRA branch's input while training. It does not
+    /// change the weights' meaning, but it is recorded so that PEFT (or a later round) resumes
+    /// training the adapter the way it was trained; 0 when an older config does not say.
+    pub dropout: f32,
 }
 
 impl AdapterConfig {
@@ -456,6 +462,7 @@ mod tests {
             alpha: 16.0,
             target_modules: vec![TargetModule::Q, TargetModule::V],
             base_model: "test/base".into(),
+            dropout: 0.0,
         }
     }
 

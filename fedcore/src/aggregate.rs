@@ -142,6 +142,7 @@ mod tests {
             alpha: 16.0,
             target_modules: vec![TargetModule::Q, TargetModule::Up],
             base_model: "t".into(),
+            dropout: 0.0,
         };
         let shapes = vec![
             ModuleShape {

@@ -36,6 +36,20 @@ pub enum AdapterError {
     Safetensors(String),
     #[error("invalid adapter_config.json: {0}")]
     Config(String),
+    /// One key of `adapter_config.json` is malformed, or asks for something Mekong cannot
+    /// reproduce exactly (DoRA, rsLoRA, trained biases, per-module ranks, ...). Loading such an
+    /// adapter as plain LoRA would silently compute a different model, so it is refused.
+    #[error("{file}: `{key}` {reason}")]
+    ConfigKey {
+        /// `adapter_config.json`, or its full path when read from a directory.
+        file: String,
+        key: String,
+        reason: String,
+    },
+    /// A LoRA tensor of a module that `target_modules` in the config does not cover: the
+    /// weights and the config disagree about what the adapter adapts.
+    #[error("tensor `{key}` adapts a module not covered by target_modules {targets}")]
+    UntargetedTensor { key: String, targets: String },
     #[error("{path}: {source}")]
     Io {
         path: String,

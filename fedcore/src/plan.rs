@@ -335,6 +335,22 @@ impl LoraSpec {
         self.alpha / self.rank as f32
     }
 
+    /// The PEFT metadata of adapters with this layout on `model`. Targets come out in
+    /// [`TargetModule::ALL`] order (they are a set), the order [`crate::peft::decode_config`]
+    /// reads them back in, so an adapter written and read again compares equal.
+    pub fn adapter_config(&self, model: &ModelSpec) -> AdapterConfig {
+        AdapterConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            target_modules: TargetModule::ALL
+                .into_iter()
+                .filter(|t| self.target_modules.contains(t))
+                .collect(),
+            base_model: model.name.clone(),
+            dropout: self.dropout,
+        }
+    }
+
     /// Checks rank, alpha and targets; errors name the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.rank == 0 {
@@ -653,12 +669,7 @@ impl FederationPlan {
 
     /// The PEFT metadata of this plan's adapters.
     pub fn adapter_config(&self) -> AdapterConfig {
-        AdapterConfig {
-            rank: self.lora.rank,
-            alpha: self.lora.alpha,
-            target_modules: self.lora.target_modules.clone(),
-            base_model: self.model.name.clone(),
-        }
+        self.lora.adapter_config(&self.model)
     }
 
     /// The round-0 global adapter: FFA-LoRA's A from the shared seed, B zero.

@@ -100,6 +100,7 @@ impl LoraLlama {
             alpha: lora.alpha,
             target_modules: lora.target_modules.clone(),
             base_model: model.name.clone(),
+            dropout: lora.dropout,
         };
         let initial = LoraAdapter::init_ffa(
             adapter_config.clone(),
