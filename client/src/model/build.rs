@@ -16,7 +16,7 @@
 use burn::module::Param;
 use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::{Device, TensorData};
-use fedcore::{AdapterConfig, LoraAdapter, LoraSpec, ModelSpec, TargetModule};
+use fedcore::{LoraAdapter, LoraSpec, ModelSpec, TargetModule};
 
 use super::LoraLlama;
 use super::attention::Attention;
@@ -95,13 +95,7 @@ impl LoraLlama {
     ) -> Result<Self, ModelError> {
         model.validate()?;
         lora.validate()?;
-        let adapter_config = AdapterConfig {
-            rank: lora.rank,
-            alpha: lora.alpha,
-            target_modules: lora.target_modules.clone(),
-            base_model: model.name.clone(),
-            dropout: lora.dropout,
-        };
+        let adapter_config = lora.adapter_config(model);
         let initial = LoraAdapter::init_ffa(
             adapter_config.clone(),
             &model.lora_modules(&lora.target_modules),
