@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::secagg::crypto::{IdentityKey, IdentityKeys};
 use crate::secagg::messages::Index;
 
 /// One provisioned lab.
@@ -17,10 +18,13 @@ pub struct RosterEntry {
     pub public_key: String,
 }
 
-/// The validated roster: names, keys and protocol indices (1-based, in roster order).
+/// The validated roster: names, keys and protocol indices (1-based, in roster order). The
+/// keys are decoded once here, when the roster is validated, and every secure-aggregation
+/// session built from this roster shares them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Roster {
     entries: Vec<(String, [u8; 32])>,
+    keys: IdentityKeys,
 }
 
 impl Roster {
@@ -28,6 +32,7 @@ impl Roster {
     /// entry.
     pub fn new(entries: &[RosterEntry]) -> Result<Self, ConfigError> {
         let mut out: Vec<(String, [u8; 32])> = Vec::with_capacity(entries.len());
+        let mut keys = std::collections::BTreeMap::new();
         if entries.len() > 255 {
             return Err(ConfigError::field(
                 "roster",
@@ -54,7 +59,7 @@ impl Roster {
                     format!("{:?} is listed twice", e.name),
                 ));
             }
-            let key = parse_public_key(&e.public_key).map_err(|reason| {
+            let (key, decoded) = parse_identity_key(&e.public_key).map_err(|reason| {
                 ConfigError::field(
                     &format!("{field}.public_key"),
                     format!("{reason} (lab {})", e.name),
@@ -67,8 +72,12 @@ impl Roster {
                 ));
             }
             out.push((e.name.clone(), key));
+            keys.insert(out.len() as Index, decoded);
         }
-        Ok(Roster { entries: out })
+        Ok(Roster {
+            entries: out,
+            keys: IdentityKeys::from_keys(keys),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -93,13 +102,10 @@ impl Roster {
         self.entries.get(pos).map(|(n, _)| n.as_str())
     }
 
-    /// Index → identity public key, as the secure-aggregation sessions take it.
-    pub fn identities(&self) -> std::collections::BTreeMap<Index, [u8; 32]> {
-        self.entries
-            .iter()
-            .enumerate()
-            .map(|(p, (_, k))| (p as Index + 1, *k))
-            .collect()
+    /// Index → identity public key, decoded, as the secure-aggregation sessions take it
+    /// (a shared reference: cloning it decodes nothing).
+    pub fn identities(&self) -> IdentityKeys {
+        self.keys.clone()
     }
 }
 
@@ -114,13 +120,18 @@ pub fn valid_name(name: &str) -> bool {
 
 /// Parses a hex Ed25519 public key and checks it is a valid curve point.
 pub fn parse_public_key(hex_key: &str) -> Result<[u8; 32], String> {
+    parse_identity_key(hex_key).map(|(key, _)| key)
+}
+
+/// [`parse_public_key`], returning the decoded key too.
+fn parse_identity_key(hex_key: &str) -> Result<([u8; 32], IdentityKey), String> {
     let bytes = hex::decode(hex_key.trim()).map_err(|e| format!("public key is not hex: {e}"))?;
     let key: [u8; 32] = bytes
         .try_into()
         .map_err(|b: Vec<u8>| format!("public key has {} bytes, expected 32", b.len()))?;
-    crate::secagg::crypto::check_identity_key(&key)
+    let decoded = IdentityKey::from_roster_bytes(0, &key)
         .map_err(|_| "public key is not a valid Ed25519 point".to_string())?;
-    Ok(key)
+    Ok((key, decoded))
 }
 
 #[cfg(test)]

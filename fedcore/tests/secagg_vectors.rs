@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use fedcore::secagg::crypto::{AgreementSecret, CryptoError, Identity, SessionContext, verify};
+use fedcore::secagg::crypto::{
+    AgreementSecret, CryptoError, Identity, IdentityKeys, SessionContext, verify,
+};
 use fedcore::secagg::messages::{Index, KeyRoster, ShareDelivery, SurvivorList};
 use fedcore::secagg::participant::{ParticipantSession, RoundRandomness};
 use fedcore::secagg::protocol::RoundConfig;
@@ -316,6 +318,7 @@ fn participant_state_machine_signs_and_encrypts_the_vector_bytes() {
         .iter()
         .map(|(&i, s)| (i, Identity::from_seed(*s).public()))
         .collect();
+    let identities = IdentityKeys::decode(&identities).unwrap();
     // u's s secret is the one whose public key the advertise vector carries.
     let c_secrets: BTreeMap<Index, [u8; 32]> = [
         (u, array(&v, "/x25519/u_secret")),

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::secagg::crypto::IdentityKeys;
 use crate::secagg::messages::{
     AdvertiseKeys, ConsistencySignature, Index, KeyRoster, ShareDelivery, ShareKeys, SurvivorList,
     UnmaskRequest, UnmaskResponse,
@@ -105,7 +106,7 @@ impl std::fmt::Debug for SecureRound {
 impl SecureRound {
     pub fn new(
         cfg: RoundConfig,
-        identities: BTreeMap<Index, [u8; 32]>,
+        identities: IdentityKeys,
         encoding: WeightedEncoding,
         cohort: BTreeSet<Index>,
         attempt: u32,

@@ -351,14 +351,11 @@ impl Identity {
 
 /// Checks that `public` is a usable identity key: a valid Ed25519 point of large order.
 pub fn check_identity_key(public: &[u8; 32]) -> Result<(), CryptoError> {
-    match VerifyingKey::from_bytes(public) {
-        Ok(key) if !key.is_weak() => Ok(()),
-        _ => Err(CryptoError::BadIdentityKey(0)),
-    }
+    IdentityKey::from_roster_bytes(0, public).map(|_| ())
 }
 
 /// A participant's identity public key, decoded once (decompressing an Ed25519 point costs
-/// about a tenth of a verification) and reused for every signature it makes in a round.
+/// about a tenth of a verification) and reused for every signature it makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdentityKey(VerifyingKey);
 
@@ -368,6 +365,64 @@ impl IdentityKey {
         VerifyingKey::from_bytes(public)
             .map(IdentityKey)
             .map_err(|_| CryptoError::BadIdentityKey(signer))
+    }
+
+    /// [`Self::from_bytes`], refusing also keys of small order, as a roster must
+    /// ([`check_identity_key`]).
+    pub fn from_roster_bytes(signer: u32, public: &[u8; 32]) -> Result<Self, CryptoError> {
+        match Self::from_bytes(signer, public) {
+            Ok(key) if !key.0.is_weak() => Ok(key),
+            _ => Err(CryptoError::BadIdentityKey(signer)),
+        }
+    }
+}
+
+/// The identity keys of a federation's roster by protocol index, decoded once and shared
+/// (cheaply cloned) by every session that checks signatures against them: the keys are
+/// long-term, so a coordinator decodes them once per federation and a participant once when
+/// it validates the plan's roster, rather than once per stage or per check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKeys(std::sync::Arc<std::collections::BTreeMap<u32, IdentityKey>>);
+
+impl IdentityKeys {
+    /// Decodes every `(index, 32-byte key)`; names the first that is not a valid Ed25519
+    /// point. Keys of small order are kept (signatures under them never verify); a roster
+    /// refuses them beforehand ([`IdentityKey::from_roster_bytes`]).
+    pub fn decode(
+        identities: &std::collections::BTreeMap<u32, [u8; 32]>,
+    ) -> Result<Self, CryptoError> {
+        identities
+            .iter()
+            .map(|(&i, public)| Ok((i, IdentityKey::from_bytes(i, public)?)))
+            .collect::<Result<_, CryptoError>>()
+            .map(Self::from_keys)
+    }
+
+    /// Keys already decoded.
+    pub fn from_keys(keys: std::collections::BTreeMap<u32, IdentityKey>) -> Self {
+        IdentityKeys(std::sync::Arc::new(keys))
+    }
+
+    /// The key of roster member `index`.
+    pub fn get(&self, index: u32) -> Option<&IdentityKey> {
+        self.0.get(&index)
+    }
+
+    pub fn contains(&self, index: u32) -> bool {
+        self.0.contains_key(&index)
+    }
+
+    /// The roster's indices, ascending.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.keys().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -811,6 +866,41 @@ mod tests {
         let mut with_weak = keys.clone();
         with_weak[0] = weak;
         assert!(verify_batch("batch", &items(&with_weak, &sigs, b"m")).is_err());
+    }
+
+    #[test]
+    fn identity_keys_decode_once_and_name_a_bad_key() {
+        use curve25519_dalek::edwards::CompressedEdwardsY;
+        let good: std::collections::BTreeMap<u32, [u8; 32]> = (1..=3u8)
+            .map(|i| (u32::from(i), Identity::from_seed([i; 32]).public()))
+            .collect();
+        let keys = IdentityKeys::decode(&good).unwrap();
+        assert_eq!(keys.indices().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(keys.contains(2) && !keys.contains(4));
+        let id = Identity::from_seed([2; 32]);
+        let sig = id.sign("t", b"m");
+        verify_with(2, keys.get(2).unwrap(), "t", b"m", &sig).unwrap();
+        // A y coordinate with no point on the curve names its index.
+        let not_a_point = (2u8..)
+            .map(|y| {
+                let mut b = [0u8; 32];
+                b[0] = y;
+                b
+            })
+            .find(|b| CompressedEdwardsY(*b).decompress().is_none())
+            .unwrap();
+        let mut bad = good.clone();
+        bad.insert(7, not_a_point);
+        assert_eq!(
+            IdentityKeys::decode(&bad).unwrap_err(),
+            CryptoError::BadIdentityKey(7)
+        );
+        // Small order: decodable, but not for a roster.
+        assert!(IdentityKey::from_bytes(5, &SMALL_ORDER_ENCODINGS[0]).is_ok());
+        assert_eq!(
+            IdentityKey::from_roster_bytes(5, &SMALL_ORDER_ENCODINGS[0]).unwrap_err(),
+            CryptoError::BadIdentityKey(5)
+        );
     }
 
     #[test]

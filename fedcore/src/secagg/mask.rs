@@ -55,29 +55,98 @@ pub fn apply(seed: &[u8; 16], acc: &mut [u32], sign: MaskSign) {
 
 /// Adds or subtracts several mask streams to `acc` at once; the same result as calling
 /// [`apply`] for each in turn. Why: a participant folds one mask per neighbour (plus its
-/// self mask) into the same vector, and a server removes many; going chunk by chunk with
-/// every stream keeps each chunk of `acc` in L1 while all masks are folded into it, instead
-/// of streaming the whole vector through the caches once per mask.
+/// self mask) into the same vector, and a server removes many. The vector goes chunk by
+/// chunk. For each chunk the keystreams of up to `GROUP` masks of the same sign are
+/// written side by side into one buffer that stays in the L1/L2 caches, summed word by word
+/// in registers, and the sum is added to (or subtracted from) the chunk once
+/// (`fold_group`). So each word of `acc` is loaded and stored once per group instead of
+/// once per mask, and the keystream is only loaded and added. Masks are grouped by sign,
+/// which the result does not depend on (addition modulo 2^32 commutes).
 pub fn apply_many(masks: &[(Zeroizing<[u8; 16]>, MaskSign)], acc: &mut [u32]) {
-    let mut ciphers: Vec<(MaskCipher, MaskSign)> = masks
-        .iter()
-        .map(|(seed, sign)| {
-            let seed: &[u8; 16] = seed;
-            (MaskCipher::new(seed.into(), &[0u8; 16].into()), *sign)
-        })
-        .collect();
-    let mut bytes = [0u8; MANY_CHUNK_WORDS * 4];
-    for chunk in acc.chunks_mut(MANY_CHUNK_WORDS) {
-        for (cipher, sign) in &mut ciphers {
-            fold(cipher, chunk, &mut bytes, *sign);
+    let (mut adds, mut subtracts) = (Vec::new(), Vec::new());
+    for (seed, sign) in masks {
+        let seed: &[u8; 16] = seed;
+        let cipher = MaskCipher::new(seed.into(), &[0u8; 16].into());
+        match sign {
+            MaskSign::Add => adds.push(cipher),
+            MaskSign::Subtract => subtracts.push(cipher),
         }
     }
-    bytes.zeroize();
+    let mut keystreams = Zeroizing::new(vec![0u8; GROUP * STREAM_BYTES]);
+    for chunk in acc.chunks_mut(MANY_CHUNK_WORDS) {
+        let bytes = chunk.len() * 4;
+        for (ciphers, sign) in [
+            (&mut adds, MaskSign::Add),
+            (&mut subtracts, MaskSign::Subtract),
+        ] {
+            for group in ciphers.chunks_mut(GROUP) {
+                for (cipher, stream) in group
+                    .iter_mut()
+                    .zip(keystreams.chunks_exact_mut(STREAM_BYTES))
+                {
+                    cipher.write_keystream(&mut stream[..bytes]);
+                }
+                fold_group(chunk, &keystreams[..group.len() * STREAM_BYTES], sign);
+            }
+        }
+    }
 }
 
-/// Words per chunk in [`apply_many`]: the chunk and the keystream buffer together take half
-/// of a 32 KiB L1 data cache.
-const MANY_CHUNK_WORDS: usize = 2048;
+/// Words per chunk in [`apply_many`], and how many masks' keystreams are summed together.
+/// Measured on the 2-core Zen 3 machine of docs/benchmarks.md: 1024-word (4 KiB) keystream
+/// calls keep the stream cipher's per-call cost small, and six keystreams (24 KiB) plus the
+/// chunk stay close to the 32 KiB L1 data cache; 512 × 13 was as fast, larger groups slower.
+const MANY_CHUNK_WORDS: usize = 1024;
+const GROUP: usize = 6;
+const STREAM_BYTES: usize = MANY_CHUNK_WORDS * 4;
+
+/// Words summed at once in [`fold_group`]: eight 128-bit registers of partial sums.
+const LANES: usize = 32;
+
+/// Adds to (or subtracts from) `chunk`, word by word, the sum of the keystreams in
+/// `keystreams` (stream `g` at byte `g * STREAM_BYTES`, little-endian words, at least
+/// `chunk.len()` words each). Partial sums of [`LANES`] words stay in registers while every
+/// stream is added to them.
+fn fold_group(chunk: &mut [u32], keystreams: &[u8], sign: MaskSign) {
+    let streams = keystreams.len() / STREAM_BYTES;
+    let full = chunk.len() - chunk.len() % LANES;
+    let (head, tail) = chunk.split_at_mut(full);
+    for (block, out) in head.chunks_exact_mut(LANES).enumerate() {
+        let mut sums = [0u32; LANES];
+        for g in 0..streams {
+            let stream: &[u8; 4 * LANES] = keystreams[g * STREAM_BYTES + 4 * LANES * block..]
+                [..4 * LANES]
+                .try_into()
+                .expect("LANES words");
+            for (s, w) in sums.iter_mut().zip(stream.chunks_exact(4)) {
+                *s = s.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+            }
+        }
+        add_signed(out, &sums, sign);
+    }
+    for (i, out) in tail.iter_mut().enumerate() {
+        let mut sum = 0u32;
+        for g in 0..streams {
+            let w = &keystreams[g * STREAM_BYTES + 4 * (full + i)..][..4];
+            sum = sum.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        }
+        add_signed(std::slice::from_mut(out), &[sum], sign);
+    }
+}
+
+/// `out[i] ± sums[i]` modulo 2^32; separate loops per sign so each one vectorises.
+fn add_signed(out: &mut [u32], sums: &[u32], sign: MaskSign) {
+    match sign {
+        MaskSign::Add => out
+            .iter_mut()
+            .zip(sums)
+            .for_each(|(o, s)| *o = o.wrapping_add(*s)),
+        MaskSign::Subtract => out
+            .iter_mut()
+            .zip(sums)
+            .for_each(|(o, s)| *o = o.wrapping_sub(*s)),
+    }
+}
 
 /// Folds the next `chunk.len()` words of `cipher`'s stream into `chunk`, using `bytes` (at
 /// least `4 * chunk.len()` long) for the keystream.
@@ -199,6 +268,45 @@ mod tests {
         assert_eq!(together, one_by_one);
         apply_many(&[], &mut together);
         assert_eq!(together, one_by_one);
+    }
+
+    /// More masks than one group, mixed signs, and lengths around every block and chunk
+    /// border of the grouped fold.
+    #[test]
+    fn apply_many_equals_one_by_one_across_groups_and_borders() {
+        let masks: Vec<(Zeroizing<[u8; 16]>, MaskSign)> = (0..(2 * GROUP as u8 + 3))
+            .map(|i| {
+                let sign = if i % 3 == 1 {
+                    MaskSign::Subtract
+                } else {
+                    MaskSign::Add
+                };
+                (Zeroizing::new([i.wrapping_mul(37); 16]), sign)
+            })
+            .collect();
+        for len in [
+            0,
+            1,
+            LANES - 1,
+            LANES + 1,
+            MANY_CHUNK_WORDS - 1,
+            MANY_CHUNK_WORDS,
+            MANY_CHUNK_WORDS + LANES + 5,
+            3 * MANY_CHUNK_WORDS + 17,
+        ] {
+            let original: Vec<u32> = (0..len as u32)
+                .map(|i| i.wrapping_mul(0x9e37_79b9))
+                .collect();
+            for count in [1, GROUP - 1, GROUP, GROUP + 1, masks.len()] {
+                let mut one_by_one = original.clone();
+                for (seed, sign) in &masks[..count] {
+                    apply(seed, &mut one_by_one, *sign);
+                }
+                let mut together = original.clone();
+                apply_many(&masks[..count], &mut together);
+                assert_eq!(together, one_by_one, "{len} words, {count} masks");
+            }
+        }
     }
 
     const MASK_SEED_0_TO_15_FIRST_32_BYTES: &str = include_str!("vectors/mask_seed0-15_0.hex");

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use zeroize::Zeroizing;
 
 use crate::secagg::crypto::{
-    AgreementSecret, Identity, IdentityKey, ShareKey, SignedItem, verify_batch,
+    AgreementSecret, Identity, IdentityKey, IdentityKeys, ShareKey, SignedItem, verify_batch,
 };
 use crate::secagg::graph::Graph;
 use crate::secagg::mask::{MaskSign, apply_many};
@@ -77,13 +77,11 @@ pub struct ParticipantSession {
     cfg: RoundConfig,
     me: Index,
     identity: Identity,
-    /// Identity public keys of every roster member, from provisioning.
-    identities: BTreeMap<Index, [u8; 32]>,
+    /// Identity public keys of every roster member, from provisioning, decoded once for
+    /// the federation (or at least for the whole attempt) by the caller.
+    identities: IdentityKeys,
     /// This participant and its neighbours in the round's graph.
     neighbourhood: BTreeSet<Index>,
-    /// Decoded identity keys of the neighbourhood members seen so far (decoded once, used
-    /// for both of their signatures).
-    identity_keys: BTreeMap<Index, IdentityKey>,
     stage: Stage,
     c_secret: AgreementSecret,
     s_secret: AgreementSecret,
@@ -117,13 +115,13 @@ impl ParticipantSession {
         cfg: RoundConfig,
         me: Index,
         identity_seed: [u8; 32],
-        identities: BTreeMap<Index, [u8; 32]>,
+        identities: IdentityKeys,
         randomness: RoundRandomness,
     ) -> Result<Self, ProtocolError> {
-        if !identities.contains_key(&me) {
+        if !identities.contains(me) {
             return Err(ProtocolError::MissingSelf(me));
         }
-        let roster: Vec<Index> = identities.keys().copied().collect();
+        let roster: Vec<Index> = identities.indices().collect();
         let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
         let mut neighbourhood: BTreeSet<Index> = graph.neighbours(me).into_iter().collect();
         neighbourhood.insert(me);
@@ -140,7 +138,6 @@ impl ParticipantSession {
             identity: Identity::from_seed(identity_seed),
             identities,
             neighbourhood,
-            identity_keys: BTreeMap::new(),
             stage: Stage::AdvertiseKeys,
             c_secret: AgreementSecret::from_bytes(randomness.c_secret),
             s_secret: AgreementSecret::from_bytes(randomness.s_secret),
@@ -183,18 +180,12 @@ impl ParticipantSession {
             .get_or_insert_with(|| (self.c_secret.public(), self.s_secret.public()))
     }
 
-    /// The decoded identity key of roster member `v`.
-    fn identity_key(&mut self, v: Index) -> Result<IdentityKey, ProtocolError> {
-        if let Some(k) = self.identity_keys.get(&v) {
-            return Ok(*k);
-        }
-        let bytes = self
-            .identities
-            .get(&v)
-            .ok_or(ProtocolError::UnknownParticipant(v))?;
-        let key = IdentityKey::from_bytes(v, bytes)?;
-        self.identity_keys.insert(v, key);
-        Ok(key)
+    /// The identity key of roster member `v`.
+    fn identity_key(&self, v: Index) -> Result<IdentityKey, ProtocolError> {
+        self.identities
+            .get(v)
+            .copied()
+            .ok_or(ProtocolError::UnknownParticipant(v))
     }
 
     /// Stage 0: this participant's signed public keys.
@@ -225,7 +216,7 @@ impl ParticipantSession {
         let mut u1 = BTreeMap::new();
         let mut checked = Vec::new();
         for k in &roster.keys {
-            if !self.identities.contains_key(&k.from) {
+            if !self.identities.contains(k.from) {
                 return Err(ProtocolError::UnknownParticipant(k.from));
             }
             if !u1_all.insert(k.from) {
@@ -463,7 +454,7 @@ impl ParticipantSession {
             if !signers.insert(s.from) {
                 return Err(ProtocolError::Duplicate(s.from));
             }
-            if !self.identities.contains_key(&s.from) {
+            if !self.identities.contains(s.from) {
                 return Err(ProtocolError::UnknownParticipant(s.from));
             }
             if s.from == self.me && Some(s.signature) == self.own_signatures.1 {

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::secagg::crypto::{AgreementSecret, verify};
+use crate::secagg::crypto::{AgreementSecret, IdentityKeys, verify_with};
 use crate::secagg::graph::Graph;
 use crate::secagg::mask::{MaskSign, apply_many};
 use crate::secagg::messages::{
@@ -30,7 +30,7 @@ use zeroize::Zeroizing;
 /// The server in one round.
 pub struct ServerSession {
     cfg: RoundConfig,
-    identities: BTreeMap<Index, [u8; 32]>,
+    identities: IdentityKeys,
     graph: Graph,
     stage: Stage,
     u1: BTreeMap<Index, AdvertiseKeys>,
@@ -51,11 +51,8 @@ impl ServerSession {
     /// A server for a round whose roster identities are `identities`. Refuses a round whose
     /// graph cannot be built (odd degree on an odd roster) or whose neighbourhoods are
     /// smaller than the quorum (every participant would refuse it).
-    pub fn new(
-        cfg: RoundConfig,
-        identities: BTreeMap<Index, [u8; 32]>,
-    ) -> Result<Self, ProtocolError> {
-        let roster: Vec<Index> = identities.keys().copied().collect();
+    pub fn new(cfg: RoundConfig, identities: IdentityKeys) -> Result<Self, ProtocolError> {
+        let roster: Vec<Index> = identities.indices().collect();
         let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
         if graph.degree() + 1 < cfg.quorum() {
             return Err(ProtocolError::TooFew {
@@ -101,7 +98,7 @@ impl ServerSession {
     /// then U1, U2, U3 and the signers of the consistency check (U4).
     pub fn expected(&self) -> BTreeSet<Index> {
         match self.stage {
-            Stage::AdvertiseKeys => self.identities.keys().copied().collect(),
+            Stage::AdvertiseKeys => self.identities.indices().collect(),
             Stage::ShareKeys => self.u1.keys().copied().collect(),
             Stage::MaskedInput => self.u2.clone(),
             Stage::ConsistencyCheck => self.u3.clone(),
@@ -147,9 +144,9 @@ impl ServerSession {
         self.expect(Stage::AdvertiseKeys)?;
         let identity = self
             .identities
-            .get(&msg.from)
+            .get(msg.from)
             .ok_or(ProtocolError::UnknownParticipant(msg.from))?;
-        verify(
+        verify_with(
             msg.from,
             identity,
             ADVERTISE_TAG,
@@ -358,8 +355,11 @@ impl ServerSession {
         if !self.u3.contains(&msg.from) {
             return Err(ProtocolError::NotASubset(msg.from));
         }
-        let identity = &self.identities[&msg.from];
-        verify(
+        let identity = self
+            .identities
+            .get(msg.from)
+            .ok_or(ProtocolError::UnknownParticipant(msg.from))?;
+        verify_with(
             msg.from,
             identity,
             CONSISTENCY_TAG,

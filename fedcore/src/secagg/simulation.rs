@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use crate::secagg::crypto::Identity;
+use crate::secagg::crypto::{Identity, IdentityKeys};
 use crate::secagg::messages::Index;
 use crate::secagg::participant::{ParticipantSession, RoundRandomness};
 use crate::secagg::protocol::{ProtocolError, RoundConfig};
@@ -47,6 +47,10 @@ impl SimulatedRound {
             .keys()
             .map(|&i| (i, Identity::from_seed(identity_seed(i)).public()))
             .collect();
+        // Decoded once and shared: each simulated lab and the server decode the roster's
+        // long-term keys before the round starts, as the real ones do when they validate
+        // the plan's roster.
+        let identities = IdentityKeys::decode(&identities)?;
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut parts = BTreeMap::new();
         for &i in inputs.keys() {
