@@ -20,7 +20,8 @@ import os
 import sys
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "client/tests/fixtures"
 INPUT_IDS = [[1, 17, 42, 99, 5, 63, 120, 7, 7, 31, 88, 2, 64, 101, 11, 3]]
@@ -43,7 +44,10 @@ def save(model, name, ids, **kwargs):
     path = os.path.join(OUT, name)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True, **kwargs)
-    model_f32 = model.float()
+    # The reference comes from the saved files, loaded afresh in f32 (casting the in-memory
+    # model would also round its RoPE frequency buffer to bf16).
+    model_f32 = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         logits = model_f32(torch.tensor(ids)).logits
     ref = {

@@ -51,6 +51,21 @@ pub enum ModelError {
     #[error("token id {token} is outside the model's vocabulary of {vocab_size}")]
     TokenOutOfRange { token: u32, vocab_size: usize },
 
+    /// A training batch whose fields disagree in length.
+    #[error(
+        "training batch field `{field}` has {len} entries, expected rows × seq = {rows} × {seq}"
+    )]
+    BatchShape {
+        field: &'static str,
+        len: usize,
+        rows: usize,
+        seq: usize,
+    },
+
+    /// A RoPE position past the model's tables.
+    #[error("position {position} is past the model's max_position_embeddings = {max_positions}")]
+    PositionOutOfRange { position: u32, max_positions: usize },
+
     /// The model's parameters live on another device than the one the caller named.
     #[error("the model lives on {model}, but the call asked for {requested}")]
     DeviceMismatch { model: String, requested: String },
@@ -160,6 +175,18 @@ pub enum CheckpointError {
         expected: String,
         found: String,
     },
+
+    /// The plan pins a pretrained base, but this lab was given none.
+    #[error(
+        "the plan pins a pretrained base model (model.weights_sha256 = {expected}); give this lab that checkpoint (e.g. `--model PATH`)"
+    )]
+    Required { expected: String },
+
+    /// A checkpoint was given, but the plan trains a seeded random base.
+    #[error(
+        "a base checkpoint ({path}) was given, but the plan has no model.weights_sha256: it trains a seeded random base, so every lab would start from different weights"
+    )]
+    NotPinned { path: String },
 
     /// The checkpoint's architecture differs from the plan's `[model]` section.
     #[error(

@@ -110,6 +110,7 @@ async fn main() -> Result<()> {
                 identity,
                 plan_sha256,
                 min_peers,
+                base: None,
             };
             let report = participant::run(options, corpus, selected.device, Arc::new(Quiet))
                 .await

@@ -32,6 +32,7 @@ use thiserror::Error;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
+use crate::checkpoint::Checkpoint;
 use crate::data::LocalCorpus;
 use crate::error::ModelError;
 use crate::eval::{EvalStats, evaluate};
@@ -106,6 +107,9 @@ pub struct ParticipantOptions {
     pub plan_sha256: Option<String>,
     /// Fewest peers this lab accepts in a secure round (never below 3).
     pub min_peers: usize,
+    /// The pretrained base model, when the plan pins one (`model.weights_sha256`); checked
+    /// against the plan before the first round.
+    pub base: Option<Arc<Checkpoint>>,
 }
 
 impl ParticipantOptions {
@@ -120,6 +124,7 @@ impl ParticipantOptions {
             identity: None,
             plan_sha256: None,
             min_peers: MIN_PEERS_FLOOR,
+            base: None,
         }
     }
 }
@@ -209,7 +214,7 @@ pub async fn run(
     let id = joined.participant_id;
 
     let corpus = Arc::new(corpus);
-    let mut model = LoraLlama::new(&plan.model, &plan.lora, &device)?;
+    let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
     let initial_eval = if options.evaluate {
         let (m, stats) = evaluate_blocking(model, &corpus, plan.training.seq_len, &device).await?;
         model = m;

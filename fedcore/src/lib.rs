@@ -31,6 +31,8 @@ pub mod update;
 pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, TargetModule};
 pub use error::{AdapterError, ConfigError};
 pub use manifest::{LayoutManifest, TensorSlot};
-pub use plan::{FederationPlan, LoraSpec, ModelSpec, RopeScaling, RoundSpec, TrainingSpec};
+pub use plan::{
+    FederationPlan, LoraSpec, LrSchedule, ModelSpec, RopeScaling, RoundSpec, TrainingSpec,
+};
 pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
 pub use update::{SubmittedUpdate, UpdateError, UpdatePayload};

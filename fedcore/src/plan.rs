@@ -385,6 +385,39 @@ pub struct TrainingSpec {
     pub weight_decay: f64,
     /// Base seed of batch sampling; each participant and round derive their own from it.
     pub seed: u64,
+    /// Steps of linear warm-up from 0 to `learning_rate` at the start of each round's local
+    /// training.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Learning rate after warm-up.
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Floor of the cosine schedule as a fraction of `learning_rate`.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Micro-batches of `batch_size` sequences whose gradients add up to one optimizer step.
+    #[serde(default = "one")]
+    pub grad_accumulation: usize,
+    /// Clip the global L2 norm of the gradient (all trained tensors together, as PyTorch's
+    /// `clip_grad_norm_`) to this value; absent = no clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_grad_norm: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Learning rate after warm-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    /// `learning_rate` throughout: the usual choice for short federated rounds.
+    #[default]
+    Constant,
+    /// Half-cosine decay from `learning_rate` to `min_lr_ratio × learning_rate` over the
+    /// steps after warm-up (Hugging Face's `get_cosine_schedule_with_warmup`).
+    Cosine,
 }
 
 impl Default for TrainingSpec {
@@ -396,6 +429,11 @@ impl Default for TrainingSpec {
             learning_rate: 5e-3,
             weight_decay: 0.0,
             seed: 7,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Constant,
+            min_lr_ratio: 0.0,
+            grad_accumulation: 1,
+            max_grad_norm: None,
         }
     }
 }
@@ -451,6 +489,35 @@ impl TrainingSpec {
             return Err(ConfigError::field(
                 "training.weight_decay",
                 "must be zero or positive",
+            ));
+        }
+        if self.warmup_steps >= self.local_steps && self.warmup_steps > 0 {
+            return Err(ConfigError::field(
+                "training.warmup_steps",
+                format!(
+                    "{} leaves no step after warm-up (local_steps = {})",
+                    self.warmup_steps, self.local_steps
+                ),
+            ));
+        }
+        if !(self.min_lr_ratio.is_finite() && (0.0..=1.0).contains(&self.min_lr_ratio)) {
+            return Err(ConfigError::field(
+                "training.min_lr_ratio",
+                format!("must be between 0 and 1, got {}", self.min_lr_ratio),
+            ));
+        }
+        if self.grad_accumulation == 0 {
+            return Err(ConfigError::field(
+                "training.grad_accumulation",
+                "must be at least 1",
+            ));
+        }
+        if let Some(norm) = self.max_grad_norm
+            && !(norm.is_finite() && norm > 0.0)
+        {
+            return Err(ConfigError::field(
+                "training.max_grad_norm",
+                format!("must be a positive number, got {norm}"),
             ));
         }
         Ok(())

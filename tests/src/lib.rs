@@ -48,6 +48,7 @@ pub fn test_plan(
             learning_rate: 1e-2,
             weight_decay: 0.0,
             seed: 5,
+            ..TrainingSpec::default()
         },
         rounds: RoundSpec {
             rounds,

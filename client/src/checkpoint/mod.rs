@@ -108,6 +108,113 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Checks that this checkpoint is the one `plan` pins (fingerprint) and has the plan's
+    /// architecture, field by field; the error names the first field that differs.
+    pub fn check_plan(&self, plan: &ModelSpec) -> Result<(), CheckpointError> {
+        let path = self.path.display().to_string();
+        let ours = &self.spec;
+        if let Some(expected) = &plan.weights_sha256 {
+            let found = ours.weights_sha256.clone().unwrap_or_default();
+            if *expected != found {
+                return Err(CheckpointError::Fingerprint {
+                    path,
+                    expected: expected.clone(),
+                    found,
+                });
+            }
+        }
+        let fields: [(&'static str, String, String); 14] = [
+            (
+                "vocab_size",
+                plan.vocab_size.to_string(),
+                ours.vocab_size.to_string(),
+            ),
+            (
+                "hidden_size",
+                plan.hidden_size.to_string(),
+                ours.hidden_size.to_string(),
+            ),
+            (
+                "intermediate_size",
+                plan.intermediate_size.to_string(),
+                ours.intermediate_size.to_string(),
+            ),
+            (
+                "num_hidden_layers",
+                plan.num_hidden_layers.to_string(),
+                ours.num_hidden_layers.to_string(),
+            ),
+            (
+                "num_attention_heads",
+                plan.num_attention_heads.to_string(),
+                ours.num_attention_heads.to_string(),
+            ),
+            (
+                "num_key_value_heads",
+                plan.num_key_value_heads.to_string(),
+                ours.num_key_value_heads.to_string(),
+            ),
+            (
+                "head_dim",
+                plan.head_dim().to_string(),
+                ours.head_dim().to_string(),
+            ),
+            (
+                "rope_theta",
+                plan.rope_theta.to_string(),
+                ours.rope_theta.to_string(),
+            ),
+            (
+                "rms_norm_eps",
+                plan.rms_norm_eps.to_string(),
+                ours.rms_norm_eps.to_string(),
+            ),
+            (
+                "tie_word_embeddings",
+                plan.tie_word_embeddings.to_string(),
+                ours.tie_word_embeddings.to_string(),
+            ),
+            (
+                "qkv_bias",
+                plan.qkv_bias.to_string(),
+                ours.qkv_bias.to_string(),
+            ),
+            ("o_bias", plan.o_bias.to_string(), ours.o_bias.to_string()),
+            (
+                "mlp_bias",
+                plan.mlp_bias.to_string(),
+                ours.mlp_bias.to_string(),
+            ),
+            (
+                "rope_scaling",
+                format!("{:?}", plan.rope_scaling),
+                format!("{:?}", ours.rope_scaling),
+            ),
+        ];
+        for (field, plan_value, checkpoint) in fields {
+            if plan_value != checkpoint {
+                return Err(CheckpointError::PlanMismatch {
+                    path,
+                    field,
+                    plan: plan_value,
+                    checkpoint,
+                });
+            }
+        }
+        // A plan may use a shorter context than the checkpoint supports, never a longer one.
+        if plan.max_position_embeddings > ours.max_position_embeddings {
+            return Err(CheckpointError::PlanMismatch {
+                path,
+                field: "max_position_embeddings",
+                plan: plan.max_position_embeddings.to_string(),
+                checkpoint: format!("{} (the most it supports)", ours.max_position_embeddings),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Opens a checkpoint: a `.gguf` file, or a Hugging Face directory (or its `config.json`).
 pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
     if path.is_dir() {

@@ -1,14 +1,15 @@
 //! Grouped-query causal self-attention (Llama): `num_attention_heads` query heads share
 //! `num_key_value_heads` key/value heads, queries and keys are rotated by RoPE, and each
-//! position attends only to itself and earlier positions.
+//! position attends only to itself and earlier positions — and, in packed rows, only to
+//! positions of its own document (`segment_mask`).
 
 use burn::module::Module;
-use burn::tensor::Tensor;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor};
 
 use super::lora_linear::LoraLinear;
-use super::rope::RotaryEmbedding;
+use super::rope::RopeTables;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -42,8 +43,14 @@ impl Attention {
         }
     }
 
-    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<3>, rope: &RotaryEmbedding) -> Tensor<3> {
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`. `segments`, when given, is the
+    /// `[batch, 1, seq, seq]` mask of [`segment_mask`] (true = may not attend).
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        segments: Option<&Tensor<4, Bool>>,
+    ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
@@ -55,11 +62,12 @@ impl Attention {
             is_causal: true,
             ..Default::default()
         };
+        let mask = segments.map(|m| m.clone().expand([batch, self.n_heads, seq, seq]));
         let out = attention(
             q,
             repeat_kv(k, group),
             repeat_kv(v, group),
-            None,
+            mask,
             None,
             options,
         );
@@ -68,6 +76,19 @@ impl Attention {
             .reshape([batch, seq, self.n_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
+}
+
+/// For packed rows: `[batch, seq]` document ids → `[batch, 1, seq, seq]`, true where query
+/// and key belong to different documents. Combined with the causal mask, every position sees
+/// itself, so no row of the attention matrix is fully masked.
+pub fn segment_mask(segments: Tensor<2, Int>) -> Tensor<4, Bool> {
+    let [batch, seq] = segments.dims();
+    let queries = segments
+        .clone()
+        .unsqueeze_dim::<3>(2)
+        .expand([batch, seq, seq]);
+    let keys = segments.unsqueeze_dim::<3>(1).expand([batch, seq, seq]);
+    queries.not_equal(keys).unsqueeze_dim::<4>(1)
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads·group, s, d]`, query head `h` reading kv head
@@ -86,6 +107,7 @@ fn repeat_kv(x: Tensor<4>, group: usize) -> Tensor<4> {
 mod tests {
     use super::*;
     use crate::model::init::WeightInit;
+    use crate::model::rope::RotaryEmbedding;
     use burn::tensor::{Device, TensorData};
 
     /// `x [s, in] · Wᵀ` with `W [out, in]`, in f64.
@@ -134,11 +156,11 @@ mod tests {
             n_kv,
             hd,
         );
-        let rope_tables = RotaryEmbedding::new(hd, 16, 10_000.0, &device);
+        let rope_tables = RotaryEmbedding::new(hd, 16, 10_000.0, None, &device).first(seq);
         let x = init.uniform("x", seq, hidden, 1.0);
         let input = Tensor::<3>::from_data(TensorData::new(x.clone(), [1, seq, hidden]), &device);
         let got = attn
-            .forward(input, &rope_tables)
+            .forward(input, &rope_tables, None)
             .into_data()
             .try_into_vec_as::<f32>()
             .unwrap();

@@ -7,6 +7,111 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::ModelError;
 
+/// A batch of training rows on the host, each field row-major `[rows, seq]`.
+///
+/// `weights[i]` says how much predicting `targets[i]` counts in the loss (0 for prompt
+/// tokens, padding and targets across a document boundary). `packed` rows hold several
+/// documents: `positions` restart and `segments` number the documents, and the model keeps
+/// attention within each; unpacked rows are one stretch of text at positions `0..seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowBatch {
+    pub rows: usize,
+    pub seq: usize,
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub weights: Vec<f32>,
+    pub positions: Vec<u32>,
+    pub segments: Vec<u32>,
+    pub packed: bool,
+}
+
+impl RowBatch {
+    /// Unpacked windows `tokens[s .. s + len + 1]`, every target counted.
+    pub fn windows(tokens: &[u32], starts: &[usize], len: usize) -> Self {
+        let mut inputs = Vec::with_capacity(starts.len() * len);
+        let mut targets = Vec::with_capacity(starts.len() * len);
+        for &s in starts {
+            inputs.extend_from_slice(&tokens[s..s + len]);
+            targets.extend_from_slice(&tokens[s + 1..s + len + 1]);
+        }
+        let n = inputs.len();
+        RowBatch {
+            rows: starts.len(),
+            seq: len,
+            inputs,
+            targets,
+            weights: vec![1.0; n],
+            positions: (0..starts.len()).flat_map(|_| 0..len as u32).collect(),
+            segments: vec![0; n],
+            packed: false,
+        }
+    }
+
+    /// Sum of the target weights: the number of predictions the loss averages over.
+    pub fn trained_targets(&self) -> f64 {
+        self.weights.iter().map(|&w| f64::from(w)).sum()
+    }
+
+    /// Checks that every field has `rows × seq` entries and every id is in the vocabulary.
+    pub(crate) fn check(&self, vocab_size: usize, max_positions: usize) -> Result<(), ModelError> {
+        let n = self.rows * self.seq;
+        for (field, len) in [
+            ("inputs", self.inputs.len()),
+            ("targets", self.targets.len()),
+            ("weights", self.weights.len()),
+            ("positions", self.positions.len()),
+            ("segments", self.segments.len()),
+        ] {
+            if len != n {
+                return Err(ModelError::BatchShape {
+                    field,
+                    len,
+                    rows: self.rows,
+                    seq: self.seq,
+                });
+            }
+        }
+        check_vocab(&self.inputs, vocab_size)?;
+        check_vocab(&self.targets, vocab_size)?;
+        if let Some(&p) = self
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= max_positions)
+        {
+            return Err(ModelError::PositionOutOfRange {
+                position: p,
+                max_positions,
+            });
+        }
+        Ok(())
+    }
+
+    /// Uploads the batch: `(inputs, targets, weights, positions, segments)`.
+    pub(crate) fn to_device(&self, device: &Device) -> BatchTensors {
+        let shape = [self.rows, self.seq];
+        let ints = |v: &[u32]| -> Tensor<2, Int> {
+            let data: Vec<i64> = v.iter().map(|&t| i64::from(t)).collect();
+            Tensor::from_data(TensorData::new(data, shape), device)
+        };
+        BatchTensors {
+            inputs: ints(&self.inputs),
+            targets: ints(&self.targets),
+            weights: Tensor::from_data(TensorData::new(self.weights.clone(), shape), device),
+            positions: self.packed.then(|| ints(&self.positions)),
+            segments: self.packed.then(|| ints(&self.segments)),
+        }
+    }
+}
+
+/// A [`RowBatch`] on the device; positions and segments only for packed rows.
+pub(crate) struct BatchTensors {
+    pub inputs: Tensor<2, Int>,
+    pub targets: Tensor<2, Int>,
+    pub weights: Tensor<2>,
+    pub positions: Option<Tensor<2, Int>>,
+    pub segments: Option<Tensor<2, Int>>,
+}
+
 /// Inputs and targets, both `[starts.len(), len]`, for windows `tokens[s .. s + len + 1]`.
 pub(crate) fn windows(
     tokens: &[u32],

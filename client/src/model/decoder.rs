@@ -3,11 +3,11 @@
 
 use burn::module::Module;
 use burn::nn::RmsNorm;
-use burn::tensor::Tensor;
+use burn::tensor::{Bool, Tensor};
 
 use super::attention::Attention;
 use super::mlp::Mlp;
-use super::rope::RotaryEmbedding;
+use super::rope::RopeTables;
 
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -19,11 +19,16 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// `[batch, seq, hidden]` → `[batch, seq, hidden]`.
-    pub fn forward(&self, x: Tensor<3>, rope: &RotaryEmbedding) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        segments: Option<&Tensor<4, Bool>>,
+    ) -> Tensor<3> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
+                .forward(self.input_layernorm.forward(x), rope, segments);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }

@@ -1,5 +1,5 @@
-//! A bias-free linear layer with an optional FFA-LoRA branch:
-//! `y = x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W and A frozen and only B trained.
+//! A linear layer with an optional frozen bias and an optional FFA-LoRA branch:
+//! `y = x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W, b and A frozen and only B trained.
 //!
 //! Tensors are stored in burn's matmul-ready layout (`[in, out]`, i.e. transposed relative to
 //! Hugging Face and PEFT, which store `[out, in]`, `lora_A` `[r, in]` and `lora_B` `[out, r]`),
@@ -7,6 +7,7 @@
 //! adapter is exported.
 
 use burn::module::{Module, Param, ParamId};
+use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use fedcore::{LoraModule, Matrix};
@@ -19,6 +20,8 @@ use crate::error::ModelError;
 pub struct LoraLinear {
     /// Frozen base weight `Wᵀ`, `[in, out]`.
     weight: Param<Tensor<2>>,
+    /// Frozen base bias `[out]` (Qwen2's q/k/v projections; Llama with `attention_bias`).
+    bias: Option<Param<Tensor<1>>>,
     lora: Option<LoraBranch>,
 }
 
@@ -31,6 +34,8 @@ pub struct LoraBranch {
     b_t: Param<Tensor<2>>,
     /// `alpha / r`.
     scaling: f32,
+    /// PEFT's `lora_dropout` on the branch's input; active only in training (autodiff).
+    dropout: Dropout,
 }
 
 impl LoraLinear {
@@ -47,8 +52,17 @@ impl LoraLinear {
         );
         LoraLinear {
             weight: Param::from_data(data, device).set_require_grad(false),
+            bias: None,
             lora: None,
         }
+    }
+
+    /// Adds a frozen bias of `out_features` values.
+    pub(crate) fn with_bias(mut self, bias: Vec<f32>, device: &Device) -> Self {
+        let n = bias.len();
+        self.bias =
+            Some(Param::from_data(TensorData::new(bias, [n]), device).set_require_grad(false));
+        self
     }
 
     /// `(in_features, out_features)`.
@@ -62,12 +76,14 @@ impl LoraLinear {
         self.lora.is_some()
     }
 
-    /// Adds (or replaces) the LoRA branch with A and B in PEFT layout.
+    /// Adds (or replaces) the LoRA branch with A and B in PEFT layout and dropout probability
+    /// `dropout` on its input (in `[0, 1)`, checked by `LoraSpec::validate`).
     pub(crate) fn with_lora(
         mut self,
         name: &str,
         module: &LoraModule,
         scaling: f32,
+        dropout: f64,
         device: &Device,
     ) -> Result<Self, ModelError> {
         self.check_lora(name, module)?;
@@ -76,6 +92,7 @@ impl LoraLinear {
             a_t: Param::from_data(a_t, device).set_require_grad(false),
             b_t: Param::from_data(b_t, device),
             scaling,
+            dropout: DropoutConfig::new(dropout).init(),
         });
         Ok(self)
     }
@@ -99,6 +116,7 @@ impl LoraLinear {
                 .b_t
                 .transform_for_load(Tensor::from_data(b_t, &device), b_id),
             scaling: branch.scaling,
+            dropout: branch.dropout,
         });
         Ok(())
     }
@@ -126,13 +144,15 @@ impl LoraLinear {
             .map_err(|e| ModelError::backend("reading a base weight", e))
     }
 
-    /// `x·Wᵀ + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
+    /// `x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(|b| b.val());
         match &self.lora {
-            None => linear(x, self.weight.val(), None),
+            None => linear(x, self.weight.val(), bias),
             Some(branch) => {
-                let base = linear(x.clone(), self.weight.val(), None);
-                let low_rank = linear(x, branch.a_t.val(), None).mul_scalar(branch.scaling);
+                let base = linear(x.clone(), self.weight.val(), bias);
+                let low_rank = linear(branch.dropout.forward(x), branch.a_t.val(), None)
+                    .mul_scalar(branch.scaling);
                 base + linear(low_rank, branch.b_t.val(), None)
             }
         }
@@ -237,14 +257,16 @@ mod tests {
 
         // B = 0: bit-identical to the frozen base.
         let (adapted, _) = layer(&device);
-        let adapted = adapted.with_lora("m", &module(0.0), 2.0, &device).unwrap();
+        let adapted = adapted
+            .with_lora("m", &module(0.0), 2.0, 0.0, &device)
+            .unwrap();
         assert_eq!(values(adapted.forward(x.clone())), plain);
 
         // B ≠ 0: base + scaling · x·Aᵀ·Bᵀ, computed by hand.
         let scaling = 16.0 / R as f32;
         let m = module(1.0);
         let (adapted, _) = layer(&device);
-        let adapted = adapted.with_lora("m", &m, scaling, &device).unwrap();
+        let adapted = adapted.with_lora("m", &m, scaling, 0.0, &device).unwrap();
         let got = values(adapted.forward(x));
         let delta = m.delta(1.0).unwrap(); // B·A, [out, in]
         let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
@@ -268,7 +290,7 @@ mod tests {
         let device = Device::flex();
         let (l, w) = layer(&device);
         let m = module(1.0);
-        let mut l = l.with_lora("m", &m, 1.0, &device).unwrap();
+        let mut l = l.with_lora("m", &m, 1.0, 0.0, &device).unwrap();
         assert_eq!(l.read_lora().unwrap().unwrap(), m);
         assert_eq!(l.read_base().unwrap().data(), &w[..]);
 
@@ -285,7 +307,7 @@ mod tests {
     fn only_b_requires_grad_after_train() {
         let device = Device::flex();
         let (l, _) = layer(&device);
-        let l = l.with_lora("m", &module(1.0), 1.0, &device).unwrap();
+        let l = l.with_lora("m", &module(1.0), 1.0, 0.0, &device).unwrap();
         let mut l = l;
         l.load_lora("m", &module(0.5)).unwrap();
         let l = l.train();

@@ -13,7 +13,7 @@
 
 mod adapter_io;
 mod attention;
-pub(crate) mod batch;
+pub mod batch;
 mod build;
 mod decoder;
 mod init;
@@ -29,16 +29,17 @@ mod tests;
 #[cfg(test)]
 pub(crate) use snapshot::parameters as snapshot_parameters;
 
-pub use attention::Attention;
+pub use attention::{Attention, segment_mask};
+pub use batch::RowBatch;
 pub use decoder::DecoderLayer;
 pub use lora_linear::{LoraBranch, LoraLinear};
 pub use mlp::Mlp;
-pub use rope::RotaryEmbedding;
+pub use rope::{RopeTables, RotaryEmbedding};
 
 use burn::module::Module;
 use burn::nn::{Embedding, RmsNorm};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use fedcore::{AdapterConfig, LoraSpec, ModelSpec};
 
 /// The decoder with its adapters. Built for inference on a plain device; training converts it
@@ -65,9 +66,35 @@ impl LoraLlama {
     /// `seq` must not exceed `max_position_embeddings` and ids must be below `vocab_size`
     /// (training and evaluation check both before calling this).
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let seq = tokens.dims()[1];
+        self.forward_with(tokens, self.rope.first(seq), None)
+    }
+
+    /// Next-token logits for packed rows: several documents per row, each attending only to
+    /// itself, with RoPE positions restarting at every document.
+    ///
+    /// `tokens`, `positions` and `segments` are `[batch, seq]`; `segments[b][i]` is the index
+    /// of the document position `i` belongs to. Positions must be below
+    /// `max_position_embeddings`.
+    pub fn forward_packed(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Tensor<2, Int>,
+    ) -> Tensor<3> {
+        let mask = segment_mask(segments);
+        self.forward_with(tokens, self.rope.at_positions(positions), Some(mask))
+    }
+
+    fn forward_with(
+        &self,
+        tokens: Tensor<2, Int>,
+        rope: RopeTables,
+        segments: Option<Tensor<4, Bool>>,
+    ) -> Tensor<3> {
         let mut h = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
-            h = layer.forward(h, &self.rope);
+            h = layer.forward(h, &rope, segments.as_ref());
         }
         let h = self.norm.forward(h);
         match &self.lm_head {

@@ -1,0 +1,486 @@
+//! Local training of the LoRA B matrices: AdamW with a warm-up + constant or cosine
+//! learning-rate schedule, gradient accumulation and global-norm clipping, on batches of
+//! rows with a per-target loss weight (so prompt tokens and padding count for nothing).
+//!
+//! The model arrives and leaves as an inference model on a plain device; training switches it
+//! to autodiff (`Module::train`) for the duration of the call and back (`Module::valid`) at
+//! the end. Base weights and A are parameters without gradients, so the optimizer never
+//! touches them, holds no state for them, and they stay bit-identical.
+//!
+//! The optimizer state is fresh for every call: each federated round starts from the newly
+//! aggregated global B, and Adam moments accumulated against the previous local B would point
+//! the wrong way. This is standard FedAvg practice (local optimizer state is not carried
+//! across rounds).
+//!
+//! Modules: [`schedule`] (learning rate per step), [`clip`] (global gradient norm),
+//! [`source`] (where batches come from: random windows of a token stream, or shuffled packed
+//! rows).
+
+pub mod clip;
+pub mod schedule;
+pub mod source;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use fedcore::TrainingSpec;
+
+use crate::error::ModelError;
+use crate::model::LoraLlama;
+use crate::model::batch::check_vocab;
+use crate::model::loss::token_nll;
+pub use source::{BatchSource, RandomWindows, ShuffledRows};
+
+/// What a round of local training did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainStats {
+    pub steps: usize,
+    /// Input positions processed over all steps: `steps × grad_accumulation × batch_size ×
+    /// seq_len`.
+    pub tokens: usize,
+    /// Mean next-token loss (nats) of the first batch, before any update.
+    pub first_loss: f64,
+    /// Mean loss of the last batch (before the last update).
+    pub last_loss: f64,
+    /// Mean of the per-step losses.
+    pub mean_loss: f64,
+}
+
+impl TrainStats {
+    fn from_reports(reports: &[StepReport]) -> Self {
+        TrainStats {
+            steps: reports.len(),
+            tokens: reports.iter().map(|r| r.tokens).sum(),
+            first_loss: reports.first().map_or(f64::NAN, |r| r.loss),
+            last_loss: reports.last().map_or(f64::NAN, |r| r.loss),
+            mean_loss: reports.iter().map(|r| r.loss).sum::<f64>() / reports.len().max(1) as f64,
+        }
+    }
+}
+
+/// One optimizer step, as reported to a [`TrainObserver`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// 0-based step index.
+    pub step: usize,
+    /// Weighted mean next-token loss (nats) over the step's micro-batches, before the update.
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping (only computed when clipping is on).
+    pub grad_norm: Option<f64>,
+    /// Input positions processed (padding included).
+    pub tokens: usize,
+    /// Predictions that counted in the loss (sum of target weights).
+    pub trained_targets: f64,
+}
+
+/// Receives every optimizer step (a progress bar, a log, a test).
+pub trait TrainObserver {
+    fn step(&mut self, report: &StepReport);
+}
+
+/// Observes nothing.
+impl TrainObserver for () {
+    fn step(&mut self, _: &StepReport) {}
+}
+
+/// Trains `model`'s LoRA B matrices for `spec.local_steps` optimizer steps on batches from
+/// `source`, each step accumulating `spec.grad_accumulation` micro-batches.
+///
+/// The loss of a step is `Σ w·nll / Σ w` over all its micro-batches' targets, so
+/// accumulation is exactly a larger batch. Clipping (if `spec.max_grad_norm`) applies to the
+/// accumulated gradient. `model` must live on `device`, a plain (non-autodiff) device.
+pub fn train(
+    model: LoraLlama,
+    spec: &TrainingSpec,
+    source: &mut dyn BatchSource,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
+    spec.validate(model.model_spec())?;
+    if model.device() != *device {
+        return Err(ModelError::DeviceMismatch {
+            model: format!("{:?}", model.device()),
+            requested: format!("{device:?}"),
+        });
+    }
+    let vocab = model.model_spec().vocab_size;
+    let max_positions = model.model_spec().max_position_embeddings;
+    let autodiff = device.clone().autodiff();
+    let mut model = model.train();
+    // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(spec.weight_decay as f32)
+        .init();
+    let mut reports = Vec::with_capacity(spec.local_steps);
+
+    for step in 0..spec.local_steps {
+        let micro: Vec<_> = (0..spec.grad_accumulation)
+            .map(|_| source.next_batch())
+            .collect::<Result<_, _>>()?;
+        for batch in &micro {
+            batch.check(vocab, max_positions)?;
+        }
+        let weight: f64 = micro.iter().map(|b| b.trained_targets()).sum();
+        // A step whose rows hold no trained target (all prompt) still steps the optimizer
+        // with a zero gradient; dividing by 1 keeps the loss at 0 rather than NaN.
+        let norm = weight.max(1.0);
+        let mut accumulator = GradientsAccumulator::<LoraLlama>::new();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in &micro {
+            let t = batch.to_device(&autodiff);
+            let logits = match (t.positions, t.segments) {
+                (Some(positions), Some(segments)) => {
+                    model.forward_packed(t.inputs, positions, segments)
+                }
+                _ => model.forward(t.inputs),
+            };
+            let loss = (token_nll(logits, t.targets) * t.weights)
+                .sum()
+                .div_scalar(norm as f32);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let value: f32 = loss
+                .try_into_scalar()
+                .map_err(|e| ModelError::backend("reading the training loss", e))?;
+            if !value.is_finite() {
+                return Err(ModelError::Diverged { step, loss: value });
+            }
+            loss_sum += f64::from(value);
+            tokens += batch.rows * batch.seq;
+            accumulator.accumulate(&model, grads);
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = spec
+            .max_grad_norm
+            .map(|max| clip::clip_global_norm(&model, &mut grads, max))
+            .transpose()?;
+        let learning_rate = schedule::learning_rate(spec, step);
+        model = optim.step(learning_rate, model, grads);
+        let report = StepReport {
+            step,
+            loss: loss_sum,
+            learning_rate,
+            grad_norm,
+            tokens,
+            trained_targets: weight,
+        };
+        observer.step(&report);
+        reports.push(report);
+    }
+    Ok((model.valid(), reports))
+}
+
+/// One federated round of local training: `spec.local_steps` steps on random windows of
+/// `tokens` (see [`RandomWindows`]), seeded by `seed` so a round is reproducible.
+///
+/// `spec.seed` is not read here: the caller derives `seed` from it per participant and round,
+/// so that participants do not all draw the same batches.
+pub fn train_local(
+    model: LoraLlama,
+    tokens: &[u32],
+    spec: &TrainingSpec,
+    seed: u64,
+    device: &Device,
+) -> Result<(LoraLlama, TrainStats), ModelError> {
+    spec.validate(model.model_spec())?;
+    check_vocab(tokens, model.model_spec().vocab_size)?;
+    let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, seed)?;
+    let (model, reports) = train(model, spec, &mut source, device, &mut ())?;
+    Ok((model, TrainStats::from_reports(&reports)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{ByteTokenizer, LocalCorpus, TextTokenizer};
+    use crate::device::{DeviceChoice, select_device, wgpu_available};
+    use crate::eval::evaluate;
+    use crate::model::RowBatch;
+    use fedcore::{LoraSpec, ModelSpec};
+
+    /// A few paragraphs in the manner of the UDHR, repeated: enough structure for a tiny model
+    /// to learn from in a few dozen steps.
+    pub(crate) fn sample_text() -> String {
+        let paragraphs = [
+            "All human beings are born free and equal in dignity and rights.",
+            "They are endowed with reason and conscience and should act towards one another in a spirit of brotherhood.",
+            "Everyone is entitled to all the rights and freedoms set forth in this Declaration.",
+            "Everyone has the right to life, liberty and security of person.",
+            "No one shall be held in slavery or servitude.",
+            "Everyone has the right to recognition everywhere as a person before the law.",
+        ];
+        let mut text = String::new();
+        for round in 0..6 {
+            for p in paragraphs.iter().skip(round % 2) {
+                text.push_str(p);
+                text.push('\n');
+            }
+        }
+        text
+    }
+
+    fn tiny_lora() -> LoraSpec {
+        LoraSpec::default()
+    }
+
+    fn spec(steps: usize, batch: usize, seq: usize, lr: f64) -> TrainingSpec {
+        TrainingSpec {
+            local_steps: steps,
+            batch_size: batch,
+            seq_len: seq,
+            learning_rate: lr,
+            weight_decay: 0.0,
+            seed: 7,
+            ..TrainingSpec::default()
+        }
+    }
+
+    #[test]
+    fn training_lowers_heldout_loss_and_touches_only_b() {
+        let device = Device::flex();
+        let corpus = LocalCorpus::from_text("en", &sample_text(), 0.1, &ByteTokenizer).unwrap();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+        let before_params = crate::model::snapshot_parameters(&model);
+        let before = evaluate(&model, &corpus.heldout, 64, &device).unwrap();
+        let adapter_before = model.export_adapter();
+
+        let (model, stats) =
+            train_local(model, &corpus.train, &spec(40, 8, 64, 1e-2), 11, &device).unwrap();
+        let after = evaluate(&model, &corpus.heldout, 64, &device).unwrap();
+        eprintln!("train {stats:?}\nheld-out before {before:?}\nheld-out after  {after:?}");
+
+        assert_eq!(stats.steps, 40);
+        assert_eq!(stats.tokens, 40 * 8 * 64);
+        assert!(stats.last_loss < stats.first_loss - 0.3, "{stats:?}");
+        assert!(after.loss < before.loss - 0.3, "{before:?} → {after:?}");
+
+        // Base weights and A bit-identical, B changed, in every module.
+        let after_params = crate::model::snapshot_parameters(&model);
+        assert_eq!(before_params.len(), after_params.len());
+        let mut changed = 0;
+        for ((name, v0), (name1, v1)) in before_params.iter().zip(&after_params) {
+            assert_eq!(name, name1);
+            if name.ends_with("b_t") {
+                changed += usize::from(v0 != v1);
+            } else {
+                assert!(v0 == v1, "{name} changed during training");
+            }
+        }
+        let adapter_after = model.export_adapter();
+        assert_eq!(changed, adapter_after.modules().len());
+        for ((name, m0), (_, m1)) in adapter_before.modules().iter().zip(adapter_after.modules()) {
+            assert_eq!(m0.a, m1.a, "{name}: A changed");
+            assert_ne!(m0.b, m1.b, "{name}: B did not change");
+        }
+    }
+
+    #[test]
+    fn same_seed_same_result() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let run = || {
+            let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+            let (model, stats) =
+                train_local(model, &tokens, &spec(3, 2, 16, 1e-2), 5, &device).unwrap();
+            (model.export_adapter(), stats)
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn refuses_short_corpora_and_foreign_tokens() {
+        let device = Device::flex();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+        let err =
+            train_local(model.clone(), &[1, 2, 3], &spec(1, 1, 16, 1e-2), 0, &device).unwrap_err();
+        assert!(
+            err.to_string().contains("training corpus has 3 tokens"),
+            "{err}"
+        );
+        let err = train_local(model, &[300; 40], &spec(1, 1, 16, 1e-2), 0, &device).unwrap_err();
+        assert!(err.to_string().contains("300"), "{err}");
+    }
+
+    /// Replays fixed batches.
+    struct Fixed(std::collections::VecDeque<RowBatch>);
+
+    impl BatchSource for Fixed {
+        fn next_batch(&mut self) -> Result<RowBatch, ModelError> {
+            Ok(self.0.pop_front().expect("enough batches"))
+        }
+    }
+
+    fn b_values(model: &LoraLlama) -> Vec<f32> {
+        model
+            .export_adapter()
+            .modules()
+            .iter()
+            .flat_map(|(_, m)| m.b.data().to_vec())
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Two micro-batches of 2 rows accumulate to exactly one batch of 4 rows.
+    #[test]
+    fn gradient_accumulation_equals_the_larger_batch() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let starts = [0, 40, 90, 200];
+        let whole = RowBatch::windows(&tokens, &starts, 24);
+        let half_a = RowBatch::windows(&tokens, &starts[..2], 24);
+        let half_b = RowBatch::windows(&tokens, &starts[2..], 24);
+        let one_step = |batches: Vec<RowBatch>, accum: usize| {
+            let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+            let spec = TrainingSpec {
+                local_steps: 1,
+                grad_accumulation: accum,
+                seq_len: 24,
+                learning_rate: 1e-2,
+                ..TrainingSpec::default()
+            };
+            let (model, reports) =
+                train(model, &spec, &mut Fixed(batches.into()), &device, &mut ()).unwrap();
+            (b_values(&model), reports[0].loss)
+        };
+        let (b1, loss1) = one_step(vec![whole], 1);
+        let (b2, loss2) = one_step(vec![half_a, half_b], 2);
+        assert!((loss1 - loss2).abs() < 1e-5, "{loss1} vs {loss2}");
+        assert!(max_diff(&b1, &b2) < 1e-6, "{}", max_diff(&b1, &b2));
+        assert!(b1.iter().any(|&v| v != 0.0));
+    }
+
+    /// Targets with weight 0 (prompt tokens, padding) change nothing, whatever they are.
+    #[test]
+    fn zero_weight_targets_contribute_nothing() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let mut batch = RowBatch::windows(&tokens, &[3, 77], 16);
+        for i in 0..batch.weights.len() {
+            if i % 16 < 10 {
+                batch.weights[i] = 0.0; // a "prompt" of 10 tokens per row
+            }
+        }
+        let mut scrambled = batch.clone();
+        for i in 0..scrambled.targets.len() {
+            if scrambled.weights[i] == 0.0 {
+                scrambled.targets[i] = (scrambled.targets[i] + 101) % 256;
+            }
+        }
+        let run = |b: RowBatch| {
+            let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+            let spec = TrainingSpec {
+                local_steps: 1,
+                seq_len: 16,
+                learning_rate: 1e-2,
+                ..TrainingSpec::default()
+            };
+            let (model, reports) =
+                train(model, &spec, &mut Fixed(vec![b].into()), &device, &mut ()).unwrap();
+            (b_values(&model), reports[0].clone())
+        };
+        let (b_plain, r_plain) = run(batch.clone());
+        let (b_scrambled, r_scrambled) = run(scrambled);
+        assert_eq!(b_plain, b_scrambled);
+        assert_eq!(r_plain.loss, r_scrambled.loss);
+        assert_eq!(r_plain.trained_targets, 12.0);
+        // Scrambling a *trained* target does change the result: the test can fail.
+        let mut trained = batch;
+        trained.targets[15] = (trained.targets[15] + 101) % 256;
+        let (b_trained, _) = run(trained);
+        assert_ne!(b_plain, b_trained);
+    }
+
+    /// Clipping scales all gradients by one factor down to the global norm.
+    #[test]
+    fn global_norm_clipping_hits_the_target_norm() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+        // Give B non-zero values so that gradients reach every B.
+        let model = {
+            let spec = spec(2, 2, 16, 1e-2);
+            train_local(model, &tokens, &spec, 1, &device).unwrap().0
+        };
+        let ad = device.clone().autodiff();
+        let model = model.train();
+        let batch = RowBatch::windows(&tokens, &[5, 50], 16).to_device(&ad);
+        let loss = token_nll(model.forward(batch.inputs), batch.targets).mean();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let norm = clip::global_norm(&model, &grads).unwrap();
+        assert!(norm > 0.0);
+        let before = clip::clip_global_norm(&model, &mut grads, norm / 4.0).unwrap();
+        assert_eq!(before, norm);
+        let after = clip::global_norm(&model, &grads).unwrap();
+        assert!(
+            (after - norm / 4.0).abs() < 1e-4 * norm,
+            "{after} vs {}",
+            norm / 4.0
+        );
+        // Below the threshold nothing changes.
+        let unchanged = clip::clip_global_norm(&model, &mut grads, norm).unwrap();
+        assert!((unchanged - after).abs() < 1e-6 * norm);
+    }
+
+    /// Same init, same batches: the wgpu backend must follow flex step for step.
+    #[test]
+    fn wgpu_matches_flex_step_by_step() {
+        let required = std::env::var("MEKONG_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+        if !wgpu_available() {
+            assert!(!required, "MEKONG_REQUIRE_WGPU=1 but wgpu found no adapter");
+            eprintln!("SKIPPED wgpu_matches_flex_step_by_step: no wgpu adapter on this machine");
+            return;
+        }
+        let wgpu = select_device(DeviceChoice::Wgpu).unwrap();
+        eprintln!("wgpu device: {}", wgpu.label);
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let spec = spec(1, 4, 32, 1e-2);
+        let steps = 4;
+        let losses = |device: &Device| {
+            let mut model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), device).unwrap();
+            let mut out = Vec::new();
+            for step in 0..steps {
+                let (m, stats) = train_local(model, &tokens, &spec, step as u64, device).unwrap();
+                model = m;
+                out.push(stats.first_loss);
+            }
+            out
+        };
+        let flex = losses(&Device::flex());
+        let gpu = losses(&wgpu.device);
+        eprintln!("flex {flex:?}\nwgpu {gpu:?}");
+        for (step, (a, b)) in flex.iter().zip(&gpu).enumerate() {
+            assert!((a - b).abs() < 1e-3, "step {step}: flex {a} vs wgpu {b}");
+        }
+    }
+
+    /// Step time of the pilot's configuration; run with
+    /// `cargo test -p fedclient --lib -- --ignored --nocapture step_time`.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn step_time_tiny_batch8_seq64() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+        // Warm-up round (allocations, first-use kernels).
+        let (model, _) = train_local(model, &tokens, &spec(2, 8, 64, 5e-3), 1, &device).unwrap();
+        let steps = 30;
+        let t = std::time::Instant::now();
+        let (_, stats) =
+            train_local(model, &tokens, &spec(steps, 8, 64, 5e-3), 2, &device).unwrap();
+        let per_step = t.elapsed().as_secs_f64() / steps as f64;
+        eprintln!(
+            "tiny, batch 8 x seq 64, flex: {per_step:.4} s/step, {:.0} tokens/s ({stats:?})",
+            (8 * 64) as f64 / per_step
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Numerical parity with an independent implementation: tiny random Llama-family checkpoints
+//! written by Hugging Face transformers (scripts/make_tiny_checkpoints.py), whose logits for a
+//! fixed input transformers computed on CPU in f32 and committed beside them. Our burn model,
+//! loaded from the same files, must reproduce every logit within 1e-4.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use fedclient::checkpoint::{self, CheckpointFormat};
+use fedclient::model::LoraLlama;
+use fedcore::{LoraSpec, TargetModule};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn lora() -> LoraSpec {
+    LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        target_modules: TargetModule::ALL.to_vec(),
+        a_seed: 3,
+        dropout: 0.0,
+    }
+}
+
+fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
+}
+
+/// Max |ours − reference| over every logit of the fixture's input.
+fn max_logit_error(dir: &Path) -> f64 {
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let ids: Vec<i64> = reference["input_ids"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let expected: Vec<Vec<f64>> = reference["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+
+    let device = Device::flex();
+    let ckpt = checkpoint::open(dir).unwrap();
+    assert_eq!(ckpt.format, CheckpointFormat::HfSafetensors);
+    let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
+    let logits = model
+        .forward(ids_tensor(&ids, &device))
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let vocab = ckpt.spec.vocab_size;
+    assert_eq!(logits.len(), ids.len() * vocab);
+    assert_eq!(expected.len(), ids.len());
+    let mut max = 0f64;
+    for (t, row) in expected.iter().enumerate() {
+        for (v, e) in row.iter().enumerate() {
+            max = max.max((logits[t * vocab + v] as f64 - e).abs());
+        }
+    }
+    // The logits are not trivially small, so the comparison can fail.
+    let spread = expected.iter().flatten().fold(0f64, |m, v| m.max(v.abs()));
+    assert!(
+        spread > 0.5,
+        "reference logits too small to test anything: {spread}"
+    );
+    max
+}
+
+#[test]
+fn qwen2_with_biases_and_gqa_matches_transformers() {
+    let err = max_logit_error(&fixture("tiny-qwen2"));
+    eprintln!("tiny-qwen2: max |Δlogit| = {err:e}");
+    assert!(err < 1e-4, "max logit error {err}");
+}
+
+#[test]
+fn sharded_bf16_checkpoint_matches_transformers() {
+    let err = max_logit_error(&fixture("tiny-qwen2-bf16"));
+    eprintln!("tiny-qwen2-bf16: max |Δlogit| = {err:e}");
+    assert!(err < 1e-4, "max logit error {err}");
+}
+
+#[test]
+fn llama_tied_head_dim_and_llama3_rope_scaling_match_transformers() {
+    let dir = fixture("tiny-llama3");
+    let ckpt = checkpoint::open(&dir).unwrap();
+    assert!(ckpt.spec.tie_word_embeddings);
+    assert_eq!(ckpt.spec.head_dim(), 24);
+    assert!(ckpt.spec.rope_scaling.is_some());
+    let err = max_logit_error(&dir);
+    eprintln!("tiny-llama3: max |Δlogit| = {err:e}");
+    assert!(err < 1e-4, "max logit error {err}");
+}
+
+/// Two documents packed in one row give the same logits as each run on its own: attention
+/// does not cross the boundary and positions restart.
+#[test]
+fn packed_documents_do_not_see_each_other() {
+    let device = Device::flex();
+    let ckpt = checkpoint::open(&fixture("tiny-qwen2")).unwrap();
+    let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
+    let doc_a: Vec<i64> = vec![5, 17, 42, 99, 3];
+    let doc_b: Vec<i64> = vec![8, 64, 101, 11, 7, 7, 120];
+    let alone = |doc: &[i64]| {
+        model
+            .forward(ids_tensor(doc, &device))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let expected: Vec<f32> = [alone(&doc_a), alone(&doc_b)].concat();
+
+    let tokens: Vec<i64> = [doc_a.clone(), doc_b.clone()].concat();
+    let positions: Vec<i64> = (0..doc_a.len() as i64)
+        .chain(0..doc_b.len() as i64)
+        .collect();
+    let segments: Vec<i64> = std::iter::repeat_n(0, doc_a.len())
+        .chain(std::iter::repeat_n(1, doc_b.len()))
+        .collect();
+    let packed = model
+        .forward_packed(
+            ids_tensor(&tokens, &device),
+            ids_tensor(&positions, &device),
+            ids_tensor(&segments, &device),
+        )
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let max = packed
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-5, "packed vs separate: {max}");
+
+    // Without the segment mask the second document would see the first: the test can fail.
+    let unpacked = alone(&tokens);
+    let leak = unpacked[doc_a.len() * 128..]
+        .iter()
+        .zip(&expected[doc_a.len() * 128..])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        leak > 1e-3,
+        "the fixture cannot tell packed from unpacked: {leak}"
+    );
+}
+
+#[test]
+fn missing_tensor_and_bad_shape_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-qwen2");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+    // A checkpoint whose file lacks one tensor.
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+        .collect();
+    safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+    let ckpt = checkpoint::open(dir.path()).unwrap();
+    let err = LoraLlama::from_checkpoint(&ckpt, &lora(), &Device::flex()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("model.layers.1.mlp.up_proj.weight"),
+        "{err}"
+    );
+
+    // A config that disagrees with the tensors' shapes.
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["intermediate_size"] = 72.into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let ckpt = checkpoint::open(dir.path()).unwrap();
+    let err = LoraLlama::from_checkpoint(&ckpt, &lora(), &Device::flex()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("gate_proj.weight") && msg.contains("[72, 32]"),
+        "{msg}"
+    );
+
+    // A truncated weights file.
+    let half = &bytes[..bytes.len() / 2];
+    std::fs::write(dir.path().join("model.safetensors"), half).unwrap();
+    let err = checkpoint::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+/// A federation plan pins its base checkpoint: the right one loads, anything else is named.
+#[test]
+fn plans_pin_their_base_checkpoint() {
+    let device = Device::flex();
+    let ckpt = checkpoint::open(&fixture("tiny-qwen2")).unwrap();
+    let pinned = ckpt.spec.clone();
+    assert_eq!(pinned.weights_sha256.as_ref().unwrap().len(), 64);
+    LoraLlama::for_plan(&pinned, &lora(), Some(&ckpt), &device).unwrap();
+
+    // The bf16 copy holds other bytes: another fingerprint.
+    let other = checkpoint::open(&fixture("tiny-qwen2-bf16")).unwrap();
+    let err = LoraLlama::for_plan(&pinned, &lora(), Some(&other), &device).unwrap_err();
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+
+    let mut wider = pinned.clone();
+    wider.intermediate_size = 80;
+    let err = LoraLlama::for_plan(&wider, &lora(), Some(&ckpt), &device).unwrap_err();
+    assert!(
+        err.to_string().contains("model.intermediate_size is 80"),
+        "{err}"
+    );
+
+    let err = LoraLlama::for_plan(&pinned, &lora(), None, &device).unwrap_err();
+    assert!(err.to_string().contains("pins a pretrained base"), "{err}");
+
+    let mut random = pinned.clone();
+    random.weights_sha256 = None;
+    let err = LoraLlama::for_plan(&random, &lora(), Some(&ckpt), &device).unwrap_err();
+    assert!(err.to_string().contains("no model.weights_sha256"), "{err}");
+}
