@@ -111,17 +111,18 @@ fn tiny_llama_gguf_matches_hf_tensors() {
     assert_eq!(gguf.weights.names(), hf.weights.names());
 
     let file = GgufFile::open(&gguf_path).unwrap();
-    let stored_types: BTreeMap<String, GgmlType> = file
+    let stored: BTreeMap<String, &super::reader::TensorInfo> = file
         .tensors
         .iter()
-        .map(|t| (names::hf_name(&t.name).unwrap().hf, t.ggml_type))
+        .map(|t| (names::hf_name(&t.name).unwrap().hf, t))
         .collect();
     let mut kinds = std::collections::BTreeSet::new();
     for name in hf.weights.names() {
         let want = hf.weights.tensor(&name).unwrap();
         let got = gguf.weights.tensor(&name).unwrap();
         assert_eq!(got.shape, want.shape, "{name}");
-        let t = stored_types[&name];
+        let info = stored[&name];
+        let t = info.ggml_type;
         kinds.insert(t.name());
         let expected = stored_as(t, &want.data);
         let mismatches = got
@@ -132,11 +133,9 @@ fn tiny_llama_gguf_matches_hf_tensors() {
             .count();
         assert_eq!(mismatches, 0, "{name} ({}): values differ", t.name());
         if name.contains("q_proj") || name.contains("k_proj") {
-            // Without un-permuting, rows would be in the stored (interleaved) order.
-            let raw = dequant::dequantize(t, &file.read_tensor_bytes(file.tensor_info(
-                &file.tensors.iter().find(|i| names::hf_name(&i.name).unwrap().hf == name).unwrap().name,
-            ).unwrap()).unwrap())
-            .unwrap();
+            // The rows as stored are in llama.cpp's interleaved order, so the un-permutation
+            // above did something.
+            let raw = dequant::dequantize(t, &file.read_tensor_bytes(info).unwrap()).unwrap();
             assert_ne!(raw, got.data, "{name}: the stored rows are permuted");
         }
     }

@@ -62,7 +62,7 @@ struct PreTokenizerSpec {
 
 /// The pre-tokenizer llama.cpp uses for `pre` (`llama_vocab::impl::load`).
 fn byte_level_pre(pre: &str) -> Option<PreTokenizerSpec> {
-    let spec = |splits, ignore_merges, add_bos| PreTokenizerSpec {
+    let spec = |splits: &'static [&'static str], ignore_merges, add_bos| PreTokenizerSpec {
         splits,
         ignore_merges,
         add_bos,
