@@ -5,7 +5,7 @@
 //! The model file comes from scripts/fetch-model.sh. Without it these tests print SKIPPED,
 //! unless `MEKONG_REQUIRE_MODEL=1` (CI sets it), in which case they fail.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedclient::checkpoint::{self, Checkpoint, CheckpointFormat};
@@ -31,7 +31,7 @@ fn model_path(test: &str) -> Option<PathBuf> {
     None
 }
 
-fn load(path: &PathBuf, device: &Device) -> (Checkpoint, LoraLlama) {
+fn load(path: &Path, device: &Device) -> (Checkpoint, LoraLlama) {
     let ckpt = checkpoint::open(path).unwrap();
     assert_eq!(ckpt.format, CheckpointFormat::Gguf);
     let model = LoraLlama::from_checkpoint(&ckpt, &LoraSpec::default(), device).unwrap();

@@ -147,7 +147,7 @@ pub fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, Dequant
         return Err(DequantError::Unsupported(ggml_type));
     }
     let (block, block_bytes) = (ggml_type.block as usize, ggml_type.block_bytes as usize);
-    if bytes.len() % block_bytes != 0 {
+    if !bytes.len().is_multiple_of(block_bytes) {
         return Err(DequantError::Length {
             bytes: bytes.len(),
             block_bytes,
@@ -156,9 +156,21 @@ pub fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, Dequant
     let mut out = Vec::with_capacity(bytes.len() / block_bytes * block);
     let blocks = bytes.chunks_exact(block_bytes);
     match ggml_type.id {
-        0 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        1 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        30 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        0 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        1 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        30 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
         2 => blocks.for_each(|b| q4_0(b, &mut out)),
         3 => blocks.for_each(|b| q4_1(b, &mut out)),
         8 => blocks.for_each(|b| q8_0(b, &mut out)),

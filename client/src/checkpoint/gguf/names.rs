@@ -97,7 +97,7 @@ pub fn unpermute_rows(
     cols: usize,
     n_head: usize,
 ) -> Result<Vec<f32>, String> {
-    if n_head == 0 || rows % (2 * n_head) != 0 || data.len() != rows * cols {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || data.len() != rows * cols {
         return Err(format!(
             "cannot undo the rotary row permutation: {rows} rows × {cols} columns ({} values) \
              do not split into {n_head} heads of an even width",
@@ -132,7 +132,10 @@ mod tests {
             Some(("model.embed_tokens.weight".into(), None))
         );
         assert_eq!(m("output.weight"), Some(("lm_head.weight".into(), None)));
-        assert_eq!(m("output_norm.weight"), Some(("model.norm.weight".into(), None)));
+        assert_eq!(
+            m("output_norm.weight"),
+            Some(("model.norm.weight".into(), None))
+        );
         assert_eq!(
             m("blk.12.attn_q.weight"),
             Some((
@@ -161,7 +164,10 @@ mod tests {
         );
         assert_eq!(
             m("blk.1.ffn_norm.weight"),
-            Some(("model.layers.1.post_attention_layernorm.weight".into(), None))
+            Some((
+                "model.layers.1.post_attention_layernorm.weight".into(),
+                None
+            ))
         );
         assert_eq!(
             m("blk.1.attn_norm.weight"),

@@ -410,10 +410,12 @@ impl GgufFile {
 
     /// The stored bytes of one tensor (a positioned read; bounds were checked at open).
     pub fn read_tensor_bytes(&self, info: &TensorInfo) -> Result<Vec<u8>, CheckpointError> {
-        let len = usize::try_from(info.bytes).map_err(|_| self.bad(format!(
-            "tensor `{}` has {} bytes, more than this machine can address",
-            info.name, info.bytes
-        )))?;
+        let len = usize::try_from(info.bytes).map_err(|_| {
+            self.bad(format!(
+                "tensor `{}` has {} bytes, more than this machine can address",
+                info.name, info.bytes
+            ))
+        })?;
         let mut bytes = vec![0u8; len];
         let io = |source| CheckpointError::Io {
             path: format!("{} (tensor `{}`)", self.path.display(), info.name),
@@ -456,7 +458,7 @@ impl HeaderReader<'_> {
     /// Refuses to read `n` more bytes when they would pass the end of the file or the header
     /// cap.
     fn ensure(&self, n: u64, what: &dyn Fn() -> String) -> Result<(), CheckpointError> {
-        let end = self.pos.checked_add(n).unwrap_or(u64::MAX);
+        let end = self.pos.saturating_add(n);
         if end <= self.limit {
             return Ok(());
         }
@@ -498,10 +500,12 @@ impl HeaderReader<'_> {
 
     fn fill(&mut self, buf: &mut [u8], what: &dyn Fn() -> String) -> Result<(), CheckpointError> {
         self.ensure(buf.len() as u64, what)?;
-        self.inner.read_exact(buf).map_err(|source| CheckpointError::Io {
-            path: self.path.display().to_string(),
-            source,
-        })?;
+        self.inner
+            .read_exact(buf)
+            .map_err(|source| CheckpointError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })?;
         self.pos += buf.len() as u64;
         Ok(())
     }
@@ -546,7 +550,12 @@ impl HeaderReader<'_> {
     }
 
     /// One value of GGUF type `value_type` for metadata key `key`.
-    fn value(&mut self, value_type: u32, key: &str, depth: usize) -> Result<Value, CheckpointError> {
+    fn value(
+        &mut self,
+        value_type: u32,
+        key: &str,
+        depth: usize,
+    ) -> Result<Value, CheckpointError> {
         let what = || format!("the value of metadata key `{key}`");
         Ok(match value_type {
             0 => Value::U8(self.bytes::<1>(what)?[0]),
@@ -675,11 +684,12 @@ impl HeaderReader<'_> {
                 ))
             })?;
         let type_id = self.u32(|| format!("the type of tensor `{name}`"))?;
-        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| CheckpointError::UnsupportedDtype {
-            name: name.clone(),
-            dtype: format!("unknown ggml type {type_id}"),
-            supported: super::dequant::SUPPORTED,
-        })?;
+        let ggml_type =
+            GgmlType::from_id(type_id).ok_or_else(|| CheckpointError::UnsupportedDtype {
+                name: name.clone(),
+                dtype: format!("unknown ggml type {type_id}"),
+                supported: super::dequant::SUPPORTED,
+            })?;
         let offset = self.u64(|| format!("the data offset of tensor `{name}`"))?;
         let (block, block_bytes) = ggml_type.block();
         if dims[0] % block != 0 {

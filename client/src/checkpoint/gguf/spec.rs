@@ -78,7 +78,10 @@ pub fn spec_from_metadata(file: &GgufFile) -> Result<ModelSpec, CheckpointError>
                     config_err(
                         path,
                         &full,
-                        format!("expected a non-negative integer, found {} {v:?}", v.type_name()),
+                        format!(
+                            "expected a non-negative integer, found {} {v:?}",
+                            v.type_name()
+                        ),
                     )
                 }),
         }
@@ -91,7 +94,11 @@ pub fn spec_from_metadata(file: &GgufFile) -> Result<ModelSpec, CheckpointError>
         match file.get(&full) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                config_err(path, &full, format!("expected a number, found {}", v.type_name()))
+                config_err(
+                    path,
+                    &full,
+                    format!("expected a number, found {}", v.type_name()),
+                )
             }),
         }
     };
@@ -188,9 +195,13 @@ pub fn spec_from_metadata(file: &GgufFile) -> Result<ModelSpec, CheckpointError>
         num_attention_heads,
         num_key_value_heads,
         rope_theta: f64_opt("rope.freq_base")?.unwrap_or(10_000.0) as f32,
-        rms_norm_eps: f64_opt("attention.layer_norm_rms_epsilon")?
-            .ok_or_else(|| config_err(path, &key("attention.layer_norm_rms_epsilon"), "missing".into()))?
-            as f32,
+        rms_norm_eps: f64_opt("attention.layer_norm_rms_epsilon")?.ok_or_else(|| {
+            config_err(
+                path,
+                &key("attention.layer_norm_rms_epsilon"),
+                "missing".into(),
+            )
+        })? as f32,
         max_position_embeddings: required("context_length")?,
         tie_word_embeddings: tensor("output.weight").is_none(),
         init_seed: 0,
@@ -228,7 +239,11 @@ fn rope_scaling(file: &GgufFile, prefix: &str) -> Result<Option<RopeScaling>, Ch
         match file.get(key) {
             None => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                config_err(file.path(), key, format!("expected a number, found {}", v.type_name()))
+                config_err(
+                    file.path(),
+                    key,
+                    format!("expected a number, found {}", v.type_name()),
+                )
             }),
         }
     };

@@ -148,14 +148,35 @@ fn tiny_llama_gguf_matches_hf_tensors() {
     // default hidden / heads).
     let (g, h) = (&gguf.spec, &hf.spec);
     assert_eq!(
-        (g.vocab_size, g.hidden_size, g.intermediate_size, g.num_hidden_layers),
-        (h.vocab_size, h.hidden_size, h.intermediate_size, h.num_hidden_layers)
+        (
+            g.vocab_size,
+            g.hidden_size,
+            g.intermediate_size,
+            g.num_hidden_layers
+        ),
+        (
+            h.vocab_size,
+            h.hidden_size,
+            h.intermediate_size,
+            h.num_hidden_layers
+        )
     );
     assert_eq!(
-        (g.num_attention_heads, g.num_key_value_heads, g.max_position_embeddings),
-        (h.num_attention_heads, h.num_key_value_heads, h.max_position_embeddings)
+        (
+            g.num_attention_heads,
+            g.num_key_value_heads,
+            g.max_position_embeddings
+        ),
+        (
+            h.num_attention_heads,
+            h.num_key_value_heads,
+            h.max_position_embeddings
+        )
     );
-    assert_eq!((g.rope_theta, g.rms_norm_eps), (h.rope_theta, h.rms_norm_eps));
+    assert_eq!(
+        (g.rope_theta, g.rms_norm_eps),
+        (h.rope_theta, h.rms_norm_eps)
+    );
     assert_eq!(
         (g.tie_word_embeddings, g.qkv_bias, g.o_bias, g.mlp_bias),
         (false, false, false, false)
@@ -260,7 +281,12 @@ fn smollm2_udhr_token_ids_match_reference() {
         .unwrap();
     assert_eq!(tok.bos_token.as_deref(), Some("<|im_start|>"));
     assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
-    assert!(tok.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    assert!(
+        tok.chat_template
+            .as_deref()
+            .unwrap()
+            .contains("<|im_start|>")
+    );
     let udhr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/udhr");
     let languages = reference["languages"].as_object().unwrap();
     assert_eq!(languages.len(), 9);
@@ -279,7 +305,11 @@ fn smollm2_udhr_token_ids_match_reference() {
         let got = tok.tokenizer.encode(text.as_str(), false).unwrap();
         let got = got.get_ids();
         if got != expected.as_slice() {
-            let at = got.iter().zip(&expected).take_while(|(a, b)| a == b).count();
+            let at = got
+                .iter()
+                .zip(&expected)
+                .take_while(|(a, b)| a == b)
+                .count();
             panic!(
                 "{lang}: {} ids, reference {}; first difference at {at}: {:?} vs {:?}",
                 got.len(),
@@ -309,7 +339,12 @@ fn smollm2_opens_and_loads() {
     let opened = start.elapsed();
     let s = &ckpt.spec;
     assert_eq!(
-        (s.num_hidden_layers, s.hidden_size, s.intermediate_size, s.vocab_size),
+        (
+            s.num_hidden_layers,
+            s.hidden_size,
+            s.intermediate_size,
+            s.vocab_size
+        ),
         (30, 576, 1536, 49152)
     );
     assert_eq!((s.num_attention_heads, s.num_key_value_heads), (9, 3));
@@ -395,7 +430,10 @@ fn reads_every_metadata_type() {
         ("b.i32s", Value::Array(Array::I32(vec![-1, 3]))),
         ("b.f32s", Value::Array(Array::F32(vec![0.5]))),
         ("b.bools", Value::Array(Array::Bool(vec![true, false]))),
-        ("b.strs", Value::Array(Array::Str(vec!["x".into(), "".into()]))),
+        (
+            "b.strs",
+            Value::Array(Array::Str(vec!["x".into(), "".into()])),
+        ),
         ("b.u64s", Value::Array(Array::U64(vec![9]))),
         ("b.i64s", Value::Array(Array::I64(vec![-9]))),
         ("b.f64s", Value::Array(Array::F64(vec![0.25]))),
@@ -412,7 +450,9 @@ fn reads_every_metadata_type() {
     for (k, v) in &values {
         b = b.kv(k, v.clone());
     }
-    let path = b.f32_tensor("t", &[2], &[1.0, 2.0]).write(dir.path(), "m.gguf");
+    let path = b
+        .f32_tensor("t", &[2], &[1.0, 2.0])
+        .write(dir.path(), "m.gguf");
     let file = GgufFile::open(&path).unwrap();
     assert_eq!(file.version, 3);
     for (k, v) in &values {
@@ -431,10 +471,16 @@ fn reads_every_metadata_type() {
         .f32_tensor("b", &[1], &[4.0])
         .write(dir.path(), "v2.gguf");
     let file = GgufFile::open(&path).unwrap();
-    assert_eq!((file.version, file.alignment, file.data_offset % 64), (2, 64, 0));
+    assert_eq!(
+        (file.version, file.alignment, file.data_offset % 64),
+        (2, 64, 0)
+    );
     let b_info = file.tensor_info("b").unwrap();
     assert_eq!(b_info.offset, 64);
-    assert_eq!(file.read_tensor_bytes(b_info).unwrap(), 4.0f32.to_le_bytes());
+    assert_eq!(
+        file.read_tensor_bytes(b_info).unwrap(),
+        4.0f32.to_le_bytes()
+    );
 }
 
 /// Llama files get q/k rows (and the k bias) un-permuted with their own head counts, and
@@ -484,7 +530,10 @@ fn bad_magic_and_version() {
     let mut bytes = tiny_llama_builder().to_bytes();
     bytes[4..8].copy_from_slice(&3u32.to_be_bytes());
     let msg = open_err(&bytes);
-    assert!(msg.contains("version 50331648") && msg.contains("big-endian"), "{msg}");
+    assert!(
+        msg.contains("version 50331648") && msg.contains("big-endian"),
+        "{msg}"
+    );
 
     let msg = open_err(b"GG");
     assert!(msg.contains("truncated") && msg.contains("magic"), "{msg}");
@@ -500,7 +549,10 @@ fn truncated_files_are_refused() {
         let path = dir.path().join("ok.gguf");
         std::fs::write(&path, &bytes).unwrap();
         let f = GgufFile::open(&path).unwrap();
-        (f.data_offset, f.tensor_info("blk.0.attn_k.bias").unwrap().offset)
+        (
+            f.data_offset,
+            f.tensor_info("blk.0.attn_k.bias").unwrap().offset,
+        )
     };
     for cut in (0..bytes.len()).step_by(7).chain([bytes.len() - 1]) {
         let msg = open_err(&bytes[..cut]);
@@ -508,7 +560,10 @@ fn truncated_files_are_refused() {
     }
     // Cut inside the last tensor's data: the error names it.
     let msg = open_err(&bytes[..(file.0 + file.1 + 6) as usize]);
-    assert!(msg.contains("`blk.0.attn_k.bias`") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("`blk.0.attn_k.bias`") && msg.contains("truncated"),
+        "{msg}"
+    );
     // Cut inside metadata: the error names the key being read.
     let key_at = bytes
         .windows(b"llama.rope.freq_base".len())
@@ -529,43 +584,72 @@ fn absurd_counts_are_refused() {
     let mut b = base.clone();
     b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
     let msg = open_err(&b);
-    assert!(msg.contains("tensors count") && msg.contains("above the limit"), "{msg}");
+    assert!(
+        msg.contains("tensors count") && msg.contains("above the limit"),
+        "{msg}"
+    );
     let mut b = base.clone();
     b[16..24].copy_from_slice(&(1u64 << 19).to_le_bytes());
     let msg = open_err(&b);
-    assert!(msg.contains("truncated") && msg.contains("metadata pairs"), "{msg}");
+    assert!(
+        msg.contains("truncated") && msg.contains("metadata pairs"),
+        "{msg}"
+    );
 
     // The array's length field follows its key, type (9) and element type (8).
     let at = base.windows(6).position(|w| w == b"tokens").unwrap() + 6 + 4 + 4;
     let mut b = base.clone();
     b[at..at + 8].copy_from_slice(&(3u64 << 20).to_le_bytes());
     let msg = open_err(&b);
-    assert!(msg.contains("metadata array `tokens`") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("metadata array `tokens`") && msg.contains("truncated"),
+        "{msg}"
+    );
     let mut b = base.clone();
     b[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     let msg = open_err(&b);
-    assert!(msg.contains("`tokens`") && msg.contains("above the limit"), "{msg}");
+    assert!(
+        msg.contains("`tokens`") && msg.contains("above the limit"),
+        "{msg}"
+    );
     // The first string's length.
     let mut b = base.clone();
     b[at + 8..at + 16].copy_from_slice(&(1u64 << 50).to_le_bytes());
     let msg = open_err(&b);
-    assert!(msg.contains("element 0 of metadata array `tokens`"), "{msg}");
+    assert!(
+        msg.contains("element 0 of metadata array `tokens`"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn malformed_tensor_infos_are_refused() {
     // A type id ggml does not have.
-    let b = GgufBuilder::new().tensor("w", &[4], 99, vec![0; 16]).to_bytes();
+    let b = GgufBuilder::new()
+        .tensor("w", &[4], 99, vec![0; 16])
+        .to_bytes();
     let msg = open_err(&b);
-    assert!(msg.contains("`w`") && msg.contains("unknown ggml type 99"), "{msg}");
+    assert!(
+        msg.contains("`w`") && msg.contains("unknown ggml type 99"),
+        "{msg}"
+    );
     // Rows not a whole number of blocks.
-    let b = GgufBuilder::new().tensor("w", &[16, 2], 8, vec![0; 34]).to_bytes();
+    let b = GgufBuilder::new()
+        .tensor("w", &[16, 2], 8, vec![0; 34])
+        .to_bytes();
     let msg = open_err(&b);
-    assert!(msg.contains("`w`") && msg.contains("block size 32"), "{msg}");
+    assert!(
+        msg.contains("`w`") && msg.contains("block size 32"),
+        "{msg}"
+    );
     // Too many dimensions, and an empty one.
-    let b = GgufBuilder::new().tensor("w", &[1, 1, 1, 1, 1], 0, vec![0; 4]).to_bytes();
+    let b = GgufBuilder::new()
+        .tensor("w", &[1, 1, 1, 1, 1], 0, vec![0; 4])
+        .to_bytes();
     assert!(open_err(&b).contains("5 dimensions"));
-    let b = GgufBuilder::new().tensor("w", &[4, 0], 0, vec![]).to_bytes();
+    let b = GgufBuilder::new()
+        .tensor("w", &[4, 0], 0, vec![])
+        .to_bytes();
     assert!(open_err(&b).contains("empty or impossibly large"));
     // Two tensors of one name.
     let b = GgufBuilder::new()
@@ -613,8 +697,13 @@ fn unsupported_quant_type_names_tensor_and_type() {
         .tensor("blk.0.attn_v.weight", &[256, 1], 13, vec![0; 176])
         .write(dir.path(), "q5k.gguf");
     let w = GgufWeights::new(GgufFile::open(&path).unwrap(), 2, 1).unwrap();
-    let err = w.tensor("model.layers.0.self_attn.v_proj.weight").unwrap_err();
-    assert!(matches!(err, CheckpointError::UnsupportedDtype { .. }), "{err:?}");
+    let err = w
+        .tensor("model.layers.0.self_attn.v_proj.weight")
+        .unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::UnsupportedDtype { .. }),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(
         msg.contains("model.layers.0.self_attn.v_proj.weight")
@@ -633,7 +722,10 @@ fn missing_tensor_is_named() {
     let err = w.tensor("model.layers.0.mlp.up_proj.weight").unwrap_err();
     assert!(matches!(err, CheckpointError::MissingTensor { .. }));
     let msg = err.to_string();
-    assert!(msg.contains("model.layers.0.mlp.up_proj.weight") && msg.contains("m.gguf"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.up_proj.weight") && msg.contains("m.gguf"),
+        "{msg}"
+    );
     // open() itself needs the embedding to know the vocabulary.
     let path = llama_meta(GgufBuilder::new()).write(dir.path(), "empty.gguf");
     let msg = checkpoint::open(&path).unwrap_err().to_string();
@@ -646,14 +738,19 @@ fn spec_errors_name_the_key() {
     let spec_err = |b: GgufBuilder, name: &str| {
         let path = b.write(dir.path(), name);
         let file = GgufFile::open(&path).unwrap();
-        super::spec::spec_from_metadata(&file).unwrap_err().to_string()
+        super::spec::spec_from_metadata(&file)
+            .unwrap_err()
+            .to_string()
     };
     let full = || tiny_llama_builder();
     let ok = super::spec::spec_from_metadata(
         &GgufFile::open(&full().write(dir.path(), "ok.gguf")).unwrap(),
     )
     .unwrap();
-    assert_eq!((ok.vocab_size, ok.hidden_size, ok.num_key_value_heads), (4, 8, 1));
+    assert_eq!(
+        (ok.vocab_size, ok.hidden_size, ok.num_key_value_heads),
+        (4, 8, 1)
+    );
     assert!(ok.tie_word_embeddings && ok.qkv_bias.eq(&false));
 
     let mut b = full();
@@ -664,11 +761,17 @@ fn spec_errors_name_the_key() {
     let mut b = full();
     b.metadata[0].1 = s("gemma3");
     let msg = spec_err(b, "b.gguf");
-    assert!(msg.contains("general.architecture") && msg.contains("gemma3"), "{msg}");
+    assert!(
+        msg.contains("general.architecture") && msg.contains("gemma3"),
+        "{msg}"
+    );
 
     let b = full().kv("llama.rope.scaling.type", s("yarn"));
     let msg = spec_err(b, "c.gguf");
-    assert!(msg.contains("llama.rope.scaling.type") && msg.contains("yarn"), "{msg}");
+    assert!(
+        msg.contains("llama.rope.scaling.type") && msg.contains("yarn"),
+        "{msg}"
+    );
 
     let b = full()
         .kv("llama.rope.scaling.type", s("linear"))
@@ -690,12 +793,18 @@ fn spec_errors_name_the_key() {
 
     let b = full().kv("llama.vocab_size", Value::U32(5));
     let msg = spec_err(b, "g.gguf");
-    assert!(msg.contains("llama.vocab_size") && msg.contains("4 rows"), "{msg}");
+    assert!(
+        msg.contains("llama.vocab_size") && msg.contains("4 rows"),
+        "{msg}"
+    );
 
     let mut b = full();
     b.metadata[2].1 = s("two");
     let msg = spec_err(b, "h.gguf");
-    assert!(msg.contains("llama.block_count") && msg.contains("string"), "{msg}");
+    assert!(
+        msg.contains("llama.block_count") && msg.contains("string"),
+        "{msg}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -767,5 +876,8 @@ fn byte_level_tokenizer_follows_pre() {
     let err = super::tokenizer::tokenizer_from_metadata(&GgufFile::open(&path).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("tokenizer.ggml.pre") && err.contains("nonesuch"), "{err}");
+    assert!(
+        err.contains("tokenizer.ggml.pre") && err.contains("nonesuch"),
+        "{err}"
+    );
 }

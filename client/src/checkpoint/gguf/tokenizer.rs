@@ -71,11 +71,11 @@ fn byte_level_pre(pre: &str) -> Option<PreTokenizerSpec> {
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" | "jina-v5-nano" => spec(&[LLAMA3], true, true),
         "dbrx" | "smaug-bpe" => spec(&[LLAMA3], false, false),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2"
-        | "hunyuan" | "solar-open" => spec(&[QWEN2], false, false),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
+        | "solar-open" => spec(&[QWEN2], false, false),
         // Digits one by one, then GPT-2's split.
-        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-        | "minerva-7b" | "mellum2" => spec(&[r"\p{N}", GPT2], false, false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b"
+        | "mellum2" => spec(&[r"\p{N}", GPT2], false, false),
         "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de"
         | "a.x-4.0" | "mellum" | "modern-bert" | "mpt" | "olmo" | "jais" | "exaone4"
         | "trillion" | "granite-docling" => spec(&[GPT2], false, false),
@@ -167,12 +167,12 @@ pub fn tokenizer_from_metadata(
                 )
             })?;
             let merges = meta.strings("tokenizer.ggml.merges")?;
-            let tokenizer = byte_level_bpe(&meta, &tokens, &types, &merges, &spec)?;
+            let tokenizer = byte_level_bpe(&meta, tokens, &types, merges, &spec)?;
             (tokenizer, add_bos_key.unwrap_or(spec.add_bos))
         }
         "llama" => {
             let add_prefix = flag("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-            let tokenizer = sentencepiece_bpe(&meta, &tokens, &types, unk, add_prefix)?;
+            let tokenizer = sentencepiece_bpe(&meta, tokens, &types, unk, add_prefix)?;
             (tokenizer, add_bos_key.unwrap_or(true))
         }
         other => {
@@ -369,7 +369,9 @@ fn byte_level_bpe(
         .map_err(|e| meta.tokenizer_err("cannot compile a split expression", e))?;
         pre.push(PreTokenizerWrapper::Split(split));
     }
-    pre.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)));
+    pre.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, false,
+    )));
     tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreSequence::new(pre))));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
         false, true, false,
@@ -502,8 +504,8 @@ fn sentencepiece_bpe(
     tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(Metaspace::new(
         '▁', scheme, false,
     ))));
-    let replace = Replace::new("▁", " ")
-        .map_err(|e| meta.tokenizer_err("cannot build the decoder", e))?;
+    let replace =
+        Replace::new("▁", " ").map_err(|e| meta.tokenizer_err("cannot build the decoder", e))?;
     let mut decoders = vec![
         DecoderWrapper::Replace(replace),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
