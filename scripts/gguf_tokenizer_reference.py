@@ -19,8 +19,8 @@ every digit off first (llama.cpp: regexes "\\p{N}" then the GPT-2 pattern). The 
 only where a space precedes a digit that the vocabulary can merge with it, which in the UDHR
 happens for Khmer and Burmese digits. `ids` therefore uses llama.cpp's split (run by the
 Python `tokenizers` library, whose regex engine is Oniguruma, not the Rust one under test);
-`transformers_unpatched_ids` is kept wherever the unpatched conversion differs, so the
-difference stays visible.
+`transformers_unpatched` records, wherever the unpatched conversion differs, its length and
+where and how it first differs, so the difference stays visible.
 """
 import hashlib
 import json
@@ -58,7 +58,12 @@ def main():
         assert patched.decode(ids, skip_special_tokens=False) == text, lang
         entry = {"ids": ids}
         if unpatched != ids:
-            entry["transformers_unpatched_ids"] = unpatched
+            at = next(i for i, (a, b) in enumerate(zip(unpatched + [None], ids + [None])) if a != b)
+            entry["transformers_unpatched"] = {
+                "count": len(unpatched),
+                "first_difference": at,
+                "ids_from_there": unpatched[at:at + 8],
+            }
         languages[lang] = entry
         print(lang, len(ids), "differs from unpatched" if unpatched != ids else "")
 

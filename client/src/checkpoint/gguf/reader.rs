@@ -684,12 +684,14 @@ impl HeaderReader<'_> {
                 ))
             })?;
         let type_id = self.u32(|| format!("the type of tensor `{name}`"))?;
-        let ggml_type =
-            GgmlType::from_id(type_id).ok_or_else(|| CheckpointError::UnsupportedDtype {
-                name: name.clone(),
-                dtype: format!("unknown ggml type {type_id}"),
-                supported: super::dequant::SUPPORTED,
-            })?;
+        // An id ggml does not define leaves the tensor's size unknown, so the file cannot be
+        // checked (a known but unconvertible type is refused only when the tensor is read).
+        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+            self.bad(format!(
+                "tensor `{name}` has unknown ggml type {type_id} (this reader converts {})",
+                super::dequant::SUPPORTED
+            ))
+        })?;
         let offset = self.u64(|| format!("the data offset of tensor `{name}`"))?;
         let (block, block_bytes) = ggml_type.block();
         if dims[0] % block != 0 {

@@ -81,7 +81,12 @@ fn q8_0_roundtrip(row: &[f32]) -> Vec<f32> {
         let id = if d == 0.0 { 0.0 } else { 1.0 / d };
         let stored_d = f16::from_f32(d).to_f32();
         // `np_roundf`/`roundf`: half away from zero, which is what f32::round does.
-        out.extend(block.iter().map(|v| (v * id).round() * stored_d));
+        // Through int8 as ggml stores it, so that -0.4 becomes +0.0, not -0.0.
+        out.extend(
+            block
+                .iter()
+                .map(|v| f32::from((v * id).round() as i8) * stored_d),
+        );
     }
     out
 }
