@@ -114,6 +114,45 @@ pub enum CorpusError {
     /// Too little text to split into a training part and a held-out part.
     #[error("corpus for `{language}` is too short: {reason}")]
     TooShort { language: String, reason: String },
+
+    /// A text file is not valid UTF-8. `offset` is the byte offset of the first invalid byte.
+    #[error("{path}: not valid UTF-8 at byte offset {offset} (line {line})")]
+    InvalidUtf8 {
+        path: String,
+        offset: usize,
+        line: usize,
+    },
+
+    /// One line of a JSONL file is not a usable record. `line` counts from 1.
+    #[error("{path}:{line}: {reason}")]
+    Jsonl {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+
+    /// A record parsed, but could not be turned into a training example (its chat template
+    /// failed or is inconsistent with itself). `line` counts from 1.
+    #[error("{path}:{line}: {source}")]
+    Record {
+        path: String,
+        line: usize,
+        #[source]
+        source: Box<CorpusError>,
+    },
+
+    /// A file of a kind this loader does not read.
+    #[error("{path}: unsupported file type (expected `.txt` plain text or `.jsonl` records)")]
+    UnsupportedFile { path: String },
+
+    /// The chat template does not compile, fails to render, or renders a conversation
+    /// inconsistently (its rendering of a prompt is not a prefix of the whole conversation).
+    #[error("chat template: {reason}")]
+    Template { reason: String },
+
+    /// The tokenizer failed, or lacks a token the data needs.
+    #[error("tokenizer: {reason}")]
+    Tokenizer { reason: String },
 }
 
 /// What can go wrong opening or reading a pretrained checkpoint. Every message names the

@@ -5,7 +5,8 @@
 //!
 //! - [`device`]: picking flex (CPU) or wgpu (GPU) at run time.
 //! - [`checkpoint`]: pretrained base models (Hugging Face safetensors, GGUF) and tokenizers.
-//! - [`data`]: tokenising a lab's text and holding part of it out.
+//! - [`data`]: a lab's text and records: tokenizers, chat templates, loss masks, packing,
+//!   held-out text.
 //! - [`model`]: the decoder and its adapters.
 //! - [`train`]: one round of local training on LoRA B.
 //! - [`eval`]: held-out loss, perplexity, bits per character.

@@ -1,55 +1,17 @@
-//! A lab's local text: tokenised, split into a training part and a held-out part.
+//! A lab's text as one token stream for the byte-level pilot: tokenised, split into a
+//! training part and a held-out part.
 //!
 //! The split is by paragraph (line), taking the *last* lines as held-out text, so that the
 //! held-out text is contiguous prose the model never trains on (a random token split would
-//! leak neighbouring context into training).
+//! leak neighbouring context into training). [`LocalDataset`](super::LocalDataset) is the
+//! same for a lab's files of documents and records, with examples and loss masks.
 
 use std::path::Path;
 
-use unicode_normalization::UnicodeNormalization;
-
+use super::heldout::HeldOut;
+use super::text::{check_heldout_fraction, nfc, paragraph_lines, read_text, split_trailing_lines};
+use super::tokenizer::TextTokenizer;
 use crate::error::CorpusError;
-
-/// Turns text into token ids. A later release brings Hugging Face tokenizers behind this.
-pub trait TextTokenizer {
-    /// Token ids of `text`.
-    fn encode(&self, text: &str) -> Vec<u32>;
-
-    /// Number of ids the model's embedding must cover.
-    fn vocab_size(&self) -> usize;
-
-    /// How many characters begin inside `token`: lets bits-per-character be computed from the
-    /// tokens alone, whatever the tokenizer.
-    fn chars_started(&self, token: u32) -> u32;
-}
-
-/// Byte-level tokenizer: one token per UTF-8 byte, vocabulary of 256.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ByteTokenizer;
-
-impl TextTokenizer for ByteTokenizer {
-    fn encode(&self, text: &str) -> Vec<u32> {
-        text.bytes().map(u32::from).collect()
-    }
-
-    fn vocab_size(&self) -> usize {
-        256
-    }
-
-    /// A byte starts a character unless it is a UTF-8 continuation byte (`0b10xx_xxxx`).
-    fn chars_started(&self, token: u32) -> u32 {
-        u32::from(token & 0xC0 != 0x80)
-    }
-}
-
-/// Held-out text and its tokens, kept together so evaluation can report bits per character.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeldOut {
-    pub tokens: Vec<u32>,
-    /// `chars_started[i]`: characters beginning in `tokens[i]`.
-    pub chars_started: Vec<u32>,
-    pub text: String,
-}
 
 /// One participant's corpus in one language.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,72 +31,49 @@ impl LocalCorpus {
         heldout_fraction: f64,
         tokenizer: &dyn TextTokenizer,
     ) -> Result<Self, CorpusError> {
-        if !(heldout_fraction.is_finite() && heldout_fraction > 0.0 && heldout_fraction < 1.0) {
-            return Err(CorpusError::HeldoutFraction(heldout_fraction));
-        }
+        check_heldout_fraction(heldout_fraction)?;
         let too_short = |reason: String| CorpusError::TooShort {
             language: language.to_string(),
             reason,
         };
-        let normalized: String = text.nfc().collect();
-        let lines: Vec<&str> = normalized
-            .lines()
-            .map(str::trim_end)
-            .filter(|l| !l.trim().is_empty())
-            .collect();
-        if lines.len() < 2 {
+        let normalized = nfc(text);
+        let lines = paragraph_lines(&normalized);
+        let Some(split) = split_trailing_lines(&lines, heldout_fraction) else {
             return Err(too_short(format!(
                 "{} non-empty line(s); at least 2 are needed to hold one out",
                 lines.len()
             )));
-        }
-        let heldout_lines =
-            ((heldout_fraction * lines.len() as f64).ceil() as usize).clamp(1, lines.len() - 1);
-        let (train_lines, heldout_lines) = lines.split_at(lines.len() - heldout_lines);
-
-        let mut train_text = train_lines.join("\n");
-        train_text.push('\n');
-        let heldout_text = heldout_lines.join("\n");
-        let train = tokenizer.encode(&train_text);
-        let heldout_tokens = tokenizer.encode(&heldout_text);
+        };
+        let train = tokenizer.try_encode(&split.train)?;
+        let heldout = HeldOut::from_text(&split.heldout, tokenizer)?;
         if train.len() < 2 {
             return Err(too_short(format!(
                 "training part has {} token(s), at least 2 are needed",
                 train.len()
             )));
         }
-        if heldout_tokens.len() < 2 {
+        if heldout.tokens.len() < 2 {
             return Err(too_short(format!(
                 "held-out part has {} token(s), at least 2 are needed",
-                heldout_tokens.len()
+                heldout.tokens.len()
             )));
         }
-        let chars_started = heldout_tokens
-            .iter()
-            .map(|&t| tokenizer.chars_started(t))
-            .collect();
         Ok(LocalCorpus {
             language: language.to_string(),
             train,
-            heldout: HeldOut {
-                tokens: heldout_tokens,
-                chars_started,
-                text: heldout_text,
-            },
+            heldout,
         })
     }
 
-    /// Reads a UTF-8 text file and splits it as [`LocalCorpus::from_text`] does.
+    /// Reads a UTF-8 text file (invalid UTF-8 is an error naming the byte offset) and splits
+    /// it as [`LocalCorpus::from_text`] does.
     pub fn from_file(
         path: &Path,
         language: &str,
         heldout_fraction: f64,
         tokenizer: &dyn TextTokenizer,
     ) -> Result<Self, CorpusError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CorpusError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_text(path)?;
         Self::from_text(language, &text, heldout_fraction, tokenizer)
     }
 
@@ -147,15 +86,7 @@ impl LocalCorpus {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn byte_tokenizer_counts_characters_not_bytes() {
-        let tok = ByteTokenizer;
-        let ids = tok.encode("aé");
-        assert_eq!(ids, vec![0x61, 0xC3, 0xA9]);
-        let chars: u32 = ids.iter().map(|&t| tok.chars_started(t)).sum();
-        assert_eq!(chars, 2);
-    }
+    use crate::data::ByteTokenizer;
 
     #[test]
     fn last_lines_are_held_out_after_nfc() {
