@@ -12,6 +12,7 @@
 //! - [`eval`]: held-out loss, perplexity, bits per character.
 //! - [`participant`]: the runtime that joins a federation and trains every round.
 //! - [`upload`]: the single seam where an update is encoded for the wire.
+//! - [`local_train`]: fine-tuning on local data alone (`fedclient train`).
 //! - [`identity`]: the lab's long-term Ed25519 identity file.
 //! - [`error`]: typed errors.
 
@@ -21,6 +22,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod identity;
+pub mod local_train;
 pub mod model;
 pub mod participant;
 pub mod train;

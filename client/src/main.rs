@@ -9,7 +9,50 @@ use clap::{Parser, Subcommand};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::device::{DeviceChoice, select_device};
 use fedclient::identity::IdentitySeed;
+use fedclient::local_train;
 use fedclient::participant::{self, ParticipantOptions, Quiet};
+use fedclient::train::{StepReport, TrainObserver};
+use fedcore::{LoraSpec, TargetModule, TrainingSpec};
+
+/// Training progress: a bar with the step's loss, learning rate and tokens/s.
+struct ProgressBar {
+    bar: indicatif::ProgressBar,
+    started: std::time::Instant,
+    tokens: usize,
+}
+
+impl ProgressBar {
+    fn new(steps: usize) -> Self {
+        let bar = indicatif::ProgressBar::new(steps as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps · {msg} · eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        ProgressBar {
+            bar,
+            started: std::time::Instant::now(),
+            tokens: 0,
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish();
+    }
+}
+
+impl TrainObserver for ProgressBar {
+    fn step(&mut self, report: &StepReport) {
+        self.tokens += report.tokens;
+        let rate = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!(
+            "loss {:.4} · lr {:.2e} · {rate:.0} tokens/s",
+            report.loss, report.learning_rate
+        ));
+        self.bar.inc(1);
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +100,60 @@ enum Command {
         /// Fewest peers this lab accepts in a secure-aggregation round (at least 3).
         #[arg(long, default_value_t = 3)]
         min_peers: usize,
+    },
+    /// Fine-tune LoRA on this lab's data alone (no federation) and write a PEFT adapter.
+    Train {
+        /// Base model: a GGUF file or a Hugging Face directory (default: the SmolLM2 that
+        /// scripts/fetch-model.sh caches).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Training data as LANG=PATH (a .txt or .jsonl file, or a directory of them);
+        /// repeat for each language. Evaluation is reported per language.
+        #[arg(long = "data", required = true)]
+        data: Vec<String>,
+        /// Fraction of each language's data held out for evaluation.
+        #[arg(long, default_value_t = 0.1)]
+        heldout: f64,
+        /// Optimizer steps.
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        /// Packed rows per micro-batch.
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Micro-batches per optimizer step.
+        #[arg(long, default_value_t = 1)]
+        grad_accumulation: usize,
+        /// Peak learning rate (linear warm-up over the first 10% of steps, then cosine).
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// LoRA alpha.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f32,
+        /// LoRA dropout.
+        #[arg(long, default_value_t = 0.0)]
+        dropout: f32,
+        /// Adapted projections.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+        )]
+        targets: Vec<String>,
+        /// Seed of A (FFA-LoRA) and of the row order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Compute device: auto picks wgpu when a GPU is present, else the CPU.
+        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+        device: DeviceChoice,
+        /// Where to write the adapter (PEFT format).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Create this lab's long-term identity key and print the public key for the roster.
     Keygen {
@@ -122,6 +219,108 @@ async fn main() -> Result<()> {
                     before.loss, after.loss, before.bits_per_char, after.bits_per_char
                 );
             }
+            Ok(())
+        }
+        Command::Train {
+            model,
+            data,
+            heldout,
+            steps,
+            batch_size,
+            seq_len,
+            grad_accumulation,
+            lr,
+            rank,
+            alpha,
+            dropout,
+            targets,
+            seed,
+            device,
+            out,
+        } => {
+            let model_path = model.unwrap_or_else(fedclient::checkpoint::default_model_path);
+            if !model_path.exists() {
+                anyhow::bail!(
+                    "no base model at {}: run `bash scripts/fetch-model.sh` or pass --model PATH",
+                    model_path.display()
+                );
+            }
+            let checkpoint = fedclient::checkpoint::open(&model_path)
+                .with_context(|| format!("opening the base model {}", model_path.display()))?;
+            let data = data
+                .iter()
+                .map(|d| {
+                    let (language, path) = d.split_once('=').with_context(|| {
+                        format!("--data {d:?}: expected LANG=PATH, e.g. lo=data/lo.txt")
+                    })?;
+                    Ok(local_train::LanguageData {
+                        language: language.to_string(),
+                        paths: vec![PathBuf::from(path)],
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let target_modules = targets
+                .iter()
+                .map(|t| {
+                    TargetModule::from_peft_name(t).with_context(|| {
+                        format!("--targets: unknown module {t:?} (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let lora = LoraSpec {
+                rank,
+                alpha,
+                target_modules,
+                a_seed: seed,
+                dropout,
+            };
+            let spec = TrainingSpec {
+                grad_accumulation,
+                seed,
+                ..local_train::default_spec(steps, batch_size, seq_len, lr)
+            };
+            spec.validate(&checkpoint.spec)
+                .context("training settings")?;
+            let (_, datasets) = local_train::load_datasets(&checkpoint, &data, heldout)
+                .context("loading the training data")?;
+            let selected = select_device(device).context("selecting the compute device")?;
+            println!(
+                "{} on {} · {} steps × {} rows × {} tokens",
+                checkpoint.spec.name,
+                selected.label,
+                steps,
+                batch_size * grad_accumulation,
+                seq_len
+            );
+            let mut bar = ProgressBar::new(steps);
+            let (model, run) = local_train::fine_tune(
+                &checkpoint,
+                &datasets,
+                &lora,
+                &spec,
+                &selected.device,
+                &mut bar,
+            )
+            .context("fine-tuning")?;
+            bar.finish();
+            println!("{} packed rows", run.train_rows);
+            for (language, before, after) in &run.evaluations {
+                match (before, after) {
+                    (Some(b), Some(a)) => println!(
+                        "{language}: held-out loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2}, bits/char {:.3} -> {:.3}",
+                        b.loss,
+                        a.loss,
+                        b.perplexity,
+                        a.perplexity,
+                        b.bits_per_char,
+                        a.bits_per_char
+                    ),
+                    _ => println!("{language}: no held-out plain text to evaluate"),
+                }
+            }
+            fedcore::peft::write_dir(&out, &model.export_adapter())
+                .with_context(|| format!("writing the adapter to {}", out.display()))?;
+            println!("adapter (PEFT) written to {}", out.display());
             Ok(())
         }
         Command::Keygen { out, name } => {
