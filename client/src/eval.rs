@@ -16,7 +16,8 @@ use fedcore::ConfigError;
 use crate::data::HeldOut;
 use crate::error::ModelError;
 use crate::model::LoraLlama;
-use crate::model::batch::{check_vocab, windows};
+use crate::model::RowBatch;
+use crate::model::batch::check_vocab;
 use crate::model::loss::token_nll;
 
 /// Windows per forward pass.
@@ -108,8 +109,8 @@ fn batch_nll(
     len: usize,
     device: &Device,
 ) -> Result<f64, ModelError> {
-    let (inputs, targets) = windows(tokens, starts, len, device);
-    let sum: f32 = token_nll(model.forward(inputs), targets)
+    let batch = RowBatch::windows(tokens, starts, len).to_device(device);
+    let sum: f32 = token_nll(model.forward(batch.inputs), batch.targets)
         .sum()
         .try_into_scalar()
         .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;

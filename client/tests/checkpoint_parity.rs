@@ -1,6 +1,7 @@
 //! Numerical parity with an independent implementation: tiny random Llama-family checkpoints
 //! written by Hugging Face transformers (scripts/make_tiny_checkpoints.py), whose logits for a
-//! fixed input transformers computed on CPU in f32 and committed beside them. Our burn model,
+//! fixed input transformers computed on CPU in f32 and committed beside them (and a GGUF
+//! conversion of a tiny Llama, with logits transformers computed from the `.gguf`). Our burn model,
 //! loaded from the same files, must reproduce every logit within 1e-4.
 
 use std::path::{Path, PathBuf};
@@ -31,8 +32,13 @@ fn ids_tensor(ids: &[i64], device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
 }
 
-/// Max |ours − reference| over every logit of the fixture's input.
+/// Max |ours − reference| over every logit of the fixture's input: the checkpoint at `dir`
+/// (or `dir/file` when given), the reference in `dir/reference.json`.
 fn max_logit_error(dir: &Path) -> f64 {
+    max_logit_error_of(dir, dir, CheckpointFormat::HfSafetensors)
+}
+
+fn max_logit_error_of(dir: &Path, checkpoint_path: &Path, format: CheckpointFormat) -> f64 {
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -56,8 +62,8 @@ fn max_logit_error(dir: &Path) -> f64 {
         .collect();
 
     let device = Device::flex();
-    let ckpt = checkpoint::open(dir).unwrap();
-    assert_eq!(ckpt.format, CheckpointFormat::HfSafetensors);
+    let ckpt = checkpoint::open(checkpoint_path).unwrap();
+    assert_eq!(ckpt.format, format);
     let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
     let logits = model
         .forward(ids_tensor(&ids, &device))
@@ -105,6 +111,18 @@ fn llama_tied_head_dim_and_llama3_rope_scaling_match_transformers() {
     assert!(ckpt.spec.rope_scaling.is_some());
     let err = max_logit_error(&dir);
     eprintln!("tiny-llama3: max |Δlogit| = {err:e}");
+    assert!(err < 1e-4, "max logit error {err}");
+}
+
+/// A GGUF checkpoint builds the same model transformers builds from it: the tiny Llama of
+/// `scripts/make_tiny_gguf.py`, converted the way llama.cpp converts (q/k rows permuted,
+/// F16/BF16/Q8_0 storage), with logits transformers computed from the `.gguf` itself
+/// (dequantised by gguf-py, un-permuted by transformers' own code).
+#[test]
+fn tiny_llama_gguf_logits_match_transformers() {
+    let dir = fixture("tiny-llama-gguf");
+    let err = max_logit_error_of(&dir, &dir.join("tiny-llama.gguf"), CheckpointFormat::Gguf);
+    eprintln!("tiny-llama-gguf: max |Δlogit| = {err:e}");
     assert!(err < 1e-4, "max logit error {err}");
 }
 

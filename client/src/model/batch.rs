@@ -112,26 +112,6 @@ pub(crate) struct BatchTensors {
     pub segments: Option<Tensor<2, Int>>,
 }
 
-/// Inputs and targets, both `[starts.len(), len]`, for windows `tokens[s .. s + len + 1]`.
-pub(crate) fn windows(
-    tokens: &[u32],
-    starts: &[usize],
-    len: usize,
-    device: &Device,
-) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let mut inputs = Vec::with_capacity(starts.len() * len);
-    let mut targets = Vec::with_capacity(starts.len() * len);
-    for &s in starts {
-        inputs.extend(tokens[s..s + len].iter().map(|&t| i64::from(t)));
-        targets.extend(tokens[s + 1..s + len + 1].iter().map(|&t| i64::from(t)));
-    }
-    let shape = [starts.len(), len];
-    (
-        Tensor::from_data(TensorData::new(inputs, shape), device),
-        Tensor::from_data(TensorData::new(targets, shape), device),
-    )
-}
-
 /// Refuses token ids the embedding cannot look up (out-of-range ids would index past the
 /// embedding table on the device).
 pub(crate) fn check_vocab(tokens: &[u32], vocab_size: usize) -> Result<(), ModelError> {
@@ -149,7 +129,8 @@ mod tests {
     fn targets_are_inputs_shifted_by_one() {
         let device = Device::flex();
         let tokens: Vec<u32> = (10..30).collect();
-        let (x, y) = windows(&tokens, &[0, 5], 3, &device);
+        let t = RowBatch::windows(&tokens, &[0, 5], 3).to_device(&device);
+        let (x, y) = (t.inputs, t.targets);
         assert_eq!(
             x.into_data().try_into_vec_as::<i64>().unwrap(),
             vec![10, 11, 12, 15, 16, 17]
