@@ -38,4 +38,5 @@ pub use plan::{
     FederationPlan, LoraSpec, LrSchedule, ModelSpec, RopeScaling, RoundSpec, TrainingSpec,
 };
 pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
+pub use strategy::{AggregationMode, Strategy, StrategyError, StrategySpec};
 pub use update::{SubmittedUpdate, UpdateError, UpdatePayload};

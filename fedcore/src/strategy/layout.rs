@@ -138,7 +138,7 @@ impl AggregatedUpload {
 
     /// From a plaintext running sum.
     pub fn from_weighted_sum(sum: &WeightedSum) -> Result<Self, StrategyError> {
-        let mean = sum.mean_f64().map_err(|_| StrategyError::Weight(0.0))?;
+        let mean = sum.mean_f64().map_err(|_| StrategyError::Empty)?;
         Ok(AggregatedUpload {
             mean,
             total_weight: sum.total_weight() as f64,

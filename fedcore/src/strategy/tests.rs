@@ -997,3 +997,169 @@ fn a_plan_validates_its_strategy() {
     // The tiny model's full-target FedEx upload fits the default limit.
     Strategy::for_plan(mode(AggregationMode::FedExLora), &plan).unwrap();
 }
+
+/// Sum-only means sum-only: the modes run on what secure aggregation actually reveals, the
+/// decoded sum of quantised `w·Δ` words and the weight word, and stay exact (FedSVD,
+/// FedEx-LoRA) or match the padded mean (HetLoRA) within the quantisation error.
+#[test]
+fn sum_only_modes_run_on_the_secure_aggregation_encoding() {
+    use crate::secagg::spec::SecureAggregationSpec;
+    // Clip above the dense uploads' range; a weight cap near the weights keeps the
+    // quantisation error (∝ weight_cap / Σ n_i) small.
+    let secure = SecureAggregationSpec {
+        clip: 4.0,
+        weight_cap: 1 << 12,
+        ..Default::default()
+    };
+    let sh = shapes(6, 5);
+    let hetlora = StrategySpec {
+        mode: AggregationMode::HetLora,
+        hetlora: Some(HetLoraSpec {
+            ranks: BTreeMap::from([("lab0".to_string(), 1)]),
+            default_rank: Some(2),
+        }),
+        ..Default::default()
+    };
+    for spec in [
+        mode(AggregationMode::FedSvd),
+        mode(AggregationMode::FedExLora),
+        hetlora,
+    ] {
+        let name = spec.mode.name();
+        let s = Strategy::new(spec, &lora(3), &sh, true).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let global = random_global(&mut rng, 3, &sh);
+        let state = ServerState::default();
+        let layout = s.upload_layout(&global, &state);
+        let encoding = secure.encoding(layout.len()).unwrap();
+        let weights = [700u64, 20, 4000];
+        let mut words = vec![0u32; encoding.vector_len()];
+        let mut plain = WeightedSum::new(layout.len());
+        let mut locals = Vec::new();
+        for (i, w) in weights.iter().enumerate() {
+            let download = s.download(&global, &format!("lab{i}"), None).unwrap();
+            let trained = train(&mut rng, &download, s.trains(&state));
+            let upload = s.upload(&layout, &download, &trained).unwrap();
+            let encoded = encoding.encode(&upload, *w, [i as u8; 32]).unwrap();
+            assert_eq!(encoded.clipped, 0, "{name}");
+            for (s, e) in words.iter_mut().zip(&encoded.words) {
+                *s = s.wrapping_add(*e);
+            }
+            plain.add(*w, &upload).unwrap();
+            locals.push(Local {
+                weight: *w,
+                download,
+                trained,
+            });
+        }
+        let decoded = encoding.decode_sum(&words, weights.len()).unwrap();
+        let secure_out = s
+            .aggregate(&global, &state, &AggregatedUpload::from_decoded(&decoded))
+            .unwrap();
+        let plain_out = s
+            .aggregate(
+                &global,
+                &state,
+                &AggregatedUpload::from_weighted_sum(&plain).unwrap(),
+            )
+            .unwrap();
+        for m in &sh {
+            let got = secure_out.global.effective_delta(&m.name).unwrap();
+            let plain = plain_out.global.effective_delta(&m.name).unwrap();
+            let err = relative_error(&got, &plain);
+            assert!(err < 1e-4, "{name}: secure vs plaintext {err:e}");
+            println!("{name}: secure vs plaintext {err:.1e}");
+            if s.mode().exact() {
+                let err = relative_error(&got, &mean_model(&global, &locals, &m.name));
+                assert!(err < 1e-4, "{name}: secure vs the mean model {err:e}");
+            }
+        }
+    }
+}
+
+/// HetLoRA's new global against `Σ p_i pad(A_i)`, `Σ p_i pad(B_i)` for random ranks
+/// (max relative Frobenius error over modules and factors).
+fn hetlora_padded_mean_error(
+    d: usize,
+    k: usize,
+    rank: usize,
+    members: &[(usize, u64)],
+    seed: u64,
+) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let sh = shapes(d, k);
+    let spec = StrategySpec {
+        mode: AggregationMode::HetLora,
+        hetlora: Some(HetLoraSpec {
+            ranks: members
+                .iter()
+                .enumerate()
+                .map(|(i, (r, _))| (format!("lab{i}"), *r))
+                .collect(),
+            default_rank: None,
+        }),
+        ..Default::default()
+    };
+    let s = strategy(spec, rank, &sh);
+    let global = random_global(&mut rng, rank, &sh);
+    let state = ServerState::default();
+    let layout = s.upload_layout(&global, &state);
+    let mut sum = WeightedSum::new(layout.len());
+    let mut locals = Vec::new();
+    for (i, (r, w)) in members.iter().enumerate() {
+        let download = s.download(&global, &format!("lab{i}"), None).unwrap();
+        assert_eq!(download.config().rank, *r);
+        let trained = train(&mut rng, &download, s.trains(&state));
+        sum.add(*w, &s.upload(&layout, &download, &trained).unwrap())
+            .unwrap();
+        locals.push((*w, trained));
+    }
+    let out = s
+        .aggregate(
+            &global,
+            &state,
+            &AggregatedUpload::from_weighted_sum(&sum).unwrap(),
+        )
+        .unwrap();
+    let total: f64 = members.iter().map(|(_, w)| *w as f64).sum();
+    let mut worst: f64 = 0.0;
+    for m in &sh {
+        let mut want_a = Array2::<f64>::zeros((rank, m.in_features));
+        let mut want_b = Array2::<f64>::zeros((m.out_features, rank));
+        for (w, local) in &locals {
+            let lm = local.module(&m.name).unwrap();
+            let p = *w as f64 / total;
+            for ((i, j), v) in to_array(&lm.a).indexed_iter() {
+                want_a[(i, j)] += p * v;
+            }
+            for ((i, j), v) in to_array(&lm.b).indexed_iter() {
+                want_b[(i, j)] += p * v;
+            }
+        }
+        let got = out.global.adapter.module(&m.name).unwrap();
+        for (g, w) in [(to_array(&got.a), want_a), (to_array(&got.b), want_b)] {
+            let norm = frobenius_sq(&w).sqrt().max(1e-12);
+            worst = worst.max(frobenius_sq(&(g - &w)).sqrt() / norm);
+        }
+    }
+    worst
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// HetLoRA with random ranks and weights: the global is the zero-padded weighted mean.
+    #[test]
+    fn hetlora_is_the_zero_padded_mean_for_random_ranks(
+        d in 1usize..10,
+        k in 1usize..10,
+        rank in 1usize..7,
+        members in prop::collection::vec((1usize..7, 1u64..5000), 1..6),
+        seed in any::<u64>(),
+    ) {
+        let members: Vec<(usize, u64)> =
+            members.into_iter().map(|(r, w)| (r.min(rank), w)).collect();
+        let err = hetlora_padded_mean_error(d, k, rank, &members, seed);
+        prop_assert!(err < 1e-6, "relative error {err:e}");
+    }
+}
