@@ -50,8 +50,9 @@ pub enum AggregationMode {
     /// with each participant (personalised).
     #[serde(rename = "fedsa_lora")]
     FedSaLora,
-    /// RoLoRA (arXiv 2409.02346): rounds alternate between training B only and A only.
-    /// Exact each round.
+    /// RoLoRA (arXiv 2409.02346): rounds alternate between training B only (rounds 0, 2,
+    /// ... of [`crate::strategy::ServerState::round`]) and A only. Exact each round, since
+    /// the update is linear in the one factor trained.
     #[serde(rename = "rolora")]
     RoLora,
     /// FedEx-LoRA (arXiv 2410.09432): A, B and the dense `B_i·A_i`; the residual

@@ -32,12 +32,14 @@ impl FedProxSpec {
     }
 }
 
-/// Vectors of different lengths cannot be compared.
+/// Vectors of different lengths cannot be combined.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
-#[error("local weights have {local} values, the global {global}")]
+#[error("FedProx: the {what} has {got} values, the local weights {expected}")]
 pub struct ProxLengthError {
-    pub local: usize,
-    pub global: usize,
+    /// `global vector` or `gradient`.
+    pub what: &'static str,
+    pub got: usize,
+    pub expected: usize,
 }
 
 /// `(μ/2)‖w − w_t‖²`, accumulated in f64.
@@ -64,8 +66,9 @@ pub fn add_proximal_gradient(
     check(local, global)?;
     if grad.len() != local.len() {
         return Err(ProxLengthError {
-            local: local.len(),
-            global: grad.len(),
+            what: "gradient",
+            got: grad.len(),
+            expected: local.len(),
         });
     }
     for ((g, w), w_t) in grad.iter_mut().zip(local).zip(global) {
@@ -79,8 +82,9 @@ fn check(local: &[f32], global: &[f32]) -> Result<(), ProxLengthError> {
         Ok(())
     } else {
         Err(ProxLengthError {
-            local: local.len(),
-            global: global.len(),
+            what: "global vector",
+            got: global.len(),
+            expected: local.len(),
         })
     }
 }

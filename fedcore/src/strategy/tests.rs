@@ -841,7 +841,14 @@ fn fedprox_term_and_gradient() {
     let mut grad = [1.0f32, 1.0, 1.0];
     add_proximal_gradient(&mut grad, &w, &g, 0.1).unwrap();
     assert_eq!(grad, [1.05, 1.0, 0.8]);
-    assert!(proximal_penalty(&w, &g[..2], 0.1).is_err());
+    let err = proximal_penalty(&w, &g[..2], 0.1).unwrap_err().to_string();
+    assert!(err.contains("global vector has 2 values"), "{err}");
+    let err = add_proximal_gradient(&mut [0.0; 2], &w, &g, 0.1).unwrap_err();
+    assert_eq!(err.what, "gradient");
+    // μ = 0 (the default) leaves the gradient alone; a negative μ is refused by name.
+    let mut grad = [1.0f32, 1.0, 1.0];
+    add_proximal_gradient(&mut grad, &w, &g, 0.0).unwrap();
+    assert_eq!(grad, [1.0; 3]);
 }
 
 #[test]
