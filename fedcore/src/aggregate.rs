@@ -74,6 +74,16 @@ impl WeightedSum {
         self.total_weight
     }
 
+    /// `Σ n_i · x_i / Σ n_i` in f64, for callers that do more algebra before rounding
+    /// (the aggregation strategies of [`crate::strategy`]).
+    pub fn mean_f64(&self) -> Result<Vec<f64>, AggregateError> {
+        if self.count == 0 {
+            return Err(AggregateError::Empty);
+        }
+        let total = self.total_weight as f64;
+        Ok(self.sum.iter().map(|s| s / total).collect())
+    }
+
     /// `Σ n_i · x_i / Σ n_i`, rounded once to f32.
     pub fn mean(&self) -> Result<Vec<f32>, AggregateError> {
         if self.count == 0 {

@@ -13,6 +13,8 @@
 //! - [`round`]: the round coordinator state machine the aggregator drives, with secure
 //!   aggregation on by default, and the participant's secure upload.
 //! - [`plan`]: the federation plan both sides agree on.
+//! - [`strategy`]: aggregation modes (FFA-LoRA, FedSVD, FedIT, HetLoRA, FedSA-LoRA, RoLoRA,
+//!   FedEx-LoRA, FLoRA), server optimizers, participant sampling and FedProx.
 //! - [`roster`]: the provisioned labs and their identity keys.
 //! - [`secagg`]: secure aggregation (Bonawitz et al. 2017; SecAgg+ neighbourhoods): masks,
 //!   Shamir shares, quantisation, crypto, and both sides of the protocol as state machines.
@@ -26,6 +28,7 @@ pub mod plan;
 pub mod roster;
 pub mod round;
 pub mod secagg;
+pub mod strategy;
 pub mod update;
 
 pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, TargetModule};
@@ -35,4 +38,5 @@ pub use plan::{
     FederationPlan, LoraSpec, LrSchedule, ModelSpec, RopeScaling, RoundSpec, TrainingSpec,
 };
 pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
+pub use strategy::{AggregationMode, Strategy, StrategyError, StrategySpec};
 pub use update::{SubmittedUpdate, UpdateError, UpdatePayload};
