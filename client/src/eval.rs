@@ -19,6 +19,7 @@ use crate::model::LoraLlama;
 use crate::model::RowBatch;
 use crate::model::batch::check_vocab;
 use crate::model::loss::token_nll;
+use crate::train::source::TrainRow;
 
 /// Windows per forward pass.
 const EVAL_BATCH: usize = 16;
@@ -101,6 +102,63 @@ pub fn evaluate(
     })
 }
 
+/// Held-out scores of training-style rows: the loss only where the rows' weights say (a chat
+/// model's replies, not the prompts), as training takes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowEvalStats {
+    /// Weighted mean next-token NLL in nats over the trained targets.
+    pub loss: f64,
+    /// `exp(loss)`.
+    pub perplexity: f64,
+    /// Sum of the target weights (the number of scored predictions for 0/1 weights).
+    pub targets: f64,
+}
+
+/// Scores `model` on packed rows (e.g. held-out prompt/response or chat examples, packed like
+/// the training data), [`EVAL_BATCH`] rows per forward pass.
+pub fn evaluate_rows(
+    model: &LoraLlama,
+    rows: &[TrainRow],
+    device: &Device,
+) -> Result<RowEvalStats, ModelError> {
+    let spec = model.model_spec();
+    if model.device() != *device {
+        return Err(ModelError::DeviceMismatch {
+            model: format!("{:?}", model.device()),
+            requested: format!("{device:?}"),
+        });
+    }
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let mut total_nll = 0f64;
+    let mut targets = 0f64;
+    for chunk in rows.chunks(EVAL_BATCH) {
+        let refs: Vec<&TrainRow> = chunk.iter().collect();
+        let batch = TrainRow::batch(&refs);
+        batch.check(spec.vocab_size, spec.max_position_embeddings)?;
+        targets += batch.trained_targets();
+        let (logits, targets, weights) = batch.to_device(&device).forward(&model);
+        let sum: f32 = (token_nll(logits, targets) * weights)
+            .sum()
+            .try_into_scalar()
+            .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;
+        total_nll += f64::from(sum);
+    }
+    if targets <= 0.0 {
+        return Err(ModelError::TooFewTokens {
+            what: "held-out examples (trained targets)",
+            tokens: 0,
+            needed: 1,
+        });
+    }
+    let loss = total_nll / targets;
+    Ok(RowEvalStats {
+        loss,
+        perplexity: loss.exp(),
+        targets,
+    })
+}
+
 /// Summed NLL of the windows starting at `starts`, each predicting `len` tokens.
 fn batch_nll(
     model: &LoraLlama,
@@ -109,8 +167,10 @@ fn batch_nll(
     len: usize,
     device: &Device,
 ) -> Result<f64, ModelError> {
-    let batch = RowBatch::windows(tokens, starts, len).to_device(device);
-    let sum: f32 = token_nll(model.forward(batch.inputs), batch.targets)
+    let (logits, targets, _) = RowBatch::windows(tokens, starts, len)
+        .to_device(device)
+        .forward(model);
+    let sum: f32 = token_nll(logits, targets)
         .sum()
         .try_into_scalar()
         .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;

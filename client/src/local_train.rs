@@ -14,8 +14,9 @@ use fedcore::{LoraSpec, LrSchedule, TrainingSpec};
 use crate::checkpoint::Checkpoint;
 use crate::data::{ExampleBuilder, HfTokenizer, LocalDataset};
 use crate::error::{CorpusError, ModelError};
-use crate::eval::{EvalStats, evaluate};
+use crate::eval::{EvalStats, RowEvalStats, evaluate, evaluate_rows};
 use crate::model::LoraLlama;
+use crate::train::source::TrainRow;
 use crate::train::{ShuffledRows, StepReport, TrainObserver, train};
 
 /// One language's data: files or directories of `.txt` / `.jsonl`.
@@ -25,11 +26,22 @@ pub struct LanguageData {
     pub paths: Vec<PathBuf>,
 }
 
+/// One language's held-out scores, before and after fine-tuning.
+#[derive(Debug, Clone)]
+pub struct LanguageEval {
+    pub language: String,
+    /// Every held-out example scored as training scores it (replies only for chat and
+    /// prompt/response records).
+    pub examples: (RowEvalStats, RowEvalStats),
+    /// Held-out plain text: loss, perplexity and bits per character (`None` when every
+    /// held-out unit is a chat or prompt/response record).
+    pub text: Option<(EvalStats, EvalStats)>,
+}
+
 /// What a local fine-tuning run did.
 #[derive(Debug, Clone)]
 pub struct LocalRun {
-    /// Per language: held-out scores before and after (when the language has held-out text).
-    pub evaluations: Vec<(String, Option<EvalStats>, Option<EvalStats>)>,
+    pub evaluations: Vec<LanguageEval>,
     pub reports: Vec<StepReport>,
     pub train_rows: usize,
 }
@@ -69,19 +81,33 @@ pub fn fine_tune(
     let rows: Vec<_> = datasets
         .iter()
         .flat_map(|d| d.packed_train(spec.seq_len))
-        .map(crate::train::source::TrainRow::from)
+        .map(TrainRow::from)
         .collect();
     let train_rows = rows.len();
     let mut source = ShuffledRows::new(rows, spec.batch_size, spec.seed)?;
     let model = LoraLlama::from_checkpoint(checkpoint, lora, device)?;
-    let score = |model: &LoraLlama| -> Result<Vec<Option<EvalStats>>, ModelError> {
+    let heldout_rows: Vec<Vec<TrainRow>> = datasets
+        .iter()
+        .map(|d| {
+            d.packed_heldout(spec.seq_len)
+                .into_iter()
+                .map(TrainRow::from)
+                .collect()
+        })
+        .collect();
+    type Scores = (RowEvalStats, Option<EvalStats>);
+    let score = |model: &LoraLlama| -> Result<Vec<Scores>, ModelError> {
         datasets
             .iter()
-            .map(|d| {
-                d.heldout
+            .zip(&heldout_rows)
+            .map(|(d, rows)| {
+                let examples = evaluate_rows(model, rows, device)?;
+                let text = d
+                    .heldout
                     .as_ref()
                     .map(|h| evaluate(model, h, spec.seq_len, device))
-                    .transpose()
+                    .transpose()?;
+                Ok((examples, text))
             })
             .collect()
     };
@@ -91,7 +117,11 @@ pub fn fine_tune(
     let evaluations = datasets
         .iter()
         .zip(before.into_iter().zip(after))
-        .map(|(d, (b, a))| (d.language.clone(), b, a))
+        .map(|(d, ((eb, tb), (ea, ta)))| LanguageEval {
+            language: d.language.clone(),
+            examples: (eb, ea),
+            text: tb.zip(ta),
+        })
         .collect();
     Ok((
         model,

@@ -304,18 +304,17 @@ async fn main() -> Result<()> {
             .context("fine-tuning")?;
             bar.finish();
             println!("{} packed rows", run.train_rows);
-            for (language, before, after) in &run.evaluations {
-                match (before, after) {
-                    (Some(b), Some(a)) => println!(
-                        "{language}: held-out loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2}, bits/char {:.3} -> {:.3}",
-                        b.loss,
-                        a.loss,
-                        b.perplexity,
-                        a.perplexity,
-                        b.bits_per_char,
-                        a.bits_per_char
-                    ),
-                    _ => println!("{language}: no held-out plain text to evaluate"),
+            for eval in &run.evaluations {
+                let (b, a) = &eval.examples;
+                println!(
+                    "{}: held-out loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2} ({} scored tokens)",
+                    eval.language, b.loss, a.loss, b.perplexity, a.perplexity, a.targets
+                );
+                if let Some((b, a)) = &eval.text {
+                    println!(
+                        "{}: held-out plain text bits/char {:.3} -> {:.3}",
+                        eval.language, b.bits_per_char, a.bits_per_char
+                    );
                 }
             }
             fedcore::peft::write_dir(&out, &model.export_adapter())

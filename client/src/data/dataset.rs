@@ -201,6 +201,12 @@ impl LocalDataset {
     pub fn packed_train(&self, seq_len: usize) -> Vec<PackedRow> {
         pack(&self.train, seq_len)
     }
+
+    /// The held-out examples packed into rows of `seq_len`, scored with the training loss
+    /// mask (replies, not prompts).
+    pub fn packed_heldout(&self, seq_len: usize) -> Vec<PackedRow> {
+        pack(&self.heldout_examples, seq_len)
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::ModelError;
+use crate::model::LoraLlama;
 
 /// A batch of training rows on the host, each field row-major `[rows, seq]`.
 ///
@@ -110,6 +111,20 @@ pub(crate) struct BatchTensors {
     pub weights: Tensor<2>,
     pub positions: Option<Tensor<2, Int>>,
     pub segments: Option<Tensor<2, Int>>,
+}
+
+impl BatchTensors {
+    /// Runs `model` on the batch: packed rows through the segment-masked forward, others
+    /// through the plain causal one. Returns `(logits, targets, weights)`.
+    pub(crate) fn forward(self, model: &LoraLlama) -> (Tensor<3>, Tensor<2, Int>, Tensor<2>) {
+        let logits = match (self.positions, self.segments) {
+            (Some(positions), Some(segments)) => {
+                model.forward_packed(self.inputs, positions, segments)
+            }
+            _ => model.forward(self.inputs),
+        };
+        (logits, self.targets, self.weights)
+    }
 }
 
 /// Refuses token ids the embedding cannot look up (out-of-range ids would index past the

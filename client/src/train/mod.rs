@@ -132,14 +132,8 @@ pub fn train(
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in &micro {
-            let t = batch.to_device(&autodiff);
-            let logits = match (t.positions, t.segments) {
-                (Some(positions), Some(segments)) => {
-                    model.forward_packed(t.inputs, positions, segments)
-                }
-                _ => model.forward(t.inputs),
-            };
-            let loss = (token_nll(logits, t.targets) * t.weights)
+            let (logits, targets, weights) = batch.to_device(&autodiff).forward(&model);
+            let loss = (token_nll(logits, targets) * weights)
                 .sum()
                 .div_scalar(norm as f32);
             let grads = GradientsParams::from_grads(loss.backward(), &model);

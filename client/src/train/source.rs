@@ -72,6 +72,34 @@ pub struct TrainRow {
     pub segments: Vec<u32>,
 }
 
+impl TrainRow {
+    /// The rows side by side as one packed batch. Rows must have one length, as
+    /// [`ShuffledRows::new`] and packing guarantee; a ragged batch is refused by the shape
+    /// check before it reaches the device.
+    pub fn batch(rows: &[&TrainRow]) -> RowBatch {
+        let seq = rows.first().map_or(0, |r| r.inputs.len());
+        let cap = rows.len() * seq;
+        let mut batch = RowBatch {
+            rows: rows.len(),
+            seq,
+            inputs: Vec::with_capacity(cap),
+            targets: Vec::with_capacity(cap),
+            weights: Vec::with_capacity(cap),
+            positions: Vec::with_capacity(cap),
+            segments: Vec::with_capacity(cap),
+            packed: true,
+        };
+        for row in rows {
+            batch.inputs.extend_from_slice(&row.inputs);
+            batch.targets.extend_from_slice(&row.targets);
+            batch.weights.extend_from_slice(&row.weights);
+            batch.positions.extend_from_slice(&row.positions);
+            batch.segments.extend_from_slice(&row.segments);
+        }
+        batch
+    }
+}
+
 /// Prepared rows, `rows_per_batch` at a time, reshuffled at every epoch.
 pub struct ShuffledRows {
     rows: Vec<TrainRow>,
@@ -121,31 +149,16 @@ impl ShuffledRows {
 
 impl BatchSource for ShuffledRows {
     fn next_batch(&mut self) -> Result<RowBatch, ModelError> {
-        let seq = self.rows[0].inputs.len();
-        let mut batch = RowBatch {
-            rows: self.rows_per_batch,
-            seq,
-            inputs: Vec::with_capacity(self.rows_per_batch * seq),
-            targets: Vec::with_capacity(self.rows_per_batch * seq),
-            weights: Vec::with_capacity(self.rows_per_batch * seq),
-            positions: Vec::with_capacity(self.rows_per_batch * seq),
-            segments: Vec::with_capacity(self.rows_per_batch * seq),
-            packed: true,
-        };
+        let mut picked = Vec::with_capacity(self.rows_per_batch);
         for _ in 0..self.rows_per_batch {
             if self.next == self.order.len() {
                 self.order.shuffle(&mut self.rng);
                 self.next = 0;
                 self.epoch += 1;
             }
-            let row = &self.rows[self.order[self.next]];
+            picked.push(&self.rows[self.order[self.next]]);
             self.next += 1;
-            batch.inputs.extend_from_slice(&row.inputs);
-            batch.targets.extend_from_slice(&row.targets);
-            batch.weights.extend_from_slice(&row.weights);
-            batch.positions.extend_from_slice(&row.positions);
-            batch.segments.extend_from_slice(&row.segments);
         }
-        Ok(batch)
+        Ok(TrainRow::batch(&picked))
     }
 }
