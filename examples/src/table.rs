@@ -9,8 +9,8 @@ pub fn render(report: &PilotReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Held-out next-token loss (nats per byte; lower is better), {} rounds × {} steps, {}",
-        report.rounds, report.steps, report.device
+        "{}: held-out next-token loss (nats per {}; lower is better), {} rounds × {} steps, {}",
+        report.model, report.token_unit, report.rounds, report.steps, report.device
     );
     let _ = writeln!(
         out,

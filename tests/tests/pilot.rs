@@ -1,7 +1,7 @@
 //! The pilot end to end with a small budget: aggregator, labs, local-only baseline, table,
 //! final adapter on disk.
 
-use mekong_examples::pilot::{ModelSize, PilotOptions};
+use mekong_examples::pilot::{ModelSize, PilotModel, PilotOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pilot_runs_and_reports_every_language() {
@@ -10,7 +10,7 @@ async fn pilot_runs_and_reports_every_language() {
         languages: vec!["lo".into(), "km".into(), "id".into()],
         rounds: 2,
         steps: 4,
-        model: ModelSize::Tiny,
+        model: PilotModel::Preset(ModelSize::Tiny),
         device: fedclient::device::DeviceChoice::Cpu,
         batch_size: 4,
         seq_len: 32,
@@ -67,4 +67,62 @@ async fn secure_pilot_refuses_two_labs_and_says_what_to_do() {
         err.contains("at least 3 labs") && err.contains("--insecure-plaintext"),
         "{err}"
     );
+}
+
+/// The pilot's default when the model is cached: SmolLM2-135M-Instruct with its own
+/// tokenizer, pinned in the plan by fingerprint. Skipped without the model file unless
+/// `MEKONG_REQUIRE_MODEL=1` (CI fetches it and sets that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pilot_fine_tunes_the_cached_pretrained_model() {
+    let path = fedclient::checkpoint::default_model_path();
+    if !path.exists() {
+        let required = std::env::var("MEKONG_REQUIRE_MODEL").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "MEKONG_REQUIRE_MODEL=1 but {} is missing",
+            path.display()
+        );
+        eprintln!(
+            "SKIPPED: {} is missing (run scripts/fetch-model.sh)",
+            path.display()
+        );
+        return;
+    }
+    let (model, note) = PilotModel::parse("auto").unwrap();
+    assert_eq!(model, PilotModel::Checkpoint(path.clone()), "{note}");
+    let dir = tempfile::tempdir().unwrap();
+    let options = PilotOptions {
+        languages: vec!["lo".into(), "th".into(), "id".into()],
+        rounds: 1,
+        steps: 3,
+        seq_len: 64,
+        device: fedclient::device::DeviceChoice::Cpu,
+        out_dir: dir.path().join("pilot"),
+        ..PilotOptions::for_model(model)
+    };
+    let report = mekong_examples::pilot::run(options).await.unwrap();
+    assert_eq!(report.token_unit, "token");
+    for row in &report.rows {
+        // A pretrained model already knows these scripts: far below a byte model's ~8 bits
+        // per byte (Lao and Thai take 3 bytes a character).
+        assert!(row.before.bits_per_char < 7.0, "{row:?}");
+        let local = row.local_only.as_ref().unwrap();
+        for e in [&row.federated, local] {
+            assert!(e.loss.is_finite(), "{row:?}");
+        }
+        assert!(local.loss < row.before.loss, "local training helps {row:?}");
+    }
+    let mean = |f: &dyn Fn(&mekong_examples::pilot::LanguageRow) -> f64| {
+        report.rows.iter().map(f).sum::<f64>() / report.rows.len() as f64
+    };
+    assert!(
+        mean(&|r| r.federated.loss) < mean(&|r| r.before.loss),
+        "{}",
+        mekong_examples::table::render(&report)
+    );
+    let table = mekong_examples::table::render(&report);
+    assert!(table.contains("nats per token"), "{table}");
+    let adapter = fedcore::peft::read_dir(&report.final_adapter_dir).unwrap();
+    let checkpoint = fedclient::checkpoint::open(&path).unwrap();
+    assert_eq!(adapter.config().base_model, checkpoint.spec.name);
 }

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use fedclient::device::DeviceChoice;
-use mekong_examples::pilot::{ModelSize, PilotOptions};
+use mekong_examples::pilot::{PilotModel, PilotOptions};
 
 #[derive(Parser)]
 #[command(
@@ -19,30 +19,32 @@ use mekong_examples::pilot::{ModelSize, PilotOptions};
     about = "Mekong pilot federation over the UDHR in South-East Asian languages"
 )]
 struct Args {
-    /// Federated rounds.
-    #[arg(long, default_value_t = 5)]
-    rounds: u64,
-    /// Local optimizer steps per round.
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
-    /// Model size preset.
-    #[arg(long, value_enum, default_value_t = ModelSize::Small)]
-    model: ModelSize,
+    /// Base model: `auto` (SmolLM2-135M-Instruct when scripts/fetch-model.sh has cached it,
+    /// else `small`), a byte-level preset trained from a seed (`tiny`, `small`, `base`), or a
+    /// GGUF file / Hugging Face directory.
+    #[arg(long, default_value = "auto")]
+    model: String,
+    /// Federated rounds [default: 5, or 3 for a pretrained model].
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Local optimizer steps per round [default: 30, or 4 for a pretrained model].
+    #[arg(long)]
+    steps: Option<usize>,
     /// Compute device: auto picks wgpu when a GPU is present, else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
     /// Comma-separated language codes (lo, km, th, vi, my, id, ms, tl, en).
     #[arg(long, value_delimiter = ',', default_value = "lo,km,th,vi,my,id")]
     languages: Vec<String>,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Tokens (bytes) per sequence.
-    #[arg(long, default_value_t = 64)]
-    seq_len: usize,
-    /// AdamW learning rate.
-    #[arg(long, default_value_t = 5e-3)]
-    lr: f64,
+    /// Sequences per batch [default: 8, or 2 for a pretrained model].
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence (bytes for the presets) [default: 64, or 128 for a pretrained model].
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// AdamW learning rate [default: 5e-3, or 2e-3 for a pretrained model].
+    #[arg(long)]
+    lr: Option<f64>,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -66,20 +68,22 @@ async fn main() -> Result<()> {
         )
         .init();
     let a = Args::parse();
+    let (model, note) = PilotModel::parse(&a.model)?;
+    println!("{note}");
+    let defaults = PilotOptions::for_model(model);
     let options = PilotOptions {
         languages: a.languages,
-        rounds: a.rounds,
-        steps: a.steps,
-        model: a.model,
+        rounds: a.rounds.unwrap_or(defaults.rounds),
+        steps: a.steps.unwrap_or(defaults.steps),
         device: a.device,
-        batch_size: a.batch_size,
-        seq_len: a.seq_len,
-        learning_rate: a.lr,
+        batch_size: a.batch_size.unwrap_or(defaults.batch_size),
+        seq_len: a.seq_len.unwrap_or(defaults.seq_len),
+        learning_rate: a.lr.unwrap_or(defaults.learning_rate),
         lora_rank: a.rank,
         out_dir: a.out,
         local_baseline: !a.no_local_baseline,
         secure: !a.insecure_plaintext,
-        ..PilotOptions::default()
+        ..defaults
     };
     let report = mekong_examples::pilot::run(options).await?;
     print!("{}", mekong_examples::table::render(&report));
