@@ -400,6 +400,25 @@ async fn provision_writes_private_keys_0600_and_kits_the_client_can_read() {
     }
 }
 
+#[tokio::test]
+async fn plaintext_when_configured_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = provision_into(dir.path(), "pilot");
+    let mut config = AggregatorConfig::load(&made.config).unwrap();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    config.server.output_dir = dir.path().join("out");
+    config.tls = TlsSection::plaintext();
+    let server = start(&config).await.unwrap();
+    let channel = Channel::from_shared(server.url()).unwrap().connect_lazy();
+    let mut c = FederationClient::new(channel);
+    join(&mut c, "lab-a").await.expect("plaintext join");
+    assert_eq!(status(&mut c).await.unwrap().participants_joined, 1);
+    // A TLS client finds no TLS there.
+    let mut t = kit_client(&server, dir.path(), "lab-b");
+    assert_refused("TLS against plaintext", status(&mut t).await);
+    server.shutdown().await.unwrap();
+}
+
 #[test]
 fn provision_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();

@@ -520,6 +520,10 @@ pub struct PeerCertificate {
 /// How long a connection may take to complete its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Handshakes in progress at once; further connections wait in the listen backlog, so a
+/// flood of connections that never finish cannot make the aggregator spawn without bound.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
 /// A TLS connection from a participant whose certificate passed verification, as tonic's
 /// server takes it (`serve_with_incoming`); its [`PeerCertificate`] reaches every request.
 pub struct TlsConnection {
@@ -585,16 +589,25 @@ impl tokio::io::AsyncWrite for TlsConnection {
 /// The connections of `listener` that complete a mutual-TLS handshake, as a stream for
 /// tonic's `serve_with_incoming`. Each connection is accepted under the configuration
 /// `config` holds at that moment (a new revocation list takes effect for new connections). Each handshake runs in its own task under
-/// [`HANDSHAKE_TIMEOUT`]; a refused, failed or stalled handshake is logged with the peer's
-/// address and the reason, and never reaches the stream, so one bad certificate never stops
-/// the server from accepting the others. The listener is closed when the stream is dropped.
+/// [`HANDSHAKE_TIMEOUT`] (at most [`MAX_PENDING_HANDSHAKES`] at once); a refused, failed or
+/// stalled handshake is logged with the peer's address and the reason, and never reaches
+/// the stream, so one bad certificate never stops the server from accepting the others. The
+/// listener is closed when the stream is dropped.
 pub fn incoming(
     listener: tokio::net::TcpListener,
     config: tokio::sync::watch::Receiver<Arc<ServerConfig>>,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                _ = tx.closed() => break,
+                permit = pending.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
             let accepted = tokio::select! {
                 _ = tx.closed() => break,
                 accepted = listener.accept() => accepted,
@@ -612,6 +625,7 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
