@@ -8,7 +8,7 @@ use std::time::Duration;
 use fedcore::Coordinator;
 use fedcore::round::{Stage, Status};
 use mekong_proto::MAX_MESSAGE_BYTES;
-use mekong_proto::tls::ServerTlsFiles;
+use mekong_proto::tls::{Revocations, ServerTlsFiles};
 use mekong_proto::v1::federation_server::FederationServer;
 use rand::RngCore;
 use thiserror::Error;
@@ -117,8 +117,13 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         addr: config.server.listen,
         source,
     })?;
+    let revocations = match tls.as_ref().and_then(|(files, _)| files.crl.as_ref()) {
+        Some(path) => Revocations::load(path)?,
+        None => Revocations::default(),
+    };
+    let (revoked, revoked_rx) = watch::channel(revocations);
     let service = if tls.is_some() {
-        FederationService::with_certificates(shared.clone())
+        FederationService::with_certificates(shared.clone(), revoked_rx)
     } else {
         FederationService::new(shared.clone())
     };
@@ -144,7 +149,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
             let incoming = mekong_proto::tls::incoming(listener, current);
             (
                 tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop)),
-                Some(tokio::spawn(watch_crl(files, seen, configs))),
+                Some(tokio::spawn(watch_crl(files, seen, configs, revoked))),
             )
         }
         None => (
@@ -176,12 +181,14 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
 }
 
 /// Re-reads the revocation list every [`CRL_POLL`] and, when its contents change, rebuilds
-/// the TLS configuration that new connections are accepted under. A list that does not
-/// load is logged and the previous one stays in force.
+/// the TLS configuration that new connections are accepted under and the serials that
+/// calls on open connections are checked against. A list that does not load is logged and
+/// the previous one stays in force.
 async fn watch_crl(
     files: ServerTlsFiles,
     mut seen: Option<Vec<u8>>,
     configs: watch::Sender<Arc<rustls::ServerConfig>>,
+    revoked: watch::Sender<Revocations>,
 ) {
     let Some(crl) = files.crl.clone() else {
         return;
@@ -193,10 +200,13 @@ async fn watch_crl(
             continue;
         }
         seen = now;
-        match mekong_proto::tls::server_config(&files) {
-            Ok(config) => {
-                info!(crl = %crl.display(), "revocation list changed; new connections are checked against it");
+        match mekong_proto::tls::server_config(&files)
+            .and_then(|config| Revocations::load(&crl).map(|revocations| (config, revocations)))
+        {
+            Ok((config, revocations)) => {
+                info!(crl = %crl.display(), "revocation list changed; connections and calls are checked against it");
                 configs.send_replace(config);
+                revoked.send_replace(revocations);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reload the revocation list; the previous one stays in force");

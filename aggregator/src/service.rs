@@ -12,7 +12,7 @@ use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
 use mekong_proto::convert::adapter_payload;
 use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
-use mekong_proto::tls::PeerCertificate;
+use mekong_proto::tls::{PeerCertificate, Revocations};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
 use rand::RngCore;
 use tokio::sync::watch;
@@ -169,9 +169,9 @@ impl Shared {
 #[derive(Clone)]
 pub struct FederationService {
     shared: Arc<Shared>,
-    /// Whether every call must come over a connection with a verified participant
-    /// certificate (mutual TLS on).
-    require_certificate: bool,
+    /// With mutual TLS on: the current revocation list. Every call must then come over a
+    /// connection with a verified participant certificate that is not revoked since.
+    revocations: Option<watch::Receiver<Revocations>>,
 }
 
 impl FederationService {
@@ -179,28 +179,42 @@ impl FederationService {
     pub fn new(shared: Arc<Shared>) -> Self {
         FederationService {
             shared,
-            require_certificate: false,
+            revocations: None,
         }
     }
 
     /// A service behind mutual TLS: every call must carry the [`PeerCertificate`] of its
-    /// connection, and a participant acts only under the name its certificate gives it.
-    pub fn with_certificates(shared: Arc<Shared>) -> Self {
+    /// connection, not revoked in the latest `revocations`, and a participant acts only
+    /// under the name its certificate gives it.
+    pub fn with_certificates(
+        shared: Arc<Shared>,
+        revocations: watch::Receiver<Revocations>,
+    ) -> Self {
         FederationService {
             shared,
-            require_certificate: true,
+            revocations: Some(revocations),
         }
     }
 
     /// The participant the call's certificate names (`None` on plaintext connections).
     fn certified<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
-        match request.extensions().get::<PeerCertificate>() {
-            Some(peer) => Ok(Some(peer.participant.clone())),
-            None if self.require_certificate => Err(Status::unauthenticated(
+        let Some(revocations) = &self.revocations else {
+            return Ok(None);
+        };
+        let Some(peer) = request.extensions().get::<PeerCertificate>() else {
+            return Err(Status::unauthenticated(
                 "this aggregator requires a participant certificate (mutual TLS)",
-            )),
-            None => Ok(None),
+            ));
+        };
+        // The handshake checked the list of its day; a connection can outlive it.
+        if revocations.borrow().is_revoked(&peer.serial) {
+            warn!(participant = %peer.participant, peer = %peer.remote_addr, "call on a connection whose certificate has since been revoked");
+            return Err(Status::permission_denied(format!(
+                "the certificate of {:?} has been revoked",
+                peer.participant
+            )));
         }
+        Ok(Some(peer.participant.clone()))
     }
 }
 

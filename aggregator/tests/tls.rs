@@ -329,6 +329,13 @@ async fn revoked_certificates_are_refused_live_and_at_start() {
         }
     }
     assert!(refused, "lab-c still connects after revocation");
+    // The connection opened before the revocation is refused call by call.
+    let refused = assert_refused(
+        "call on a connection opened before revocation",
+        status(&mut c).await,
+    );
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("revoked"), "{refused}");
     still_serves(&server, dir.path()).await;
     server.shutdown().await.unwrap();
 

@@ -508,13 +508,50 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(service))
 }
 
-/// What the aggregator knows of a connection that passed the handshake: the peer's address
-/// and the participant its certificate names. Handlers find it in each request's
-/// extensions.
+/// What the aggregator knows of a connection that passed the handshake: the peer's address,
+/// the participant its certificate names and the certificate's serial number. Handlers find
+/// it in each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCertificate {
     pub remote_addr: SocketAddr,
     pub participant: String,
+    /// The certificate's serial number (DER integer content bytes).
+    pub serial: Vec<u8>,
+}
+
+/// The serial numbers a revocation list names, for connections opened before the list
+/// changed: the handshake checks the list once, a long-lived connection is checked again
+/// on every call against this.
+#[derive(Debug, Clone, Default)]
+pub struct Revocations {
+    crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+}
+
+impl Revocations {
+    /// The revocation lists of a PEM file.
+    pub fn load(path: &Path) -> Result<Self, TlsError> {
+        let crls = load_crls(path)?
+            .iter()
+            .map(|der| {
+                webpki::OwnedCertRevocationList::from_der(der)
+                    .map(webpki::CertRevocationList::from)
+                    .map_err(|e| TlsError::Crl {
+                        path: shown(path),
+                        message: format!("{e:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Revocations {
+            crls: Arc::new(crls),
+        })
+    }
+
+    /// Whether a list names `serial` (a list that cannot be searched counts as naming it).
+    pub fn is_revoked(&self, serial: &[u8]) -> bool {
+        self.crls
+            .iter()
+            .any(|crl| !matches!(crl.find_serial(serial), Ok(None)))
+    }
 }
 
 /// How long a connection may take to complete its TLS handshake.
@@ -639,13 +676,19 @@ pub fn incoming(
                         return;
                     }
                 };
-                let named = stream
+                let leaf = stream
                     .get_ref()
                     .1
                     .peer_certificates()
-                    .and_then(|certs| certs.first())
-                    .and_then(participant_name);
-                let Some(participant) = named else {
+                    .and_then(|certs| certs.first());
+                let named = leaf.and_then(|cert| {
+                    let serial = webpki::EndEntityCert::try_from(cert)
+                        .ok()?
+                        .serial()
+                        .to_vec();
+                    Some((participant_name(cert)?, serial))
+                });
+                let Some((participant, serial)) = named else {
                     tracing::warn!(
                         peer = %remote_addr,
                         "TLS connection refused: the client certificate names no participant"
@@ -656,6 +699,7 @@ pub fn incoming(
                 let peer = PeerCertificate {
                     remote_addr,
                     participant,
+                    serial,
                 };
                 let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
             });
