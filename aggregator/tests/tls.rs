@@ -115,13 +115,25 @@ fn assert_refused<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>) -
     status
 }
 
-/// Refused at the handshake: the client sees the TLS alert the aggregator sent.
-fn assert_alert<T: std::fmt::Debug>(what: &str, r: Result<T, tonic::Status>, alert: &str) {
+/// Refused at the handshake: the client sees the TLS alert the aggregator sent, and
+/// `handshake_refusal` says what it means.
+fn assert_alert<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<T, tonic::Status>,
+    alert: &str,
+    meaning: &str,
+) {
     let status = assert_refused(what, r);
     let shown = format!("{status:?}");
     assert!(
         shown.contains(&format!("received fatal alert: {alert}")),
         "{what}: expected alert {alert}, got {shown}"
+    );
+    let refusal = tls::handshake_refusal(&status).expect("a TLS refusal");
+    assert_eq!(
+        refusal,
+        tls::HandshakeRefusal::ByAggregator(meaning.into()),
+        "{what}"
     );
 }
 
@@ -191,6 +203,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "certificate from another CA of the same name",
         join(&mut c, "lab-a").await,
         "DecryptError",
+        "not issued by the federation's CA",
     );
     still_serves(&server, dir.path()).await;
     let elsewhere = tempfile::tempdir().unwrap();
@@ -207,6 +220,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "certificate from another federation's CA",
         join(&mut c, "lab-a").await,
         "UnknownCA",
+        "not issued by the federation's CA",
     );
     still_serves(&server, dir.path()).await;
 
@@ -228,6 +242,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "expired certificate",
         join(&mut c, "lab-a").await,
         "CertificateExpired",
+        "expired or not yet valid",
     );
     still_serves(&server, dir.path()).await;
 
@@ -247,6 +262,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "certificate not valid yet",
         join(&mut c, "lab-a").await,
         "CertificateExpired",
+        "expired or not yet valid",
     );
 
     // No client certificate at all.
@@ -269,6 +285,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "no client certificate",
         join(&mut c, "lab-a").await,
         "CertificateRequired",
+        "none was sent",
     );
 
     // The aggregator's own certificate is not a participant certificate (serverAuth only).
@@ -285,6 +302,25 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         "server certificate as a client",
         join(&mut c, "lab-a").await,
         "UnsupportedCertificate",
+        "not a participant (clientAuth) certificate",
+    );
+
+    // A participant whose kit names another server does not accept the aggregator.
+    let k = kit(dir.path(), "lab-a");
+    let mut c = FederationClient::new(
+        tls::channel(
+            &server.local_addr().to_string(),
+            "elsewhere.example.org",
+            k.client_config().unwrap(),
+        )
+        .unwrap(),
+    );
+    let refused = assert_refused("wrong server name", join(&mut c, "lab-a").await);
+    assert_eq!(
+        tls::handshake_refusal(&refused),
+        Some(tls::HandshakeRefusal::AggregatorCertificate(
+            "not valid for the kit's server_name".into()
+        ))
     );
 
     // Plaintext gRPC against the TLS port.
@@ -346,6 +382,7 @@ async fn revoked_certificates_are_refused_live_and_at_start() {
         "revoked certificate at start",
         join(&mut fresh, "lab-c").await,
         "CertificateRevoked",
+        "revoked",
     );
     still_serves(&server, dir.path()).await;
     server.shutdown().await.unwrap();

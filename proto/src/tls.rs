@@ -508,6 +508,74 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(service))
 }
 
+/// Why a connection to the aggregator failed, when TLS is what failed: what a participant
+/// should report instead of "transport error", and not retry.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeRefusal {
+    /// The aggregator refused this participant's certificate (the TLS alert it sent).
+    #[error("the aggregator refused this participant's certificate: {0}")]
+    ByAggregator(String),
+    /// This participant did not accept the aggregator's certificate.
+    #[error("the aggregator's certificate is not accepted: {0}")]
+    AggregatorCertificate(String),
+    /// Another TLS failure.
+    #[error("TLS failed: {0}")]
+    Other(String),
+}
+
+/// Finds, in the source chain of an error (a tonic `Status` from a failed call, a transport
+/// error), the TLS failure that caused it. HTTP/2 passes I/O errors on as kind and message
+/// only, so rustls' error is recognised by its message there.
+pub fn handshake_refusal(err: &(dyn std::error::Error + 'static)) -> Option<HandshakeRefusal> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return refusal_from_message(&tls.to_string());
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.kind() == io::ErrorKind::InvalidData
+        {
+            let message = io
+                .get_ref()
+                .map_or_else(|| io.to_string(), |i| i.to_string());
+            if let Some(refusal) = refusal_from_message(&message) {
+                return Some(refusal);
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Reads rustls' error messages ("received fatal alert: …", "invalid peer certificate: …").
+fn refusal_from_message(message: &str) -> Option<HandshakeRefusal> {
+    if let Some(alert) = message.strip_prefix("received fatal alert: ") {
+        let meaning = match alert.trim() {
+            "CertificateExpired" => "expired or not yet valid",
+            "CertificateRevoked" => "revoked",
+            "UnknownCA" | "DecryptError" | "BadCertificate" => "not issued by the federation's CA",
+            "CertificateRequired" => "none was sent",
+            "UnsupportedCertificate" => "not a participant (clientAuth) certificate",
+            other => return Some(HandshakeRefusal::Other(format!("alert {other}"))),
+        };
+        return Some(HandshakeRefusal::ByAggregator(meaning.into()));
+    }
+    if let Some(problem) = message.strip_prefix("invalid peer certificate: ") {
+        let lower = problem.to_ascii_lowercase();
+        let meaning = if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+            "not valid for the kit's server_name".to_string()
+        } else if lower.contains("unknownissuer") || lower.contains("badsignature") {
+            "not issued by the kit's CA".to_string()
+        } else if lower.contains("expired") {
+            "expired".to_string()
+        } else {
+            problem.to_string()
+        };
+        return Some(HandshakeRefusal::AggregatorCertificate(meaning));
+    }
+    None
+}
+
 /// What the aggregator knows of a connection that passed the handshake: the peer's address,
 /// the participant its certificate names and the certificate's serial number. Handlers find
 /// it in each request's extensions.
