@@ -60,6 +60,8 @@ pub enum ProvisionError {
     Duplicate(String),
     #[error("no participants: give at least one --participant NAME[:LANG]")]
     NoParticipants,
+    #[error("validity must be at least one day")]
+    Validity,
     #[error("invalid federation name {0:?}: must not be empty")]
     Federation(String),
     #[error("invalid aggregator address {address:?}: {message}")]
@@ -543,6 +545,9 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
     }
     if options.participants.is_empty() {
         return Err(ProvisionError::NoParticipants);
+    }
+    if options.validity_days == 0 || options.ca_validity_days == 0 {
+        return Err(ProvisionError::Validity);
     }
     for (i, p) in options.participants.iter().enumerate() {
         if options.participants[..i].iter().any(|q| q.name == p.name) {

@@ -242,7 +242,10 @@ pub fn check_certificate(
     role: Role,
 ) -> Result<(), String> {
     let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| format!("CA: {e}"))?;
-    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| format!("{e}"))?;
+    let Some(first) = chain.first() else {
+        return Err("no certificate".into());
+    };
+    let leaf = webpki::EndEntityCert::try_from(first).map_err(|e| format!("{e}"))?;
     let usage = match role {
         Role::Server => webpki::KeyUsage::server_auth(),
         Role::Client => webpki::KeyUsage::client_auth(),
