@@ -337,6 +337,23 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
         .unwrap();
 
     still_serves(&server, dir.path()).await;
+
+    // Many refused handshakes at once, beside good calls.
+    let bad = raw_config(scratch.path(), &ca_pem, &expired.cert_pem, &expired.key_pem);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..24 {
+        let mut c = if i % 4 == 0 {
+            kit_client(&server, dir.path(), "lab-b")
+        } else {
+            client(&server, bad.clone())
+        };
+        calls.spawn(async move { (i % 4 == 0, status(&mut c).await.is_ok()) });
+    }
+    while let Some(done) = calls.join_next().await {
+        let (good, served) = done.unwrap();
+        assert_eq!(good, served, "good calls served, bad ones refused");
+    }
+
     let mut a = kit_client(&server, dir.path(), "lab-a");
     join(&mut a, "lab-a").await.expect("the real lab-a joins");
     server.shutdown().await.unwrap();
