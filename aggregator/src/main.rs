@@ -176,7 +176,7 @@ async fn main() -> Result<()> {
                 );
             }
             println!(
-                "  keep {} offline: whoever holds it can admit anyone",
+                "  keep {} private: whoever holds it can admit anyone (`revoke` needs it)",
                 done.dir.join("ca.key").display()
             );
             println!("  configuration: {}", done.config.display());
