@@ -27,6 +27,12 @@ pub enum ConfigFileError {
         #[source]
         source: fedcore::ConfigError,
     },
+    #[error("{path}: {field}: {message}")]
+    Field {
+        path: String,
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// Network and storage settings of the server.
@@ -47,6 +53,111 @@ fn default_linger_ms() -> u64 {
     30_000
 }
 
+/// Transport security. Mutual TLS is the default; plaintext only when `enabled = false` is
+/// written out (and then logged loudly). Relative paths are relative to the configuration
+/// file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// `false` serves plaintext gRPC: anyone who can reach the port can join under any
+    /// roster name, and everything on the wire can be read.
+    pub enabled: bool,
+    /// The aggregator's certificate (PEM), from `fedaggregator provision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<PathBuf>,
+    /// The federation CA: only participant certificates it issued are accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The CA's revocation list (`fedaggregator revoke` rewrites it); re-read when it
+    /// changes, so a revocation refuses new connections without a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
+}
+
+impl TlsSection {
+    /// Plaintext gRPC (tests and single-machine pilots on loopback).
+    pub fn plaintext() -> Self {
+        TlsSection {
+            enabled: false,
+            certificate: None,
+            private_key: None,
+            ca: None,
+            crl: None,
+        }
+    }
+
+    /// Mutual TLS with the files `fedaggregator provision` writes into `dir`.
+    pub fn provisioned(dir: &Path) -> Self {
+        TlsSection {
+            enabled: true,
+            certificate: Some(dir.join("server.pem")),
+            private_key: Some(dir.join("server.key")),
+            ca: Some(dir.join("ca.pem")),
+            crl: Some(dir.join("crl.pem")),
+        }
+    }
+
+    /// The files to serve mutual TLS with; `None` when TLS is off.
+    pub fn files(&self) -> Option<mekong_proto::tls::ServerTlsFiles> {
+        if !self.enabled {
+            return None;
+        }
+        Some(mekong_proto::tls::ServerTlsFiles {
+            certificate: self.certificate.clone()?,
+            private_key: self.private_key.clone()?,
+            ca: self.ca.clone()?,
+            crl: self.crl.clone(),
+        })
+    }
+
+    /// Every file is named when TLS is on, and none when it is off (so that a config does
+    /// not look protected when it is not).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        let required = [
+            ("tls.certificate", &self.certificate),
+            ("tls.private_key", &self.private_key),
+            ("tls.ca", &self.ca),
+        ];
+        for (field, value) in required {
+            if self.enabled && value.is_none() {
+                return Err((field, "required when tls.enabled = true".into()));
+            }
+            if !self.enabled && value.is_some() {
+                return Err((
+                    field,
+                    "set while tls.enabled = false; remove it or enable TLS".into(),
+                ));
+            }
+        }
+        if !self.enabled && self.crl.is_some() {
+            return Err((
+                "tls.crl",
+                "set while tls.enabled = false; remove it or enable TLS".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn resolve_against(&mut self, dir: &Path) {
+        for p in [
+            &mut self.certificate,
+            &mut self.private_key,
+            &mut self.ca,
+            &mut self.crl,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+}
+
 /// The placeholder identity of an example lab. Its secret is derivable by anyone, so
 /// `serve` refuses to run with it; replace it with the lab's `fedclient keygen` output.
 fn example_public_key(name: &str) -> String {
@@ -60,16 +171,32 @@ fn example_public_key(name: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
     pub server: ServerSection,
+    pub tls: TlsSection,
     pub plan: FederationPlan,
 }
 
 impl AggregatorConfig {
     /// Parses and validates TOML text; `origin` names the source in errors.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigFileError> {
-        let config: AggregatorConfig =
-            toml::from_str(text).map_err(|e| ConfigFileError::Parse {
+        let config: AggregatorConfig = toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().trim_end().to_string();
+            if message.contains("missing field `tls`") {
+                message.push_str(
+                    "\nadd a [tls] section: the files `fedaggregator provision` wrote, or `enabled = false` to serve plaintext",
+                );
+            }
+            ConfigFileError::Parse {
                 path: origin.to_string(),
-                message: e.to_string().trim_end().to_string(),
+                message,
+            }
+        })?;
+        config
+            .tls
+            .validate()
+            .map_err(|(field, message)| ConfigFileError::Field {
+                path: origin.to_string(),
+                field,
+                message,
             })?;
         config
             .plan
@@ -87,7 +214,10 @@ impl AggregatorConfig {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        config.tls.resolve_against(dir);
+        Ok(config)
     }
 
     /// A complete, valid example (what `fedaggregator init-config` prints).
@@ -98,6 +228,7 @@ impl AggregatorConfig {
                 output_dir: PathBuf::from("runs/federation"),
                 linger_after_finish_ms: default_linger_ms(),
             },
+            tls: TlsSection::provisioned(Path::new("")),
             plan: FederationPlan {
                 federation: "mekong-federation".into(),
                 model: fedcore::ModelSpec::tiny(),
@@ -171,6 +302,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn tls_is_explicit() {
+        let text = AggregatorConfig::example().to_toml();
+        assert!(text.contains("[tls]\nenabled = true"), "{text}");
+        let start = text.find("[tls]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let err = AggregatorConfig::from_toml(&without, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `tls`"), "{err}");
+        assert!(err.contains("enabled = false"), "{err}");
+        let no_key = text.replace("private_key = \"server.key\"\n", "");
+        let err = AggregatorConfig::from_toml(&no_key, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("agg.toml: tls.private_key: required"),
+            "{err}"
+        );
+        let typo = text.replace("[tls]\n", "[tls]\ncrl_file = \"x\"\n");
+        let err = AggregatorConfig::from_toml(&typo, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `crl_file`"), "{err}");
+        let off = format!("{}[tls]\nenabled = false\n{}", &text[..start], &text[end..]);
+        let c = AggregatorConfig::from_toml(&off, "agg.toml").unwrap();
+        assert!(c.tls.files().is_none());
+    }
+
+    #[test]
+    fn tls_paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agg.toml");
+        std::fs::write(&path, AggregatorConfig::example().to_toml()).unwrap();
+        let c = AggregatorConfig::load(&path).unwrap();
+        let files = c.tls.files().unwrap();
+        assert_eq!(files.ca, dir.path().join("ca.pem"));
+        assert_eq!(files.crl, Some(dir.path().join("crl.pem")));
     }
 
     #[test]

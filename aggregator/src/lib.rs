@@ -8,9 +8,11 @@
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
+//! - [`provision`]: the federation CA, server certificate, participant kits and revocation.
 //! - `spool`: the undo log of a masked-input stream, so a broken stream leaves the sum clean.
 
 pub mod config;
+pub mod provision;
 pub mod server;
 pub mod service;
 mod spool;

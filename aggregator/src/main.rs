@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedaggregator::AggregatorConfig;
+use fedaggregator::provision::{self, ParticipantSpec, ProvisionOptions};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,48 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create a federation's CA, the aggregator's certificate and one kit per participant
+    /// (client certificate and key, Ed25519 identity, CA, participant.toml). Never
+    /// overwrites a file.
+    Provision {
+        /// Directory to write into (created 0700 if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Federation name.
+        #[arg(long)]
+        federation: String,
+        /// `host:port` the participants dial; the host goes into the server certificate.
+        #[arg(long)]
+        aggregator_address: String,
+        /// Another DNS name or IP address for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// A participant, `NAME` or `NAME:LANG` (repeatable; roster order).
+        #[arg(long = "participant", required = true, value_parser = parse_participant)]
+        participants: Vec<ParticipantSpec>,
+        /// Validity of the server and participant certificates, in days.
+        #[arg(long, default_value_t = 365)]
+        validity_days: u32,
+        /// Validity of the CA and of its revocation lists, in days.
+        #[arg(long, default_value_t = 3650)]
+        ca_validity_days: u32,
+    },
+    /// Revoke a participant's certificates: rewrites the revocation list of a provisioned
+    /// directory; a running aggregator re-reads it and refuses the participant's new
+    /// connections.
+    Revoke {
+        /// The directory `provision` wrote.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The participant to revoke.
+        #[arg(long)]
+        participant: String,
+    },
+}
+
+fn parse_participant(spec: &str) -> Result<ParticipantSpec, String> {
+    spec.parse()
+        .map_err(|e: provision::ProvisionError| e.to_string())
 }
 
 #[tokio::main]
@@ -47,7 +90,7 @@ async fn main() -> Result<()> {
         Command::InitConfig => {
             print!("{}", AggregatorConfig::example().to_toml());
             eprintln!(
-                "note: replace each [[plan.roster]] public_key with the key the lab prints from `fedclient keygen`; `serve` refuses the placeholders"
+                "note: replace each [[plan.roster]] public_key with the key the lab prints from `fedclient keygen` (or use the aggregator.toml `fedaggregator provision` writes); `serve` refuses the placeholders"
             );
             Ok(())
         }
@@ -67,6 +110,22 @@ async fn main() -> Result<()> {
                 modules.len(),
                 params
             );
+            match c.tls.files() {
+                Some(files) => {
+                    mekong_proto::tls::server_config(&files)?;
+                    println!(
+                        "transport: mutual TLS, participants certified by {}{}",
+                        files.ca.display(),
+                        files.crl.as_ref().map_or(String::new(), |p| format!(
+                            ", revocations in {}",
+                            p.display()
+                        ))
+                    );
+                }
+                None => println!(
+                    "transport: PLAINTEXT (tls.enabled = false) — anyone who reaches the port can join under any roster name"
+                ),
+            }
             if c.plan.secure_aggregation.enabled {
                 println!(
                     "secure aggregation: on, {} labs on the roster, threshold {}, {}-bit quantisation clipped at ±{}",
@@ -87,6 +146,55 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(config).await,
+        Command::Provision {
+            out,
+            federation,
+            aggregator_address,
+            sans,
+            participants,
+            validity_days,
+            ca_validity_days,
+        } => {
+            let done = provision::provision(&ProvisionOptions {
+                out,
+                federation,
+                aggregator_address,
+                extra_sans: sans,
+                participants,
+                validity_days,
+                ca_validity_days,
+            })?;
+            println!(
+                "provisioned {} participants in {}",
+                done.roster.len(),
+                done.dir.display()
+            );
+            for kit in &done.kits {
+                println!(
+                    "  kit: {} (send it to the lab over a private channel)",
+                    kit.display()
+                );
+            }
+            println!(
+                "  keep {} private: whoever holds it can admit anyone (`revoke` needs it)",
+                done.dir.join("ca.key").display()
+            );
+            println!("  configuration: {}", done.config.display());
+            if let Some(problem) = done.config_problem {
+                println!("  note: edit it before serving: {problem}");
+            }
+            Ok(())
+        }
+        Command::Revoke { dir, participant } => {
+            let serials = provision::revoke(&dir, &participant)?;
+            println!(
+                "revoked {participant}: {} certificate(s) ({}); {} rewritten — a running aggregator refuses its new connections within seconds",
+                serials.len(),
+                serials.join(", "),
+                dir.join("crl.pem").display()
+            );
+            Ok(())
+        }
     }
 }
 

@@ -8,11 +8,12 @@ use std::time::Duration;
 use fedcore::Coordinator;
 use fedcore::round::{Stage, Status};
 use mekong_proto::MAX_MESSAGE_BYTES;
+use mekong_proto::tls::{Revocations, ServerTlsFiles};
 use mekong_proto::v1::federation_server::FederationServer;
 use rand::RngCore;
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
@@ -38,6 +39,8 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC server task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("TLS: {0}")]
+    Tls(#[from] mekong_proto::tls::TlsError),
 }
 
 /// HTTP/2 flow-control window per stream: 256 KiB keeps a 4 MiB masked upload at full
@@ -45,6 +48,9 @@ pub enum ServeError {
 const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
 /// HTTP/2 flow-control window per connection (one per lab).
 const CONNECTION_WINDOW_BYTES: u32 = 512 * 1024;
+
+/// How often the revocation list is re-read.
+pub const CRL_POLL: Duration = Duration::from_secs(1);
 
 /// How long `drain` keeps serving after the last participant was handed the final adapter.
 const FINAL_FLUSH_GRACE: Duration = Duration::from_secs(2);
@@ -57,6 +63,7 @@ pub struct RunningServer {
     shutdown: oneshot::Sender<()>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     ticker: JoinHandle<()>,
+    crl_watcher: Option<JoinHandle<()>>,
 }
 
 /// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
@@ -78,6 +85,23 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
             "SECURE AGGREGATION IS OFF (plan.secure_aggregation.enabled = false): every lab's update reaches this aggregator in plaintext"
         );
     }
+    let tls = match config.tls.files() {
+        Some(files) => {
+            let tls_config = mekong_proto::tls::server_config(&files)?;
+            info!(
+                ca = %files.ca.display(),
+                crl = %files.crl.as_ref().map_or("none".into(), |p| p.display().to_string()),
+                "mutual TLS on: only participants with an unexpired, unrevoked certificate from the federation CA connect, each under its certificate's name"
+            );
+            Some((files, tls_config))
+        }
+        None => {
+            tracing::warn!(
+                "TLS IS OFF (tls.enabled = false): plaintext gRPC; anyone who reaches this port can join under any roster name and read the traffic"
+            );
+            None
+        }
+    };
     let store = AdapterStore::new(&config.server.output_dir);
     let shared = Shared::new(coordinator, store.clone()).map_err(|status| ServeError::Store {
         dir: store.dir().display().to_string(),
@@ -93,22 +117,48 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         addr: config.server.listen,
         source,
     })?;
-    let service = FederationServer::new(FederationService::new(shared.clone()))
+    let revocations = match tls.as_ref().and_then(|(files, _)| files.crl.as_ref()) {
+        Some(path) => Revocations::load(path)?,
+        None => Revocations::default(),
+    };
+    let (revoked, revoked_rx) = watch::channel(revocations);
+    let service = if tls.is_some() {
+        FederationService::with_certificates(shared.clone(), revoked_rx)
+    } else {
+        FederationService::new(shared.clone())
+    };
+    let service = FederationServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            // What a lab may have in flight before the aggregator reads it. hyper's default
-            // (1 MiB per stream and per connection) would let every lab waiting for a
-            // masked-input slot park a MiB here, making memory grow with the number of labs.
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = shutdown_rx.await;
-            }),
-    );
+    let router = tonic::transport::Server::builder()
+        // What a lab may have in flight before the aggregator reads it. hyper's default
+        // (1 MiB per stream and per connection) would let every lab waiting for a
+        // masked-input slot park a MiB here, making memory grow with the number of labs.
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .add_service(service);
+    let stop = async {
+        let _ = shutdown_rx.await;
+    };
+    let (server, crl_watcher) = match tls {
+        Some((files, tls_config)) => {
+            // What the configuration was built from; the watcher reloads when it changes.
+            let seen = files.crl.as_ref().and_then(|p| std::fs::read(p).ok());
+            let (configs, current) = watch::channel(tls_config);
+            let incoming = mekong_proto::tls::incoming(listener, current);
+            (
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop)),
+                Some(tokio::spawn(watch_crl(files, seen, configs, revoked))),
+            )
+        }
+        None => (
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop),
+            ),
+            None,
+        ),
+    };
     let ticker = tokio::spawn(run_ticker(shared.clone()));
     info!(
         addr = %local_addr,
@@ -126,7 +176,43 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         shutdown,
         server,
         ticker,
+        crl_watcher,
     })
+}
+
+/// Re-reads the revocation list every [`CRL_POLL`] and, when its contents change, rebuilds
+/// the TLS configuration that new connections are accepted under and the serials that
+/// calls on open connections are checked against. A list that does not load is logged and
+/// the previous one stays in force.
+async fn watch_crl(
+    files: ServerTlsFiles,
+    mut seen: Option<Vec<u8>>,
+    configs: watch::Sender<Arc<rustls::ServerConfig>>,
+    revoked: watch::Sender<Revocations>,
+) {
+    let Some(crl) = files.crl.clone() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(CRL_POLL).await;
+        let now = std::fs::read(&crl).ok();
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match mekong_proto::tls::server_config(&files)
+            .and_then(|config| Revocations::load(&crl).map(|revocations| (config, revocations)))
+        {
+            Ok((config, revocations)) => {
+                info!(crl = %crl.display(), "revocation list changed; connections and calls are checked against it");
+                configs.send_replace(config);
+                revoked.send_replace(revocations);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the revocation list; the previous one stays in force");
+            }
+        }
+    }
 }
 
 /// Calls the coordinator's `tick` at each deadline (and at least every 250 ms).
@@ -152,7 +238,7 @@ impl RunningServer {
         self.local_addr
     }
 
-    /// `http://<addr>`, what a participant connects to.
+    /// `http://<addr>`, what a participant connects to (without TLS).
     pub fn url(&self) -> String {
         format!("http://{}", self.local_addr)
     }
@@ -201,6 +287,9 @@ impl RunningServer {
     /// Stops serving and waits for the server task.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         self.ticker.abort();
+        if let Some(w) = &self.crl_watcher {
+            w.abort();
+        }
         let _ = self.shutdown.send(());
         self.server.await??;
         Ok(())

@@ -12,6 +12,7 @@ use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
 use mekong_proto::convert::adapter_payload;
 use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
+use mekong_proto::tls::{PeerCertificate, Revocations};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
 use rand::RngCore;
 use tokio::sync::watch;
@@ -168,12 +169,67 @@ impl Shared {
 #[derive(Clone)]
 pub struct FederationService {
     shared: Arc<Shared>,
+    /// With mutual TLS on: the current revocation list. Every call must then come over a
+    /// connection with a verified participant certificate that is not revoked since.
+    revocations: Option<watch::Receiver<Revocations>>,
 }
 
 impl FederationService {
+    /// A service for plaintext connections (calls carry no certificate).
     pub fn new(shared: Arc<Shared>) -> Self {
-        FederationService { shared }
+        FederationService {
+            shared,
+            revocations: None,
+        }
     }
+
+    /// A service behind mutual TLS: every call must carry the [`PeerCertificate`] of its
+    /// connection, not revoked in the latest `revocations`, and a participant acts only
+    /// under the name its certificate gives it.
+    pub fn with_certificates(
+        shared: Arc<Shared>,
+        revocations: watch::Receiver<Revocations>,
+    ) -> Self {
+        FederationService {
+            shared,
+            revocations: Some(revocations),
+        }
+    }
+
+    /// The participant the call's certificate names (`None` on plaintext connections).
+    fn certified<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        let Some(revocations) = &self.revocations else {
+            return Ok(None);
+        };
+        let Some(peer) = request.extensions().get::<PeerCertificate>() else {
+            return Err(Status::unauthenticated(
+                "this aggregator requires a participant certificate (mutual TLS)",
+            ));
+        };
+        // The handshake checked the list of its day; a connection can outlive it.
+        if revocations.borrow().is_revoked(&peer.serial) {
+            warn!(participant = %peer.participant, peer = %peer.remote_addr, "call on a connection whose certificate has since been revoked");
+            return Err(Status::permission_denied(format!(
+                "the certificate of {:?} has been revoked",
+                peer.participant
+            )));
+        }
+        Ok(Some(peer.participant.clone()))
+    }
+}
+
+/// Refuses a call whose participant id belongs to someone other than the participant its
+/// certificate names: a leaked id is of no use without that participant's certificate.
+fn check_owner(c: &Coordinator, token: &str, certified: Option<&str>) -> Result<(), Status> {
+    if let (Some(cert), Some((name, _))) = (certified, c.participant(token))
+        && name != cert
+    {
+        warn!(certificate = %cert, participant = %name, "call with another participant's id refused");
+        return Err(Status::permission_denied(format!(
+            "this participant id belongs to {name:?}, not to {cert:?} whose certificate this connection carries"
+        )));
+    }
+    Ok(())
 }
 
 fn wait_reason(reason: &WaitReason) -> String {
@@ -215,7 +271,17 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let certified = self.certified(&request)?;
         let req = request.into_inner();
+        if let Some(cert) = &certified
+            && *cert != req.participant_name
+        {
+            warn!(certificate = %cert, claimed = %req.participant_name, "join under another name refused");
+            return Err(Status::permission_denied(format!(
+                "this connection's certificate names participant {cert:?}; it cannot join as {:?}",
+                req.participant_name
+            )));
+        }
         let mut token = [0u8; 16];
         rand::rng().fill_bytes(&mut token);
         let token = hex::encode(token);
@@ -249,7 +315,13 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::FetchTaskRequest>,
     ) -> Result<Response<pb::FetchTaskResponse>, Status> {
+        let certified = self.certified(&request)?;
         let req = request.into_inner();
+        check_owner(
+            &self.shared.lock(),
+            &req.participant_id,
+            certified.as_deref(),
+        )?;
         let wait = Duration::from_millis(req.wait_ms.into()).min(MAX_LONG_POLL);
         let give_up = tokio::time::Instant::now() + wait;
         let mut changes = self.shared.subscribe();
@@ -329,6 +401,7 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::SubmitUpdateRequest>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let certified = self.certified(&request)?;
         let req = request.into_inner();
         let payload = match req.payload {
             Some(pb::submit_update_request::Payload::Plaintext(p)) => {
@@ -344,6 +417,7 @@ impl Federation for FederationService {
             payload,
         };
         let mut c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
         let name = participant_name(&c, &req.participant_id);
         let rounds_before = c.history().len();
         match c.submit(&req.participant_id, &update, self.shared.now_ms()) {
@@ -378,10 +452,12 @@ impl Federation for FederationService {
         &self,
         request: Request<pb::SecureAggregateRequest>,
     ) -> Result<Response<pb::SecureAggregateResponse>, Status> {
+        let certified = self.certified(&request)?;
         let req = request.into_inner();
         let msg = message_from_wire(req.message.as_ref())
             .map_err(|e| Status::invalid_argument(format!("secure aggregation message: {e}")))?;
         let mut c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
         let name = participant_name(&c, &req.participant_id);
         match c.secure_message(
             &req.participant_id,
@@ -408,8 +484,9 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::SubmitMaskedResponse>, Status> {
         // The stream is served by its own task, so that a broken connection (which drops
         // this future) still runs the retraction to its end.
+        let certified = self.certified(&request)?;
         let shared = self.shared.clone();
-        tokio::spawn(receive_masked(shared, request.into_inner()))
+        tokio::spawn(receive_masked(shared, request.into_inner(), certified))
             .await
             .map_err(|e| Status::internal(format!("masked stream task failed: {e}")))?
             .map(Response::new)
@@ -417,8 +494,9 @@ impl Federation for FederationService {
 
     async fn round_status(
         &self,
-        _request: Request<pb::RoundStatusRequest>,
+        request: Request<pb::RoundStatusRequest>,
     ) -> Result<Response<pb::RoundStatusResponse>, Status> {
+        self.certified(&request)?;
         let c = self.shared.lock();
         let s = c.status();
         let stage = match s.stage {
@@ -478,6 +556,7 @@ struct MaskedStream {
 async fn receive_masked(
     shared: Arc<Shared>,
     mut stream: Streaming<pb::MaskedChunk>,
+    certified: Option<String>,
 ) -> Result<pb::SubmitMaskedResponse, Status> {
     let stage_deadline = {
         let c = shared.lock();
@@ -496,6 +575,7 @@ async fn receive_masked(
     .await
     .map_err(|_| Status::deadline_exceeded("the masked stream sent nothing"))??
     .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
+    check_owner(&shared.lock(), &first.participant_id, certified.as_deref())?;
     let id = MaskedStream {
         token: first.participant_id.clone(),
         round: first.round,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use fedaggregator::AggregatorConfig;
-use fedaggregator::config::ServerSection;
+use fedaggregator::config::{ServerSection, TlsSection};
 use fedclient::checkpoint::{self, Checkpoint};
 use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus, TextTokenizer};
 use fedclient::device::{DeviceChoice, select_device};
@@ -344,6 +344,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             output_dir: options.out_dir.clone(),
             linger_after_finish_ms: 10_000,
         },
+        // One machine, loopback only.
+        tls: TlsSection::plaintext(),
         plan: plan.clone(),
     };
     let server = fedaggregator::start(&config)

@@ -14,3 +14,4 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 pub mod convert;
 pub mod secure;
+pub mod tls;

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use fedaggregator::AggregatorConfig;
-use fedaggregator::config::ServerSection;
+use fedaggregator::config::{ServerSection, TlsSection};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{ParticipantObserver, ParticipantOptions};
@@ -101,6 +101,7 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
             output_dir: dir.to_path_buf(),
             linger_after_finish_ms: 2_000,
         },
+        tls: TlsSection::plaintext(),
         plan,
     }
 }
