@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fedclient::data::{ByteTokenizer, LocalCorpus};
+use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus};
 use fedclient::device::{DeviceChoice, select_device};
 use fedclient::identity::IdentitySeed;
 use fedclient::local_train;
@@ -69,18 +69,29 @@ struct Cli {
 enum Command {
     /// Join a federation and train every round until it finishes.
     Join {
-        /// Aggregator address, e.g. http://127.0.0.1:50051.
+        /// This lab's provisioning kit (`fedaggregator provision`): a directory holding
+        /// participant.toml, or that file. Supplies the aggregator's address, this lab's name,
+        /// language, TLS certificate and identity key; connections are then mutual TLS.
         #[arg(long)]
-        aggregator: String,
-        /// This lab's stable name (letters, digits, '-', '_', '.').
-        #[arg(long)]
-        name: String,
-        /// Language label of the local data.
-        #[arg(long)]
-        language: String,
+        kit: Option<PathBuf>,
+        /// Aggregator address without TLS, e.g. http://127.0.0.1:50051 (only for a
+        /// federation that explicitly runs without TLS; use --kit otherwise).
+        #[arg(long, required_unless_present = "kit")]
+        aggregator: Option<String>,
+        /// This lab's stable name (letters, digits, '-', '_', '.') [default: the kit's].
+        #[arg(long, required_unless_present = "kit")]
+        name: Option<String>,
+        /// Language label of the local data [default: the kit's].
+        #[arg(long, required_unless_present = "kit")]
+        language: Option<String>,
         /// Local UTF-8 text file, one paragraph per line. It never leaves this machine.
         #[arg(long)]
         data: PathBuf,
+        /// Base model, when the plan pins a pretrained one: a GGUF file or a Hugging Face
+        /// directory (the data is then tokenized with its tokenizer). Without it the plan's
+        /// seeded byte-level model is used.
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// Fraction of paragraphs held out for evaluation.
         #[arg(long, default_value_t = 0.1)]
         heldout: f64,
@@ -90,7 +101,8 @@ enum Command {
         /// Seconds to keep retrying an unreachable aggregator.
         #[arg(long, default_value_t = 120)]
         patience: u64,
-        /// This lab's identity file (from `fedclient keygen`); needed for secure aggregation.
+        /// This lab's identity file (from `fedclient keygen`) [default: the kit's]; needed
+        /// for secure aggregation.
         #[arg(long)]
         identity: Option<PathBuf>,
         /// The plan fingerprint the labs agreed on (`fedaggregator check-config` prints it);
@@ -176,10 +188,12 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Join {
+            kit,
             aggregator,
             name,
             language,
             data,
+            model,
             heldout,
             device,
             patience,
@@ -187,19 +201,60 @@ async fn main() -> Result<()> {
             plan_sha256,
             min_peers,
         } => {
+            let kit = kit
+                .map(|p| {
+                    mekong_proto::tls::ParticipantKit::load(&p)
+                        .with_context(|| format!("loading the kit {}", p.display()))
+                })
+                .transpose()?;
+            let name = name
+                .or_else(|| kit.as_ref().map(|k| k.name.clone()))
+                .context("--name is required without --kit")?;
+            if let Some(k) = &kit
+                && k.name != name
+            {
+                anyhow::bail!(
+                    "--name {name:?} differs from the kit's participant {:?}: the aggregator knows this lab by its certificate",
+                    k.name
+                );
+            }
+            let language = language
+                .or_else(|| kit.as_ref().map(|k| k.language.clone()))
+                .context("--language is required without --kit")?;
             let identity = identity
+                .or_else(|| kit.as_ref().map(|k| k.identity.clone()))
                 .map(|p| {
                     IdentitySeed::load(&p)
                         .with_context(|| format!("loading the identity from {}", p.display()))
                 })
                 .transpose()?
                 .map(Arc::new);
-            let corpus = LocalCorpus::from_file(&data, &language, heldout, &ByteTokenizer)
-                .with_context(|| format!("loading local data from {}", data.display()))?;
+            let base = model
+                .map(|p| {
+                    fedclient::checkpoint::open(&p)
+                        .with_context(|| format!("opening the base model {}", p.display()))
+                })
+                .transpose()?;
+            let corpus = match &base {
+                None => LocalCorpus::from_file(&data, &language, heldout, &ByteTokenizer),
+                Some(checkpoint) => {
+                    let files = checkpoint.tokenizer.clone().with_context(|| {
+                        format!(
+                            "the base model {} has no tokenizer",
+                            checkpoint.path.display()
+                        )
+                    })?;
+                    let tokenizer =
+                        HfTokenizer::new(files).context("loading the base model's tokenizer")?;
+                    LocalCorpus::from_file(&data, &language, heldout, &tokenizer)
+                }
+            }
+            .with_context(|| format!("loading local data from {}", data.display()))?;
             let selected = select_device(device).context("selecting the compute device")?;
             tracing::info!(device = %selected.label, train_tokens = corpus.train_samples(), "local data loaded");
             let options = ParticipantOptions {
-                aggregator_url: aggregator,
+                aggregator_url: aggregator.unwrap_or_default(),
+                kit: kit.map(Arc::new),
                 name,
                 language,
                 evaluate: true,
@@ -207,7 +262,7 @@ async fn main() -> Result<()> {
                 identity,
                 plan_sha256,
                 min_peers,
-                base: None,
+                base: base.map(Arc::new),
             };
             let report = participant::run(options, corpus, selected.device, Arc::new(Quiet))
                 .await

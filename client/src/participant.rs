@@ -49,6 +49,13 @@ const MASKED_CHUNK_WORDS: usize = 256 * 1024;
 pub enum ParticipantError {
     #[error("cannot reach the aggregator at {url}: {message}")]
     Connect { url: String, message: String },
+    #[error("cannot set up TLS to the aggregator: {0}")]
+    TlsSetup(#[from] mekong_proto::tls::TlsError),
+    #[error("TLS to the aggregator at {url} failed: {refusal}")]
+    Handshake {
+        url: String,
+        refusal: mekong_proto::tls::HandshakeRefusal,
+    },
     #[error("aggregator refused {call}: {status}")]
     Refused {
         call: &'static str,
@@ -89,8 +96,13 @@ pub enum ParticipantError {
 /// How to take part.
 #[derive(Debug, Clone)]
 pub struct ParticipantOptions {
-    /// `http://host:port` of the aggregator.
+    /// `http://host:port` of the aggregator (plaintext, only when the federation explicitly
+    /// runs without TLS); ignored when `kit` is set.
     pub aggregator_url: String,
+    /// The lab's provisioning kit (`fedaggregator provision`): the aggregator's address and
+    /// CA, this lab's certificate and key. With a kit every connection is mutual TLS and the
+    /// aggregator knows the lab by its certificate.
+    pub kit: Option<Arc<mekong_proto::tls::ParticipantKit>>,
     /// Stable lab name (1-64 of `[A-Za-z0-9._-]`).
     pub name: String,
     /// Language label of the local data, for reports.
@@ -113,10 +125,19 @@ pub struct ParticipantOptions {
 }
 
 impl ParticipantOptions {
+    /// Where the aggregator is, for messages: the kit's address under TLS.
+    pub fn address(&self) -> String {
+        match &self.kit {
+            Some(kit) => format!("{} (TLS, server name {})", kit.aggregator, kit.server_name),
+            None => self.aggregator_url.clone(),
+        }
+    }
+
     /// Options with the defaults for everything but the address, name and language.
     pub fn new(aggregator_url: &str, name: &str, language: &str) -> Self {
         ParticipantOptions {
             aggregator_url: aggregator_url.to_string(),
+            kit: None,
             name: name.to_string(),
             language: language.to_string(),
             evaluate: false,
@@ -454,6 +475,13 @@ async fn evaluate_blocking(
 async fn connect(
     options: &ParticipantOptions,
 ) -> Result<FederationClient<Channel>, ParticipantError> {
+    if let Some(kit) = &options.kit {
+        // Checks the kit's files (CA, certificate chain, key match) before the first call.
+        let channel = kit.channel()?;
+        return Ok(FederationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES));
+    }
     let endpoint = Channel::from_shared(options.aggregator_url.clone()).map_err(|e| {
         ParticipantError::Connect {
             url: options.aggregator_url.clone(),
@@ -496,21 +524,29 @@ where
     let give_up = tokio::time::Instant::now() + options.connect_patience;
     let mut backoff = Duration::from_millis(200);
     loop {
-        match f().await {
+        let status = match f().await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(status) if transient(&status) => {
-                if tokio::time::Instant::now() + backoff > give_up {
-                    return Err(ParticipantError::Connect {
-                        url: options.aggregator_url.clone(),
-                        message: status.message().to_string(),
-                    });
-                }
-                warn!(participant = %options.name, call, "aggregator unavailable; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(status) => return Err(ParticipantError::Refused { call, status }),
+            Err(status) => status,
+        };
+        // A refused certificate stays refused: report why rather than retry.
+        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
+            return Err(ParticipantError::Handshake {
+                url: options.address(),
+                refusal,
+            });
         }
+        if !transient(&status) {
+            return Err(ParticipantError::Refused { call, status });
+        }
+        if tokio::time::Instant::now() + backoff > give_up {
+            return Err(ParticipantError::Connect {
+                url: options.address(),
+                message: status.message().to_string(),
+            });
+        }
+        warn!(participant = %options.name, call, "aggregator unavailable; retrying in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use fedaggregator::AggregatorConfig;
 use fedaggregator::config::{ServerSection, TlsSection};
+use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
 use fedclient::checkpoint::{self, Checkpoint};
 use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus, TextTokenizer};
 use fedclient::device::{DeviceChoice, select_device};
@@ -18,8 +19,12 @@ use fedclient::train::{TrainStats, train_local};
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
+use mekong_proto::tls::ParticipantKit;
 
 use crate::corpus::udhr;
+
+/// The pilot federation's name (its plan's `federation` and its CA's name).
+pub const FEDERATION: &str = "mekong-pilot-udhr";
 
 /// Size presets of the model every lab initialises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -241,13 +246,12 @@ impl PilotOptions {
         format!("lab-{code}")
     }
 
-    /// The federation plan these options describe, with `identities` (one per language, in
-    /// order) on the roster.
-    /// `model` is the architecture every lab builds: a preset's, or the checkpoint's with its
-    /// fingerprint.
-    pub fn plan(&self, model: ModelSpec, identities: &[IdentitySeed]) -> FederationPlan {
+    /// The federation plan these options describe. `model` is the architecture every lab
+    /// builds (a preset's, or the checkpoint's with its fingerprint); `roster` lists one lab
+    /// per language, in order.
+    pub fn plan(&self, model: ModelSpec, roster: Vec<RosterEntry>) -> FederationPlan {
         FederationPlan {
-            federation: "mekong-pilot-udhr".into(),
+            federation: FEDERATION.into(),
             model,
             lora: LoraSpec {
                 rank: self.lora_rank,
@@ -266,15 +270,7 @@ impl PilotOptions {
                 min_updates: self.languages.len(),
                 round_timeout_ms: 3_600_000,
             },
-            roster: self
-                .languages
-                .iter()
-                .zip(identities)
-                .map(|(code, id)| RosterEntry {
-                    name: Self::lab_name(code),
-                    public_key: id.public_key_hex(),
-                })
-                .collect(),
+            roster,
             secure_aggregation: SecureAggregationSpec {
                 enabled: self.secure,
                 ..Default::default()
@@ -293,16 +289,26 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             "secure aggregation needs at least 3 labs (with two, each learns the other's update from the sum); give --languages three or more, or pass --insecure-plaintext"
         ));
     }
-    // Each simulated lab gets a fresh identity, as `fedclient keygen` would make.
-    let dir = tempfile_dir(&options.out_dir)?;
-    let identities = options
-        .languages
-        .iter()
-        .map(|code| {
-            IdentitySeed::generate(&dir.join(format!("{}.key", PilotOptions::lab_name(code))))
-                .context("creating a lab identity")
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // The center provisions the federation as `fedaggregator provision` does: a CA, the
+    // aggregator's certificate and one kit per lab (certificate, TLS key, identity key).
+    let dir = fresh_dir(&options.out_dir)?;
+    let provisioned = provision(&ProvisionOptions {
+        out: dir.clone(),
+        federation: FEDERATION.into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        participants: options
+            .languages
+            .iter()
+            .map(|code| ParticipantSpec {
+                name: PilotOptions::lab_name(code),
+                language: code.clone(),
+            })
+            .collect(),
+        validity_days: 2,
+        ca_validity_days: 2,
+    })
+    .context("provisioning the pilot federation")?;
     let base = match &options.model {
         PilotModel::Preset(_) => None,
         PilotModel::Checkpoint(path) => {
@@ -318,7 +324,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         (_, Some(checkpoint)) => checkpoint.spec.clone(),
         (PilotModel::Checkpoint(_), None) => unreachable!("opened above"),
     };
-    let plan = options.plan(model_spec, &identities);
+    let plan = options.plan(model_spec, provisioned.roster.clone());
     plan.validate().context("pilot options")?;
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
@@ -344,16 +350,15 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             output_dir: options.out_dir.clone(),
             linger_after_finish_ms: 10_000,
         },
-        // One machine, loopback only.
-        tls: TlsSection::plaintext(),
+        tls: TlsSection::provisioned(&dir),
         plan: plan.clone(),
     };
     let server = fedaggregator::start(&config)
         .await
         .context("starting the aggregator")?;
     println!(
-        "aggregator on {} · {} labs · {} · {} rounds × {} local steps · device {}",
-        server.url(),
+        "aggregator on {} (mutual TLS) · {} labs · {} · {} rounds × {} local steps · device {}",
+        server.local_addr(),
         corpora.len(),
         plan.model.name,
         options.rounds,
@@ -364,14 +369,19 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let started = Instant::now();
     let observer: Arc<dyn ParticipantObserver> = Arc::new(Progress);
     let mut labs = Vec::new();
-    for ((code, _, corpus), identity) in corpora.iter().zip(identities) {
+    for ((code, _, corpus), kit_dir) in corpora.iter().zip(&provisioned.kits) {
+        let mut kit = ParticipantKit::load(kit_dir).context("reading a lab's kit")?;
+        // The kit was made before the aggregator had its (ephemeral) port.
+        kit.aggregator = server.local_addr().to_string();
+        let identity = IdentitySeed::load(&kit.identity).context("reading a lab's identity")?;
         let participant_options = ParticipantOptions {
+            kit: Some(Arc::new(kit)),
             evaluate: true,
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
             plan_sha256: Some(plan.fingerprint()),
             base: base.clone(),
-            ..ParticipantOptions::new(&server.url(), &PilotOptions::lab_name(code), code)
+            ..ParticipantOptions::new("", &PilotOptions::lab_name(code), code)
         };
         labs.push(tokio::spawn(participant::run(
             participant_options,
@@ -465,10 +475,11 @@ fn pilot_tokenizer(checkpoint: &Checkpoint) -> Result<HfTokenizer> {
     HfTokenizer::new(files).context("loading the base model's tokenizer")
 }
 
-/// A fresh directory for the simulated labs' identity files, beside the run's output.
-fn tempfile_dir(out_dir: &std::path::Path) -> Result<PathBuf> {
+/// A fresh directory for the run's CA, certificates and keys, beside its output; removed
+/// when the federation ends.
+fn fresh_dir(out_dir: &std::path::Path) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let dir = out_dir.join(".identities");
+    let dir = out_dir.join(".federation");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }

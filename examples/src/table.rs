@@ -44,6 +44,10 @@ pub fn render(report: &PilotReport) -> String {
         out,
         "federated: the one global adapter all labs share; local-only: each lab's own adapter."
     );
+    let _ = writeln!(
+        out,
+        "transport: mutual TLS (a federation CA, a certificate per lab, provisioned for this run)"
+    );
     if report.secure {
         let _ = writeln!(
             out,

@@ -103,9 +103,11 @@ async fn pilot_fine_tunes_the_cached_pretrained_model() {
     let report = mekong_examples::pilot::run(options).await.unwrap();
     assert_eq!(report.token_unit, "token");
     for row in &report.rows {
-        // A pretrained model already knows these scripts: far below a byte model's ~8 bits
-        // per byte (Lao and Thai take 3 bytes a character).
-        assert!(row.before.bits_per_char < 7.0, "{row:?}");
+        // A pretrained model already knows these scripts: an untrained one over SmolLM2's
+        // 49k-token vocabulary costs ~15 bits per token, about a character each here, and a
+        // byte model ~24 bits per Lao or Thai character (3 bytes each). Windows of 64 tokens
+        // leave less context than the 256 of the bits-per-character reference.
+        assert!(row.before.bits_per_char < 10.0, "{row:?}");
         let local = row.local_only.as_ref().unwrap();
         for e in [&row.federated, local] {
             assert!(e.loss.is_finite(), "{row:?}");
