@@ -1,0 +1,108 @@
+//! The participant runtime over mutual TLS with provisioned kits: a good lab trains a round;
+//! a revoked lab and a lab from another federation stop at once with the reason, and never
+//! fall into the retry loop meant for an unreachable aggregator.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedaggregator::config::TlsSection;
+use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, Provisioned, provision, revoke};
+use fedclient::identity::IdentitySeed;
+use fedclient::participant::{self, ParticipantError, ParticipantOptions, Quiet};
+use mekong_e2e::{aggregator_config, corpus, test_plan};
+use mekong_proto::tls::ParticipantKit;
+
+fn provision_into(dir: &Path, federation: &str, names: &[&str]) -> Provisioned {
+    provision(&ProvisionOptions {
+        out: dir.to_path_buf(),
+        federation: federation.into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        participants: names
+            .iter()
+            .map(|n| ParticipantSpec {
+                name: n.to_string(),
+                language: "lo".into(),
+            })
+            .collect(),
+        validity_days: 1,
+        ca_validity_days: 1,
+    })
+    .unwrap()
+}
+
+fn options(kit_dir: &Path, address: std::net::SocketAddr) -> ParticipantOptions {
+    let mut kit = ParticipantKit::load(kit_dir).unwrap();
+    kit.aggregator = address.to_string();
+    let identity = IdentitySeed::load(&kit.identity).unwrap();
+    ParticipantOptions {
+        kit: Some(Arc::new(kit.clone())),
+        identity: Some(Arc::new(identity)),
+        // Long enough that a retry loop would show up as a slow test, not a quick error.
+        connect_patience: Duration::from_secs(60),
+        ..ParticipantOptions::new("", &kit.name, &kit.language)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kits_connect_and_refused_certificates_stop_the_participant() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("fed");
+    let provisioned = provision_into(&fed, "e2e", &["lab-a", "lab-b"]);
+    let foreign = provision_into(&dir.path().join("other"), "other", &["lab-a"]);
+
+    let mut plan = test_plan(1, 1, 1, 60_000);
+    plan.roster = provisioned.roster.clone();
+    let mut config = aggregator_config(plan, &dir.path().join("out"));
+    config.tls = TlsSection::provisioned(&fed);
+    let server = fedaggregator::start(&config).await.unwrap();
+    let address = server.local_addr();
+
+    // lab-b is revoked before it ever connects.
+    revoke(&fed, "lab-b").unwrap();
+    let started = std::time::Instant::now();
+    let err = participant::run(
+        options(&provisioned.kits[1], address),
+        corpus("lo"),
+        burn::tensor::Device::flex(),
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, ParticipantError::Handshake { .. }) && err.to_string().contains("revoked"),
+        "{err}"
+    );
+    // A lab holding a kit from another federation: neither side accepts the other's CA.
+    let err = participant::run(
+        options(&foreign.kits[0], address),
+        corpus("lo"),
+        burn::tensor::Device::flex(),
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, ParticipantError::Handshake { .. }),
+        "a foreign kit must fail at the handshake: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "refusals must not be retried: {:?}",
+        started.elapsed()
+    );
+
+    // The good lab trains the federation's one round over TLS.
+    let report = participant::run(
+        options(&provisioned.kits[0], address),
+        corpus("lo"),
+        burn::tensor::Device::flex(),
+        Arc::new(Quiet),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.rounds.len(), 1);
+    server.finished().await;
+    server.shutdown().await.unwrap();
+}
