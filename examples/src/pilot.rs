@@ -189,6 +189,7 @@ impl PilotOptions {
                 enabled: self.secure,
                 ..Default::default()
             },
+            strategy: Default::default(),
         }
     }
 }
