@@ -168,7 +168,9 @@ mod tests {
         assert_eq!((old.rank, old.upload_len), (8, 40));
         assert_eq!(old.upload_layout_hash, "cd");
         let refused = |w: pb::RoundWork, what: &str| {
-            let err = work_from_wire(Some(&w), 8, ("00", 1)).unwrap_err().to_string();
+            let err = work_from_wire(Some(&w), 8, ("00", 1))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(what), "{err}");
         };
         refused(
