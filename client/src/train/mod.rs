@@ -452,6 +452,36 @@ mod tests {
         assert_ne!(b_plain, b_trained);
     }
 
+    /// FedProx's term holds the trained factors near where the round started: with SGD and
+    /// `lr·μ = 1` every step restarts from the downloaded values, so five steps move B about
+    /// as far as one; without it they drift five steps' worth.
+    #[test]
+    fn fedprox_holds_the_factors_near_the_download() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let run = |mu: f64| {
+            let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+            let start = b_values(&model);
+            let spec = TrainingSpec {
+                optimizer: fedcore::LocalOptimizer::Sgd,
+                ..spec(5, 2, 16, 1e-2)
+            };
+            let options = TrainOptions { prox_mu: mu };
+            let (model, _) =
+                train_local_with(model, &tokens, &spec, 3, &device, &options).unwrap();
+            let b = b_values(&model);
+            let moved: f64 = b
+                .iter()
+                .zip(&start)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            moved.sqrt()
+        };
+        let (free, held) = (run(0.0), run(100.0));
+        eprintln!("moved without FedProx {free:.3e}, with mu = 100: {held:.3e}");
+        assert!(free > 0.0 && held < 0.5 * free, "{free} vs {held}");
+    }
+
     /// Clipping scales all gradients by one factor down to the global norm.
     #[test]
     fn global_norm_clipping_hits_the_target_norm() {
