@@ -467,8 +467,7 @@ mod tests {
                 ..spec(5, 2, 16, 1e-2)
             };
             let options = TrainOptions { prox_mu: mu };
-            let (model, _) =
-                train_local_with(model, &tokens, &spec, 3, &device, &options).unwrap();
+            let (model, _) = train_local_with(model, &tokens, &spec, 3, &device, &options).unwrap();
             let b = b_values(&model);
             let moved: f64 = b
                 .iter()
