@@ -243,6 +243,7 @@ impl AggregatorConfig {
                     })
                     .collect(),
                 secure_aggregation: Default::default(),
+                strategy: Default::default(),
             },
         }
     }
@@ -343,6 +344,45 @@ mod tests {
         let files = c.tls.files().unwrap();
         assert_eq!(files.ca, dir.path().join("ca.pem"));
         assert_eq!(files.crl, Some(dir.path().join("crl.pem")));
+    }
+
+    #[test]
+    fn a_mode_that_is_not_sum_only_is_refused_with_secure_aggregation() {
+        let example = AggregatorConfig::example().to_toml();
+        assert!(
+            !example.contains("[plan.strategy]"),
+            "the default is left out"
+        );
+        let text = format!("{example}\n[plan.strategy]\nmode = \"flora\"\n");
+        let err = AggregatorConfig::from_toml(&text, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("agg.toml:"), "{err}");
+        assert!(err.contains("strategy.mode"), "{err}");
+        assert!(err.contains("`flora`"), "{err}");
+        assert!(err.contains("secure_aggregation.enabled"), "{err}");
+        // A sum-only mode with a server optimizer and sampling loads, and changes the plan's
+        // fingerprint (labs pin the strategy).
+        let text = format!(
+            "{example}\n[plan.strategy]\nmode = \"fedsvd\"\n\n[plan.strategy.optimizer]\nkind = \"fedadam\"\neta = 0.01\n"
+        );
+        let c = AggregatorConfig::from_toml(&text, "agg.toml").unwrap();
+        assert_eq!(c.plan.strategy.mode, fedcore::AggregationMode::FedSvd);
+        assert_ne!(
+            c.plan.fingerprint(),
+            AggregatorConfig::example().plan.fingerprint()
+        );
+        // FedEx-LoRA is sum-only, but the participant runtime does not apply its dense
+        // correction yet: refused by name rather than run wrongly.
+        let text = format!("{example}\n[plan.strategy]\nmode = \"fedex_lora\"\n");
+        let err = AggregatorConfig::from_toml(&text, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("strategy.mode")
+                && err.contains("not yet supported by the participant runtime"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
-use mekong_proto::convert::adapter_payload;
+use mekong_proto::convert::{adapter_payload, work_to_wire};
 use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
 use mekong_proto::tls::{PeerCertificate, Revocations};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
@@ -243,6 +243,9 @@ fn wait_reason(reason: &WaitReason) -> String {
         WaitReason::NextRound { round } => {
             format!("round {round} was already open when you joined; you take part from the next")
         }
+        WaitReason::NotSampled { round } => {
+            format!("round {round}: not sampled this round (strategy.sampling); wait for the next")
+        }
         WaitReason::SecureStage { round, stage } => {
             format!(
                 "round {round}: secure aggregation stage {stage:?} is waiting for other participants"
@@ -339,9 +342,11 @@ impl Federation for FederationService {
                         round,
                         global,
                         global_hash,
+                        work,
                         deadline_ms,
                         secure,
                     } => pb::fetch_task_response::Task::Train(pb::TrainTask {
+                        work: Some(work_to_wire(c.strategy().mode().name(), &work)),
                         round,
                         rounds_total: c.plan().rounds.rounds,
                         global_adapter: Some(adapter_payload(global, global_hash)),

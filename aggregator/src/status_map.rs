@@ -20,7 +20,9 @@ pub fn status_for(error: &RoundError) -> Status {
         | RoundError::FutureRound { .. }
         | RoundError::NotInCohort { .. }
         | RoundError::WrongBaseAdapter { .. } => Code::FailedPrecondition,
-        RoundError::Aggregate(_) | RoundError::SecureSum(_) => Code::Internal,
+        RoundError::Aggregate(_) | RoundError::SecureSum(_) | RoundError::Strategy(_) => {
+            Code::Internal
+        }
         RoundError::NotOnRoster(_) => Code::PermissionDenied,
         RoundError::SecureAggregationRequired | RoundError::SecureAggregationOff => {
             Code::FailedPrecondition

@@ -4,6 +4,14 @@
 //! local model, train on local text, hand in the update, repeat until the aggregator says the
 //! run is finished. Local text never leaves this module.
 //!
+//! What a round trains and uploads comes from the plan's `[strategy]` (see
+//! `fedcore::strategy`), derived here from the pinned plan and the round number and checked
+//! against the task's `RoundWork`: the participant starts from [`Strategy::download`] (the
+//! global; HetLoRA's first `rank` components; FedSA-LoRA's global A with this lab's own B,
+//! kept across rounds), trains the factors [`Strategy::trains`] names (B only, A only, or
+//! both; the base never trains), with FedProx's proximal term when `strategy.fedprox.mu > 0`,
+//! and uploads [`Strategy::upload`]: trained minus downloaded, in the round's upload layout.
+//!
 //! With secure aggregation (the default) the only things sent are the participant's name and
 //! language label and the messages of the protocol: signed public keys, encrypted shares,
 //! the masked update (streamed in chunks), a signature over the survivors, and revealed
@@ -22,9 +30,10 @@ use burn::prelude::Device;
 use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadError, UploadSecrets};
 use fedcore::secagg::participant::RoundRandomness;
 use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
-use fedcore::{FederationPlan, LoraAdapter};
+use fedcore::strategy::{AggregationMode, GlobalModel, ServerState, hetlora};
+use fedcore::{FederationPlan, LoraAdapter, Strategy, StrategyError};
 use mekong_proto::MAX_MESSAGE_BYTES;
-use mekong_proto::convert::{PayloadError, decode_adapter_payload};
+use mekong_proto::convert::{PayloadError, decode_adapter_payload, work_from_wire};
 use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use rand::RngCore;
@@ -38,7 +47,7 @@ use crate::error::ModelError;
 use crate::eval::{EvalStats, evaluate};
 use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
-use crate::train::{TrainStats, train_local};
+use crate::train::{TrainOptions, TrainStats, train_local_with};
 use crate::upload;
 
 /// Words per masked-input chunk (1 MiB).
@@ -91,6 +100,16 @@ pub enum ParticipantError {
     Secure(#[from] UploadError),
     #[error("the aggregator sent a malformed secure-aggregation message: {0}")]
     Wire(#[from] WireError),
+    #[error("aggregation strategy: {0}")]
+    Strategy(#[from] StrategyError),
+    #[error(
+        "round {round}: the aggregator's task asks for {got}, but the pinned plan's strategy gives {expected}: refusing to train"
+    )]
+    WorkMismatch {
+        round: u64,
+        got: String,
+        expected: String,
+    },
 }
 
 /// How to take part.
@@ -152,9 +171,10 @@ impl ParticipantOptions {
 
 /// Progress notifications, for progress displays and tests.
 pub trait ParticipantObserver: Send + Sync {
-    /// Called after local training of a round, with the values about to be uploaded: the B
-    /// matrices in a plaintext federation; under secure aggregation the update
-    /// `B_local − B_global` before it is weighted, quantised and masked.
+    /// Called after local training of a round, with the values about to be uploaded: the
+    /// update (trained minus downloaded factors, in the round's upload layout; `B_local −
+    /// B_global` under FFA-LoRA), sent as is in a plaintext federation, weighted, quantised
+    /// and masked under secure aggregation.
     fn round_trained(
         &self,
         _name: &str,
@@ -225,12 +245,26 @@ pub async fn run(
     let plan = FederationPlan::from_json(&joined.plan_json)?;
     check_plan(&options, &plan)?;
     let template = plan.initial_adapter();
-    if template.b_manifest().hash_hex() != joined.upload_layout_hash {
+    let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
+    // The open round's layout: one of the first two rounds' (RoLoRA alternates).
+    let layout_of = |round| {
+        let state = ServerState {
+            round,
+            ..Default::default()
+        };
+        strategy
+            .upload_layout(&GlobalModel::new(template.clone()), &state)
+            .manifest()
+            .hash_hex()
+    };
+    if ![layout_of(0), layout_of(1)].contains(&joined.upload_layout_hash) {
         return Err(ParticipantError::Plan(fedcore::ConfigError::field(
             "plan",
             "the upload layout derived from the plan differs from the aggregator's",
         )));
     }
+    // FedSA-LoRA: this lab's own B, kept across rounds (never uploaded).
+    let mut personal: Option<LoraAdapter> = None;
     info!(participant = %options.name, federation = %joined.federation, "joined");
     let id = joined.participant_id;
 
@@ -277,29 +311,48 @@ pub async fn run(
                     .trained
                     .as_ref()
                     .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
+                let work = RoundPlan::new(&plan, &strategy, &options.name, t.round, &global);
+                work.check(&t, &template)?;
                 if fresh {
                     let seed = plan.training.local_seed(&options.name, t.round);
                     let spec = plan.training.clone();
                     let data = corpus.clone();
                     let dev = device.clone();
-                    let start = global.clone();
+                    let download = strategy.download(
+                        &GlobalModel::new(global.clone()),
+                        &options.name,
+                        personal.as_ref(),
+                    )?;
+                    // HetLoRA: train the first `rank` components at the global rank, the
+                    // others held at zero (they get no gradient; see hetlora::zero_beyond).
+                    let hetero = download.config().rank < plan.lora.rank;
+                    let start = if hetero {
+                        hetlora::zero_beyond(&global, work.rank)?
+                    } else {
+                        download.clone()
+                    };
+                    let trains = work.trains;
+                    let train_options = TrainOptions {
+                        prox_mu: plan.strategy.fedprox.mu,
+                    };
                     let (trained, stats) = tokio::task::spawn_blocking(move || {
-                        let m = model.load_adapter(&start)?;
-                        train_local(m, &data.train, &spec, seed, &dev)
+                        let m = model
+                            .load_adapter(&start)?
+                            .set_trainable(trains.a, trains.b);
+                        train_local_with(m, &data.train, &spec, seed, &dev, &train_options)
                     })
                     .await??;
                     model = trained;
-                    let manifest = template.b_manifest();
-                    let local = model
-                        .export_adapter()
-                        .flatten(&manifest)
-                        .map_err(ModelError::Adapter)?;
-                    let values = if t.secure.is_some() {
-                        let base = global.flatten(&manifest).map_err(ModelError::Adapter)?;
-                        local.iter().zip(&base).map(|(l, b)| l - b).collect()
+                    let trained_full = model.try_export_adapter()?;
+                    let trained = if hetero {
+                        hetlora::truncate(&trained_full, work.rank)?
                     } else {
-                        local
+                        trained_full.clone()
                     };
+                    let values = strategy.upload(&work.layout, &download, &trained)?;
+                    if strategy.mode() == AggregationMode::FedSaLora {
+                        personal = Some(trained_full);
+                    }
                     let num_samples = corpus.train_samples() as u64;
                     observer.round_trained(&options.name, t.round, &stats, &values, num_samples);
                     secure.trained = Some(TrainedUpdate {
@@ -360,7 +413,7 @@ pub async fn run(
                         secure.upload = sent.then_some(upload);
                     }
                     None => {
-                        let layout_hash = template.b_manifest().hash_hex();
+                        let layout_hash = work.layout.manifest().hash_hex();
                         if let Some(report) = submit_plaintext(
                             &client,
                             &options,
@@ -432,7 +485,17 @@ pub async fn run(
             pb::fetch_task_response::Task::Finished(f) => {
                 let final_adapter = decode_adapter_payload(f.final_adapter.as_ref(), &template)?;
                 let final_eval = if options.evaluate {
-                    let m = model.load_adapter(&final_adapter)?;
+                    // FedSA-LoRA evaluates this lab's personalised model (global A, own B).
+                    let own = if strategy.mode() == AggregationMode::FedSaLora {
+                        strategy.download(
+                            &GlobalModel::new(final_adapter.clone()),
+                            &options.name,
+                            personal.as_ref(),
+                        )?
+                    } else {
+                        final_adapter.clone()
+                    };
+                    let m = model.load_adapter(&own)?;
                     Some(
                         evaluate_blocking(m, &corpus, plan.training.seq_len, &device)
                             .await?
@@ -453,6 +516,60 @@ pub async fn run(
                 });
             }
         }
+    }
+}
+
+/// What the pinned plan's strategy asks of this participant in one round.
+struct RoundPlan {
+    round: u64,
+    mode: AggregationMode,
+    trains: fedcore::strategy::TrainedFactors,
+    rank: usize,
+    layout: fedcore::strategy::UploadLayout,
+}
+
+impl RoundPlan {
+    /// Round `round` (1-based) follows `round − 1` aggregated rounds, which is all the
+    /// strategy's per-round choices (RoLoRA's phase) depend on.
+    fn new(
+        plan: &FederationPlan,
+        strategy: &Strategy,
+        name: &str,
+        round: u64,
+        global: &LoraAdapter,
+    ) -> Self {
+        let state = ServerState {
+            round: round.saturating_sub(1),
+            ..Default::default()
+        };
+        RoundPlan {
+            round,
+            mode: strategy.mode(),
+            trains: strategy.trains(&state),
+            rank: plan.strategy.participant_rank(&plan.lora, name),
+            layout: strategy.upload_layout(&GlobalModel::new(global.clone()), &state),
+        }
+    }
+
+    /// Refuses a task whose work differs from this plan's.
+    fn check(&self, t: &pb::TrainTask, template: &LoraAdapter) -> Result<(), ParticipantError> {
+        let b = template.b_manifest();
+        let wire = work_from_wire(t.work.as_ref(), self.rank, (&b.hash_hex(), b.len()))?;
+        let ours = mekong_proto::convert::WireWork {
+            mode: self.mode.name().to_string(),
+            trains: self.trains,
+            rank: self.rank,
+            upload_layout_hash: self.layout.manifest().hash_hex(),
+            upload_len: self.layout.len(),
+        };
+        if wire != ours {
+            return Err(ParticipantError::WorkMismatch {
+                round: self.round,
+                got: format!("{wire:?}"),
+                expected: format!("{ours:?}"),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -275,6 +275,7 @@ impl PilotOptions {
                 enabled: self.secure,
                 ..Default::default()
             },
+            strategy: Default::default(),
         }
     }
 }

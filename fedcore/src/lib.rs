@@ -35,7 +35,8 @@ pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, T
 pub use error::{AdapterError, ConfigError};
 pub use manifest::{LayoutManifest, TensorSlot};
 pub use plan::{
-    FederationPlan, LoraSpec, LrSchedule, ModelSpec, RopeScaling, RoundSpec, TrainingSpec,
+    FederationPlan, LocalOptimizer, LoraSpec, LrSchedule, ModelSpec, RopeScaling, RoundSpec,
+    TrainingSpec,
 };
 pub use round::{Coordinator, Event, RoundError, RoundRecord, Task, WaitReason};
 pub use strategy::{AggregationMode, Strategy, StrategyError, StrategySpec};

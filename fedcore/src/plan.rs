@@ -10,6 +10,7 @@ use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
 use crate::error::ConfigError;
 use crate::roster::{Roster, RosterEntry};
 use crate::secagg::spec::SecureAggregationSpec;
+use crate::strategy::{AggregationMode, StrategySpec};
 
 /// Architecture of a Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2), named as in
 /// Hugging Face `config.json`.
@@ -418,10 +419,33 @@ pub struct TrainingSpec {
     /// `clip_grad_norm_`) to this value; absent = no clipping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_grad_norm: Option<f64>,
+    /// The local optimizer (default AdamW). Left out of the JSON when it is the default, so
+    /// plans written before the field existed keep their fingerprint.
+    #[serde(default, skip_serializing_if = "LocalOptimizer::is_default")]
+    pub optimizer: LocalOptimizer,
 }
 
 fn one() -> usize {
     1
+}
+
+/// The optimizer of local training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// AdamW (β = 0.9, 0.999, ε = 1e-8; PyTorch's defaults), fresh every round.
+    #[default]
+    AdamW,
+    /// Plain SGD: `w ← w − lr·(∇ + weight_decay·w)`, no momentum. With one full-batch step
+    /// per round and FFA-LoRA, federated training equals centralised training on the union
+    /// of the data (`client/tests/federated_equals_centralised.rs`).
+    Sgd,
+}
+
+impl LocalOptimizer {
+    fn is_default(&self) -> bool {
+        *self == LocalOptimizer::default()
+    }
 }
 
 /// Learning rate after warm-up.
@@ -450,6 +474,7 @@ impl Default for TrainingSpec {
             min_lr_ratio: 0.0,
             grad_accumulation: 1,
             max_grad_norm: None,
+            optimizer: LocalOptimizer::AdamW,
         }
     }
 }
@@ -623,6 +648,11 @@ pub struct FederationPlan {
     pub roster: Vec<RosterEntry>,
     #[serde(default)]
     pub secure_aggregation: SecureAggregationSpec,
+    /// `[strategy]`: aggregation mode, server optimizer, participant sampling, FedProx.
+    /// Absent = FFA-LoRA with plain FedAvg over every joined participant, and left out of
+    /// the JSON when it is the default, so older plans keep their fingerprint.
+    #[serde(default, skip_serializing_if = "StrategySpec::is_default")]
+    pub strategy: StrategySpec,
 }
 
 impl FederationPlan {
@@ -646,6 +676,35 @@ impl FederationPlan {
                     roster.len()
                 ),
             ));
+        }
+        self.strategy.validate_for_plan(self)?;
+        if matches!(
+            self.strategy.mode,
+            AggregationMode::FedExLora | AggregationMode::Flora
+        ) {
+            return Err(ConfigError::field(
+                "strategy.mode",
+                format!(
+                    "`{}` merges a dense correction into the base weights, which is not yet \
+                     supported by the participant runtime; choose ffa_lora, fedsvd, fedit, \
+                     hetlora, fedsa_lora or rolora",
+                    self.strategy.mode.name()
+                ),
+            ));
+        }
+        if self.secure_aggregation.enabled {
+            let cohort = self.strategy.sampling.cohort_size(self.rounds.participants);
+            let threshold = self.secure_aggregation.threshold_for(roster.len());
+            if cohort < threshold {
+                return Err(ConfigError::field(
+                    "strategy.sampling",
+                    format!(
+                        "samples {cohort} of rounds.participants = {} per round, fewer than \
+                         the secure-aggregation threshold {threshold}: no round could unmask",
+                        self.rounds.participants
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -711,6 +770,7 @@ mod tests {
                 enabled: false,
                 ..Default::default()
             },
+            strategy: StrategySpec::default(),
         }
     }
 
@@ -751,6 +811,50 @@ mod tests {
             .replace("MODEL", &serde_json::to_string(&ModelSpec::tiny()).unwrap());
         let err = FederationPlan::from_json(&bare).unwrap_err().to_string();
         assert!(err.contains("roster"), "{err}");
+    }
+
+    #[test]
+    fn strategy_defaults_to_ffa_lora_and_is_pinned_by_the_fingerprint() {
+        let p = plan();
+        // The default section is left out, so plans from before it keep their fingerprint.
+        assert!(!p.to_json().contains("strategy"), "{}", p.to_json());
+        assert!(!p.to_json().contains("optimizer"), "{}", p.to_json());
+        let mut q = p.clone();
+        q.strategy.mode = AggregationMode::RoLora;
+        q.strategy.fedprox.mu = 0.01;
+        q.training.optimizer = LocalOptimizer::Sgd;
+        q.validate().unwrap();
+        assert_ne!(q.fingerprint(), p.fingerprint());
+        assert_eq!(FederationPlan::from_json(&q.to_json()).unwrap(), q);
+        // Errors name the field.
+        q.strategy.mode = AggregationMode::HetLora;
+        let err = q.validate().unwrap_err().to_string();
+        assert!(err.contains("strategy.hetlora"), "{err}");
+        q.strategy.mode = AggregationMode::FedExLora;
+        let err = q.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("strategy.mode") && err.contains("not yet supported"),
+            "{err}"
+        );
+        q.strategy.mode = AggregationMode::FfaLora;
+        q.strategy.sampling.fraction = 1.5;
+        let err = q.validate().unwrap_err().to_string();
+        assert!(err.contains("strategy.sampling.fraction"), "{err}");
+        // With secure aggregation a mode that is not sum-only is refused, naming both.
+        let mut s = plan();
+        s.secure_aggregation = SecureAggregationSpec::default();
+        s.roster = roster(3);
+        s.strategy.mode = AggregationMode::Flora;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("strategy.mode") && err.contains("secure_aggregation.enabled"),
+            "{err}"
+        );
+        // ... and so is a sample below the secure threshold.
+        s.strategy.mode = AggregationMode::FfaLora;
+        s.strategy.sampling.fraction = 0.3;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("strategy.sampling"), "{err}");
     }
 
     #[test]

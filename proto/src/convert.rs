@@ -1,6 +1,8 @@
 //! Conversions between wire messages and fedcore types, in one place for both sides.
 
 use fedcore::LoraAdapter;
+use fedcore::round::RoundWork;
+use fedcore::strategy::TrainedFactors;
 use fedcore::update::{UpdateError, check_values, decode_f32_le, encode_f32_le};
 use thiserror::Error;
 
@@ -17,6 +19,85 @@ pub enum PayloadError {
     ContentHash { computed: String, announced: String },
     #[error("the message carries no adapter")]
     Missing,
+    #[error("round work: {0}")]
+    Work(String),
+}
+
+/// A round's work as received, checked for form; the participant compares it with what its
+/// pinned plan gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireWork {
+    pub mode: String,
+    pub trains: TrainedFactors,
+    pub rank: usize,
+    pub upload_layout_hash: String,
+    pub upload_len: usize,
+}
+
+/// The wire form of a round's work under `mode`.
+pub fn work_to_wire(mode: &str, work: &RoundWork<'_>) -> pb::RoundWork {
+    pb::RoundWork {
+        mode: mode.to_string(),
+        train_a: work.trains.a,
+        train_b: work.trains.b,
+        rank: work.rank as u32,
+        upload_layout_hash: work.layout.manifest().hash_hex(),
+        upload_len: work.layout.len() as u64,
+    }
+}
+
+/// Reads a round's work: every field checked for form (a 64-digit hex layout hash, a rank
+/// of at least 1, at least one factor trained, a length that fits in memory). Absent means
+/// an aggregator from before strategies: FFA-LoRA's B-only work at `default_rank`, with the
+/// B-only layout `b_layout_hash` of `b_len` values.
+pub fn work_from_wire(
+    work: Option<&pb::RoundWork>,
+    default_rank: usize,
+    (b_layout_hash, b_len): (&str, usize),
+) -> Result<WireWork, PayloadError> {
+    let Some(w) = work else {
+        return Ok(WireWork {
+            mode: "ffa_lora".into(),
+            trains: TrainedFactors { a: false, b: true },
+            rank: default_rank,
+            upload_layout_hash: b_layout_hash.to_string(),
+            upload_len: b_len,
+        });
+    };
+    let bad = |m: String| Err(PayloadError::Work(m));
+    if w.mode.is_empty() || w.mode.len() > 32 {
+        return bad(format!("mode must be 1 to 32 characters, got {:?}", w.mode));
+    }
+    if !(w.train_a || w.train_b) {
+        return bad("trains neither A nor B".into());
+    }
+    if w.rank == 0 || w.rank > 1 << 16 {
+        return bad(format!("rank {} must be between 1 and 65536", w.rank));
+    }
+    if !(w.upload_layout_hash.len() == 64
+        && w.upload_layout_hash.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return bad(format!(
+            "upload_layout_hash must be 64 hex digits, got {} characters",
+            w.upload_layout_hash.len()
+        ));
+    }
+    let upload_len = usize::try_from(w.upload_len)
+        .ok()
+        .filter(|n| (1..=crate::MAX_MESSAGE_BYTES / 4).contains(n));
+    let Some(upload_len) = upload_len else {
+        return bad(format!("upload_len {} is out of range", w.upload_len));
+    };
+    Ok(WireWork {
+        mode: w.mode.clone(),
+        trains: TrainedFactors {
+            a: w.train_a,
+            b: w.train_b,
+        },
+        rank: w.rank as usize,
+        upload_layout_hash: w.upload_layout_hash.to_ascii_lowercase(),
+        upload_len,
+    })
 }
 
 /// Flattens an adapter (every A then B, canonical order) into its wire form.
@@ -60,4 +141,73 @@ pub fn decode_adapter_payload(
         });
     }
     Ok(adapter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> pb::RoundWork {
+        pb::RoundWork {
+            mode: "rolora".into(),
+            train_a: true,
+            train_b: false,
+            rank: 4,
+            upload_layout_hash: "ab".repeat(32),
+            upload_len: 96,
+        }
+    }
+
+    #[test]
+    fn round_work_is_checked_for_form_and_absent_means_ffa_lora() {
+        let w = work_from_wire(Some(&good()), 8, ("00", 1)).unwrap();
+        assert_eq!(w.trains, TrainedFactors { a: true, b: false });
+        assert_eq!((w.rank, w.upload_len, w.mode.as_str()), (4, 96, "rolora"));
+        let old = work_from_wire(None, 8, ("cd", 40)).unwrap();
+        assert_eq!(old.trains, TrainedFactors { a: false, b: true });
+        assert_eq!((old.rank, old.upload_len), (8, 40));
+        assert_eq!(old.upload_layout_hash, "cd");
+        let refused = |w: pb::RoundWork, what: &str| {
+            let err = work_from_wire(Some(&w), 8, ("00", 1))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what), "{err}");
+        };
+        refused(
+            pb::RoundWork {
+                train_a: false,
+                ..good()
+            },
+            "neither A nor B",
+        );
+        refused(pb::RoundWork { rank: 0, ..good() }, "rank 0");
+        refused(
+            pb::RoundWork {
+                upload_layout_hash: "ab".into(),
+                ..good()
+            },
+            "64 hex digits",
+        );
+        refused(
+            pb::RoundWork {
+                upload_len: 0,
+                ..good()
+            },
+            "upload_len 0",
+        );
+        refused(
+            pb::RoundWork {
+                upload_len: u64::MAX,
+                ..good()
+            },
+            "out of range",
+        );
+        refused(
+            pb::RoundWork {
+                mode: String::new(),
+                ..good()
+            },
+            "mode",
+        );
+    }
 }

@@ -63,6 +63,7 @@ pub fn test_plan(
             enabled: false,
             ..Default::default()
         },
+        strategy: Default::default(),
     }
 }
 
@@ -160,6 +161,21 @@ impl ParticipantObserver for Recorder {
                 num_samples: n,
             });
     }
+}
+
+/// Σ n_i·x_i / Σ n_i computed directly, in f64.
+pub fn weighted_mean_f64(uploads: &[RecordedUpload]) -> Vec<f64> {
+    let len = uploads[0].values.len();
+    let total: u64 = uploads.iter().map(|u| u.num_samples).sum();
+    (0..len)
+        .map(|j| {
+            let s: f64 = uploads
+                .iter()
+                .map(|u| u.num_samples as f64 * u.values[j] as f64)
+                .sum();
+            s / total as f64
+        })
+        .collect()
 }
 
 /// Σ n_i·x_i / Σ n_i computed directly, in f64, rounded once to f32.

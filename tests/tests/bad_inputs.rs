@@ -9,7 +9,7 @@ use fedclient::participant;
 use fedcore::update::encode_f32_le;
 use mekong_e2e::{
     RecordedUpload, Recorder, aggregator_config, corpus, participant_options, test_plan,
-    weighted_mean,
+    weighted_mean, weighted_mean_f64,
 };
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use tonic::Code;
@@ -232,10 +232,15 @@ async fn bad_updates_are_refused_by_name_and_rounds_complete_with_the_others() {
         values: zeros,
         num_samples: 100,
     });
+    // Updates are differences from the round's global: the rogue's zeros pull toward it.
     let round2 = fedcore::peft::read_dir(&server.store().round_dir(2)).unwrap();
-    assert_eq!(
-        round2.flatten(&b_layout).unwrap(),
-        weighted_mean(&round2_uploads)
-    );
+    let expected: Vec<f32> = round1
+        .flatten(&b_layout)
+        .unwrap()
+        .iter()
+        .zip(weighted_mean_f64(&round2_uploads))
+        .map(|(b, d)| (*b as f64 + d) as f32)
+        .collect();
+    assert_eq!(round2.flatten(&b_layout).unwrap(), expected);
     server.shutdown().await.unwrap();
 }

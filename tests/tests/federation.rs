@@ -1,13 +1,14 @@
 //! A real federation over gRPC on loopback: 3 participants × 2 rounds with real burn
-//! training; the global adapters the aggregator writes must equal the sample-weighted mean of
-//! the B matrices the participants submitted, bit for bit.
+//! training; the global adapters the aggregator writes must equal the previous global B plus
+//! the sample-weighted mean of the updates `B_i − B_global` the participants submitted
+//! (computed in f64, rounded once), bit for bit: the weighted mean of their B matrices.
 
 use std::sync::Arc;
 
 use burn::prelude::Device;
 use fedclient::participant;
 use mekong_e2e::{
-    Recorder, aggregator_config, corpus, participant_options, test_plan, weighted_mean,
+    Recorder, aggregator_config, corpus, participant_options, test_plan, weighted_mean_f64,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,10 +45,17 @@ async fn three_participants_two_rounds_write_the_exact_weighted_mean() {
         // Distinct languages give distinct updates (the test would be weak otherwise).
         assert_ne!(uploads[0].values, uploads[1].values);
         let written = fedcore::peft::read_dir(&server.store().round_dir(round)).unwrap();
+        let expected: Vec<f32> = previous
+            .flatten(&b_layout)
+            .unwrap()
+            .iter()
+            .zip(weighted_mean_f64(&uploads))
+            .map(|(b, d)| (*b as f64 + d) as f32)
+            .collect();
         assert_eq!(
             written.flatten(&b_layout).unwrap(),
-            weighted_mean(&uploads),
-            "round {round}: written B = Σ n_i B_i / Σ n_i"
+            expected,
+            "round {round}: written B = B_global + Σ n_i (B_i − B_global) / Σ n_i"
         );
         // FFA-LoRA: A never changes.
         for ((_, w), (_, p)) in written.modules().iter().zip(previous.modules()) {

@@ -82,9 +82,22 @@ impl LoraLlama {
         Ok(LoraAdapter::new(self.adapter_config.clone(), modules)?)
     }
 
+    /// Chooses which LoRA factors train from now on, in every adapted module: B alone is
+    /// FFA-LoRA (the default a model is built with); A alone is a RoLoRA A round; both are
+    /// FedIT, HetLoRA and FedSA-LoRA. Base weights, biases and norms never train. Loading an
+    /// adapter keeps this choice.
+    pub fn set_trainable(mut self, a: bool, b: bool) -> Self {
+        for (_, layer, target) in self.adapted() {
+            self.layers[layer]
+                .target_mut(target)
+                .set_lora_trainable(a, b);
+        }
+        self
+    }
+
     /// Sets A and B of every adapted module from `adapter`. The adapter must carry exactly the
     /// modules this model adapts, with the model's rank and alpha; everything is checked before
-    /// anything is written. A stays frozen and B trainable.
+    /// anything is written. Which factors train is kept (see [`Self::set_trainable`]).
     pub fn load_adapter(mut self, adapter: &LoraAdapter) -> Result<Self, ModelError> {
         let config = adapter.config();
         if config.rank != self.lora.rank {

@@ -1,5 +1,7 @@
-//! A linear layer with an optional frozen bias and an optional FFA-LoRA branch:
-//! `y = x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W, b and A frozen and only B trained.
+//! A linear layer with an optional frozen bias and an optional LoRA branch:
+//! `y = x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W and b always frozen. By default A is
+//! frozen and only B trains (FFA-LoRA); [`LoraLinear::set_lora_trainable`] chooses per
+//! round (RoLoRA trains A alone, FedIT, HetLoRA and FedSA-LoRA both).
 //!
 //! Tensors are stored in burn's matmul-ready layout (`[in, out]`, i.e. transposed relative to
 //! Hugging Face and PEFT, which store `[out, in]`, `lora_A` `[r, in]` and `lora_B` `[out, r]`),
@@ -119,6 +121,19 @@ impl LoraLinear {
             dropout: branch.dropout,
         });
         Ok(())
+    }
+
+    /// Chooses which LoRA factors train (receive gradients) from now on; the base weight
+    /// and bias never do. A layer without a LoRA branch is unchanged.
+    pub(crate) fn set_lora_trainable(&mut self, a: bool, b: bool) {
+        if let Some(branch) = self.lora.take() {
+            self.lora = Some(LoraBranch {
+                a_t: branch.a_t.set_require_grad(a),
+                b_t: branch.b_t.set_require_grad(b),
+                scaling: branch.scaling,
+                dropout: branch.dropout,
+            });
+        }
     }
 
     /// A `[r, in]` and B `[out, r]` in PEFT layout, read back from the device.
@@ -301,6 +316,25 @@ mod tests {
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("model.layers.0.mlp.up_proj.lora_B"), "{msg}");
+    }
+
+    #[test]
+    fn trainability_is_chosen_per_round_and_the_base_never_trains() {
+        let device = Device::flex();
+        let (l, _) = layer(&device);
+        let mut l = l.with_lora("m", &module(1.0), 1.0, 0.0, &device).unwrap();
+        l.set_lora_trainable(true, false);
+        l.load_lora("m", &module(0.5)).unwrap();
+        let t = l.clone().train();
+        let branch = t.lora.as_ref().unwrap();
+        assert!(branch.a_t.val().is_require_grad());
+        assert!(!branch.b_t.val().is_require_grad());
+        assert!(!t.weight.val().is_require_grad());
+        l.set_lora_trainable(true, true);
+        let t = l.train();
+        let branch = t.lora.as_ref().unwrap();
+        assert!(branch.a_t.val().is_require_grad() && branch.b_t.val().is_require_grad());
+        assert!(!t.weight.val().is_require_grad());
     }
 
     #[test]

@@ -18,6 +18,7 @@ fn plan(lora: LoraSpec) -> FederationPlan {
             enabled: false,
             ..Default::default()
         },
+        strategy: Default::default(),
     }
 }
 

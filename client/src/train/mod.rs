@@ -1,6 +1,9 @@
-//! Local training of the LoRA B matrices: AdamW with a warm-up + constant or cosine
-//! learning-rate schedule, gradient accumulation and global-norm clipping, on batches of
-//! rows with a per-target loss weight (so prompt tokens and padding count for nothing).
+//! Local training of the LoRA factors the round trains (B alone under FFA-LoRA, see
+//! [`LoraLlama::set_trainable`]): AdamW (or plain SGD, `training.optimizer = "sgd"`) with a
+//! warm-up + constant or cosine learning-rate schedule, gradient accumulation and
+//! global-norm clipping, on batches of rows with a per-target loss weight (so prompt tokens
+//! and padding count for nothing), and FedProx's proximal term when asked
+//! ([`TrainOptions::prox_mu`]).
 //!
 //! The model arrives and leaves as an inference model on a plain device; training switches it
 //! to autodiff (`Module::train`) for the duration of the call and back (`Module::valid`) at
@@ -17,13 +20,15 @@
 //! rows).
 
 pub mod clip;
+pub mod prox;
 pub mod schedule;
 pub mod source;
 
 use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::optim::decay::WeightDecayConfig;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, SgdConfig};
 use burn::tensor::Device;
-use fedcore::TrainingSpec;
+use fedcore::{LocalOptimizer, TrainingSpec};
 
 use crate::error::ModelError;
 use crate::model::LoraLlama;
@@ -84,8 +89,17 @@ impl TrainObserver for () {
     fn step(&mut self, _: &StepReport) {}
 }
 
-/// Trains `model`'s LoRA B matrices for `spec.local_steps` optimizer steps on batches from
-/// `source`, each step accumulating `spec.grad_accumulation` micro-batches.
+/// What a federated round adds to local training beyond the plan's [`TrainingSpec`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TrainOptions {
+    /// FedProx's `μ` (`strategy.fedprox.mu`): when positive, every step's gradient gains
+    /// `μ·(w − w_t)` for each trained tensor, `w_t` its value when training started (the
+    /// downloaded adapter), i.e. the gradient of `(μ/2)‖w − w_t‖²`.
+    pub prox_mu: f64,
+}
+
+/// Trains `model`'s trainable LoRA factors for `spec.local_steps` optimizer steps on
+/// batches from `source`, each step accumulating `spec.grad_accumulation` micro-batches.
 ///
 /// The loss of a step is `Σ w·nll / Σ w` over all its micro-batches' targets, so
 /// accumulation is exactly a larger batch. Clipping (if `spec.max_grad_norm`) applies to the
@@ -96,6 +110,25 @@ pub fn train(
     source: &mut dyn BatchSource,
     device: &Device,
     observer: &mut dyn TrainObserver,
+) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
+    train_with(
+        model,
+        spec,
+        source,
+        device,
+        observer,
+        &TrainOptions::default(),
+    )
+}
+
+/// [`train`] with a round's [`TrainOptions`] (FedProx).
+pub fn train_with(
+    model: LoraLlama,
+    spec: &TrainingSpec,
+    source: &mut dyn BatchSource,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+    options: &TrainOptions,
 ) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
     spec.validate(model.model_spec())?;
     if model.device() != *device {
@@ -108,13 +141,23 @@ pub fn train(
     let max_positions = model.model_spec().max_position_embeddings;
     let autodiff = device.clone().autodiff();
     let mut model = model.train();
-    // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(spec.weight_decay as f32)
-        .init();
+    let mut optim = match spec.optimizer {
+        // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
+        LocalOptimizer::AdamW => AdamWConfig::new()
+            .with_beta_1(0.9)
+            .with_beta_2(0.999)
+            .with_epsilon(1e-8)
+            .with_weight_decay(spec.weight_decay as f32)
+            .init(),
+        LocalOptimizer::Sgd => SgdConfig::new()
+            .with_weight_decay(
+                (spec.weight_decay > 0.0).then(|| WeightDecayConfig::new(spec.weight_decay as f32)),
+            )
+            .init(),
+    };
+    let reference = (options.prox_mu > 0.0)
+        .then(|| prox::Reference::capture(&model))
+        .transpose()?;
     let mut reports = Vec::with_capacity(spec.local_steps);
 
     for step in 0..spec.local_steps {
@@ -148,6 +191,9 @@ pub fn train(
             accumulator.accumulate(&model, grads);
         }
         let mut grads = accumulator.grads();
+        if let Some(reference) = &reference {
+            reference.add_gradient(&model, &mut grads, options.prox_mu);
+        }
         let grad_norm = spec
             .max_grad_norm
             .map(|max| clip::clip_global_norm(&model, &mut grads, max))
@@ -180,10 +226,22 @@ pub fn train_local(
     seed: u64,
     device: &Device,
 ) -> Result<(LoraLlama, TrainStats), ModelError> {
+    train_local_with(model, tokens, spec, seed, device, &TrainOptions::default())
+}
+
+/// [`train_local`] with a round's [`TrainOptions`].
+pub fn train_local_with(
+    model: LoraLlama,
+    tokens: &[u32],
+    spec: &TrainingSpec,
+    seed: u64,
+    device: &Device,
+    options: &TrainOptions,
+) -> Result<(LoraLlama, TrainStats), ModelError> {
     spec.validate(model.model_spec())?;
     check_vocab(tokens, model.model_spec().vocab_size)?;
     let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, seed)?;
-    let (model, reports) = train(model, spec, &mut source, device, &mut ())?;
+    let (model, reports) = train_with(model, spec, &mut source, device, &mut (), options)?;
     Ok((model, TrainStats::from_reports(&reports)))
 }
 
@@ -392,6 +450,35 @@ mod tests {
         trained.targets[15] = (trained.targets[15] + 101) % 256;
         let (b_trained, _) = run(trained);
         assert_ne!(b_plain, b_trained);
+    }
+
+    /// FedProx's term holds the trained factors near where the round started: with SGD and
+    /// `lr·μ = 1` every step restarts from the downloaded values, so five steps move B about
+    /// as far as one; without it they drift five steps' worth.
+    #[test]
+    fn fedprox_holds_the_factors_near_the_download() {
+        let device = Device::flex();
+        let tokens = ByteTokenizer.encode(&sample_text());
+        let run = |mu: f64| {
+            let model = LoraLlama::new(&ModelSpec::tiny(), &tiny_lora(), &device).unwrap();
+            let start = b_values(&model);
+            let spec = TrainingSpec {
+                optimizer: fedcore::LocalOptimizer::Sgd,
+                ..spec(5, 2, 16, 1e-2)
+            };
+            let options = TrainOptions { prox_mu: mu };
+            let (model, _) = train_local_with(model, &tokens, &spec, 3, &device, &options).unwrap();
+            let b = b_values(&model);
+            let moved: f64 = b
+                .iter()
+                .zip(&start)
+                .map(|(x, y)| f64::from(x - y).powi(2))
+                .sum();
+            moved.sqrt()
+        };
+        let (free, held) = (run(0.0), run(100.0));
+        eprintln!("moved without FedProx {free:.3e}, with mu = 100: {held:.3e}");
+        assert!(free > 0.0 && held < 0.5 * free, "{free} vs {held}");
     }
 
     /// Clipping scales all gradients by one factor down to the global norm.

@@ -6,11 +6,18 @@
 //! of arrivals, duplicates, stale rounds and timeouts can be replayed exactly in a test.
 //!
 //! Lifecycle: wait until `rounds.participants` have joined; then for each round hand the
-//! global adapter to the round's cohort (everyone who had joined when it opened), fold each
-//! valid update into a running weighted sum, and close the round when the whole cohort has
-//! submitted, or when the deadline passes with at least `rounds.min_updates` updates
-//! (stragglers count as dropped for that round). A deadline that passes with too few updates
-//! extends the round and keeps what was received.
+//! global adapter to the round's cohort (the plan's `strategy.sampling` draw from everyone
+//! who had joined when it opened; by default all of them), fold each valid update into a
+//! running weighted sum, and close the round when the whole cohort has submitted, or when the
+//! deadline passes with at least `rounds.min_updates` updates (stragglers count as dropped
+//! for that round). A deadline that passes with too few updates extends the round and keeps
+//! what was received.
+//!
+//! What a round trains and uploads is the plan's [`Strategy`]: each round has an
+//! [`UploadLayout`] (ΔB under FFA-LoRA; ΔA and/or ΔB, HetLoRA's coverage, ... under the other
+//! modes), and a round closes through [`Strategy::aggregate`] on the weighted mean of the
+//! uploads (plaintext: from the running sum; secure: from the decoded sum), keeping the
+//! [`ServerState`] (round counter, server optimizer moments) across rounds.
 
 mod secure;
 #[cfg(test)]
@@ -26,9 +33,7 @@ pub use secure::{SecureMessage, SecureStep};
 pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets};
 
 use crate::adapter::LoraAdapter;
-use crate::aggregate::{
-    AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum, ffa_apply_mean_update, ffa_fedavg,
-};
+use crate::aggregate::{AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum};
 use crate::error::ConfigError;
 use crate::manifest::LayoutManifest;
 use crate::plan::FederationPlan;
@@ -36,6 +41,10 @@ use crate::roster::{Roster, valid_name};
 use crate::secagg::messages::Index;
 use crate::secagg::protocol::{ProtocolError, Stage as SecureStage};
 use crate::secagg::spec::{DecodeError, MAX_ATTEMPTS};
+use crate::strategy::{
+    AggregatedUpload, GlobalModel, RoundOutcome, ServerState, Strategy, StrategyError,
+    TrainedFactors, UploadLayout,
+};
 use crate::update::{SubmittedUpdate, UpdateError, UpdatePayload, decode_plaintext};
 
 /// Why the coordinator refused a request. Each variant names what was wrong.
@@ -87,6 +96,8 @@ pub enum RoundError {
     Protocol(#[from] ProtocolError),
     #[error("the unmasked sum is unusable: {0}")]
     SecureSum(#[from] DecodeError),
+    #[error("the aggregation strategy refused the round: {0}")]
+    Strategy(#[from] StrategyError),
 }
 
 /// What happened as a result of an input; the caller persists and announces these.
@@ -159,6 +170,8 @@ pub enum WaitReason {
     Submitted { round: u64 },
     /// This participant joined after `round` opened; it takes part from the next round.
     NextRound { round: u64 },
+    /// `strategy.sampling` did not draw this participant for `round`.
+    NotSampled { round: u64 },
     /// Secure aggregation of `round` is in `stage`, waiting for other participants.
     SecureStage { round: u64, stage: SecureStage },
     /// This participant missed a secure-aggregation stage of the attempt under way; it
@@ -174,6 +187,8 @@ pub enum Task<'a> {
         round: u64,
         global: &'a LoraAdapter,
         global_hash: &'a str,
+        /// What to train and upload this round.
+        work: RoundWork<'a>,
         deadline_ms: u64,
         /// Present when updates are securely aggregated: then, after training, the
         /// participant opens its session for this attempt and advertises its keys.
@@ -191,6 +206,16 @@ pub enum Task<'a> {
         global: &'a LoraAdapter,
         global_hash: &'a str,
     },
+}
+
+/// What the round's strategy asks of one participant: which factors to train, at which
+/// rank, and the layout of the upload (trained minus downloaded).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundWork<'a> {
+    pub trains: TrainedFactors,
+    /// The participant's LoRA rank (below the global rank only under HetLoRA).
+    pub rank: usize,
+    pub layout: &'a UploadLayout,
 }
 
 /// What a participant needs to open its secure-aggregation session.
@@ -237,6 +262,8 @@ struct Member {
 struct OpenRound {
     round: u64,
     cohort: BTreeSet<String>,
+    /// Joined participants `strategy.sampling` left out of this round.
+    not_sampled: BTreeSet<String>,
     submitted: BTreeSet<String>,
     sum: WeightedSum,
     /// Secure aggregation of this round (then `submitted` and `sum` stay empty).
@@ -255,7 +282,11 @@ enum State {
 #[derive(Debug)]
 pub struct Coordinator {
     plan: FederationPlan,
-    upload_manifest: LayoutManifest,
+    strategy: Strategy,
+    /// Server state across rounds: rounds aggregated, optimizer moments.
+    server_state: ServerState,
+    /// The open (or next) round's upload layout.
+    layout: UploadLayout,
     global: LoraAdapter,
     global_hash: String,
     /// name → member.
@@ -277,12 +308,16 @@ impl Coordinator {
     pub fn new(plan: FederationPlan, session: [u8; 32]) -> Result<Self, ConfigError> {
         plan.validate()?;
         let roster = plan.roster()?;
+        let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
         let global = plan.initial_adapter();
-        let upload_manifest = global.b_manifest();
+        let server_state = ServerState::default();
+        let layout = strategy.upload_layout(&GlobalModel::new(global.clone()), &server_state);
         let global_hash = global.content_hash();
         Ok(Coordinator {
             plan,
-            upload_manifest,
+            strategy,
+            server_state,
+            layout,
             global,
             global_hash,
             members: BTreeMap::new(),
@@ -313,9 +348,34 @@ impl Coordinator {
         &self.global_hash
     }
 
-    /// The B-only layout every update must use.
+    /// The manifest of the open (or next) round's upload layout, which every update must
+    /// use (ΔB only under FFA-LoRA).
     pub fn upload_manifest(&self) -> &LayoutManifest {
-        &self.upload_manifest
+        self.layout.manifest()
+    }
+
+    /// The open (or next) round's upload layout.
+    pub fn upload_layout(&self) -> &UploadLayout {
+        &self.layout
+    }
+
+    /// The plan's aggregation strategy.
+    pub fn strategy(&self) -> &Strategy {
+        &self.strategy
+    }
+
+    /// Server state after the rounds closed so far.
+    pub fn server_state(&self) -> &ServerState {
+        &self.server_state
+    }
+
+    /// What the open (or next) round asks of participant `name`.
+    pub fn work_for(&self, name: &str) -> RoundWork<'_> {
+        RoundWork {
+            trains: self.strategy.trains(&self.server_state),
+            rank: self.strategy.spec().participant_rank(&self.plan.lora, name),
+            layout: &self.layout,
+        }
     }
 
     /// Closed rounds, oldest first.
@@ -391,6 +451,9 @@ impl Coordinator {
                 global: &self.global,
                 global_hash: &self.global_hash,
             },
+            State::Open(open) if open.not_sampled.contains(name) => {
+                Task::Wait(WaitReason::NotSampled { round: open.round })
+            }
             State::Open(open) if !open.cohort.contains(name) => {
                 Task::Wait(WaitReason::NextRound { round: open.round })
             }
@@ -402,6 +465,7 @@ impl Coordinator {
                     round: open.round,
                     global: &self.global,
                     global_hash: &self.global_hash,
+                    work: self.work_for(name),
                     deadline_ms: open.deadline_ms,
                     secure: None,
                 },
@@ -424,6 +488,7 @@ impl Coordinator {
                 round,
                 global: &self.global,
                 global_hash: &self.global_hash,
+                work: self.work_for(name),
                 deadline_ms: open.deadline_ms,
                 secure: Some(SecureTrain {
                     session: self.session,
@@ -491,7 +556,7 @@ impl Coordinator {
                 round: open.round,
             });
         }
-        let expected_layout = self.upload_manifest.hash_hex();
+        let expected_layout = self.layout.manifest().hash_hex();
         if update.layout_hash != expected_layout {
             return Err(RoundError::LayoutMismatch {
                 got: update.layout_hash.clone(),
@@ -509,7 +574,7 @@ impl Coordinator {
             return Err(RoundError::SampleWeight(update.num_samples));
         }
         let values = match &update.payload {
-            UpdatePayload::Plaintext(bytes) => decode_plaintext(bytes, &self.upload_manifest)?,
+            UpdatePayload::Plaintext(bytes) => decode_plaintext(bytes, self.layout.manifest())?,
         };
         open.sum.add(update.num_samples, &values)?;
         open.submitted.insert(name);
@@ -793,8 +858,11 @@ impl Coordinator {
             return Ok(Vec::new());
         };
         let decoded = sec.encoding.decode_sum(sum, survivors.len())?;
-        let next =
-            ffa_apply_mean_update(&self.global, &self.upload_manifest, &decoded.mean_update)?;
+        let outcome = self.strategy.aggregate(
+            &GlobalModel::new(self.global.clone()),
+            &self.server_state,
+            &AggregatedUpload::from_decoded(&decoded),
+        )?;
         let contributors: BTreeSet<String> = survivors
             .iter()
             .filter_map(|i| self.roster.name_of(*i))
@@ -805,13 +873,13 @@ impl Coordinator {
             dropped: open.cohort.difference(&contributors).cloned().collect(),
             contributors: contributors.into_iter().collect(),
             total_samples: decoded.total_weight,
-            adapter_hash: next.content_hash(),
+            adapter_hash: outcome.global.adapter.content_hash(),
             secure: Some(SecureRecord {
                 attempt: sec.attempt,
                 error_bound: decoded.error_bound,
             }),
         };
-        self.finish_round(record, next, now_ms)
+        self.finish_round(record, outcome, now_ms)
     }
 
     fn name_of(&self, token: &str) -> Result<&str, RoundError> {
@@ -822,7 +890,21 @@ impl Coordinator {
     }
 
     fn open_round(&mut self, round: u64, now_ms: u64) -> Event {
-        let cohort: BTreeSet<String> = self.members.keys().cloned().collect();
+        let eligible: Vec<String> = self.members.keys().cloned().collect();
+        let cohort: BTreeSet<String> = self
+            .strategy
+            .spec()
+            .sampling
+            .sample(round, &eligible)
+            .into_iter()
+            .collect();
+        let not_sampled = eligible
+            .into_iter()
+            .filter(|n| !cohort.contains(n))
+            .collect();
+        self.layout = self
+            .strategy
+            .upload_layout(&GlobalModel::new(self.global.clone()), &self.server_state);
         let deadline_ms = now_ms + self.plan.rounds.round_timeout_ms;
         let event = Event::RoundStarted {
             round,
@@ -835,11 +917,12 @@ impl Coordinator {
         self.state = State::Open(OpenRound {
             round,
             cohort,
+            not_sampled,
             submitted: BTreeSet::new(),
             sum: WeightedSum::new(if secure.is_some() {
                 0
             } else {
-                self.upload_manifest.len()
+                self.layout.len()
             }),
             secure,
             deadline_ms,
@@ -850,7 +933,7 @@ impl Coordinator {
     /// A fresh secure-aggregation attempt for `round` over `cohort`.
     fn secure_attempt(&self, round: u64, cohort: &BTreeSet<String>, attempt: u32) -> SecureRound {
         let spec = &self.plan.secure_aggregation;
-        let len = self.upload_manifest.len();
+        let len = self.layout.len();
         let cfg = spec.round_config(
             self.roster.len(),
             self.session,
@@ -875,28 +958,37 @@ impl Coordinator {
         let State::Open(open) = &self.state else {
             return Ok(Vec::new());
         };
-        let next = ffa_fedavg(&self.global, &self.upload_manifest, &open.sum)?;
+        let outcome = self.strategy.aggregate(
+            &GlobalModel::new(self.global.clone()),
+            &self.server_state,
+            &AggregatedUpload::from_weighted_sum(&open.sum)?,
+        )?;
         let record = RoundRecord {
             round: open.round,
             contributors: open.submitted.iter().cloned().collect(),
             dropped: open.cohort.difference(&open.submitted).cloned().collect(),
             total_samples: open.sum.total_weight(),
-            adapter_hash: next.content_hash(),
+            adapter_hash: outcome.global.adapter.content_hash(),
             secure: None,
         };
-        self.finish_round(record, next, now_ms)
+        self.finish_round(record, outcome, now_ms)
     }
 
-    /// Installs a closed round's adapter and opens the next round or finishes the run.
+    /// Installs a closed round's adapter and server state, and opens the next round or
+    /// finishes the run.
     fn finish_round(
         &mut self,
         record: RoundRecord,
-        next: LoraAdapter,
+        outcome: RoundOutcome,
         now_ms: u64,
     ) -> Result<Vec<Event>, RoundError> {
         let round = record.round;
         self.global_hash = record.adapter_hash.clone();
-        self.global = next;
+        // Dense corrections (FedEx-LoRA, FLoRA) are refused by plan validation until the
+        // participant runtime applies them, so the global is the adapter alone.
+        debug_assert!(outcome.global.base_delta.is_empty());
+        self.global = outcome.global.adapter;
+        self.server_state = outcome.state;
         self.history.push(record.clone());
         let mut events = vec![Event::RoundCompleted(record)];
         if round >= self.plan.rounds.rounds {
@@ -932,6 +1024,7 @@ mod tests {
                 enabled: false,
                 ..Default::default()
             },
+            strategy: Default::default(),
         }
     }
 
@@ -1104,6 +1197,137 @@ mod tests {
             c.submit("t0", &update(&c, 1, 1.0, 1), 0),
             Err(RoundError::RunFinished)
         );
+    }
+
+    fn strategy_plan(
+        participants: usize,
+        rounds: u64,
+        strategy: crate::strategy::StrategySpec,
+    ) -> FederationPlan {
+        let mut p = plan(participants, 1, rounds);
+        p.strategy = strategy;
+        p
+    }
+
+    fn submit_fill(c: &mut Coordinator, token: &str, fill: f32, n: u64) -> Vec<Event> {
+        let round = c.status().round;
+        let u = update(c, round, fill, n);
+        c.submit(token, &u, 0).unwrap()
+    }
+
+    #[test]
+    fn rolora_alternates_the_trained_factor_and_its_layout() {
+        use crate::strategy::{AggregationMode, StrategySpec};
+        let spec = StrategySpec {
+            mode: AggregationMode::RoLora,
+            ..Default::default()
+        };
+        let mut c = Coordinator::new(strategy_plan(2, 3, spec), [7; 32]).unwrap();
+        c.join("t0".into(), "p0", "lo", 0).unwrap();
+        c.join("t1".into(), "p1", "km", 0).unwrap();
+        let a0 = c.global().clone();
+        // Round 1 trains B: the layout is FFA-LoRA's B-only manifest.
+        let Task::Train { work, .. } = c.task("t0").unwrap() else {
+            panic!()
+        };
+        assert!(!work.trains.a && work.trains.b && work.rank == 8);
+        assert_eq!(c.upload_manifest(), &c.global().b_manifest());
+        submit_fill(&mut c, "t0", 1.0, 1);
+        submit_fill(&mut c, "t1", 4.0, 2);
+        // Round 2 trains A alone; B kept its mean update, A is untouched.
+        let Task::Train { work, round: 2, .. } = c.task("t1").unwrap() else {
+            panic!()
+        };
+        assert!(work.trains.a && !work.trains.b);
+        assert_eq!(c.server_state().round, 1);
+        for ((_, m), (_, m0)) in c.global().modules().iter().zip(a0.modules()) {
+            assert!(m.b.data().iter().all(|v| *v == 3.0));
+            assert_eq!(m.a, m0.a);
+        }
+        let a_len: usize = a0.modules().iter().map(|(_, m)| m.a.data().len()).sum();
+        assert_eq!(c.upload_manifest().len(), a_len);
+        // An update in round 1's layout is refused now, and changes nothing.
+        let mut stale_layout = update(&c, 2, 0.5, 1);
+        stale_layout.layout_hash = a0.b_manifest().hash_hex();
+        assert!(matches!(
+            c.submit("t0", &stale_layout, 0),
+            Err(RoundError::LayoutMismatch { .. })
+        ));
+        assert_eq!(c.status().updates_received, 0);
+        submit_fill(&mut c, "t0", 0.5, 1);
+        submit_fill(&mut c, "t1", 0.5, 1);
+        for ((_, m), (_, m0)) in c.global().modules().iter().zip(a0.modules()) {
+            for (a, a0) in m.a.data().iter().zip(m0.a.data()) {
+                assert_eq!(*a, (*a0 as f64 + 0.5) as f32);
+            }
+        }
+        assert_eq!(c.upload_manifest(), &c.global().b_manifest());
+    }
+
+    #[test]
+    fn server_optimizers_apply_across_rounds() {
+        use crate::strategy::{AdaptiveSpec, ServerOptimizerSpec, StrategySpec};
+        let spec = StrategySpec {
+            optimizer: ServerOptimizerSpec::FedAdam(AdaptiveSpec {
+                eta: 0.1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut c = Coordinator::new(strategy_plan(1, 2, spec), [7; 32]).unwrap();
+        c.join("t0".into(), "p0", "lo", 0).unwrap();
+        submit_fill(&mut c, "t0", 1.0, 1);
+        // m = 0.1·Δ, v = 0.99·τ² + 0.01·Δ²: x = η·m/(√v + τ).
+        let (m, v) = (0.1, 0.99 * 1e-6 + 0.01);
+        let expected = (0.1 * m / (f64::sqrt(v) + 1e-3)) as f32;
+        let b = c.global().flatten(c.upload_manifest()).unwrap();
+        assert!(
+            b.iter().all(|x| (*x - expected).abs() < 1e-6),
+            "{} vs {expected}",
+            b[0]
+        );
+        assert!(!c.server_state().optimizer.slots.is_empty());
+    }
+
+    #[test]
+    fn sampling_picks_the_cohort_and_tells_the_others_to_wait() {
+        use crate::strategy::{SamplingSpec, StrategySpec};
+        let spec = StrategySpec {
+            sampling: SamplingSpec {
+                fraction: 0.5,
+                min_participants: 1,
+                seed: 3,
+            },
+            ..Default::default()
+        };
+        let mut c = Coordinator::new(strategy_plan(4, 2, spec.clone()), [7; 32]).unwrap();
+        for i in 0..4 {
+            c.join(format!("t{i}"), &format!("p{i}"), "lo", 0).unwrap();
+        }
+        let names: Vec<String> = (0..4).map(|i| format!("p{i}")).collect();
+        let cohort = spec.sampling.sample(1, &names);
+        assert_eq!(cohort.len(), 2);
+        assert_eq!(c.status().cohort_size, 2);
+        for i in 0..4 {
+            let task = c.task(&format!("t{i}")).unwrap();
+            if cohort.contains(&format!("p{i}")) {
+                assert!(matches!(task, Task::Train { round: 1, .. }));
+            } else {
+                assert_eq!(task, Task::Wait(WaitReason::NotSampled { round: 1 }));
+                let u = update(&c, 1, 1.0, 1);
+                assert!(matches!(
+                    c.submit(&format!("t{i}"), &u, 0),
+                    Err(RoundError::NotInCohort { .. })
+                ));
+            }
+        }
+        for name in &cohort {
+            let token = format!("t{}", &name[1..]);
+            submit_fill(&mut c, &token, 1.0, 1);
+        }
+        assert_eq!(c.history()[0].contributors, cohort);
+        assert_eq!(c.status().round, 2);
+        assert_eq!(c.status().cohort_size, 2);
     }
 
     #[test]

@@ -43,6 +43,7 @@ fn secure_plan(labs: usize, threshold: Option<usize>, rounds: u64) -> Federation
             stage_timeout_ms: STAGE_TIMEOUT,
             ..Default::default()
         },
+        strategy: Default::default(),
     }
 }
 

@@ -157,6 +157,11 @@ pub struct StrategySpec {
 }
 
 impl StrategySpec {
+    /// True for the default section (FFA-LoRA, FedAvg, everyone, no FedProx).
+    pub fn is_default(&self) -> bool {
+        *self == StrategySpec::default()
+    }
+
     /// Checks the section against the LoRA layout, the adapted modules and whether secure
     /// aggregation is on. Errors name the bad field (`strategy.mode`, ...).
     pub fn validate(

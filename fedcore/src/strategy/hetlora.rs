@@ -47,3 +47,36 @@ pub fn truncate(global: &LoraAdapter, rank: usize) -> Result<LoraAdapter, Strate
         .collect();
     LoraAdapter::new(config, modules).map_err(|e| StrategyError::Shape(e.to_string()))
 }
+
+/// `global` with every rank component from `rank` on set to zero (rows of A, columns of B),
+/// at the global rank and alpha: what a participant of rank `rank` trains at the global rank.
+/// A zero component receives no gradient (∂/∂A_j ∝ B_{:,j} = 0, ∂/∂B_{:,j} ∝ A_j = 0), so it
+/// stays zero under SGD and AdamW alike, and training this adapter is training
+/// [`truncate`]`(global, rank)`: the scaling `alpha/r` per component is the same.
+pub fn zero_beyond(global: &LoraAdapter, rank: usize) -> Result<LoraAdapter, StrategyError> {
+    let full = global.config().rank;
+    if rank == 0 || rank > full {
+        return Err(StrategyError::Shape(format!(
+            "participant rank {rank} must be between 1 and the global rank {full}"
+        )));
+    }
+    let modules = global
+        .modules()
+        .iter()
+        .map(|(name, m)| {
+            let mut a = m.a.clone();
+            let k = a.cols();
+            a.data_mut()[rank * k..].iter_mut().for_each(|v| *v = 0.0);
+            let mut b = m.b.clone();
+            let cols = b.cols();
+            for (i, v) in b.data_mut().iter_mut().enumerate() {
+                if i % cols >= rank {
+                    *v = 0.0;
+                }
+            }
+            (name.clone(), LoraModule { a, b })
+        })
+        .collect();
+    LoraAdapter::new(global.config().clone(), modules)
+        .map_err(|e| StrategyError::Shape(e.to_string()))
+}

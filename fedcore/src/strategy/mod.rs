@@ -365,6 +365,12 @@ impl Strategy {
                 .ok_or_else(|| StrategyError::Shape(format!("the global has no module {name}")))?;
             let current = linalg::to_array(if is_a { &m.a } else { &m.b });
             let mean = &means.tensors[&slot.name];
+            if self.spec.optimizer.is_plain_average() {
+                // x + 1·(mean − x) is the mean; taking it directly keeps the result the
+                // weighted mean rounded once, bit for bit.
+                out.insert(slot.name.clone(), mean.clone());
+                continue;
+            }
             let x: Vec<f64> = current.iter().copied().collect();
             let delta: Vec<f64> = mean.iter().zip(&x).map(|(m, x)| m - x).collect();
             let next = self

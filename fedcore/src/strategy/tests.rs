@@ -995,6 +995,7 @@ fn a_plan_validates_its_strategy() {
             enabled: false,
             ..Default::default()
         },
+        strategy: Default::default(),
     };
     let flora = mode(AggregationMode::Flora);
     Strategy::for_plan(flora.clone(), &plan).unwrap();
