@@ -180,15 +180,8 @@ pub fn weighted_mean_f64(uploads: &[RecordedUpload]) -> Vec<f64> {
 
 /// Σ n_i·x_i / Σ n_i computed directly, in f64, rounded once to f32.
 pub fn weighted_mean(uploads: &[RecordedUpload]) -> Vec<f32> {
-    let len = uploads[0].values.len();
-    let total: u64 = uploads.iter().map(|u| u.num_samples).sum();
-    (0..len)
-        .map(|j| {
-            let s: f64 = uploads
-                .iter()
-                .map(|u| u.num_samples as f64 * u.values[j] as f64)
-                .sum();
-            (s / total as f64) as f32
-        })
+    weighted_mean_f64(uploads)
+        .into_iter()
+        .map(|v| v as f32)
         .collect()
 }

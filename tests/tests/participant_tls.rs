@@ -32,6 +32,20 @@ fn provision_into(dir: &Path, federation: &str, names: &[&str]) -> Provisioned {
     .unwrap()
 }
 
+/// Runs the lab whose kit is in `kit_dir` against the aggregator at `address`.
+async fn run_lab(
+    kit_dir: &Path,
+    address: std::net::SocketAddr,
+) -> Result<participant::ParticipantReport, ParticipantError> {
+    participant::run(
+        options(kit_dir, address),
+        corpus("lo"),
+        burn::tensor::Device::flex(),
+        Arc::new(Quiet),
+    )
+    .await
+}
+
 fn options(kit_dir: &Path, address: std::net::SocketAddr) -> ParticipantOptions {
     let mut kit = ParticipantKit::load(kit_dir).unwrap();
     kit.aggregator = address.to_string();
@@ -63,27 +77,21 @@ async fn kits_connect_and_refused_certificates_stop_the_participant() {
     let address = server.local_addr();
 
     let started = std::time::Instant::now();
-    let err = participant::run(
-        options(&provisioned.kits[1], address),
-        corpus("lo"),
-        burn::tensor::Device::flex(),
-        Arc::new(Quiet),
-    )
-    .await
-    .unwrap_err();
+    let err = run_lab(&provisioned.kits[1], address).await.unwrap_err();
+    // In TLS 1.3 the aggregator checks the client certificate after the client has finished
+    // its side of the handshake, so the client may already have sent its first request when
+    // the "revoked" alert comes back; hyper then reports only "connection closed" and the
+    // reason is lost (about one run in ten here). Either way the lab stops at once.
+    let lost_alert = matches!(&err, ParticipantError::Refused { status, .. }
+        if status.code() == tonic::Code::Cancelled);
     assert!(
-        matches!(err, ParticipantError::Handshake { .. }) && err.to_string().contains("revoked"),
+        lost_alert
+            || (matches!(err, ParticipantError::Handshake { .. })
+                && err.to_string().contains("revoked")),
         "{err}"
     );
     // A lab holding a kit from another federation: neither side accepts the other's CA.
-    let err = participant::run(
-        options(&foreign.kits[0], address),
-        corpus("lo"),
-        burn::tensor::Device::flex(),
-        Arc::new(Quiet),
-    )
-    .await
-    .unwrap_err();
+    let err = run_lab(&foreign.kits[0], address).await.unwrap_err();
     assert!(
         matches!(err, ParticipantError::Handshake { .. }),
         "a foreign kit must fail at the handshake: {err}"
@@ -95,14 +103,7 @@ async fn kits_connect_and_refused_certificates_stop_the_participant() {
     );
 
     // The good lab trains the federation's one round over TLS.
-    let report = participant::run(
-        options(&provisioned.kits[0], address),
-        corpus("lo"),
-        burn::tensor::Device::flex(),
-        Arc::new(Quiet),
-    )
-    .await
-    .unwrap();
+    let report = run_lab(&provisioned.kits[0], address).await.unwrap();
     assert_eq!(report.rounds.len(), 1);
     server.finished().await;
     server.shutdown().await.unwrap();
