@@ -18,7 +18,6 @@ use crate::error::ModelError;
 use crate::model::LoraLlama;
 use crate::model::RowBatch;
 use crate::model::batch::check_vocab;
-use crate::model::loss::token_nll;
 use crate::train::source::TrainRow;
 
 /// Windows per forward pass.
@@ -137,8 +136,8 @@ pub fn evaluate_rows(
         let batch = TrainRow::batch(&refs);
         batch.check(spec.vocab_size, spec.max_position_embeddings)?;
         targets += batch.trained_targets();
-        let (logits, targets, weights) = batch.to_device(&device).forward(&model);
-        let sum: f32 = (token_nll(logits, targets) * weights)
+        let (nll, weights) = batch.to_device(&device).nll(&model);
+        let sum: f32 = (nll * weights)
             .sum()
             .try_into_scalar()
             .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;
@@ -167,10 +166,10 @@ fn batch_nll(
     len: usize,
     device: &Device,
 ) -> Result<f64, ModelError> {
-    let (logits, targets, _) = RowBatch::windows(tokens, starts, len)
+    let (nll, _) = RowBatch::windows(tokens, starts, len)
         .to_device(device)
-        .forward(model);
-    let sum: f32 = token_nll(logits, targets)
+        .nll(model);
+    let sum: f32 = nll
         .sum()
         .try_into_scalar()
         .map_err(|e| ModelError::backend("reading the evaluation loss", e))?;

@@ -7,6 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::error::ModelError;
 use crate::model::LoraLlama;
+use crate::model::loss::chunked_token_nll;
 
 /// A batch of training rows on the host, each field row-major `[rows, seq]`.
 ///
@@ -114,16 +115,21 @@ pub(crate) struct BatchTensors {
 }
 
 impl BatchTensors {
-    /// Runs `model` on the batch: packed rows through the segment-masked forward, others
-    /// through the plain causal one. Returns `(logits, targets, weights)`.
-    pub(crate) fn forward(self, model: &LoraLlama) -> (Tensor<3>, Tensor<2, Int>, Tensor<2>) {
-        let logits = match (self.positions, self.segments) {
+    /// Runs `model` on the batch (packed rows through the segment-masked forward, others
+    /// through the plain causal one) and scores it: `(per-token NLL, weights)`, both
+    /// `[rows, seq]`. The logits are never materialised for the whole batch at once (see
+    /// [`crate::model::loss`]).
+    pub(crate) fn nll(self, model: &LoraLlama) -> (Tensor<2>, Tensor<2>) {
+        let hidden = match (self.positions, self.segments) {
             (Some(positions), Some(segments)) => {
-                model.forward_packed(self.inputs, positions, segments)
+                model.hidden_packed(self.inputs, positions, segments)
             }
-            _ => model.forward(self.inputs),
+            _ => model.hidden(self.inputs),
         };
-        (logits, self.targets, self.weights)
+        (
+            chunked_token_nll(model, hidden, self.targets),
+            self.weights,
+        )
     }
 }
 

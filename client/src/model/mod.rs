@@ -92,11 +92,42 @@ impl LoraLlama {
         rope: RopeTables,
         segments: Option<Tensor<4, Bool>>,
     ) -> Tensor<3> {
+        self.head(self.hidden_with(tokens, rope, segments))
+    }
+
+    /// The final normed hidden states `[batch, seq, hidden]`, before the output projection.
+    fn hidden_with(
+        &self,
+        tokens: Tensor<2, Int>,
+        rope: RopeTables,
+        segments: Option<Tensor<4, Bool>>,
+    ) -> Tensor<3> {
         let mut h = self.embed_tokens.forward(tokens);
         for layer in &self.layers {
             h = layer.forward(h, &rope, segments.as_ref());
         }
-        let h = self.norm.forward(h);
+        self.norm.forward(h)
+    }
+
+    /// Hidden states for plain causal rows (see [`Self::forward`]).
+    pub(crate) fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let seq = tokens.dims()[1];
+        self.hidden_with(tokens, self.rope.first(seq), None)
+    }
+
+    /// Hidden states for packed rows (see [`Self::forward_packed`]).
+    pub(crate) fn hidden_packed(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        segments: Tensor<2, Int>,
+    ) -> Tensor<3> {
+        let mask = segment_mask(segments);
+        self.hidden_with(tokens, self.rope.at_positions(positions), Some(mask))
+    }
+
+    /// The output projection: hidden states → logits over the vocabulary.
+    pub(crate) fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
             None => linear(h, self.embed_tokens.weight.val().transpose(), None),

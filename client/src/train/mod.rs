@@ -33,7 +33,6 @@ use fedcore::{LocalOptimizer, TrainingSpec};
 use crate::error::ModelError;
 use crate::model::LoraLlama;
 use crate::model::batch::check_vocab;
-use crate::model::loss::token_nll;
 pub use source::{BatchSource, RandomWindows, ShuffledRows};
 
 /// What a round of local training did.
@@ -175,8 +174,8 @@ pub fn train_with(
         let mut loss_sum = 0f64;
         let mut tokens = 0;
         for batch in &micro {
-            let (logits, targets, weights) = batch.to_device(&autodiff).forward(&model);
-            let loss = (token_nll(logits, targets) * weights)
+            let (nll, weights) = batch.to_device(&autodiff).nll(&model);
+            let loss = (nll * weights)
                 .sum()
                 .div_scalar(norm as f32);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -248,6 +247,7 @@ pub fn train_local_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::loss::token_nll;
     use crate::data::{ByteTokenizer, LocalCorpus, TextTokenizer};
     use crate::device::{DeviceChoice, select_device, wgpu_available};
     use crate::eval::evaluate;
