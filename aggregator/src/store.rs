@@ -20,9 +20,18 @@ struct RoundFile<'a> {
     dropped: &'a [String],
     total_samples: u64,
     adapter_hash: &'a str,
+    /// How the round was aggregated: `strategy.mode` and the factors labs trained.
+    strategy: StrategyFile,
     /// Present for securely aggregated rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     secure_aggregation: Option<SecureFile>,
+}
+
+#[derive(Serialize)]
+struct StrategyFile {
+    mode: &'static str,
+    /// `["b"]`, `["a"]` or `["a", "b"]`.
+    trained: Vec<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -71,6 +80,13 @@ impl AdapterStore {
             dropped: &record.dropped,
             total_samples: record.total_samples,
             adapter_hash: &record.adapter_hash,
+            strategy: StrategyFile {
+                mode: record.mode.name(),
+                trained: [("a", record.trained.a), ("b", record.trained.b)]
+                    .into_iter()
+                    .filter_map(|(name, on)| on.then_some(name))
+                    .collect(),
+            },
             secure_aggregation: record.secure.as_ref().map(|s| SecureFile {
                 attempt: s.attempt,
                 quantisation_error_bound: s.error_bound,

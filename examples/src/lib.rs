@@ -6,5 +6,6 @@
 //! local-only training with the same number of steps.
 
 pub mod corpus;
+pub mod experiment;
 pub mod pilot;
 pub mod table;

@@ -130,6 +130,13 @@ async fn kills_during_key_sharing_and_masked_input_leave_the_survivors_weighted_
     // round.json records how the round was aggregated.
     let json = std::fs::read_to_string(server.store().round_dir(1).join("round.json")).unwrap();
     assert!(json.contains("quantisation_error_bound"), "{json}");
+    let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(record["strategy"]["mode"], "ffa_lora", "{json}");
+    assert_eq!(
+        record["strategy"]["trained"],
+        serde_json::json!(["b"]),
+        "{json}"
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -126,10 +126,7 @@ impl BatchTensors {
             }
             _ => model.hidden(self.inputs),
         };
-        (
-            chunked_token_nll(model, hidden, self.targets),
-            self.weights,
-        )
+        (chunked_token_nll(model, hidden, self.targets), self.weights)
     }
 }
 

@@ -175,9 +175,7 @@ pub fn train_with(
         let mut tokens = 0;
         for batch in &micro {
             let (nll, weights) = batch.to_device(&autodiff).nll(&model);
-            let loss = (nll * weights)
-                .sum()
-                .div_scalar(norm as f32);
+            let loss = (nll * weights).sum().div_scalar(norm as f32);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             let value: f32 = loss
                 .try_into_scalar()
@@ -247,11 +245,11 @@ pub fn train_local_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::loss::token_nll;
     use crate::data::{ByteTokenizer, LocalCorpus, TextTokenizer};
     use crate::device::{DeviceChoice, select_device, wgpu_available};
     use crate::eval::evaluate;
     use crate::model::RowBatch;
+    use crate::model::loss::token_nll;
     use fedcore::{LoraSpec, ModelSpec};
 
     /// A few paragraphs in the manner of the UDHR, repeated: enough structure for a tiny model

@@ -42,8 +42,8 @@ use crate::secagg::messages::Index;
 use crate::secagg::protocol::{ProtocolError, Stage as SecureStage};
 use crate::secagg::spec::{DecodeError, MAX_ATTEMPTS};
 use crate::strategy::{
-    AggregatedUpload, GlobalModel, RoundOutcome, ServerState, Strategy, StrategyError,
-    TrainedFactors, UploadLayout,
+    AggregatedUpload, AggregationMode, GlobalModel, RoundOutcome, ServerState, Strategy,
+    StrategyError, TrainedFactors, UploadLayout,
 };
 use crate::update::{SubmittedUpdate, UpdateError, UpdatePayload, decode_plaintext};
 
@@ -149,6 +149,10 @@ pub struct RoundRecord {
     pub total_samples: u64,
     /// Content hash of the new global adapter.
     pub adapter_hash: String,
+    /// The aggregation mode and which factors the participants trained this round (they
+    /// change from round to round under RoLoRA).
+    pub mode: AggregationMode,
+    pub trained: TrainedFactors,
     /// For a securely aggregated round: which attempt succeeded and the largest per-value
     /// error quantisation can have put into the mean update.
     pub secure: Option<SecureRecord>,
@@ -874,6 +878,8 @@ impl Coordinator {
             contributors: contributors.into_iter().collect(),
             total_samples: decoded.total_weight,
             adapter_hash: outcome.global.adapter.content_hash(),
+            mode: self.strategy.mode(),
+            trained: self.strategy.trains(&self.server_state),
             secure: Some(SecureRecord {
                 attempt: sec.attempt,
                 error_bound: decoded.error_bound,
@@ -969,6 +975,8 @@ impl Coordinator {
             dropped: open.cohort.difference(&open.submitted).cloned().collect(),
             total_samples: open.sum.total_weight(),
             adapter_hash: outcome.global.adapter.content_hash(),
+            mode: self.strategy.mode(),
+            trained: self.strategy.trains(&self.server_state),
             secure: None,
         };
         self.finish_round(record, outcome, now_ms)

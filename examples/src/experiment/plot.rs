@@ -1,0 +1,161 @@
+//! The experiment's figure, drawn in Rust with plotters: one panel per number of local
+//! steps (mean held-out loss over the languages after each round, one line per arm) and one
+//! panel of FedIT's aggregation error per round.
+//!
+//! Text is rendered with DejaVu Sans embedded in the binary (examples/assets, Bitstream Vera
+//! licence), so the figure needs no system fonts and comes out the same on every machine.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::{FontStyle, register_font};
+
+use super::{Arm, ExperimentError, ExperimentResults};
+
+const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+
+fn ensure_font() {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        // The font is a valid TrueType file (checked by the test that draws a figure).
+        let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+}
+
+/// A distinct colour per arm (Okabe–Ito, readable by colour-blind readers).
+fn colour(arm: Arm) -> RGBColor {
+    match arm {
+        Arm::FfaLora => RGBColor(0, 114, 178),
+        Arm::FedSvd => RGBColor(86, 180, 233),
+        Arm::FedIt => RGBColor(213, 94, 0),
+        Arm::FedSaLora => RGBColor(0, 158, 115),
+        Arm::LocalOnly => RGBColor(120, 120, 120),
+        Arm::Centralised => RGBColor(0, 0, 0),
+    }
+}
+
+fn plot_err(e: impl std::fmt::Display) -> ExperimentError {
+    ExperimentError::Plot(e.to_string())
+}
+
+/// Draws the figure into a PNG at `path`.
+pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentError> {
+    ensure_font();
+    let mut steps: Vec<usize> = results.runs.iter().map(|r| r.local_steps).collect();
+    steps.sort_unstable();
+    steps.dedup();
+    let panels = steps.len() + 1;
+    let width = 520 * panels.min(2) as u32;
+    let height = 420 * panels.div_ceil(2) as u32;
+    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let areas = root.split_evenly((panels.div_ceil(2), panels.min(2)));
+    let rounds = results.rounds as f64;
+
+    for (area, &s) in areas.iter().zip(&steps) {
+        let runs: Vec<_> = results.runs.iter().filter(|r| r.local_steps == s).collect();
+        let values = runs.iter().flat_map(|r| r.rounds.iter().map(|x| x.mean()));
+        let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+        let pad = ((hi - lo) * 0.05).max(1e-3);
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{s} local step{} per round", if s == 1 { "" } else { "s" }),
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..rounds, (lo - pad)..(hi + pad))
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .x_desc("round")
+            .y_desc("held-out loss (nats/byte, mean of languages)")
+            .label_style(("sans-serif", 13))
+            .axis_desc_style(("sans-serif", 14))
+            .draw()
+            .map_err(plot_err)?;
+        for run in runs {
+            let c = colour(run.arm);
+            chart
+                .draw_series(LineSeries::new(
+                    run.rounds.iter().map(|r| (r.round as f64, r.mean())),
+                    c.stroke_width(2),
+                ))
+                .map_err(plot_err)?
+                .label(run.arm.name())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(plot_err)?;
+    }
+
+    // FedIT's aggregation error, one line per number of local steps.
+    let area = &areas[steps.len()];
+    let fedit: Vec<_> = results
+        .runs
+        .iter()
+        .filter(|r| r.arm == Arm::FedIt && !r.fedit_error.is_empty())
+        .collect();
+    let top = fedit
+        .iter()
+        .flat_map(|r| r.fedit_error.iter().copied())
+        .fold(0f64, f64::max)
+        .max(1e-6)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption("FedIT: ‖Σp·BA − B̄Ā‖ / ‖round update‖", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.5f64..rounds + 0.5, 0f64..top)
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("relative aggregation error")
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    let shades = [
+        RGBColor(253, 174, 97),
+        RGBColor(213, 94, 0),
+        RGBColor(127, 39, 4),
+    ];
+    for (k, run) in fedit.iter().enumerate() {
+        let c = shades[k % shades.len()];
+        chart
+            .draw_series(LineSeries::new(
+                run.fedit_error
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| ((i + 1) as f64, *e)),
+                c.stroke_width(2),
+            ))
+            .map_err(plot_err)?
+            .label(format!("{} local steps", run.local_steps))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    if !fedit.is_empty() {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(plot_err)?;
+    }
+    root.present().map_err(plot_err)?;
+    Ok(())
+}

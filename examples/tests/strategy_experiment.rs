@@ -1,0 +1,108 @@
+//! The strategy experiment (issue #5) at toy scale: every arm trains, the outputs are
+//! written, and FedIT's measured aggregation error is what its definition says.
+
+use burn::tensor::Device;
+use fedcore::{AdapterConfig, LoraAdapter, LoraModule, Matrix, TargetModule};
+use mekong_examples::experiment::arms::factor_averaging_error;
+use mekong_examples::experiment::{self, Arm, ExperimentOptions};
+use mekong_examples::pilot::ModelSize;
+
+fn toy_options(out: &std::path::Path) -> ExperimentOptions {
+    ExperimentOptions {
+        languages: vec!["lo".into(), "vi".into(), "id".into()],
+        model: ModelSize::Tiny,
+        rounds: 2,
+        local_steps: vec![1, 3],
+        batch_size: 2,
+        seq_len: 16,
+        learning_rate: 1e-2,
+        out_dir: out.to_path_buf(),
+        ..ExperimentOptions::default()
+    }
+}
+
+#[test]
+fn every_arm_runs_and_the_report_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = toy_options(dir.path());
+    let mut seen = Vec::new();
+    let results = experiment::run(&options, &Device::flex(), |r| {
+        seen.push((r.arm, r.local_steps))
+    })
+    .unwrap();
+    assert_eq!(seen.len(), Arm::ALL.len() * 2);
+    for run in &results.runs {
+        assert_eq!(run.rounds.len(), 3, "round 0 and two rounds");
+        let (before, after) = (run.rounds[0].mean(), run.rounds[2].mean());
+        assert!(
+            after < before,
+            "{} with {} local steps did not learn: {before} -> {after}",
+            run.arm.name(),
+            run.local_steps
+        );
+        assert_eq!(run.rounds[0].loss.len(), 3);
+        if run.arm == Arm::FedIt {
+            assert_eq!(run.fedit_error.len(), 2);
+            // Labs train A and B on different text: the factors' mean is not the mean of
+            // the products.
+            assert!(run.fedit_error.iter().all(|e| *e > 0.0 && e.is_finite()));
+        } else {
+            assert!(run.fedit_error.is_empty());
+        }
+    }
+    // Every arm starts from the same base, so round 0 is the same for all of them.
+    let r0 = results.runs[0].rounds[0].loss.clone();
+    assert!(results.runs.iter().all(|r| r.rounds[0].loss == r0));
+
+    experiment::write_outputs(&results, dir.path()).unwrap();
+    let png = std::fs::read(dir.path().join("strategies.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    assert_eq!((width, height), (1040, 840), "three panels in a 2 × 2 grid");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("strategies.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["runs"].as_array().unwrap().len(), 12);
+    let tables = std::fs::read_to_string(dir.path().join("strategies-tables.md")).unwrap();
+    for arm in Arm::ALL {
+        assert!(tables.contains(arm.name()), "{tables}");
+    }
+    assert!(tables.contains("Lao") && tables.contains("FedIT's aggregation error"));
+}
+
+fn adapter(a: &[f32], b: &[f32]) -> LoraAdapter {
+    let config = AdapterConfig {
+        rank: 1,
+        alpha: 1.0,
+        target_modules: vec![TargetModule::Q],
+        base_model: "hand-computed".into(),
+        dropout: 0.0,
+    };
+    LoraAdapter::new(
+        config,
+        vec![(
+            "model.layers.0.self_attn.q_proj".into(),
+            LoraModule {
+                a: Matrix::new(1, 2, a.to_vec()).unwrap(),
+                b: Matrix::new(2, 1, b.to_vec()).unwrap(),
+            },
+        )],
+    )
+    .unwrap()
+}
+
+/// Hand-computed: global zero; two equally weighted labs with rank-1 factors.
+#[test]
+fn fedit_error_matches_a_hand_computed_case() {
+    let global = adapter(&[0.0, 0.0], &[0.0, 0.0]);
+    let t1 = adapter(&[1.0, 0.0], &[1.0, 0.0]);
+    let t2 = adapter(&[0.0, 1.0], &[0.0, 1.0]);
+    // Σ p BA = ½(e1e1ᵀ + e2e2ᵀ) = ½ I; B̄Ā = (½,½)ᵀ(½,½) = ¼ J.
+    // ‖½I − ¼J‖² = 2·(¼)² + 2·(¼)² = ¼; ‖½I‖² = ½ → error = √(½) ≈ 0.7071.
+    let e = factor_averaging_error(&global, &[t1.clone(), t2], &[1.0, 1.0]).unwrap();
+    assert!((e - 0.5f64.sqrt()).abs() < 1e-6, "{e}");
+    // Identical labs: no error.
+    let e = factor_averaging_error(&global, &[t1.clone(), t1], &[3.0, 1.0]).unwrap();
+    assert!(e.abs() < 1e-7, "{e}");
+}
