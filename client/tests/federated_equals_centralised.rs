@@ -55,12 +55,7 @@ fn datasets() -> Vec<RowBatch> {
 fn union(batches: &[RowBatch]) -> RowBatch {
     let mut out = batches[0].clone();
     for b in &batches[1..] {
-        out.rows += b.rows;
-        out.inputs.extend_from_slice(&b.inputs);
-        out.targets.extend_from_slice(&b.targets);
-        out.weights.extend_from_slice(&b.weights);
-        out.positions.extend_from_slice(&b.positions);
-        out.segments.extend_from_slice(&b.segments);
+        out.append(b);
     }
     out
 }

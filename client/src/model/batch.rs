@@ -28,6 +28,17 @@ pub struct RowBatch {
 }
 
 impl RowBatch {
+    /// Appends `other`'s rows (same `seq` and packing) after this batch's.
+    pub fn append(&mut self, other: &RowBatch) {
+        debug_assert_eq!((self.seq, self.packed), (other.seq, other.packed));
+        self.rows += other.rows;
+        self.inputs.extend_from_slice(&other.inputs);
+        self.targets.extend_from_slice(&other.targets);
+        self.weights.extend_from_slice(&other.weights);
+        self.positions.extend_from_slice(&other.positions);
+        self.segments.extend_from_slice(&other.segments);
+    }
+
     /// Unpacked windows `tokens[s .. s + len + 1]`, every target counted.
     pub fn windows(tokens: &[u32], starts: &[usize], len: usize) -> Self {
         let mut inputs = Vec::with_capacity(starts.len() * len);

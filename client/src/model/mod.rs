@@ -66,8 +66,7 @@ impl LoraLlama {
     /// `seq` must not exceed `max_position_embeddings` and ids must be below `vocab_size`
     /// (training and evaluation check both before calling this).
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        let seq = tokens.dims()[1];
-        self.forward_with(tokens, self.rope.first(seq), None)
+        self.head(self.hidden(tokens))
     }
 
     /// Next-token logits for packed rows: several documents per row, each attending only to
@@ -82,17 +81,7 @@ impl LoraLlama {
         positions: Tensor<2, Int>,
         segments: Tensor<2, Int>,
     ) -> Tensor<3> {
-        let mask = segment_mask(segments);
-        self.forward_with(tokens, self.rope.at_positions(positions), Some(mask))
-    }
-
-    fn forward_with(
-        &self,
-        tokens: Tensor<2, Int>,
-        rope: RopeTables,
-        segments: Option<Tensor<4, Bool>>,
-    ) -> Tensor<3> {
-        self.head(self.hidden_with(tokens, rope, segments))
+        self.head(self.hidden_packed(tokens, positions, segments))
     }
 
     /// The final normed hidden states `[batch, seq, hidden]`, before the output projection.

@@ -27,48 +27,18 @@ pub fn run_arm(
     let started = Instant::now();
     let mut fedit_error = Vec::new();
     let rounds = match arm {
-        Arm::FfaLora => federated(
-            AggregationMode::FfaLora,
-            steps,
-            options,
-            labs,
-            base,
-            device,
-            &mut fedit_error,
-        )?,
-        Arm::FedSvd => federated(
-            AggregationMode::FedSvd,
-            steps,
-            options,
-            labs,
-            base,
-            device,
-            &mut fedit_error,
-        )?,
-        Arm::FedIt => federated(
-            AggregationMode::FedIt,
-            steps,
-            options,
-            labs,
-            base,
-            device,
-            &mut fedit_error,
-        )?,
-        Arm::FedSaLora => federated(
-            AggregationMode::FedSaLora,
-            steps,
-            options,
-            labs,
-            base,
-            device,
-            &mut fedit_error,
-        )?,
         Arm::LocalOnly => local_only(steps, options, labs, base, device)?,
         Arm::Centralised => centralised(steps, options, labs, base, device)?,
+        Arm::FfaLora | Arm::FedSvd | Arm::FedIt | Arm::FedSaLora => {
+            let mode = match arm {
+                Arm::FfaLora => AggregationMode::FfaLora,
+                Arm::FedSvd => AggregationMode::FedSvd,
+                Arm::FedIt => AggregationMode::FedIt,
+                _ => AggregationMode::FedSaLora,
+            };
+            federated(mode, steps, options, labs, base, device, &mut fedit_error)?
+        }
     };
-    if arm != Arm::FedIt {
-        fedit_error.clear();
-    }
     Ok(ArmRun {
         arm,
         local_steps: steps,
@@ -263,13 +233,7 @@ impl BatchSource for EveryLanguage<'_> {
         let mut parts = self.0.iter_mut().map(|s| s.next_batch());
         let mut out = parts.next().expect("at least one language")?;
         for part in parts {
-            let part = part?;
-            out.rows += part.rows;
-            out.inputs.extend_from_slice(&part.inputs);
-            out.targets.extend_from_slice(&part.targets);
-            out.weights.extend_from_slice(&part.weights);
-            out.positions.extend_from_slice(&part.positions);
-            out.segments.extend_from_slice(&part.segments);
+            out.append(&part?);
         }
         Ok(out)
     }

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::sync::Once;
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -37,6 +38,33 @@ fn colour(arm: Arm) -> RGBColor {
 
 fn plot_err(e: impl std::fmt::Display) -> ExperimentError {
     ExperimentError::Plot(e.to_string())
+}
+
+type Panel<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Grid, axis labels ("round" across, `y_desc` up) in the figure's font.
+fn draw_mesh(chart: &mut Panel<'_, '_>, y_desc: &str) -> Result<(), ExperimentError> {
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)
+}
+
+/// The legend of the series drawn so far, top right.
+fn draw_legend<'a, 'b: 'a>(chart: &mut Panel<'a, 'b>) -> Result<(), ExperimentError> {
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_err)
 }
 
 /// Draws the figure into a PNG at `path`.
@@ -70,14 +98,7 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..rounds, (lo - pad)..(hi + pad))
             .map_err(plot_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("round")
-            .y_desc("held-out loss (nats/byte, mean of languages)")
-            .label_style(("sans-serif", 13))
-            .axis_desc_style(("sans-serif", 14))
-            .draw()
-            .map_err(plot_err)?;
+        draw_mesh(&mut chart, "held-out loss (nats/byte, mean of languages)")?;
         for run in runs {
             let c = colour(run.arm);
             chart
@@ -89,14 +110,7 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
                 .label(run.arm.name())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
     }
 
     // FedIT's aggregation error, one line per number of local steps.
@@ -119,14 +133,7 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
         .y_label_area_size(56)
         .build_cartesian_2d(0.5f64..rounds + 0.5, 0f64..top)
         .map_err(plot_err)?;
-    chart
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("relative aggregation error")
-        .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 14))
-        .draw()
-        .map_err(plot_err)?;
+    draw_mesh(&mut chart, "relative aggregation error")?;
     let shades = [
         RGBColor(253, 174, 97),
         RGBColor(213, 94, 0),
@@ -147,14 +154,7 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
     }
     if !fedit.is_empty() {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(plot_err)?;
+        draw_legend(&mut chart)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
