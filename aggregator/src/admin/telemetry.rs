@@ -152,7 +152,7 @@ fn secure_stage_label(stage: SecureStage) -> (u8, &'static str) {
 
 const PLAINTEXT_STAGE: (u8, &str) = (0, "plaintext_updates");
 
-fn stage_name(stage: Stage) -> &'static str {
+fn stage_name(stage: &Stage) -> &'static str {
     match stage {
         Stage::WaitingForParticipants => "waiting_for_participants",
         Stage::Training => "training",
@@ -359,7 +359,7 @@ impl Telemetry {
             Stage::Finished,
         ] {
             m.stage
-                .get_or_create(&labels(&[("stage", stage_name(stage))]))
+                .get_or_create(&labels(&[("stage", stage_name(&stage))]))
                 .set(i64::from(stage == s.stage));
         }
         m.secure_attempt
@@ -422,7 +422,7 @@ impl Telemetry {
             secure_aggregation: coordinator.secure(),
             uptime_s: seconds(now_ms),
             started_unix_s: self.started_unix_s,
-            stage: stage_name(s.stage).to_string(),
+            stage: stage_name(&s.stage).to_string(),
             round: s.round,
             rounds_total: s.rounds_total,
             secure_stage: s
