@@ -208,7 +208,7 @@ fn check_status(s: &StatusReport) {
         assert_eq!(r.round, i as u64 + 1);
         assert_eq!(r.contributors, ["lab-km", "lab-lo", "lab-th"]);
         assert!(r.dropped.is_empty());
-        assert_eq!(r.secure_attempt, Some(1));
+        assert_eq!(r.secure_attempt, Some(0), "first attempt (0-based)");
         let bound = r.quantisation_bound.unwrap();
         assert!(bound > 0.0 && bound < 1e-3, "{bound}");
         assert!(r.duration_s > 0.0);
