@@ -114,6 +114,7 @@ mod tests {
         {
             let mut c = shared.lock();
             c.join("t-a".into(), "lab-a", "lo", 0).unwrap();
+            shared.telemetry.joined("lab-a", "lo", 0);
         }
         assert_eq!(
             code(&request("nobody", 1, 2.0, 10)),
@@ -128,6 +129,8 @@ mod tests {
             let mut c = shared.lock();
             c.join("t-b".into(), "lab-b", "km", 0).unwrap();
             let events = c.join("t-c".into(), "lab-c", "km", 0).unwrap();
+            shared.telemetry.joined("lab-b", "km", 0);
+            shared.telemetry.joined("lab-c", "km", 0);
             shared.telemetry.observe(&events, 0);
         }
         assert_eq!(
