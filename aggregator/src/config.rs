@@ -158,6 +158,45 @@ impl TlsSection {
     }
 }
 
+/// The operator's HTTP port (`/healthz`, `/metrics`, `/api/status`, the status page).
+/// Plain HTTP without authentication, meant for localhost or an operator network: it shows
+/// participant names, languages, round history and traffic (never updates or keys) and
+/// changes nothing. Leave the section out to run without it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin port, e.g. `127.0.0.1:9464` (port 0 picks a free one).
+    pub listen: SocketAddr,
+}
+
+impl AdminSection {
+    /// The admin port on loopback.
+    pub fn loopback(port: u16) -> Self {
+        AdminSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
+    /// The admin port cannot share the gRPC port.
+    fn validate(&self, server: &ServerSection) -> Result<(), (&'static str, String)> {
+        if self.listen.port() != 0
+            && self.listen.port() == server.listen.port()
+            && (self.listen.ip() == server.listen.ip()
+                || self.listen.ip().is_unspecified()
+                || server.listen.ip().is_unspecified())
+        {
+            return Err((
+                "admin.listen",
+                format!(
+                    "{} is the gRPC address (server.listen); give the admin port its own",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The placeholder identity of an example lab. Its secret is derivable by anyone, so
 /// `serve` refuses to run with it; replace it with the lab's `fedclient keygen` output.
 fn example_public_key(name: &str) -> String {
@@ -172,6 +211,9 @@ fn example_public_key(name: &str) -> String {
 pub struct AggregatorConfig {
     pub server: ServerSection,
     pub tls: TlsSection,
+    /// The admin HTTP port; none when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminSection>,
     pub plan: FederationPlan,
 }
 
@@ -198,6 +240,15 @@ impl AggregatorConfig {
                 field,
                 message,
             })?;
+        if let Some(admin) = &config.admin {
+            admin
+                .validate(&config.server)
+                .map_err(|(field, message)| ConfigFileError::Field {
+                    path: origin.to_string(),
+                    field,
+                    message,
+                })?;
+        }
         config
             .plan
             .validate()
@@ -229,6 +280,7 @@ impl AggregatorConfig {
                 linger_after_finish_ms: default_linger_ms(),
             },
             tls: TlsSection::provisioned(Path::new("")),
+            admin: Some(AdminSection::loopback(9464)),
             plan: FederationPlan {
                 federation: "mekong-federation".into(),
                 model: fedcore::ModelSpec::tiny(),
@@ -383,6 +435,42 @@ mod tests {
                 && err.contains("not yet supported by the participant runtime"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn admin_section_is_optional_and_checked() {
+        let text = AggregatorConfig::example().to_toml();
+        assert!(
+            text.contains("[admin]\nlisten = \"127.0.0.1:9464\""),
+            "{text}"
+        );
+        let start = text.find("[admin]").unwrap();
+        let end = start + text[start..].find("\n\n").unwrap();
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        assert_eq!(
+            AggregatorConfig::from_toml(&without, "agg.toml")
+                .unwrap()
+                .admin,
+            None
+        );
+        let same = text.replace("127.0.0.1:9464", "127.0.0.1:50051");
+        let err = AggregatorConfig::from_toml(&same, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("agg.toml: admin.listen: 127.0.0.1:50051 is the gRPC address"),
+            "{err}"
+        );
+        let bad = text.replace("127.0.0.1:9464", "localhost");
+        let err = AggregatorConfig::from_toml(&bad, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen") && err.contains("localhost"), "{err}");
+        let typo = text.replace("[admin]\n", "[admin]\nport = 1\n");
+        let err = AggregatorConfig::from_toml(&typo, "agg.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `port`"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! fedcore's round coordinator, with every round's global adapter saved in the Hugging Face
 //! PEFT format.
 //!
+//! - [`admin`]: the operator's HTTP port (health, Prometheus metrics, status page) and
+//!   `fedaggregator status`.
 //! - [`config`]: the TOML configuration file, validated field by field.
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
@@ -11,6 +13,7 @@
 //! - [`provision`]: the federation CA, server certificate, participant kits and revocation.
 //! - `spool`: the undo log of a masked-input stream, so a broken stream leaves the sum clean.
 
+pub mod admin;
 pub mod config;
 pub mod provision;
 pub mod server;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedaggregator::AggregatorConfig;
 use fedaggregator::provision::{self, ParticipantSpec, ProvisionOptions};
+use mekong_proto::policy::{SharedMetric, UnknownMetric};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,23 @@ enum Command {
         /// Validity of the CA and of its revocation lists, in days.
         #[arg(long, default_value_t = 3650)]
         ca_validity_days: u32,
+        /// An aggregate metric the kits' participant.toml lets each lab report to the
+        /// status page (repeatable; `heldout_loss`). Default: none. Each lab's own copy of
+        /// participant.toml is its policy and it may remove the line.
+        #[arg(long = "share-metrics", value_parser = parse_metric)]
+        share_metrics: Vec<SharedMetric>,
+    },
+    /// Print where a running aggregator stands, from its admin port's /api/status.
+    Status {
+        /// The admin port, `http://HOST:PORT` (the [admin] listen address).
+        #[arg(long, conflicts_with = "config")]
+        admin: Option<String>,
+        /// Read the admin address from this configuration's [admin] section instead.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON status instead of the summary.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke a participant's certificates: rewrites the revocation list of a provisioned
     /// directory; a running aggregator re-reads it and refuses the participant's new
@@ -71,6 +89,10 @@ enum Command {
         #[arg(long)]
         participant: String,
     },
+}
+
+fn parse_metric(name: &str) -> Result<SharedMetric, String> {
+    name.parse().map_err(|e: UnknownMetric| e.to_string())
 }
 
 fn parse_participant(spec: &str) -> Result<ParticipantSpec, String> {
@@ -146,6 +168,11 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Serve { config } => serve(config).await,
+        Command::Status {
+            admin,
+            config,
+            json,
+        } => status(admin, config, json).await,
         Command::Provision {
             out,
             federation,
@@ -154,6 +181,7 @@ async fn main() -> Result<()> {
             participants,
             validity_days,
             ca_validity_days,
+            share_metrics,
         } => {
             let done = provision::provision(&ProvisionOptions {
                 out,
@@ -163,6 +191,7 @@ async fn main() -> Result<()> {
                 participants,
                 validity_days,
                 ca_validity_days,
+                share_metrics,
             })?;
             println!(
                 "provisioned {} participants in {}",
@@ -211,11 +240,41 @@ fn load(path: &std::path::Path) -> Result<AggregatorConfig> {
     Ok(config)
 }
 
+/// `fedaggregator status`: the summary (or JSON) from a running aggregator's admin port.
+async fn status(admin: Option<String>, config: Option<PathBuf>, json: bool) -> Result<()> {
+    let base = match (admin, config) {
+        (Some(url), _) => url,
+        (None, Some(path)) => {
+            let c = AggregatorConfig::load(&path)?;
+            let admin = c.admin.with_context(|| {
+                format!(
+                    "{} has no [admin] section: the aggregator serves no admin port",
+                    path.display()
+                )
+            })?;
+            format!("http://{}", admin.listen)
+        }
+        (None, None) => {
+            anyhow::bail!("say where the admin port is: --admin http://HOST:PORT or --config FILE")
+        }
+    };
+    let report = fedaggregator::admin::client::fetch_status(&base).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.summary());
+    }
+    Ok(())
+}
+
 async fn serve(path: PathBuf) -> Result<()> {
     let config = load(&path)?;
     let server = fedaggregator::start(&config)
         .await
         .with_context(|| format!("starting the aggregator from {}", path.display()))?;
+    if let Some(admin) = server.admin_addr() {
+        println!("status page: http://{admin}/ (metrics at /metrics)");
+    }
     tokio::select! {
         _ = server.finished() => {
             server.drain(Duration::from_millis(config.server.linger_after_finish_ms)).await;

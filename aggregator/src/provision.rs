@@ -142,6 +142,9 @@ pub struct ProvisionOptions {
     pub validity_days: u32,
     /// Validity of the CA (and of its revocation lists), in days from now.
     pub ca_validity_days: u32,
+    /// What each kit's `participant.toml` lets its lab report (`share_metrics`): the
+    /// starting point of the lab's local policy, which the lab may edit. Empty: nothing.
+    pub share_metrics: Vec<mekong_proto::policy::SharedMetric>,
 }
 
 /// What provisioning wrote.
@@ -697,6 +700,7 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
             certificate: "client.pem".into(),
             private_key: "client.key".into(),
             identity: "identity.key".into(),
+            share_metrics: options.share_metrics.clone(),
         };
         write_new(
             &kit_dir.join("client.key"),

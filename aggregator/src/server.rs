@@ -33,6 +33,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (admin.listen): {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot prepare {dir}: {message}")]
     Store { dir: String, message: String },
     #[error("gRPC server failed: {0}")]
@@ -64,6 +70,7 @@ pub struct RunningServer {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     ticker: JoinHandle<()>,
     crl_watcher: Option<JoinHandle<()>>,
+    admin: Option<crate::admin::AdminServer>,
 }
 
 /// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
@@ -117,6 +124,17 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         addr: config.server.listen,
         source,
     })?;
+    let admin = match &config.admin {
+        Some(admin) => Some(
+            crate::admin::serve(admin.listen, shared.clone())
+                .await
+                .map_err(|source| ServeError::AdminBind {
+                    addr: admin.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let revocations = match tls.as_ref().and_then(|(files, _)| files.crl.as_ref()) {
         Some(path) => Revocations::load(path)?,
         None => Revocations::default(),
@@ -137,6 +155,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         // masked-input slot park a MiB here, making memory grow with the number of labs.
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .layer(crate::admin::CountTrafficLayer::new(shared.clone()))
         .add_service(service);
     let stop = async {
         let _ = shutdown_rx.await;
@@ -177,6 +196,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         server,
         ticker,
         crl_watcher,
+        admin,
     })
 }
 
@@ -243,6 +263,11 @@ impl RunningServer {
         format!("http://{}", self.local_addr)
     }
 
+    /// The admin port's address, when `[admin]` is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
     /// The adapter store (round and final directories).
     pub fn store(&self) -> &AdapterStore {
         &self.store
@@ -291,6 +316,11 @@ impl RunningServer {
             w.abort();
         }
         let _ = self.shutdown.send(());
+        if let Some(admin) = self.admin {
+            if let Err(e) = admin.shutdown().await {
+                tracing::warn!(error = %e, "admin port stopped with an error");
+            }
+        }
         self.server.await??;
         Ok(())
     }

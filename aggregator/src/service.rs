@@ -49,6 +49,8 @@ pub struct Shared {
     started: Instant,
     /// Bumped after every state change; long-polls wait on it.
     changes: watch::Sender<u64>,
+    /// The operator's record (admin port).
+    pub(crate) telemetry: crate::admin::Telemetry,
 }
 
 impl Shared {
@@ -66,6 +68,7 @@ impl Shared {
             store,
             started: Instant::now(),
             changes,
+            telemetry: crate::admin::Telemetry::new(),
         }))
     }
 
@@ -109,6 +112,7 @@ impl Shared {
         if events.is_empty() {
             return;
         }
+        self.telemetry.observe(&events, self.now_ms());
         for event in events {
             match event {
                 Event::RoundStarted { round, cohort, .. } => {
@@ -303,6 +307,9 @@ impl Federation for FederationService {
             version = %req.client_version,
             "participant joined"
         );
+        self.shared
+            .telemetry
+            .joined(&req.participant_name, &req.language, self.shared.now_ms());
         let response = pb::JoinResponse {
             participant_id: token,
             federation: c.plan().federation.clone(),
@@ -320,11 +327,11 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::FetchTaskResponse>, Status> {
         let certified = self.certified(&request)?;
         let req = request.into_inner();
-        check_owner(
-            &self.shared.lock(),
-            &req.participant_id,
-            certified.as_deref(),
-        )?;
+        {
+            let c = self.shared.lock();
+            check_owner(&c, &req.participant_id, certified.as_deref())?;
+            self.shared.seen(&c, &req.participant_id);
+        }
         let wait = Duration::from_millis(req.wait_ms.into()).min(MAX_LONG_POLL);
         let give_up = tokio::time::Instant::now() + wait;
         let mut changes = self.shared.subscribe();
@@ -539,6 +546,18 @@ impl Federation for FederationService {
             }) as i32,
             secure_attempt: s.secure.map_or(0, |(_, a)| a),
         }))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<pb::ReportMetricsRequest>,
+    ) -> Result<Response<pb::ReportMetricsResponse>, Status> {
+        let certified = self.certified(&request)?;
+        let req = request.into_inner();
+        let c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
+        self.shared.record_metrics(&c, &req)?;
+        Ok(Response::new(pb::ReportMetricsResponse {}))
     }
 }
 

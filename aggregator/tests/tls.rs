@@ -31,6 +31,7 @@ fn provision_into(dir: &Path, federation: &str) -> Provisioned {
             .collect(),
         validity_days: 30,
         ca_validity_days: 365,
+        share_metrics: Vec::new(),
     })
     .expect("provisioning")
 }
@@ -40,6 +41,8 @@ async fn serve(dir: &Path) -> RunningServer {
     let mut config = AggregatorConfig::load(&dir.join("aggregator.toml")).expect("config loads");
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.output_dir = dir.join("out");
+    // Tests run side by side: no fixed admin port.
+    config.admin = None;
     assert!(config.tls.enabled);
     start(&config).await.expect("aggregator starts")
 }
@@ -469,6 +472,7 @@ async fn plaintext_when_configured_so() {
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.output_dir = dir.path().join("out");
     config.tls = TlsSection::plaintext();
+    config.admin = None;
     let server = start(&config).await.unwrap();
     let channel = Channel::from_shared(server.url()).unwrap().connect_lazy();
     let mut c = FederationClient::new(channel);
@@ -493,6 +497,7 @@ fn provision_never_overwrites() {
         participants: vec!["lab-a".parse().unwrap()],
         validity_days: 30,
         ca_validity_days: 365,
+        share_metrics: Vec::new(),
     })
     .unwrap_err();
     assert!(matches!(err, ProvisionError::Exists { .. }), "{err}");
@@ -512,6 +517,7 @@ fn provision_never_overwrites() {
         participants: vec!["lab-a".parse().unwrap(), "lab-b".parse().unwrap()],
         validity_days: 30,
         ca_validity_days: 365,
+        share_metrics: Vec::new(),
     })
     .unwrap_err();
     assert!(err.to_string().contains("identity.key"), "{err}");

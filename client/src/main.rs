@@ -1,5 +1,6 @@
 //! `fedclient`: take part in a Mekong federation from a lab.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use fedclient::local_train;
 use fedclient::participant::{self, ParticipantOptions, Quiet};
 use fedclient::train::{StepReport, TrainObserver};
 use fedcore::{LoraSpec, TargetModule, TrainingSpec};
+use mekong_proto::policy::SharedMetric;
 
 /// Training progress: a bar with the step's loss, learning rate and tokens/s.
 struct ProgressBar {
@@ -112,6 +114,11 @@ enum Command {
         /// Fewest peers this lab accepts in a secure-aggregation round (at least 3).
         #[arg(long, default_value_t = 3)]
         min_peers: usize,
+        /// Aggregate metrics this lab reports for the aggregator's status page
+        /// (comma-separated; `heldout_loss`, or `none`). Replaces the kit's `share_metrics`
+        /// line; without either, nothing is reported.
+        #[arg(long, value_delimiter = ',')]
+        share_metrics: Option<Vec<String>>,
     },
     /// Fine-tune LoRA on this lab's data alone (no federation) and write a PEFT adapter.
     Train {
@@ -200,6 +207,7 @@ async fn main() -> Result<()> {
             identity,
             plan_sha256,
             min_peers,
+            share_metrics,
         } => {
             let kit = kit
                 .map(|p| {
@@ -207,6 +215,21 @@ async fn main() -> Result<()> {
                         .with_context(|| format!("loading the kit {}", p.display()))
                 })
                 .transpose()?;
+            let share_metrics: BTreeSet<SharedMetric> = match share_metrics {
+                Some(names) => names
+                    .iter()
+                    .filter(|n| n.as_str() != "none")
+                    .map(|n| n.parse::<SharedMetric>())
+                    .collect::<Result<_, _>>()
+                    .context("--share-metrics")?,
+                None => kit
+                    .as_ref()
+                    .map(|k| k.share_metrics.iter().copied().collect())
+                    .unwrap_or_default(),
+            };
+            if !share_metrics.is_empty() {
+                tracing::info!(share = ?share_metrics.iter().map(|m| m.name()).collect::<Vec<_>>(), "this lab's policy shares aggregate metrics with the aggregator");
+            }
             let name = name
                 .or_else(|| kit.as_ref().map(|k| k.name.clone()))
                 .context("--name is required without --kit")?;
@@ -263,6 +286,7 @@ async fn main() -> Result<()> {
                 plan_sha256,
                 min_peers,
                 base: base.map(Arc::new),
+                share_metrics,
             };
             let report = participant::run(options, corpus, selected.device, Arc::new(Quiet))
                 .await

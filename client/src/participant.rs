@@ -21,6 +21,12 @@
 //! so a server that restarts an attempt after learning a sum cannot difference two sums.
 //! Without secure aggregation the update, its sample weight and aggregate losses are sent in
 //! plaintext through [`crate::upload`].
+//!
+//! One more message leaves only if the lab's local policy allows it
+//! ([`ParticipantOptions::share_metrics`], from `share_metrics` in its participant.toml;
+//! empty by default): `ReportMetrics`, the mean held-out loss before and after each round's
+//! local training and the number of held-out tokens it covers, for the operator's
+//! per-language loss curves. Aggregate numbers only; see [`report_metrics`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -34,6 +40,7 @@ use fedcore::strategy::{AggregationMode, GlobalModel, ServerState, hetlora};
 use fedcore::{FederationPlan, LoraAdapter, Strategy, StrategyError};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::convert::{PayloadError, decode_adapter_payload, work_from_wire};
+use mekong_proto::policy::SharedMetric;
 use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use rand::RngCore;
@@ -141,6 +148,9 @@ pub struct ParticipantOptions {
     /// The pretrained base model, when the plan pins one (`model.weights_sha256`); checked
     /// against the plan before the first round.
     pub base: Option<Arc<Checkpoint>>,
+    /// This lab's local policy: the aggregate metrics it reports beyond the protocol's
+    /// messages. Empty (the default): it reports nothing.
+    pub share_metrics: BTreeSet<SharedMetric>,
 }
 
 impl ParticipantOptions {
@@ -165,6 +175,7 @@ impl ParticipantOptions {
             plan_sha256: None,
             min_peers: MIN_PEERS_FLOOR,
             base: None,
+            share_metrics: BTreeSet::new(),
         }
     }
 }
@@ -335,14 +346,33 @@ pub async fn run(
                     let train_options = TrainOptions {
                         prox_mu: plan.strategy.fedprox.mu,
                     };
-                    let (trained, stats) = tokio::task::spawn_blocking(move || {
-                        let m = model
-                            .load_adapter(&start)?
-                            .set_trainable(trains.a, trains.b);
-                        train_local_with(m, &data.train, &spec, seed, &dev, &train_options)
+                    // Only when the lab's policy lets it report them (see module docs).
+                    let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);
+                    let (trained, stats, scores) = tokio::task::spawn_blocking(move || {
+                        // A failed evaluation costs the report, never the round.
+                        let heldout = |m: &LoraLlama| {
+                            evaluate(m, &data.heldout, spec.seq_len, &dev)
+                                .inspect_err(|e| warn!(error = %e, "held-out evaluation failed; no metrics report this round"))
+                                .ok()
+                        };
+                        let m = model.load_adapter(&start)?;
+                        let before = if score { heldout(&m) } else { None };
+                        let m = m.set_trainable(trains.a, trains.b);
+                        let (m, stats) =
+                            train_local_with(m, &data.train, &spec, seed, &dev, &train_options)?;
+                        let scores = before.and_then(|before| {
+                            Some(HeldoutScores {
+                                after: heldout(&m)?,
+                                before,
+                            })
+                        });
+                        Ok::<_, ModelError>((m, stats, scores))
                     })
                     .await??;
                     model = trained;
+                    if let Some(scores) = &scores {
+                        report_metrics(&client, &options, &id, t.round, scores).await;
+                    }
                     let trained_full = model.try_export_adapter()?;
                     let trained = if hetero {
                         hetlora::truncate(&trained_full, work.rank)?
@@ -570,6 +600,48 @@ impl RoundPlan {
             });
         }
         Ok(())
+    }
+}
+
+/// Held-out scores of one round: the model the lab started from and the one it trained.
+struct HeldoutScores {
+    before: EvalStats,
+    after: EvalStats,
+}
+
+/// Sends one round's held-out losses (`ReportMetrics`), the only message beyond the
+/// protocol's, and only when [`ParticipantOptions::share_metrics`] lists `heldout_loss`:
+/// two mean losses and a token count, never text, tokens or per-example values. A refusal
+/// or failure is logged and changes nothing else: the numbers are for the operator's page.
+async fn report_metrics(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    round: u64,
+    scores: &HeldoutScores,
+) {
+    debug_assert!(options.share_metrics.contains(&SharedMetric::HeldoutLoss));
+    let request = pb::ReportMetricsRequest {
+        participant_id: id.to_string(),
+        round,
+        heldout_loss_before: scores.before.loss,
+        heldout_loss_after: scores.after.loss,
+        heldout_tokens: scores.after.tokens as u64,
+    };
+    match client.clone().report_metrics(request).await {
+        Ok(_) => info!(
+            participant = %options.name,
+            round,
+            before = scores.before.loss,
+            after = scores.after.loss,
+            "held-out loss reported (share_metrics allows heldout_loss)"
+        ),
+        Err(status) => warn!(
+            participant = %options.name,
+            round,
+            %status,
+            "the aggregator did not take the held-out loss report; going on"
+        ),
     }
 }
 

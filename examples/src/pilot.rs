@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use fedaggregator::AggregatorConfig;
-use fedaggregator::config::{ServerSection, TlsSection};
+use fedaggregator::config::{AdminSection, ServerSection, TlsSection};
 use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
 use fedclient::checkpoint::{self, Checkpoint};
 use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus, TextTokenizer};
@@ -150,6 +150,9 @@ pub struct PilotOptions {
     /// Aggregate securely (default). Off only on request: the aggregator then sees every
     /// lab's update.
     pub secure: bool,
+    /// Port of the aggregator's admin HTTP port (status page, /metrics) on 127.0.0.1; 0
+    /// picks a free one (printed at start).
+    pub admin_port: u16,
 }
 
 impl Default for PilotOptions {
@@ -171,6 +174,7 @@ impl Default for PilotOptions {
             out_dir: PathBuf::from("runs/pilot"),
             local_baseline: true,
             secure: true,
+            admin_port: 0,
         }
     }
 }
@@ -308,6 +312,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             .collect(),
         validity_days: 2,
         ca_validity_days: 2,
+        // The pilot's labs opt in, so its status page draws per-language loss curves.
+        share_metrics: vec![mekong_proto::policy::SharedMetric::HeldoutLoss],
     })
     .context("provisioning the pilot federation")?;
     let base = match &options.model {
@@ -352,6 +358,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             linger_after_finish_ms: 10_000,
         },
         tls: TlsSection::provisioned(&dir),
+        admin: Some(AdminSection::loopback(options.admin_port)),
         plan: plan.clone(),
     };
     let server = fedaggregator::start(&config)
@@ -366,6 +373,9 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         options.steps,
         selected.label
     );
+    if let Some(admin) = server.admin_addr() {
+        println!("status page: http://{admin}/ (Prometheus metrics at /metrics)");
+    }
 
     let started = Instant::now();
     let observer: Arc<dyn ParticipantObserver> = Arc::new(Progress);
@@ -375,6 +385,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         // The kit was made before the aggregator had its (ephemeral) port.
         kit.aggregator = server.local_addr().to_string();
         let identity = IdentitySeed::load(&kit.identity).context("reading a lab's identity")?;
+        // The lab's policy, as its kit says (the pilot provisions kits that opt in).
+        let share_metrics = kit.share_metrics.iter().copied().collect();
         let participant_options = ParticipantOptions {
             kit: Some(Arc::new(kit)),
             evaluate: true,
@@ -382,6 +394,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             identity: Some(Arc::new(identity)),
             plan_sha256: Some(plan.fingerprint()),
             base: base.clone(),
+            share_metrics,
             ..ParticipantOptions::new("", &PilotOptions::lab_name(code), code)
         };
         labs.push(tokio::spawn(participant::run(

@@ -13,5 +13,6 @@ pub mod v1 {
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 pub mod convert;
+pub mod policy;
 pub mod secure;
 pub mod tls;

@@ -393,6 +393,11 @@ pub struct ParticipantKit {
     pub private_key: PathBuf,
     /// Its Ed25519 secure-aggregation identity (`fedclient keygen` format, 0600).
     pub identity: PathBuf,
+    /// The lab's local policy: aggregate numbers it agrees to report to the aggregator's
+    /// status page beyond the protocol's messages (`["heldout_loss"]`). Missing or empty:
+    /// nothing. The lab may edit this line; the participant runtime enforces it locally.
+    #[serde(default)]
+    pub share_metrics: Vec<crate::policy::SharedMetric>,
 }
 
 impl ParticipantKit {

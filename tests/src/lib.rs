@@ -103,6 +103,7 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
             linger_after_finish_ms: 2_000,
         },
         tls: TlsSection::plaintext(),
+        admin: None,
         plan,
     }
 }

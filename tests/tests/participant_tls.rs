@@ -28,6 +28,7 @@ fn provision_into(dir: &Path, federation: &str, names: &[&str]) -> Provisioned {
             .collect(),
         validity_days: 1,
         ca_validity_days: 1,
+        share_metrics: Vec::new(),
     })
     .unwrap()
 }

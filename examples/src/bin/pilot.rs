@@ -57,6 +57,10 @@ struct Args {
     /// Turn secure aggregation off: the aggregator sees every lab's update in plaintext.
     #[arg(long)]
     insecure_plaintext: bool,
+    /// Port of the aggregator's status page and /metrics on 127.0.0.1 [default: a free
+    /// port, printed at start].
+    #[arg(long, default_value_t = 0)]
+    admin_port: u16,
 }
 
 #[tokio::main]
@@ -83,6 +87,7 @@ async fn main() -> Result<()> {
         out_dir: a.out,
         local_baseline: !a.no_local_baseline,
         secure: !a.insecure_plaintext,
+        admin_port: a.admin_port,
         ..defaults
     };
     let report = mekong_examples::pilot::run(options).await?;

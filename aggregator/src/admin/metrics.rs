@@ -1,0 +1,193 @@
+//! The Prometheus metrics `/metrics` exposes, in the text exposition format that
+//! `prometheus-client` writes (OpenMetrics 1.0, which Prometheus scrapes natively).
+//!
+//! Counters and histograms are updated where things happen (the service's hooks, the
+//! byte-counting layer, the coordinator's events); gauges that mirror the coordinator's
+//! state are set from its status just before each scrape.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set of a family: `(name, value)` pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// One label.
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn stage_histogram() -> Histogram {
+    // 50 ms .. ~30 min.
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub rounds_completed: Counter,
+    pub secure_attempts_failed: Counter,
+    pub participants_dropped: Counter,
+    pub metric_reports: Counter,
+    pub rpc_calls: Family<Labels, Counter>,
+    pub rpc_received_bytes: Family<Labels, Counter>,
+    pub rpc_sent_bytes: Family<Labels, Counter>,
+    pub round_duration: Histogram,
+    pub stage_duration: Family<Labels, Histogram>,
+    pub round: Gauge,
+    pub rounds_total: Gauge,
+    pub stage: Family<Labels, Gauge>,
+    pub secure_attempt: Gauge,
+    pub participants_joined: Gauge,
+    pub participants_connected: Gauge,
+    pub participants_needed: Gauge,
+    pub cohort_size: Gauge,
+    pub updates_received: Gauge,
+    pub heldout_loss: Family<Labels, Gauge<f64, AtomicU64>>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mekong");
+        let m = Metrics {
+            registry: Registry::default(),
+            rounds_completed: Counter::default(),
+            secure_attempts_failed: Counter::default(),
+            participants_dropped: Counter::default(),
+            metric_reports: Counter::default(),
+            rpc_calls: Family::default(),
+            rpc_received_bytes: Family::default(),
+            rpc_sent_bytes: Family::default(),
+            round_duration: stage_histogram(),
+            stage_duration: Family::new_with_constructor(stage_histogram),
+            round: Gauge::default(),
+            rounds_total: Gauge::default(),
+            stage: Family::default(),
+            secure_attempt: Gauge::default(),
+            participants_joined: Gauge::default(),
+            participants_connected: Gauge::default(),
+            participants_needed: Gauge::default(),
+            cohort_size: Gauge::default(),
+            updates_received: Gauge::default(),
+            heldout_loss: Family::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "rounds_completed",
+            "Rounds closed into a new global adapter",
+            m.rounds_completed.clone(),
+        );
+        r.register(
+            "secure_attempts_failed",
+            "Secure-aggregation attempts that failed (too few survivors or a misbehaving participant) and were restarted",
+            m.secure_attempts_failed.clone(),
+        );
+        r.register(
+            "participants_dropped",
+            "Cohort members whose update was not in their round's aggregate, summed over closed rounds",
+            m.participants_dropped.clone(),
+        );
+        r.register(
+            "metric_reports",
+            "Opt-in held-out loss reports received from participants",
+            m.metric_reports.clone(),
+        );
+        r.register(
+            "rpc_calls",
+            "gRPC calls received, by method",
+            m.rpc_calls.clone(),
+        );
+        r.register(
+            "rpc_received_bytes",
+            "Bytes of gRPC request bodies received (messages with gRPC framing), by method",
+            m.rpc_received_bytes.clone(),
+        );
+        r.register(
+            "rpc_sent_bytes",
+            "Bytes of gRPC response bodies sent (messages with gRPC framing), by method",
+            m.rpc_sent_bytes.clone(),
+        );
+        r.register(
+            "round_duration_seconds",
+            "Time from a round's opening to its close",
+            m.round_duration.clone(),
+        );
+        r.register(
+            "stage_duration_seconds",
+            "Time a round stage took: secure-aggregation stages from the previous stage's close (advertise_keys includes local training), plaintext_updates for a round without secure aggregation",
+            m.stage_duration.clone(),
+        );
+        r.register(
+            "round",
+            "The open round, or the last closed one when finished, 0 before the first",
+            m.round.clone(),
+        );
+        r.register(
+            "rounds_total",
+            "Rounds the plan runs",
+            m.rounds_total.clone(),
+        );
+        r.register(
+            "stage",
+            "1 for the coordinator's current stage (waiting_for_participants, training, finished)",
+            m.stage.clone(),
+        );
+        r.register(
+            "secure_attempt",
+            "Secure-aggregation attempt of the open round (0 when none is open)",
+            m.secure_attempt.clone(),
+        );
+        r.register(
+            "participants_joined",
+            "Participants that joined",
+            m.participants_joined.clone(),
+        );
+        r.register(
+            "participants_connected",
+            "Joined participants whose last call was within the last 60 s (a lab busy training calls nothing until done)",
+            m.participants_connected.clone(),
+        );
+        r.register(
+            "participants_needed",
+            "Participants the first round waits for",
+            m.participants_needed.clone(),
+        );
+        r.register(
+            "cohort_size",
+            "Participants sampled into the open round",
+            m.cohort_size.clone(),
+        );
+        r.register(
+            "updates_received",
+            "Updates received in the open round",
+            m.updates_received.clone(),
+        );
+        r.register(
+            "heldout_loss",
+            "Token-weighted mean held-out loss (nats) of the labs of a language that opted in, for the latest round they reported, before and after local training",
+            m.heldout_loss.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

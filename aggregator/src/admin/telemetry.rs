@@ -1,0 +1,479 @@
+//! What the running service records for its operator: who joined and when each was last
+//! seen, every closed round, stage timings, gRPC traffic and the held-out losses labs chose
+//! to report. Fed only by the real service (its handlers, its byte-counting layer and the
+//! coordinator's events), read by `/api/status`, `/metrics` and the page.
+//!
+//! Lock order: the coordinator's lock, then this record's, never the other way round.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fedcore::round::Stage;
+use fedcore::secagg::protocol::Stage as SecureStage;
+use fedcore::{Coordinator, Event};
+
+use super::metrics::{Metrics, labels};
+use super::report::{
+    LossCurve, LossPoint, ParticipantStatus, RoundRow, RpcTraffic, StageTiming, StatusReport,
+};
+
+/// A participant whose last call is more recent than this counts as connected. A lab
+/// long-polls FetchTask (at most 20 s per call) whenever it is not training.
+pub const CONNECTED_WINDOW_MS: u64 = 60_000;
+
+/// The gRPC methods of `mekong.v1.Federation`, the label of traffic metrics. Anything else
+/// is `other`, so a caller cannot grow the label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Rpc {
+    Join,
+    FetchTask,
+    SubmitUpdate,
+    SecureAggregate,
+    SubmitMasked,
+    RoundStatus,
+    ReportMetrics,
+    Other,
+}
+
+impl Rpc {
+    /// The method a gRPC request path (`/mekong.v1.Federation/Join`) names.
+    pub fn from_path(path: &str) -> Rpc {
+        match path.strip_prefix("/mekong.v1.Federation/") {
+            Some("Join") => Rpc::Join,
+            Some("FetchTask") => Rpc::FetchTask,
+            Some("SubmitUpdate") => Rpc::SubmitUpdate,
+            Some("SecureAggregate") => Rpc::SecureAggregate,
+            Some("SubmitMasked") => Rpc::SubmitMasked,
+            Some("RoundStatus") => Rpc::RoundStatus,
+            Some("ReportMetrics") => Rpc::ReportMetrics,
+            _ => Rpc::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rpc::Join => "Join",
+            Rpc::FetchTask => "FetchTask",
+            Rpc::SubmitUpdate => "SubmitUpdate",
+            Rpc::SecureAggregate => "SecureAggregate",
+            Rpc::SubmitMasked => "SubmitMasked",
+            Rpc::RoundStatus => "RoundStatus",
+            Rpc::ReportMetrics => "ReportMetrics",
+            Rpc::Other => "other",
+        }
+    }
+}
+
+/// Which way bytes went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Received,
+    Sent,
+}
+
+/// One lab's held-out numbers for one round (`ReportMetrics`), already validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossReport {
+    pub before: f64,
+    pub after: f64,
+    pub tokens: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Participant {
+    language: String,
+    joined_ms: u64,
+    last_seen_ms: u64,
+    rounds_contributed: u64,
+    metric_reports: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenRound {
+    round: u64,
+    opened_ms: u64,
+    /// When the current stage began (round opening, a stage's close, a failed attempt).
+    stage_began_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    count: u64,
+    total_ms: u64,
+    max_ms: u64,
+    last_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Traffic {
+    calls: u64,
+    received: u64,
+    sent: u64,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    participants: BTreeMap<String, Participant>,
+    rounds: Vec<RoundRow>,
+    open: Option<OpenRound>,
+    /// `(round, participant)` → the report, with the participant's language.
+    losses: BTreeMap<(u64, String), (String, LossReport)>,
+    /// Keyed by the stage's metric label, in the order stages run.
+    stages: BTreeMap<(u8, &'static str), Timing>,
+    traffic: BTreeMap<Rpc, Traffic>,
+    secure_attempts_failed: u64,
+    participants_dropped: u64,
+}
+
+/// The operator's record of a running aggregator.
+pub struct Telemetry {
+    record: Mutex<Record>,
+    metrics: Metrics,
+    started_unix_s: u64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A secure stage's metric label, with its position in a round.
+fn secure_stage_label(stage: SecureStage) -> (u8, &'static str) {
+    match stage {
+        SecureStage::AdvertiseKeys => (1, "advertise_keys"),
+        SecureStage::ShareKeys => (2, "share_keys"),
+        SecureStage::MaskedInput => (3, "masked_input"),
+        SecureStage::ConsistencyCheck => (4, "consistency_check"),
+        SecureStage::Unmask | SecureStage::Done => (5, "unmask"),
+    }
+}
+
+const PLAINTEXT_STAGE: (u8, &str) = (0, "plaintext_updates");
+
+fn stage_name(stage: &Stage) -> &'static str {
+    match stage {
+        Stage::WaitingForParticipants => "waiting_for_participants",
+        Stage::Training => "training",
+        Stage::Finished => "finished",
+    }
+}
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        Telemetry {
+            record: Mutex::new(Record::default()),
+            metrics: Metrics::new(),
+            started_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    fn record(&self) -> MutexGuard<'_, Record> {
+        // Every update below is a handful of field writes; a panic cannot leave it unusable.
+        self.record.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The Prometheus metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A participant joined (or re-joined after a restart).
+    pub fn joined(&self, name: &str, language: &str, now_ms: u64) {
+        let mut r = self.record();
+        let p = r
+            .participants
+            .entry(name.to_string())
+            .or_insert_with(|| Participant {
+                language: language.to_string(),
+                joined_ms: now_ms,
+                last_seen_ms: now_ms,
+                rounds_contributed: 0,
+                metric_reports: 0,
+            });
+        p.language = language.to_string();
+        p.joined_ms = now_ms;
+        p.last_seen_ms = now_ms;
+    }
+
+    /// A joined participant made a call.
+    pub fn seen(&self, name: &str, now_ms: u64) {
+        if let Some(p) = self.record().participants.get_mut(name) {
+            p.last_seen_ms = now_ms;
+        }
+    }
+
+    /// A gRPC call arrived.
+    pub fn call(&self, rpc: Rpc) {
+        self.record().traffic.entry(rpc).or_default().calls += 1;
+        self.metrics
+            .rpc_calls
+            .get_or_create(&labels(&[("rpc", rpc.name())]))
+            .inc();
+    }
+
+    /// `bytes` of a gRPC body went by.
+    pub fn bytes(&self, rpc: Rpc, direction: Direction, bytes: usize) {
+        let bytes = bytes as u64;
+        let key = labels(&[("rpc", rpc.name())]);
+        let mut r = self.record();
+        let t = r.traffic.entry(rpc).or_default();
+        match direction {
+            Direction::Received => {
+                t.received += bytes;
+                self.metrics
+                    .rpc_received_bytes
+                    .get_or_create(&key)
+                    .inc_by(bytes);
+            }
+            Direction::Sent => {
+                t.sent += bytes;
+                self.metrics
+                    .rpc_sent_bytes
+                    .get_or_create(&key)
+                    .inc_by(bytes);
+            }
+        }
+    }
+
+    /// A participant's validated held-out report for `round`; a repeated report for the
+    /// same round (a retried call) replaces the first.
+    pub fn loss_report(&self, name: &str, language: &str, round: u64, report: LossReport) {
+        let mut r = self.record();
+        let fresh = r
+            .losses
+            .insert((round, name.to_string()), (language.to_string(), report))
+            .is_none();
+        if fresh && let Some(p) = r.participants.get_mut(name) {
+            p.metric_reports += 1;
+        }
+        self.metrics.metric_reports.inc();
+        drop(r);
+        if let Some(point) = self
+            .curves()
+            .into_iter()
+            .find(|c| c.language == language)
+            .and_then(|c| c.points.last().cloned())
+        {
+            for (when, value) in [("before", point.before), ("after", point.after)] {
+                self.metrics
+                    .heldout_loss
+                    .get_or_create(&labels(&[("language", language), ("when", when)]))
+                    .set(value);
+            }
+        }
+    }
+
+    /// What the coordinator's events say happened, at `now_ms`.
+    pub fn observe(&self, events: &[Event], now_ms: u64) {
+        let mut r = self.record();
+        for event in events {
+            match event {
+                Event::RoundStarted { round, .. } => {
+                    r.open = Some(OpenRound {
+                        round: *round,
+                        opened_ms: now_ms,
+                        stage_began_ms: now_ms,
+                    });
+                }
+                Event::SecureStageClosed { stage, .. } => {
+                    self.stage_done(&mut r, secure_stage_label(*stage), now_ms);
+                }
+                Event::SecureAttemptFailed { .. } => {
+                    r.secure_attempts_failed += 1;
+                    self.metrics.secure_attempts_failed.inc();
+                    if let Some(open) = &mut r.open {
+                        open.stage_began_ms = now_ms;
+                    }
+                }
+                Event::RoundCompleted(record) => {
+                    let opened = match r.open {
+                        Some(open) if open.round == record.round => open.opened_ms,
+                        _ => now_ms,
+                    };
+                    if record.secure.is_none() {
+                        self.stage_done(&mut r, PLAINTEXT_STAGE, now_ms);
+                    }
+                    let duration_ms = now_ms.saturating_sub(opened);
+                    self.metrics.round_duration.observe(seconds(duration_ms));
+                    self.metrics.rounds_completed.inc();
+                    self.metrics
+                        .participants_dropped
+                        .inc_by(record.dropped.len() as u64);
+                    r.participants_dropped += record.dropped.len() as u64;
+                    for name in &record.contributors {
+                        if let Some(p) = r.participants.get_mut(name) {
+                            p.rounds_contributed += 1;
+                        }
+                    }
+                    r.rounds.push(RoundRow {
+                        round: record.round,
+                        contributors: record.contributors.clone(),
+                        dropped: record.dropped.clone(),
+                        total_samples: record.total_samples,
+                        secure_attempt: record.secure.as_ref().map(|s| s.attempt),
+                        quantisation_bound: record.secure.as_ref().map(|s| s.error_bound),
+                        duration_s: seconds(duration_ms),
+                        adapter_sha256: record.adapter_hash.clone(),
+                    });
+                    r.open = None;
+                }
+                Event::RoundExtended { .. } | Event::RunFinished { .. } => {}
+            }
+        }
+    }
+
+    fn stage_done(&self, r: &mut Record, stage: (u8, &'static str), now_ms: u64) {
+        let Some(open) = &mut r.open else {
+            return;
+        };
+        let took = now_ms.saturating_sub(open.stage_began_ms);
+        open.stage_began_ms = now_ms;
+        let t = r.stages.entry(stage).or_default();
+        t.count += 1;
+        t.total_ms += took;
+        t.max_ms = t.max_ms.max(took);
+        t.last_ms = took;
+        self.metrics
+            .stage_duration
+            .get_or_create(&labels(&[("stage", stage.1)]))
+            .observe(seconds(took));
+    }
+
+    /// Sets the gauges that mirror the coordinator, for a scrape.
+    pub fn refresh_gauges(&self, coordinator: &Coordinator, now_ms: u64) {
+        let s = coordinator.status();
+        let m = &self.metrics;
+        m.round.set(s.round as i64);
+        m.rounds_total.set(s.rounds_total as i64);
+        for stage in [
+            Stage::WaitingForParticipants,
+            Stage::Training,
+            Stage::Finished,
+        ] {
+            m.stage
+                .get_or_create(&labels(&[("stage", stage_name(&stage))]))
+                .set(i64::from(stage == s.stage));
+        }
+        m.secure_attempt
+            .set(s.secure.map_or(0, |(_, attempt)| i64::from(attempt)));
+        m.participants_joined.set(s.participants_joined as i64);
+        m.participants_needed.set(s.participants_needed as i64);
+        m.cohort_size.set(s.cohort_size as i64);
+        m.updates_received.set(s.updates_received as i64);
+        let connected = self
+            .record()
+            .participants
+            .values()
+            .filter(|p| now_ms.saturating_sub(p.last_seen_ms) < CONNECTED_WINDOW_MS)
+            .count();
+        m.participants_connected.set(connected as i64);
+    }
+
+    /// Per language, the token-weighted mean of each round's reports.
+    fn curves(&self) -> Vec<LossCurve> {
+        let r = self.record();
+        // language → round → (Σ t·before, Σ t·after, Σ t, labs)
+        let mut sums: BTreeMap<&str, BTreeMap<u64, (f64, f64, u64, u64)>> = BTreeMap::new();
+        for ((round, _), (language, report)) in &r.losses {
+            let s = sums
+                .entry(language.as_str())
+                .or_default()
+                .entry(*round)
+                .or_default();
+            let t = report.tokens as f64;
+            s.0 += t * report.before;
+            s.1 += t * report.after;
+            s.2 += report.tokens;
+            s.3 += 1;
+        }
+        sums.into_iter()
+            .map(|(language, rounds)| LossCurve {
+                language: language.to_string(),
+                points: rounds
+                    .into_iter()
+                    .map(|(round, (before, after, tokens, labs))| LossPoint {
+                        round,
+                        before: before / tokens as f64,
+                        after: after / tokens as f64,
+                        tokens,
+                        labs,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The snapshot the page, `/api/status` and `fedaggregator status` show.
+    pub fn report(&self, coordinator: &Coordinator, now_ms: u64) -> StatusReport {
+        let s = coordinator.status();
+        let curves = self.curves();
+        let r = self.record();
+        StatusReport {
+            federation: coordinator.plan().federation.clone(),
+            plan_sha256: coordinator.plan().fingerprint(),
+            secure_aggregation: coordinator.secure(),
+            uptime_s: seconds(now_ms),
+            started_unix_s: self.started_unix_s,
+            stage: stage_name(&s.stage).to_string(),
+            round: s.round,
+            rounds_total: s.rounds_total,
+            secure_stage: s
+                .secure
+                .map(|(stage, _)| secure_stage_label(stage).1.to_string()),
+            secure_attempt: s.secure.map(|(_, attempt)| attempt),
+            participants_needed: s.participants_needed,
+            cohort_size: s.cohort_size,
+            updates_received: s.updates_received,
+            global_adapter_sha256: s.global_hash,
+            participants: r
+                .participants
+                .iter()
+                .map(|(name, p)| {
+                    let ago = now_ms.saturating_sub(p.last_seen_ms);
+                    ParticipantStatus {
+                        name: name.clone(),
+                        language: p.language.clone(),
+                        joined_at_s: seconds(p.joined_ms),
+                        last_seen_s_ago: seconds(ago),
+                        connected: ago < CONNECTED_WINDOW_MS,
+                        rounds_contributed: p.rounds_contributed,
+                        metric_reports: p.metric_reports,
+                    }
+                })
+                .collect(),
+            rounds: r.rounds.clone(),
+            traffic: r
+                .traffic
+                .iter()
+                .map(|(rpc, t)| RpcTraffic {
+                    rpc: rpc.name().to_string(),
+                    calls: t.calls,
+                    received_bytes: t.received,
+                    sent_bytes: t.sent,
+                })
+                .collect(),
+            stage_timings: r
+                .stages
+                .iter()
+                .map(|((_, name), t)| StageTiming {
+                    stage: name.to_string(),
+                    count: t.count,
+                    mean_s: seconds(t.total_ms) / t.count.max(1) as f64,
+                    max_s: seconds(t.max_ms),
+                    last_s: seconds(t.last_ms),
+                })
+                .collect(),
+            secure_attempts_failed: r.secure_attempts_failed,
+            participants_dropped: r.participants_dropped,
+            loss_curves: curves,
+        }
+    }
+}
