@@ -47,6 +47,14 @@ pub struct ServerSection {
     /// final adapter; the server stops earlier once every participant has been told.
     #[serde(default = "default_linger_ms")]
     pub linger_after_finish_ms: u64,
+    /// Largest global adapter (bytes of f32 values) put inline in a task answer; larger
+    /// ones are sent by reference and downloaded in resumable, checksummed 1 MiB chunks.
+    #[serde(default = "default_inline_adapter_max_bytes")]
+    pub inline_adapter_max_bytes: u64,
+}
+
+fn default_inline_adapter_max_bytes() -> u64 {
+    mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES
 }
 
 fn default_linger_ms() -> u64 {
@@ -278,6 +286,7 @@ impl AggregatorConfig {
                 listen: "127.0.0.1:50051".parse().expect("valid address"),
                 output_dir: PathBuf::from("runs/federation"),
                 linger_after_finish_ms: default_linger_ms(),
+                inline_adapter_max_bytes: default_inline_adapter_max_bytes(),
             },
             tls: TlsSection::provisioned(Path::new("")),
             admin: Some(AdminSection::loopback(9464)),

@@ -7,6 +7,8 @@
 //! - [`admin`]: the operator's HTTP port (health, Prometheus metrics, status page) and
 //!   `fedaggregator status`.
 //! - [`config`]: the TOML configuration file, validated field by field.
+//! - [`download`]: the global adapter on the wire (inline, or in resumable checksummed
+//!   chunks).
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
@@ -15,6 +17,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod download;
 pub mod provision;
 pub mod server;
 pub mod service;

@@ -700,7 +700,13 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
             certificate: "client.pem".into(),
             private_key: "client.key".into(),
             identity: "identity.key".into(),
-            share_metrics: options.share_metrics.clone(),
+            // The plan fingerprint is left out: the plan may still change before the run
+            // (the written configuration need not validate yet); labs pin it when agreed.
+            policy: mekong_proto::policy::LocalPolicy {
+                share_metrics: options.share_metrics.clone(),
+                ..Default::default()
+            },
+            local: None,
         };
         write_new(
             &kit_dir.join("client.key"),

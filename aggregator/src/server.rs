@@ -110,10 +110,12 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         }
     };
     let store = AdapterStore::new(&config.server.output_dir);
-    let shared = Shared::new(coordinator, store.clone()).map_err(|status| ServeError::Store {
-        dir: store.dir().display().to_string(),
-        message: status.message().to_string(),
-    })?;
+    let adapters = crate::download::AdapterCache::new(config.server.inline_adapter_max_bytes);
+    let shared =
+        Shared::new(coordinator, store.clone(), adapters).map_err(|status| ServeError::Store {
+            dir: store.dir().display().to_string(),
+            message: status.message().to_string(),
+        })?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -316,10 +318,10 @@ impl RunningServer {
             w.abort();
         }
         let _ = self.shutdown.send(());
-        if let Some(admin) = self.admin {
-            if let Err(e) = admin.shutdown().await {
-                tracing::warn!(error = %e, "admin port stopped with an error");
-            }
+        if let Some(admin) = self.admin
+            && let Err(e) = admin.shutdown().await
+        {
+            tracing::warn!(error = %e, "admin port stopped with an error");
         }
         self.server.await??;
         Ok(())

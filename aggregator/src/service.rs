@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
-use mekong_proto::convert::{adapter_payload, work_to_wire};
+use mekong_proto::convert::work_to_wire;
 use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
 use mekong_proto::tls::{PeerCertificate, Revocations};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::download::AdapterCache;
 use crate::spool::Spool;
 use crate::status_map::status_for;
 use crate::store::AdapterStore;
@@ -51,11 +52,17 @@ pub struct Shared {
     changes: watch::Sender<u64>,
     /// The operator's record (admin port).
     pub(crate) telemetry: crate::admin::Telemetry,
+    /// The global adapter's wire form, encoded once per content hash.
+    adapters: AdapterCache,
 }
 
 impl Shared {
     /// Wraps a coordinator, saving its starting adapter as round 0.
-    pub fn new(coordinator: Coordinator, store: AdapterStore) -> Result<Arc<Self>, Status> {
+    pub fn new(
+        coordinator: Coordinator,
+        store: AdapterStore,
+        adapters: AdapterCache,
+    ) -> Result<Arc<Self>, Status> {
         store
             .save_initial(coordinator.global())
             .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
@@ -69,6 +76,7 @@ impl Shared {
             started: Instant::now(),
             changes,
             telemetry: crate::admin::Telemetry::new(),
+            adapters,
         }))
     }
 
@@ -356,7 +364,7 @@ impl Federation for FederationService {
                         work: Some(work_to_wire(c.strategy().mode().name(), &work)),
                         round,
                         rounds_total: c.plan().rounds.rounds,
-                        global_adapter: Some(adapter_payload(global, global_hash)),
+                        global_adapter: Some(self.shared.adapters.payload(global, global_hash)),
                         deadline_in_ms: deadline_ms.saturating_sub(now),
                         secure: secure.map(|s| pb::SecureSession {
                             session: s.session.to_vec(),
@@ -390,7 +398,7 @@ impl Federation for FederationService {
                         self.shared.changes.send_modify(|v| *v += 1);
                         pb::fetch_task_response::Task::Finished(pb::Finished {
                             rounds_completed: rounds,
-                            final_adapter: Some(adapter_payload(global, global_hash)),
+                            final_adapter: Some(self.shared.adapters.payload(global, global_hash)),
                         })
                     }
                 }
@@ -558,6 +566,33 @@ impl Federation for FederationService {
         check_owner(&c, &req.participant_id, certified.as_deref())?;
         self.shared.record_metrics(&c, &req)?;
         Ok(Response::new(pb::ReportMetricsResponse {}))
+    }
+
+    type DownloadAdapterStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::AdapterChunk, Status>> + Send + 'static>,
+    >;
+
+    async fn download_adapter(
+        &self,
+        request: Request<pb::DownloadAdapterRequest>,
+    ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        let certified = self.certified(&request)?;
+        let req = request.into_inner();
+        let encoded = {
+            let c = self.shared.lock();
+            check_owner(&c, &req.participant_id, certified.as_deref())?;
+            self.shared.seen(&c, &req.participant_id);
+            if req.content_hash != c.global_hash() {
+                return Err(Status::failed_precondition(format!(
+                    "adapter {} is not the current global adapter ({}); fetch the task again",
+                    req.content_hash,
+                    c.global_hash()
+                )));
+            }
+            self.shared.adapters.encoded(c.global(), c.global_hash())
+        };
+        let chunks = crate::download::chunks(encoded, req.offset)?;
+        Ok(Response::new(Box::pin(chunks)))
     }
 }
 

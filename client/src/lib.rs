@@ -11,7 +11,9 @@
 //! - [`train`]: one round of local training on LoRA B.
 //! - [`eval`]: held-out loss, perplexity, bits per character.
 //! - [`participant`]: the runtime that joins a federation and trains every round.
+//! - [`progress`]: progress bars and per-round summaries for `fedclient`.
 //! - [`upload`]: the single seam where an update is encoded for the wire.
+//! - [`download`]: receiving a global adapter (inline, or in resumable checksummed chunks).
 //! - [`local_train`]: fine-tuning on local data alone (`fedclient train`).
 //! - [`identity`]: the lab's long-term Ed25519 identity file.
 //! - [`error`]: typed errors.
@@ -19,11 +21,13 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod download;
 pub mod error;
 pub mod eval;
 pub mod identity;
 pub mod local_train;
 pub mod model;
 pub mod participant;
+pub mod progress;
 pub mod train;
 pub mod upload;

@@ -1,60 +1,21 @@
 //! `fedclient`: take part in a Mekong federation from a lab.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::ValueEnum;
 use clap::{Parser, Subcommand};
 use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus};
 use fedclient::device::{DeviceChoice, select_device};
 use fedclient::identity::IdentitySeed;
 use fedclient::local_train;
-use fedclient::participant::{self, ParticipantOptions, Quiet};
-use fedclient::train::{StepReport, TrainObserver};
+use fedclient::participant::{self, ParticipantOptions, RunEnd};
+use fedclient::progress::{JoinDisplay, TrainBar};
 use fedcore::{LoraSpec, TargetModule, TrainingSpec};
 use mekong_proto::policy::SharedMetric;
-
-/// Training progress: a bar with the step's loss, learning rate and tokens/s.
-struct ProgressBar {
-    bar: indicatif::ProgressBar,
-    started: std::time::Instant,
-    tokens: usize,
-}
-
-impl ProgressBar {
-    fn new(steps: usize) -> Self {
-        let bar = indicatif::ProgressBar::new(steps as u64);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps · {msg} · eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        ProgressBar {
-            bar,
-            started: std::time::Instant::now(),
-            tokens: 0,
-        }
-    }
-
-    fn finish(&self) {
-        self.bar.finish();
-    }
-}
-
-impl TrainObserver for ProgressBar {
-    fn step(&mut self, report: &StepReport) {
-        self.tokens += report.tokens;
-        let rate = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!(
-            "loss {:.4} · lr {:.2e} · {rate:.0} tokens/s",
-            report.loss, report.learning_rate
-        ));
-        self.bar.inc(1);
-    }
-}
+use mekong_proto::tls::ParticipantKit;
 
 #[derive(Parser)]
 #[command(
@@ -69,54 +30,65 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Join a federation and train every round until it finishes.
+    /// Join a federation and train every round until it finishes (or this lab's policy
+    /// says stop).
     Join {
-        /// This lab's provisioning kit (`fedaggregator provision`): a directory holding
-        /// participant.toml, or that file. Supplies the aggregator's address, this lab's name,
-        /// language, TLS certificate and identity key; connections are then mutual TLS.
-        #[arg(long)]
-        kit: Option<PathBuf>,
+        /// This lab's participant.toml (or the kit directory holding it), from `fedaggregator
+        /// provision`: the aggregator's address, this lab's name, language, TLS certificate
+        /// and identity key; its `[policy]` (min_peers, max_rounds, share_metrics,
+        /// plan_sha256) and `[local]` (data, model, heldout, device) sections supply the
+        /// rest. Connections are then mutual TLS. The options below override the file.
+        #[arg(long, visible_alias = "kit")]
+        config: Option<PathBuf>,
         /// Aggregator address without TLS, e.g. http://127.0.0.1:50051 (only for a
-        /// federation that explicitly runs without TLS; use --kit otherwise).
-        #[arg(long, required_unless_present = "kit")]
+        /// federation that explicitly runs without TLS; use --config otherwise).
+        #[arg(long, required_unless_present = "config")]
         aggregator: Option<String>,
-        /// This lab's stable name (letters, digits, '-', '_', '.') [default: the kit's].
-        #[arg(long, required_unless_present = "kit")]
+        /// This lab's stable name (letters, digits, '-', '_', '.') [default: the config's].
+        #[arg(long, required_unless_present = "config")]
         name: Option<String>,
-        /// Language label of the local data [default: the kit's].
-        #[arg(long, required_unless_present = "kit")]
+        /// Language label of the local data [default: the config's].
+        #[arg(long, required_unless_present = "config")]
         language: Option<String>,
         /// Local UTF-8 text file, one paragraph per line. It never leaves this machine.
+        /// [default: the config's `local.data`]
         #[arg(long)]
-        data: PathBuf,
+        data: Option<PathBuf>,
         /// Base model, when the plan pins a pretrained one: a GGUF file or a Hugging Face
         /// directory (the data is then tokenized with its tokenizer). Without it the plan's
-        /// seeded byte-level model is used.
+        /// seeded byte-level model is used. [default: the config's `local.model`]
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Fraction of paragraphs held out for evaluation.
-        #[arg(long, default_value_t = 0.1)]
-        heldout: f64,
-        /// Compute device: auto picks wgpu when a GPU is present, else the CPU.
-        #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-        device: DeviceChoice,
+        /// Fraction of paragraphs held out for evaluation [default: the config's
+        /// `local.heldout`, else 0.1].
+        #[arg(long)]
+        heldout: Option<f64>,
+        /// Compute device: auto picks wgpu when a GPU is present, else the CPU [default: the
+        /// config's `local.device`, else auto].
+        #[arg(long, value_enum)]
+        device: Option<DeviceChoice>,
         /// Seconds to keep retrying an unreachable aggregator.
         #[arg(long, default_value_t = 120)]
         patience: u64,
-        /// This lab's identity file (from `fedclient keygen`) [default: the kit's]; needed
+        /// This lab's identity file (from `fedclient keygen`) [default: the config's]; needed
         /// for secure aggregation.
         #[arg(long)]
         identity: Option<PathBuf>,
         /// The plan fingerprint the labs agreed on (`fedaggregator check-config` prints it);
-        /// any other plan is refused.
+        /// any other plan is refused [default: the config's `policy.plan_sha256`].
         #[arg(long)]
         plan_sha256: Option<String>,
-        /// Fewest peers this lab accepts in a secure-aggregation round (at least 3).
-        #[arg(long, default_value_t = 3)]
-        min_peers: usize,
+        /// Fewest peers this lab accepts in a secure-aggregation round, at least 3
+        /// [default: the config's `policy.min_peers`, else 3].
+        #[arg(long)]
+        min_peers: Option<usize>,
+        /// Most rounds this lab takes part in before it leaves [default: the config's
+        /// `policy.max_rounds`, else every round].
+        #[arg(long)]
+        max_rounds: Option<u64>,
         /// Aggregate metrics this lab reports for the aggregator's status page
-        /// (comma-separated; `heldout_loss`, or `none`). Replaces the kit's `share_metrics`
-        /// line; without either, nothing is reported.
+        /// (comma-separated; `heldout_loss`, or `none`) [default: the config's
+        /// `policy.share_metrics`, else none].
         #[arg(long, value_delimiter = ',')]
         share_metrics: Option<Vec<String>>,
     },
@@ -195,7 +167,7 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Join {
-            kit,
+            config,
             aggregator,
             name,
             language,
@@ -207,51 +179,76 @@ async fn main() -> Result<()> {
             identity,
             plan_sha256,
             min_peers,
+            max_rounds,
             share_metrics,
         } => {
-            let kit = kit
+            let kit = config
                 .map(|p| {
-                    mekong_proto::tls::ParticipantKit::load(&p)
-                        .with_context(|| format!("loading the kit {}", p.display()))
+                    ParticipantKit::load(&p)
+                        .with_context(|| format!("loading the participant config {}", p.display()))
                 })
                 .transpose()?;
-            let share_metrics: BTreeSet<SharedMetric> = match share_metrics {
-                Some(names) => names
+            // The file's [policy], then the command line's overrides, checked as one.
+            let mut policy = kit.as_ref().map(|k| k.policy.clone()).unwrap_or_default();
+            if let Some(names) = share_metrics {
+                policy.share_metrics = names
                     .iter()
                     .filter(|n| n.as_str() != "none")
                     .map(|n| n.parse::<SharedMetric>())
                     .collect::<Result<_, _>>()
-                    .context("--share-metrics")?,
-                None => kit
-                    .as_ref()
-                    .map(|k| k.share_metrics.iter().copied().collect())
-                    .unwrap_or_default(),
-            };
-            if !share_metrics.is_empty() {
-                tracing::info!(share = ?share_metrics.iter().map(|m| m.name()).collect::<Vec<_>>(), "this lab's policy shares aggregate metrics with the aggregator");
+                    .context("--share-metrics")?;
             }
+            if let Some(n) = min_peers {
+                policy.min_peers = n;
+            }
+            if max_rounds.is_some() {
+                policy.max_rounds = max_rounds;
+            }
+            if plan_sha256.is_some() {
+                policy.plan_sha256 = plan_sha256;
+            }
+            policy
+                .validate()
+                .context("this lab's policy (participant.toml [policy] and the options)")?;
+            if !policy.share_metrics.is_empty() {
+                tracing::info!(share = ?policy.share_metrics.iter().map(|m| m.name()).collect::<Vec<_>>(), "this lab's policy shares aggregate metrics with the aggregator");
+            }
+            let local = kit.as_ref().and_then(|k| k.local.clone());
+            let data = data
+                .or_else(|| local.as_ref().map(|l| l.data.clone()))
+                .context(
+                    "no local data: pass --data or set `data` under [local] in participant.toml",
+                )?;
+            let model = model.or_else(|| local.as_ref().and_then(|l| l.model.clone()));
+            let heldout = heldout
+                .or_else(|| local.as_ref().map(|l| l.heldout))
+                .unwrap_or(0.1);
+            let device = match (device, &local) {
+                (Some(d), _) => d,
+                (None, Some(l)) => {
+                    <DeviceChoice as ValueEnum>::from_str(&l.device, true).map_err(|_| {
+                        anyhow::anyhow!(
+                            "participant.toml: local.device = {:?}: expected auto, cpu or wgpu",
+                            l.device
+                        )
+                    })?
+                }
+                (None, None) => DeviceChoice::Auto,
+            };
             let name = name
                 .or_else(|| kit.as_ref().map(|k| k.name.clone()))
-                .context("--name is required without --kit")?;
+                .context("--name is required without --config")?;
             if let Some(k) = &kit
                 && k.name != name
             {
                 anyhow::bail!(
-                    "--name {name:?} differs from the kit's participant {:?}: the aggregator knows this lab by its certificate",
+                    "--name {name:?} differs from the config's participant {:?}: the aggregator knows this lab by its certificate",
                     k.name
                 );
             }
             let language = language
                 .or_else(|| kit.as_ref().map(|k| k.language.clone()))
-                .context("--language is required without --kit")?;
-            let identity = identity
-                .or_else(|| kit.as_ref().map(|k| k.identity.clone()))
-                .map(|p| {
-                    IdentitySeed::load(&p)
-                        .with_context(|| format!("loading the identity from {}", p.display()))
-                })
-                .transpose()?
-                .map(Arc::new);
+                .context("--language is required without --config")?;
             let base = model
                 .map(|p| {
                     fedclient::checkpoint::open(&p)
@@ -273,6 +270,14 @@ async fn main() -> Result<()> {
                 }
             }
             .with_context(|| format!("loading local data from {}", data.display()))?;
+            let identity = identity
+                .or_else(|| kit.as_ref().map(|k| k.identity.clone()))
+                .map(|p| {
+                    IdentitySeed::load(&p)
+                        .with_context(|| format!("loading the identity from {}", p.display()))
+                })
+                .transpose()?
+                .map(Arc::new);
             let selected = select_device(device).context("selecting the compute device")?;
             tracing::info!(device = %selected.label, train_tokens = corpus.train_samples(), "local data loaded");
             let options = ParticipantOptions {
@@ -283,18 +288,31 @@ async fn main() -> Result<()> {
                 evaluate: true,
                 connect_patience: Duration::from_secs(patience),
                 identity,
-                plan_sha256,
-                min_peers,
                 base: base.map(Arc::new),
-                share_metrics,
-            };
-            let report = participant::run(options, corpus, selected.device, Arc::new(Quiet))
-                .await
-                .context("taking part in the federation")?;
-            println!("{} rounds trained", report.rounds.len());
+                ..ParticipantOptions::new("", "", "")
+            }
+            .with_policy(&policy);
+            let report = participant::run(
+                options,
+                corpus,
+                selected.device,
+                Arc::new(JoinDisplay::default()),
+            )
+            .await
+            .context("taking part in the federation")?;
+            match report.ended {
+                RunEnd::Finished { rounds_completed } => println!(
+                    "the federation finished after {rounds_completed} rounds; this lab trained {}",
+                    report.rounds.len()
+                ),
+                RunEnd::MaxRounds { max_rounds } => println!(
+                    "left after {} rounds, as this lab's policy says (max_rounds = {max_rounds}); the federation goes on",
+                    report.rounds.len()
+                ),
+            }
             if let (Some(before), Some(after)) = (&report.initial_eval, &report.final_eval) {
                 println!(
-                    "held-out loss {:.4} -> {:.4} (bits/char {:.3} -> {:.3}) with the final global adapter",
+                    "held-out loss {:.4} -> {:.4} (bits/char {:.3} -> {:.3}) with the last global adapter",
                     before.loss, after.loss, before.bits_per_char, after.bits_per_char
                 );
             }
@@ -371,7 +389,7 @@ async fn main() -> Result<()> {
                 batch_size * grad_accumulation,
                 seq_len
             );
-            let mut bar = ProgressBar::new(steps);
+            let mut bar = TrainBar::new(steps, "");
             let (model, run) = local_train::fine_tune(
                 &checkpoint,
                 &datasets,

@@ -39,8 +39,8 @@ use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
 use fedcore::strategy::{AggregationMode, GlobalModel, ServerState, hetlora};
 use fedcore::{FederationPlan, LoraAdapter, Strategy, StrategyError};
 use mekong_proto::MAX_MESSAGE_BYTES;
-use mekong_proto::convert::{PayloadError, decode_adapter_payload, work_from_wire};
-use mekong_proto::policy::SharedMetric;
+use mekong_proto::convert::{PayloadError, work_from_wire};
+use mekong_proto::policy::{LocalPolicy, SharedMetric};
 use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use rand::RngCore;
@@ -50,11 +50,12 @@ use tracing::{error, info, warn};
 
 use crate::checkpoint::Checkpoint;
 use crate::data::LocalCorpus;
+use crate::download::{DownloadError, DownloadOptions, Fetched, fetch_adapter};
 use crate::error::ModelError;
 use crate::eval::{EvalStats, evaluate};
 use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
-use crate::train::{TrainOptions, TrainStats, train_local_with};
+use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
 
 /// Words per masked-input chunk (1 MiB).
@@ -81,6 +82,8 @@ pub enum ParticipantError {
     Plan(#[from] fedcore::ConfigError),
     #[error("the aggregator sent an unusable adapter: {0}")]
     Adapter(#[from] PayloadError),
+    #[error("downloading the global adapter: {0}")]
+    Download(#[from] DownloadError),
     #[error("the aggregator sent an empty answer to {0}")]
     EmptyAnswer(&'static str),
     #[error("model: {0}")]
@@ -151,6 +154,9 @@ pub struct ParticipantOptions {
     /// This lab's local policy: the aggregate metrics it reports beyond the protocol's
     /// messages. Empty (the default): it reports nothing.
     pub share_metrics: BTreeSet<SharedMetric>,
+    /// This lab's local policy: the most rounds it contributes to before it leaves the
+    /// federation on its own. `None`: every round of the plan.
+    pub max_rounds: Option<u64>,
 }
 
 impl ParticipantOptions {
@@ -176,7 +182,20 @@ impl ParticipantOptions {
             min_peers: MIN_PEERS_FLOOR,
             base: None,
             share_metrics: BTreeSet::new(),
+            max_rounds: None,
         }
+    }
+
+    /// These options under a lab's `[policy]` (participant.toml): its fewest peers, most
+    /// rounds, shared metrics and, when it pins one, the agreed plan fingerprint.
+    pub fn with_policy(mut self, policy: &LocalPolicy) -> Self {
+        self.min_peers = policy.min_peers;
+        self.max_rounds = policy.max_rounds;
+        self.share_metrics = policy.share_metrics.iter().copied().collect();
+        if policy.plan_sha256.is_some() {
+            self.plan_sha256 = policy.plan_sha256.clone();
+        }
+        self
     }
 }
 
@@ -198,6 +217,13 @@ pub trait ParticipantObserver: Send + Sync {
     /// Called when the aggregator has accepted the round's update (under secure aggregation:
     /// when this participant has revealed its shares).
     fn update_accepted(&self, _name: &str, _round: u64, _round_closed: bool) {}
+    /// Called as a global adapter sent by reference arrives: `received` of `total` bytes.
+    fn download_progress(&self, _name: &str, _round: u64, _received: u64, _total: u64) {}
+    /// Called after each optimizer step of a round's local training, of `steps` in all.
+    fn train_step(&self, _name: &str, _round: u64, _report: &StepReport, _steps: usize) {}
+    /// Called as the update leaves: `sent` of `total` bytes handed to the connection (the
+    /// masked update chunk by chunk; a plaintext update at once).
+    fn upload_progress(&self, _name: &str, _round: u64, _sent: u64, _total: u64) {}
     /// Called before each secure-aggregation stage is answered; return false to go silent
     /// instead (fault-injection tests simulate a lab that dies at a chosen stage).
     fn secure_step(
@@ -221,6 +247,15 @@ pub struct RoundReport {
     pub train: TrainStats,
 }
 
+/// Why a participant's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The aggregator finished the run.
+    Finished { rounds_completed: u64 },
+    /// The lab's policy (`max_rounds`) was reached; it left while the run went on.
+    MaxRounds { max_rounds: u64 },
+}
+
 /// What a participant ends with.
 #[derive(Debug, Clone)]
 pub struct ParticipantReport {
@@ -232,7 +267,9 @@ pub struct ParticipantReport {
     pub initial_eval: Option<EvalStats>,
     /// Held-out evaluation of the final global adapter, when asked for.
     pub final_eval: Option<EvalStats>,
+    /// The run's final global adapter, or the last one this lab saw when it left early.
     pub final_adapter: LoraAdapter,
+    pub ended: RunEnd,
 }
 
 /// Takes part in a federation until it finishes.
@@ -291,7 +328,7 @@ pub async fn run(
     let mut rounds = Vec::new();
     let mut secure = SecureState::default();
 
-    loop {
+    let (final_adapter, ended) = loop {
         let task = call_with_retry(&options, "FetchTask", || {
             let mut c = client.clone();
             let req = pb::FetchTaskRequest {
@@ -310,7 +347,26 @@ pub async fn run(
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.min(5_000).into())).await;
             }
             pb::fetch_task_response::Task::Train(t) => {
-                let global = decode_adapter_payload(t.global_adapter.as_ref(), &template)?;
+                let Fetched::Adapter(global) = fetch_global(
+                    &client,
+                    &options,
+                    &id,
+                    t.round,
+                    t.global_adapter.as_ref(),
+                    &template,
+                    &observer,
+                )
+                .await?
+                else {
+                    continue;
+                };
+                if let Some(max_rounds) = options.max_rounds
+                    && rounds.len() as u64 >= max_rounds
+                {
+                    // Only between rounds: never in the middle of a secure round.
+                    info!(participant = %options.name, max_rounds, round = t.round, "this lab's policy allows no more rounds; leaving the federation");
+                    break (global, RunEnd::MaxRounds { max_rounds });
+                }
                 let global_hash = global.content_hash();
                 if secure.revealed.contains(&(t.round, global_hash.clone())) {
                     // Never a second unmasking of the same update (see module docs).
@@ -348,6 +404,12 @@ pub async fn run(
                     };
                     // Only when the lab's policy lets it report them (see module docs).
                     let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);
+                    let mut steps = RoundSteps {
+                        observer: observer.clone(),
+                        name: options.name.clone(),
+                        round: t.round,
+                        steps: spec.local_steps,
+                    };
                     let (trained, stats, scores) = tokio::task::spawn_blocking(move || {
                         // A failed evaluation costs the report, never the round.
                         let heldout = |m: &LoraLlama| {
@@ -358,8 +420,15 @@ pub async fn run(
                         let m = model.load_adapter(&start)?;
                         let before = if score { heldout(&m) } else { None };
                         let m = m.set_trainable(trains.a, trains.b);
-                        let (m, stats) =
-                            train_local_with(m, &data.train, &spec, seed, &dev, &train_options)?;
+                        let (m, stats) = train_local_observed(
+                            m,
+                            &data.train,
+                            &spec,
+                            seed,
+                            &dev,
+                            &train_options,
+                            &mut steps,
+                        )?;
                         let scores = before.and_then(|before| {
                             Some(HeldoutScores {
                                 after: heldout(&m)?,
@@ -493,8 +562,15 @@ pub async fn run(
                         send_secure(&client, &options, &id, step.round, step.attempt, msg).await?
                     }
                     Reply::Masked(m) => {
-                        send_masked(&client, &options, &id, step.round, step.attempt, &m.words)
-                            .await?
+                        send_masked(
+                            &client,
+                            &options,
+                            &id,
+                            (step.round, step.attempt),
+                            &m.words,
+                            &observer,
+                        )
+                        .await?
                     }
                 };
                 if revealed {
@@ -513,39 +589,92 @@ pub async fn run(
                 }
             }
             pb::fetch_task_response::Task::Finished(f) => {
-                let final_adapter = decode_adapter_payload(f.final_adapter.as_ref(), &template)?;
-                let final_eval = if options.evaluate {
-                    // FedSA-LoRA evaluates this lab's personalised model (global A, own B).
-                    let own = if strategy.mode() == AggregationMode::FedSaLora {
-                        strategy.download(
-                            &GlobalModel::new(final_adapter.clone()),
-                            &options.name,
-                            personal.as_ref(),
-                        )?
-                    } else {
-                        final_adapter.clone()
-                    };
-                    let m = model.load_adapter(&own)?;
-                    Some(
-                        evaluate_blocking(m, &corpus, plan.training.seq_len, &device)
-                            .await?
-                            .1,
-                    )
-                } else {
-                    None
+                let Fetched::Adapter(final_adapter) = fetch_global(
+                    &client,
+                    &options,
+                    &id,
+                    f.rounds_completed,
+                    f.final_adapter.as_ref(),
+                    &template,
+                    &observer,
+                )
+                .await?
+                else {
+                    continue;
                 };
                 info!(participant = %options.name, rounds = f.rounds_completed, "run finished");
-                return Ok(ParticipantReport {
-                    name: options.name,
-                    language: options.language,
-                    plan,
-                    rounds,
-                    initial_eval,
-                    final_eval,
+                break (
                     final_adapter,
-                });
+                    RunEnd::Finished {
+                        rounds_completed: f.rounds_completed,
+                    },
+                );
             }
         }
+    };
+    let final_eval = if options.evaluate {
+        // FedSA-LoRA evaluates this lab's personalised model (global A, own B).
+        let own = if strategy.mode() == AggregationMode::FedSaLora {
+            strategy.download(
+                &GlobalModel::new(final_adapter.clone()),
+                &options.name,
+                personal.as_ref(),
+            )?
+        } else {
+            final_adapter.clone()
+        };
+        let m = model.load_adapter(&own)?;
+        Some(
+            evaluate_blocking(m, &corpus, plan.training.seq_len, &device)
+                .await?
+                .1,
+        )
+    } else {
+        None
+    };
+    Ok(ParticipantReport {
+        name: options.name,
+        language: options.language,
+        plan,
+        rounds,
+        initial_eval,
+        final_eval,
+        final_adapter,
+        ended,
+    })
+}
+
+/// The task's global adapter, downloaded in chunks when it came by reference.
+async fn fetch_global(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    round: u64,
+    payload: Option<&pb::AdapterPayload>,
+    template: &LoraAdapter,
+    observer: &Arc<dyn ParticipantObserver>,
+) -> Result<Fetched, ParticipantError> {
+    let progress = download_reporter(observer.clone(), options.name.clone(), round);
+    let download = DownloadOptions {
+        patience: options.connect_patience,
+        transient: &transient,
+        progress: &progress,
+    };
+    Ok(fetch_adapter(client, id, payload, template, &download).await?)
+}
+
+/// Hands each training step of one round to the participant's observer.
+struct RoundSteps {
+    observer: Arc<dyn ParticipantObserver>,
+    name: String,
+    round: u64,
+    steps: usize,
+}
+
+impl TrainObserver for RoundSteps {
+    fn step(&mut self, report: &StepReport) {
+        self.observer
+            .train_step(&self.name, self.round, report, self.steps);
     }
 }
 
@@ -688,7 +817,7 @@ async fn connect(
 /// Whether a failed call may simply be repeated: the aggregator was unreachable, or the
 /// connection broke under the call (hyper reports that as `Unknown`). Every call is safe to
 /// repeat: a message that did arrive the first time is answered `AlreadyExists`.
-fn transient(status: &tonic::Status) -> bool {
+pub fn transient(status: &tonic::Status) -> bool {
     match status.code() {
         tonic::Code::Unavailable => true,
         tonic::Code::Unknown => {
@@ -857,16 +986,18 @@ async fn send_secure(
     late_is_not_fatal(options, round, sent.map(|_| ()))
 }
 
-/// Streams the masked update in chunks; false when the stage had already closed.
+/// Streams the masked update in chunks; false when the stage had already closed. Tells
+/// `observer` as each chunk is handed to the connection.
 async fn send_masked(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,
     id: &str,
-    round: u64,
-    attempt: u32,
+    (round, attempt): (u64, u32),
     words: &[u32],
+    observer: &Arc<dyn ParticipantObserver>,
 ) -> Result<bool, ParticipantError> {
     let count = words.len().div_ceil(MASKED_CHUNK_WORDS);
+    let total = 4 * words.len() as u64;
     let chunks: Vec<pb::MaskedChunk> = words
         .chunks(MASKED_CHUNK_WORDS)
         .enumerate()
@@ -881,11 +1012,46 @@ async fn send_masked(
         .collect();
     let sent = call_with_retry(options, "SubmitMasked", || {
         let mut c = client.clone();
-        let stream = tokio_stream::iter(chunks.clone());
+        let stream = upload_reporter(
+            chunks.clone(),
+            observer.clone(),
+            options.name.clone(),
+            round,
+            total,
+        );
         async move { c.submit_masked(stream).await }
     })
     .await;
     late_is_not_fatal(options, round, sent.map(|_| ()))
+}
+
+// The two reporters are free functions with owned arguments: a closure defined inside the
+// async functions above would carry their lifetimes into the futures, which rustc then
+// cannot prove `Send` for every lifetime (and `tokio::spawn` needs that).
+
+/// The masked chunks as a stream that tells `observer` as each one is taken for sending.
+fn upload_reporter(
+    chunks: Vec<pb::MaskedChunk>,
+    observer: Arc<dyn ParticipantObserver>,
+    name: String,
+    round: u64,
+    total: u64,
+) -> impl tokio_stream::Stream<Item = pb::MaskedChunk> + Send + 'static {
+    let mut so_far = 0u64;
+    tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
+        so_far += chunk.words_u32_le.len() as u64;
+        observer.upload_progress(&name, round, so_far, total);
+        chunk
+    })
+}
+
+/// Download progress for `observer`.
+fn download_reporter(
+    observer: Arc<dyn ParticipantObserver>,
+    name: String,
+    round: u64,
+) -> impl Fn(u64, u64) + Send + Sync + 'static {
+    move |received, total| observer.download_progress(&name, round, received, total)
 }
 
 /// A refusal because the stage or attempt moved on is expected after a slow answer: the
@@ -949,6 +1115,8 @@ async fn submit_plaintext(
     .await;
     match submitted {
         Ok(r) => {
+            let bytes = 4 * trained.values.len() as u64;
+            observer.upload_progress(&options.name, t.round, bytes, bytes);
             info!(
                 participant = %options.name,
                 round = t.round,

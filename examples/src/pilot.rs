@@ -356,6 +356,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             output_dir: options.out_dir.clone(),
             linger_after_finish_ms: 10_000,
+            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
         },
         tls: TlsSection::provisioned(&dir),
         admin: Some(AdminSection::loopback(options.admin_port)),
@@ -385,17 +386,21 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         // The kit was made before the aggregator had its (ephemeral) port.
         kit.aggregator = server.local_addr().to_string();
         let identity = IdentitySeed::load(&kit.identity).context("reading a lab's identity")?;
-        // The lab's policy, as its kit says (the pilot provisions kits that opt in).
-        let share_metrics = kit.share_metrics.iter().copied().collect();
+        // The lab's policy, as its kit says (the pilot provisions kits that opt in to
+        // sharing held-out losses), with the plan the pilot itself wrote pinned.
+        let policy = kit.policy.clone();
         let participant_options = ParticipantOptions {
             kit: Some(Arc::new(kit)),
             evaluate: true,
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
-            plan_sha256: Some(plan.fingerprint()),
             base: base.clone(),
-            share_metrics,
             ..ParticipantOptions::new("", &PilotOptions::lab_name(code), code)
+        }
+        .with_policy(&policy);
+        let participant_options = ParticipantOptions {
+            plan_sha256: Some(plan.fingerprint()),
+            ..participant_options
         };
         labs.push(tokio::spawn(participant::run(
             participant_options,

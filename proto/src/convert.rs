@@ -100,16 +100,18 @@ pub fn work_from_wire(
     })
 }
 
-/// Flattens an adapter (every A then B, canonical order) into its wire form.
+/// Flattens an adapter (every A then B, canonical order) into its inline wire form.
 pub fn adapter_payload(adapter: &LoraAdapter, content_hash: &str) -> pb::AdapterPayload {
     let manifest = adapter.full_manifest();
     let values = adapter
         .flatten(&manifest)
         .expect("an adapter flattens by its own manifest");
+    let values_f32_le = encode_f32_le(&values);
     pb::AdapterPayload {
         layout_hash: manifest.hash_hex(),
         content_hash: content_hash.to_string(),
-        values_f32_le: encode_f32_le(&values),
+        values_bytes: values_f32_le.len() as u64,
+        values_f32_le,
     }
 }
 

@@ -372,7 +372,7 @@ pub fn client_config(
 
 /// What a participant kit's `participant.toml` says. Paths are relative to the kit's
 /// directory unless absolute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParticipantKit {
     /// The federation this kit belongs to.
@@ -393,11 +393,15 @@ pub struct ParticipantKit {
     pub private_key: PathBuf,
     /// Its Ed25519 secure-aggregation identity (`fedclient keygen` format, 0600).
     pub identity: PathBuf,
-    /// The lab's local policy: aggregate numbers it agrees to report to the aggregator's
-    /// status page beyond the protocol's messages (`["heldout_loss"]`). Missing or empty:
-    /// nothing. The lab may edit this line; the participant runtime enforces it locally.
+    /// `[policy]`: the lab's own rules (fewest peers, most rounds, which aggregate metrics
+    /// it reports, the agreed plan fingerprint). Provisioning writes a starting point; the
+    /// lab may edit it, and its participant runtime enforces it locally.
     #[serde(default)]
-    pub share_metrics: Vec<crate::policy::SharedMetric>,
+    pub policy: crate::policy::LocalPolicy,
+    /// `[local]`: the lab's data, base model and device, for `fedclient join --config`.
+    /// Never sent. Provisioning leaves it out; the lab adds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::policy::LocalSetup>,
 }
 
 impl ParticipantKit {
@@ -418,16 +422,30 @@ impl ParticipantKit {
             message: e.to_string().trim_end().to_string(),
         })?;
         let dir = file.parent().unwrap_or(Path::new("."));
+        let local = kit.local.as_mut();
+        let (data, model) = match local {
+            Some(l) => (Some(&mut l.data), l.model.as_mut()),
+            None => (None, None),
+        };
         for p in [
-            &mut kit.ca,
-            &mut kit.certificate,
-            &mut kit.private_key,
-            &mut kit.identity,
-        ] {
+            Some(&mut kit.ca),
+            Some(&mut kit.certificate),
+            Some(&mut kit.private_key),
+            Some(&mut kit.identity),
+            data,
+            model,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if p.is_relative() {
                 *p = dir.join(&*p);
             }
         }
+        kit.policy.validate().map_err(|e| TlsError::Kit {
+            path: shown(&file),
+            message: e.to_string(),
+        })?;
         Ok(kit)
     }
 

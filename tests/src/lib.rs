@@ -1,6 +1,7 @@
 //! Shared harness of Mekong's end-to-end tests: real aggregators on loopback, real
 //! participants training real burn models on the embedded UDHR text.
 
+pub mod capture;
 pub mod wire_lab;
 
 use std::path::Path;
@@ -101,6 +102,7 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             output_dir: dir.to_path_buf(),
             linger_after_finish_ms: 2_000,
+            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
         },
         tls: TlsSection::plaintext(),
         admin: None,

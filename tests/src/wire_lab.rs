@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use fedclient::download::{DownloadOptions, Fetched, fetch_adapter};
 use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadSecrets};
 use fedcore::secagg::participant::RoundRandomness;
 use fedcore::{FederationPlan, LoraAdapter};
 use mekong_proto::MAX_MESSAGE_BYTES;
-use mekong_proto::convert::decode_adapter_payload;
 use mekong_proto::secure::{encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use tokio_stream::wrappers::ReceiverStream;
@@ -113,9 +113,24 @@ impl WireLab {
         loop {
             match self.next_task().await {
                 pb::fetch_task_response::Task::Train(t) => {
-                    let global: LoraAdapter =
-                        decode_adapter_payload(t.global_adapter.as_ref(), &template)
-                            .expect("global adapter");
+                    let download = DownloadOptions {
+                        patience: std::time::Duration::from_secs(30),
+                        transient: &|s: &tonic::Status| s.code() == tonic::Code::Unavailable,
+                        progress: &|_, _| {},
+                    };
+                    let fetched = fetch_adapter(
+                        &self.client,
+                        &self.id,
+                        t.global_adapter.as_ref(),
+                        &template,
+                        &download,
+                    )
+                    .await
+                    .expect("global adapter");
+                    let Fetched::Adapter(global) = fetched else {
+                        continue;
+                    };
+                    let global: LoraAdapter = global;
                     let secure = t.secure.expect("a secure federation");
                     seed[0] = seed[0].wrapping_add(1);
                     let (u, advert) = SecureUpload::open(

@@ -105,6 +105,7 @@ mod tests {
         let shared = Shared::new(
             Coordinator::new(plan, [7; 32]).unwrap(),
             AdapterStore::new(dir.path()),
+            crate::download::AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
         )
         .unwrap();
         let code = |req: &pb::ReportMetricsRequest| {

@@ -249,7 +249,7 @@ fn loss_curves(h: &mut String, curves: &[LossCurve]) {
     if points.is_empty() {
         h.push_str(
             "<p class=\"dim\">No lab has reported held-out losses (labs opt in with \
-             <code>share_metrics = [\"heldout_loss\"]</code> in participant.toml).</p>",
+             <code>share_metrics = [\"heldout_loss\"]</code> under <code>[policy]</code> in participant.toml).</p>",
         );
         return;
     }

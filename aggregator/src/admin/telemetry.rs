@@ -380,8 +380,8 @@ impl Telemetry {
     /// Per language, the token-weighted mean of each round's reports.
     fn curves(&self) -> Vec<LossCurve> {
         let r = self.record();
-        // language → round → (Σ t·before, Σ t·after, Σ t, labs)
-        let mut sums: BTreeMap<&str, BTreeMap<u64, (f64, f64, u64, u64)>> = BTreeMap::new();
+        // language → round → sums
+        let mut sums: BTreeMap<&str, BTreeMap<u64, RoundSums>> = BTreeMap::new();
         for ((round, _), (language, report)) in &r.losses {
             let s = sums
                 .entry(language.as_str())
@@ -389,22 +389,22 @@ impl Telemetry {
                 .entry(*round)
                 .or_default();
             let t = report.tokens as f64;
-            s.0 += t * report.before;
-            s.1 += t * report.after;
-            s.2 += report.tokens;
-            s.3 += 1;
+            s.before += t * report.before;
+            s.after += t * report.after;
+            s.tokens += report.tokens;
+            s.labs += 1;
         }
         sums.into_iter()
             .map(|(language, rounds)| LossCurve {
                 language: language.to_string(),
                 points: rounds
                     .into_iter()
-                    .map(|(round, (before, after, tokens, labs))| LossPoint {
+                    .map(|(round, s)| LossPoint {
                         round,
-                        before: before / tokens as f64,
-                        after: after / tokens as f64,
-                        tokens,
-                        labs,
+                        before: s.before / s.tokens as f64,
+                        after: s.after / s.tokens as f64,
+                        tokens: s.tokens,
+                        labs: s.labs,
                     })
                     .collect(),
             })
@@ -476,4 +476,14 @@ impl Telemetry {
             loss_curves: curves,
         }
     }
+}
+
+/// One language's reports for one round, summed: Σ t·before, Σ t·after, Σ t, and how many
+/// labs reported.
+#[derive(Default)]
+struct RoundSums {
+    before: f64,
+    after: f64,
+    tokens: u64,
+    labs: u64,
 }

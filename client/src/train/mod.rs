@@ -235,10 +235,24 @@ pub fn train_local_with(
     device: &Device,
     options: &TrainOptions,
 ) -> Result<(LoraLlama, TrainStats), ModelError> {
+    train_local_observed(model, tokens, spec, seed, device, options, &mut ())
+}
+
+/// [`train_local_with`], telling `observer` about every step (the participant's progress
+/// bar).
+pub fn train_local_observed(
+    model: LoraLlama,
+    tokens: &[u32],
+    spec: &TrainingSpec,
+    seed: u64,
+    device: &Device,
+    options: &TrainOptions,
+    observer: &mut dyn TrainObserver,
+) -> Result<(LoraLlama, TrainStats), ModelError> {
     spec.validate(model.model_spec())?;
     check_vocab(tokens, model.model_spec().vocab_size)?;
     let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, seed)?;
-    let (model, reports) = train_with(model, spec, &mut source, device, &mut (), options)?;
+    let (model, reports) = train_with(model, spec, &mut source, device, observer, options)?;
     Ok((model, TrainStats::from_reports(&reports)))
 }
 

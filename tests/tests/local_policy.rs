@@ -1,0 +1,126 @@
+//! A lab's `participant.toml` as `fedclient join --config` reads it: `[local]` names its data
+//! (relative to the file) and `[policy] max_rounds` makes it leave after its first round,
+//! enforced by its own runtime. The secure federation goes on without it: the other three
+//! labs finish every round, and the rounds after it left are theirs alone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::prelude::Device;
+use fedaggregator::config::TlsSection;
+use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
+use fedclient::data::{ByteTokenizer, LocalCorpus};
+use fedclient::identity::IdentitySeed;
+use fedclient::participant::{self, ParticipantOptions, Quiet, RunEnd};
+use mekong_e2e::{aggregator_config, corpus, test_plan};
+use mekong_proto::tls::ParticipantKit;
+
+const CODES: [&str; 4] = ["lo", "km", "th", "vi"];
+
+/// Adds `[local]` and a `max_rounds` to the `[policy]` provisioning wrote.
+fn edit_policy(kit_dir: &Path) {
+    let file = kit_dir.join("participant.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("[policy]\n"), "{text}");
+    let text = text.replace("[policy]\n", "[policy]\nmax_rounds = 1\n")
+        + "\n[local]\ndata = \"text/km.txt\"\nheldout = 0.2\ndevice = \"cpu\"\n";
+    std::fs::write(&file, text).unwrap();
+    let (_, km) = mekong_examples::corpus::udhr("km").unwrap();
+    std::fs::create_dir_all(kit_dir.join("text")).unwrap();
+    std::fs::write(kit_dir.join("text/km.txt"), km).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fed = dir.path().join("fed");
+    let provisioned = provision(&ProvisionOptions {
+        out: fed.clone(),
+        federation: "e2e".into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        participants: CODES
+            .iter()
+            .map(|c| ParticipantSpec {
+                name: format!("lab-{c}"),
+                language: c.to_string(),
+            })
+            .collect(),
+        validity_days: 1,
+        ca_validity_days: 1,
+        share_metrics: Vec::new(),
+    })
+    .unwrap();
+    edit_policy(&provisioned.kits[1]);
+
+    // lab-km does not say it left (the aggregator learns it as from any straggler), so its
+    // absence from rounds 2 and 3 costs each one round deadline.
+    let mut plan = test_plan(4, 3, 1, 8_000);
+    plan.roster = provisioned.roster.clone();
+    plan.secure_aggregation.enabled = true;
+    plan.secure_aggregation.stage_timeout_ms = 3_000;
+    let mut config = aggregator_config(plan.clone(), &dir.path().join("out"));
+    config.tls = TlsSection::provisioned(&fed);
+    let server = fedaggregator::start(&config).await.unwrap();
+
+    let mut labs = Vec::new();
+    for (code, kit_dir) in CODES.iter().zip(&provisioned.kits) {
+        let mut kit = ParticipantKit::load(kit_dir).unwrap();
+        kit.aggregator = server.local_addr().to_string();
+        let data = match &kit.local {
+            Some(local) => {
+                assert_eq!(local.data, kit_dir.join("text/km.txt"));
+                assert_eq!((local.heldout, local.device.as_str()), (0.2, "cpu"));
+                LocalCorpus::from_file(&local.data, code, local.heldout, &ByteTokenizer).unwrap()
+            }
+            None => corpus(code),
+        };
+        let identity = IdentitySeed::load(&kit.identity).unwrap();
+        let policy = kit.policy.clone();
+        let options = ParticipantOptions {
+            identity: Some(Arc::new(identity)),
+            connect_patience: Duration::from_secs(30),
+            kit: Some(Arc::new(kit.clone())),
+            ..ParticipantOptions::new("", &kit.name, &kit.language)
+        }
+        .with_policy(&policy);
+        labs.push(tokio::spawn(participant::run(
+            options,
+            data,
+            Device::flex(),
+            Arc::new(Quiet),
+        )));
+    }
+    let mut reports = Vec::new();
+    for lab in labs {
+        reports.push(lab.await.unwrap().unwrap());
+    }
+    server.finished().await;
+
+    let km = &reports[1];
+    assert_eq!(km.ended, RunEnd::MaxRounds { max_rounds: 1 });
+    assert_eq!(km.rounds.iter().map(|r| r.round).collect::<Vec<_>>(), [1]);
+    for other in [&reports[0], &reports[2], &reports[3]] {
+        assert_eq!(
+            other.ended,
+            RunEnd::Finished {
+                rounds_completed: 3
+            },
+            "{}",
+            other.name
+        );
+        assert_eq!(other.rounds.len(), 3, "{}", other.name);
+    }
+    let history = server.status().history;
+    assert_eq!(history.len(), 3);
+    assert!(history[0].contributors.contains(&"lab-km".to_string()));
+    for record in &history[1..] {
+        assert_eq!(
+            record.contributors,
+            vec!["lab-lo", "lab-th", "lab-vi"],
+            "{record:?}"
+        );
+    }
+    server.shutdown().await.unwrap();
+}
