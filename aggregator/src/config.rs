@@ -48,7 +48,7 @@ pub struct ServerSection {
     #[serde(default = "default_linger_ms")]
     pub linger_after_finish_ms: u64,
     /// Largest global adapter (bytes of f32 values) put inline in a task answer; larger
-    /// ones are sent by reference and downloaded in resumable, checksummed 1 MiB chunks.
+    /// ones are sent by reference and downloaded in resumable, checksummed 256 KiB chunks.
     #[serde(default = "default_inline_adapter_max_bytes")]
     pub inline_adapter_max_bytes: u64,
 }

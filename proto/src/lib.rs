@@ -14,8 +14,9 @@ pub mod v1 {
 /// (secure aggregation explicitly off) still travels in one message.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// Bytes of adapter values per `DownloadAdapter` chunk (1 MiB).
-pub const ADAPTER_CHUNK_BYTES: usize = 1024 * 1024;
+/// Bytes of adapter values per `DownloadAdapter` chunk (256 KiB): small, so that a hundred
+/// labs downloading at once hold little in flight on the aggregator.
+pub const ADAPTER_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Default largest adapter (values, in bytes) the aggregator puts inline in a task (4 MiB);
 /// larger ones are sent by reference and downloaded in chunks.

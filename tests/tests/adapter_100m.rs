@@ -1,7 +1,7 @@
 //! An adapter of more than 100M parameters (rank 64 on every projection of a 21-layer,
 //! 4096-wide Llama) through a whole securely aggregated round over gRPC: the global adapter
-//! goes out by reference in 1 MiB checksummed chunks, the 57M-word masked updates come back
-//! in 1 MiB chunks, and no message comes near gRPC's size limit. The aggregate is the
+//! goes out by reference in 256 KiB checksummed chunks, the 57M-word masked updates come
+//! back in 1 MiB chunks, and no message comes near gRPC's size limit. The aggregate is the
 //! weighted mean of the three labs' updates within the quantisation bound.
 
 use std::sync::Arc;

@@ -17,7 +17,7 @@ use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 async fn a_broken_download_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let mut plan = test_plan(1, 1, 1, 60_000);
-    // About 1.9M values (A and B): 7.5 MB, eight 1 MiB chunks.
+    // About 1.9M values (A and B): 7.5 MB, thirty 256 KiB chunks.
     plan.model = ModelSpec {
         hidden_size: 512,
         intermediate_size: 1376,
