@@ -7,6 +7,7 @@
 //! - [`admin`]: the operator's HTTP port (health, Prometheus metrics, status page) and
 //!   `fedaggregator status`.
 //! - [`config`]: the TOML configuration file, validated field by field.
+//! - [`db`]: the crash-safe state in SQLite, from which a killed aggregator resumes its run.
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
@@ -15,6 +16,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod db;
 pub mod provision;
 pub mod server;
 pub mod service;

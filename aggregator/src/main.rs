@@ -275,15 +275,24 @@ async fn serve(path: PathBuf) -> Result<()> {
     if let Some(admin) = server.admin_addr() {
         println!("status page: http://{admin}/ (metrics at /metrics)");
     }
-    tokio::select! {
+    let failed = tokio::select! {
         _ = server.finished() => {
             server.drain(Duration::from_millis(config.server.linger_after_finish_ms)).await;
             println!("final adapter: {}", server.store().final_dir().display());
+            false
         }
         _ = tokio::signal::ctrl_c() => {
-            tracing::warn!("interrupted; stopping");
+            tracing::warn!("interrupted; stopping (the run resumes from its database on the next start)");
+            false
         }
-    }
+        _ = server.failed() => true,
+    };
     server.shutdown().await?;
+    if failed {
+        anyhow::bail!(
+            "the aggregator could not save its state (see the log above); restart it to resume from {}",
+            config.database_path().display()
+        );
+    }
     Ok(())
 }

@@ -51,14 +51,64 @@ pub struct Shared {
     changes: watch::Sender<u64>,
     /// The operator's record (admin port).
     pub(crate) telemetry: crate::admin::Telemetry,
+    /// The crash-safe state; none only for in-memory services built by tests.
+    db: Option<Mutex<crate::db::StateDb>>,
+    /// Set when a state change could not be committed: the service then refuses every call
+    /// (the participants retry) until the process is restarted from what is on disk.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    /// Wraps a coordinator, saving its starting adapter as round 0.
+    /// Wraps a coordinator kept in memory only, saving its starting adapter as round 0.
     pub fn new(coordinator: Coordinator, store: AdapterStore) -> Result<Arc<Self>, Status> {
-        store
-            .save_initial(coordinator.global())
-            .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
+        Self::build(coordinator, store, None)
+    }
+
+    /// Wraps a coordinator whose every change is committed to `db` before it is answered.
+    /// Commits the coordinator as it is (a new run's first record, or a resumed run's
+    /// restarted round), then writes the `round-NNNN/` directories of kept rounds that are
+    /// missing (a kill between a round's commit and its export) and `final/` of a finished
+    /// run.
+    pub fn with_db(
+        coordinator: Coordinator,
+        store: AdapterStore,
+        mut db: crate::db::StateDb,
+    ) -> Result<Arc<Self>, crate::server::ServeError> {
+        db.save(&coordinator)?;
+        for round in db.kept_rounds()? {
+            let record = coordinator.history().iter().find(|r| r.round == round);
+            if let (Some(record), false) = (record, store.round_dir(round).exists())
+                && let Some(adapter) = db.adapter(coordinator.plan(), round)?
+                && let Err(e) = store.save_round(record, &adapter)
+            {
+                warn!(round, error = %e, "cannot write the round's adapter directory");
+            }
+        }
+        if coordinator.status().stage == fedcore::round::Stage::Finished
+            && !store.final_dir().exists()
+            && let Err(e) = store.save_final(coordinator.global())
+        {
+            warn!(error = %e, "cannot write the final adapter directory");
+        }
+        let dir = store.dir().display().to_string();
+        Self::build(coordinator, store, Some(db)).map_err(|status| {
+            crate::server::ServeError::Store {
+                dir,
+                message: status.message().to_string(),
+            }
+        })
+    }
+
+    fn build(
+        coordinator: Coordinator,
+        store: AdapterStore,
+        db: Option<crate::db::StateDb>,
+    ) -> Result<Arc<Self>, Status> {
+        if !store.round_dir(0).exists() {
+            store
+                .save_initial(&coordinator.plan().initial_adapter())
+                .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
+        }
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Shared {
             coordinator: Mutex::new(coordinator),
@@ -69,7 +119,51 @@ impl Shared {
             started: Instant::now(),
             changes,
             telemetry: crate::admin::Telemetry::new(),
+            db: db.map(Mutex::new),
+            failed: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Whether a state change could not be committed (see [`Shared::settle`]).
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Refuses calls once the state on disk has fallen behind.
+    fn check_healthy(&self) -> Result<(), Status> {
+        if self.failed() {
+            return Err(Status::unavailable(
+                "the aggregator could not save its state and stopped taking calls; it resumes from its database when restarted",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits the coordinator's state, then acts on its events. Called with the
+    /// coordinator locked, after every change and before the call is answered, so that
+    /// nothing a participant is told is missing from the database after a crash. A
+    /// commit that fails stops the service taking calls (fail-stop): answering from a
+    /// state that is not on disk could, after a restart, contradict what labs were told.
+    pub fn settle(&self, coordinator: &Coordinator, events: Vec<Event>) -> Result<(), Status> {
+        self.commit(coordinator)?;
+        self.apply_events(coordinator, events);
+        Ok(())
+    }
+
+    /// The commit half of [`Shared::settle`].
+    pub fn commit(&self, coordinator: &Coordinator) -> Result<(), Status> {
+        if let Some(db) = &self.db {
+            let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = db.save(coordinator) {
+                tracing::error!(error = %e, "cannot commit the aggregator's state; refusing further calls until restarted");
+                self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.changes.send_modify(|v| *v += 1);
+                return Err(Status::unavailable(format!(
+                    "the aggregator could not save its state: {e}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Milliseconds since the server started (the coordinator's clock).
@@ -201,7 +295,9 @@ impl FederationService {
     }
 
     /// The participant the call's certificate names (`None` on plaintext connections).
+    /// Every handler starts here, so it also refuses calls once the state could not be saved.
     fn certified<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        self.shared.check_healthy()?;
         let Some(revocations) = &self.revocations else {
             return Ok(None);
         };
@@ -301,6 +397,9 @@ impl Federation for FederationService {
                 self.shared.now_ms(),
             )
             .map_err(|e| status_for(&e))?;
+        // Logged once on disk: a crash before this line loses the join, and the lab
+        // simply joins again.
+        self.shared.commit(&c)?;
         info!(
             participant = %req.participant_name,
             language = %req.language,
@@ -450,7 +549,7 @@ impl Federation for FederationService {
                     updates_received: status.updates_received as u32,
                     cohort_size: status.cohort_size as u32,
                 };
-                self.shared.apply_events(&c, events);
+                self.shared.settle(&c, events)?;
                 Ok(Response::new(response))
             }
             Err(e) => {
@@ -468,6 +567,12 @@ impl Federation for FederationService {
         let req = request.into_inner();
         let msg = message_from_wire(req.message.as_ref())
             .map_err(|e| Status::invalid_argument(format!("secure aggregation message: {e}")))?;
+        let kind = match &msg {
+            fedcore::round::SecureMessage::Advertise(_) => "advertise_keys",
+            fedcore::round::SecureMessage::ShareKeys(_) => "share_keys",
+            fedcore::round::SecureMessage::Consistency(_) => "consistency_check",
+            fedcore::round::SecureMessage::Unmask(_) => "unmask",
+        };
         let mut c = self.shared.lock();
         check_owner(&c, &req.participant_id, certified.as_deref())?;
         let name = participant_name(&c, &req.participant_id);
@@ -479,7 +584,8 @@ impl Federation for FederationService {
             self.shared.now_ms(),
         ) {
             Ok(events) => {
-                self.shared.apply_events(&c, events);
+                self.shared.settle(&c, events)?;
+                tracing::debug!(participant = %name, round = req.round, attempt = req.attempt, kind, "secure aggregation message accepted");
                 self.shared.changes.send_modify(|v| *v += 1);
                 Ok(Response::new(pb::SecureAggregateResponse {}))
             }
@@ -694,7 +800,7 @@ async fn fold_stream(
                 &words,
                 shared.now_ms(),
             ) {
-                shared.apply_events(&c, events);
+                let _ = shared.settle(&c, events);
             }
             return Err(Status::unavailable(format!(
                 "aggregator cannot spool masked input: {e}"
@@ -705,7 +811,8 @@ async fn fold_stream(
             let events = c
                 .masked_commit(&id.token, id.round, id.attempt, shared.now_ms())
                 .map_err(|e| status_for(&e))?;
-            shared.apply_events(&c, events);
+            shared.settle(&c, events)?;
+            tracing::debug!(participant = %participant_name(&c, &id.token), round = id.round, attempt = id.attempt, words = spool.len(), "masked input accepted");
             shared.changes.send_modify(|v| *v += 1);
             return Ok(spool.len());
         }
@@ -737,6 +844,7 @@ fn retract(
         tracing::error!(index, round = id.round, attempt = id.attempt, %reason, "retracting a broken masked stream failed");
     }
     let c = shared.lock();
-    shared.apply_events(&c, events);
+    // A retraction after the stage closed changes the saved sum.
+    let _ = shared.settle(&c, events);
     shared.changes.send_modify(|v| *v += 1);
 }
