@@ -1,0 +1,361 @@
+//! `kill -9` of the real `fedaggregator serve` process at 14 points of a three-round secure
+//! run (waiting for labs, training, after each secure stage closes, in the middle of the
+//! masked-input, consistency and unmask stages, right after a round closes, after the run
+//! finished), each time restarted from its SQLite database. Three labs train in this
+//! process through the fedclient library and reconnect on their own. The run must complete
+//! every round and end with exactly the adapter of an uninterrupted run of the same
+//! configuration (same seeds; another session id).
+//!
+//! Kill points are driven by the aggregator's own log (it runs with
+//! `RUST_LOG=info,fedaggregator=debug`): the test waits for the event, then sends SIGKILL
+//! from outside (`Child::kill`). TLS is off to keep the test on crash safety (mutual TLS
+//! has its own tests); reconnecting over TLS goes through the same retry loop.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use burn::tensor::Device;
+use fedaggregator::AggregatorConfig;
+use fedaggregator::config::{ServerSection, StateSection, TlsSection};
+use fedclient::data::{ByteTokenizer, LocalCorpus};
+use fedclient::identity::IdentitySeed;
+use fedclient::participant::{self, ParticipantOptions, Quiet};
+use fedcore::roster::RosterEntry;
+use fedcore::secagg::spec::SecureAggregationSpec;
+use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
+
+const LABS: [&str; 3] = ["lab-lo", "lab-km", "lab-th"];
+const ROUNDS: u64 = 3;
+/// How long any one awaited event may take (training included).
+const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where to kill: every substring must be in one log line of the running incarnation.
+const KILLS: &[&[&str]] = &[
+    // Waiting for participants: the first lab's id must survive.
+    &["participant joined"],
+    // Round 1 open, labs training.
+    &["round opened", "round=1"],
+    // After keys: the attempt restarts with fresh keys.
+    &["stage closed", "round=1", "stage=AdvertiseKeys"],
+    // After shares, during masked input.
+    &["stage closed", "round=1", "stage=ShareKeys"],
+    // Mid masked input: one input folded, others streaming.
+    &["masked input accepted", "round=1"],
+    // After masked input: the sum is saved and the attempt resumes from here on.
+    &["stage closed", "round=1", "stage=MaskedInput"],
+    // During the unmask stage.
+    &["stage closed", "round=1", "stage=ConsistencyCheck"],
+    // Mid unmask: one lab's shares revealed.
+    &["message accepted", "round=1", "unmask"],
+    // Right after a round closes.
+    &["round closed", "round=1"],
+    &["masked input accepted", "round=2"],
+    // Mid consistency check.
+    &["message accepted", "round=2", "consistency_check"],
+    &["round opened", "round=3"],
+    &["message accepted", "round=3", "unmask"],
+    // The run is over; labs not yet told must still get the final adapter.
+    &["run finished"],
+];
+
+fn identity(i: usize) -> IdentitySeed {
+    IdentitySeed::from_bytes([(i as u8).wrapping_mul(53).wrapping_add(7); 32])
+}
+
+/// The tiny model of the end-to-end tests, three labs, secure aggregation, deadlines long
+/// enough that no lab is ever dropped (the result must not depend on timing).
+fn plan() -> FederationPlan {
+    FederationPlan {
+        federation: "crash".into(),
+        model: ModelSpec {
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            ..ModelSpec::tiny()
+        },
+        lora: LoraSpec {
+            rank: 4,
+            alpha: 8.0,
+            target_modules: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
+            a_seed: 11,
+            dropout: 0.0,
+        },
+        training: TrainingSpec {
+            local_steps: 3,
+            batch_size: 4,
+            seq_len: 32,
+            learning_rate: 1e-2,
+            weight_decay: 0.0,
+            seed: 5,
+            ..TrainingSpec::default()
+        },
+        rounds: RoundSpec {
+            rounds: ROUNDS,
+            participants: LABS.len(),
+            min_updates: LABS.len(),
+            round_timeout_ms: 300_000,
+        },
+        roster: LABS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| RosterEntry {
+                name: name.to_string(),
+                public_key: identity(i).public_key_hex(),
+            })
+            .collect(),
+        secure_aggregation: SecureAggregationSpec {
+            stage_timeout_ms: 300_000,
+            ..Default::default()
+        },
+        strategy: Default::default(),
+    }
+}
+
+/// Deterministic local text per lab (the tiny byte-level model needs no real language).
+fn corpus(i: usize) -> LocalCorpus {
+    let words = [
+        "river", "delta", "rice", "boat", "monsoon", "market", "lantern", "temple", "fish",
+        "bridge", "village", "harvest",
+    ];
+    let mut text = String::new();
+    let mut x = 17u64 + i as u64;
+    for line in 0..160 {
+        for _ in 0..8 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.push_str(words[((x >> 33) as usize + i) % words.len()]);
+            text.push(' ');
+        }
+        text.push_str(&format!("{line}.\n"));
+    }
+    LocalCorpus::from_text(LABS[i], &text, 0.1, &ByteTokenizer).expect("text is long enough")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One `fedaggregator serve` process and the lines it prints.
+struct Aggregator {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Aggregator {
+    fn spawn(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info,fedaggregator=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fedaggregator");
+        let (tx, lines) = channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(line);
+            }
+        });
+        let mut a = Aggregator {
+            child,
+            lines,
+            seen: Vec::new(),
+        };
+        a.wait_for(&["aggregator serving"]);
+        a
+    }
+
+    /// Reads lines until one contains every pattern; panics with the log on a timeout or
+    /// when the process exits first.
+    fn wait_for(&mut self, patterns: &[&str]) -> String {
+        let give_up = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = give_up.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if patterns.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no {patterns:?} within {EVENT_TIMEOUT:?}:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.child.wait().unwrap();
+                    panic!(
+                        "fedaggregator exited ({status}) before {patterns:?}:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    /// SIGKILL, and reap it.
+    fn kill(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.seen.extend(self.lines.try_iter());
+        self.seen
+    }
+}
+
+/// What a run ends with: the hashes of every round's adapter and of the final one.
+#[derive(Debug, PartialEq)]
+struct Outcome {
+    rounds: Vec<String>,
+    final_hash: String,
+}
+
+async fn run(kills: &'static [&'static [&'static str]]) -> (Outcome, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let plan = plan();
+    let config = AggregatorConfig {
+        server: ServerSection {
+            listen: format!("127.0.0.1:{port}").parse().unwrap(),
+            output_dir: dir.path().join("out"),
+            linger_after_finish_ms: 60_000,
+        },
+        tls: TlsSection::plaintext(),
+        admin: None,
+        state: StateSection {
+            database: Some(dir.path().join("state/state.sqlite")),
+            adapter_history: 2,
+        },
+        plan: plan.clone(),
+    };
+    let config_path = dir.path().join("aggregator.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+
+    let mut aggregator = Aggregator::spawn(&config_path);
+    let url = format!("http://127.0.0.1:{port}");
+    let labs: Vec<_> = (0..LABS.len())
+        .map(|i| {
+            let mut options = ParticipantOptions::new(&url, LABS[i], &LABS[i][4..]);
+            options.connect_patience = Duration::from_secs(60);
+            options.identity = Some(Arc::new(identity(i)));
+            options.plan_sha256 = Some(plan.fingerprint());
+            tokio::spawn(participant::run(
+                options,
+                corpus(i),
+                Device::flex(),
+                Arc::new(Quiet),
+            ))
+        })
+        .collect();
+
+    // The kill schedule blocks on the aggregator's output: off the runtime's workers, which
+    // the labs need.
+    let driver = tokio::task::spawn_blocking(move || {
+        let mut restarts = Vec::new();
+        for (k, patterns) in kills.iter().enumerate() {
+            let line = aggregator.wait_for(patterns);
+            aggregator.kill();
+            eprintln!("kill {}: after {line}", k + 1);
+            aggregator = Aggregator::spawn(&config_path);
+            if let Some(resumed) = aggregator.seen.iter().find(|l| l.contains("resuming")) {
+                restarts.push(resumed.clone());
+            }
+        }
+        (aggregator, restarts)
+    });
+    let (aggregator, restarts) = driver.await.unwrap();
+    let mut finals = Vec::new();
+    for lab in labs {
+        let report = tokio::time::timeout(EVENT_TIMEOUT * 2, lab)
+            .await
+            .expect("the lab finishes")
+            .unwrap()
+            .expect("the lab completes the run");
+        finals.push(report.final_adapter.content_hash());
+    }
+    aggregator.kill();
+
+    let out = dir.path().join("out");
+    let rounds = (1..=ROUNDS)
+        .map(|r| {
+            let json = std::fs::read_to_string(out.join(format!("round-{r:04}/round.json")))
+                .unwrap_or_else(|e| panic!("round {r} is missing: {e}"));
+            let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(
+                record["contributors"].as_array().unwrap().len(),
+                LABS.len(),
+                "round {r}: nobody dropped"
+            );
+            let adapter = fedcore::peft::read_dir(&out.join(format!("round-{r:04}"))).unwrap();
+            assert_eq!(record["adapter_hash"], adapter.content_hash());
+            adapter.content_hash()
+        })
+        .collect();
+    let final_adapter = fedcore::peft::read_dir(&out.join("final")).unwrap();
+    for f in &finals {
+        assert_eq!(f, &final_adapter.content_hash(), "every lab got the final adapter");
+    }
+    (
+        Outcome {
+            rounds,
+            final_hash: final_adapter.content_hash(),
+        },
+        restarts,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_fourteen_points_resumes_to_the_uninterrupted_adapter() {
+    let started = Instant::now();
+    let (reference, _) = run(&[]).await;
+    eprintln!("uninterrupted run: {:?}", started.elapsed());
+    let started = Instant::now();
+    let (killed, restarts) = run(KILLS).await;
+    eprintln!("run with {} kills: {:?}", KILLS.len(), started.elapsed());
+    for r in &restarts {
+        eprintln!("  {r}");
+    }
+    assert!(KILLS.len() >= 10);
+    assert_eq!(restarts.len(), KILLS.len(), "every restart resumed the run");
+    assert_eq!(killed.rounds.last(), Some(&killed.final_hash));
+    assert_eq!(
+        killed, reference,
+        "every round, and the final adapter, as without kills"
+    );
+    // Both ways a restart treats an open secure attempt happened.
+    assert!(
+        restarts
+            .iter()
+            .any(|l| l.contains("restarting it with fresh keys")),
+        "{restarts:#?}"
+    );
+    assert!(
+        restarts.iter().any(|l| l.contains("goes on where it was")),
+        "{restarts:#?}"
+    );
+}
