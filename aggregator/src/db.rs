@@ -186,6 +186,14 @@ impl StateDb {
         Ok((db, saved))
     }
 
+    /// How long a write waits for another connection's lock before it fails (SQLite's
+    /// busy timeout; rusqlite's default is 5 s).
+    pub fn with_busy_timeout(self, timeout: std::time::Duration) -> Self {
+        // Setting a busy timeout on an open connection cannot fail.
+        let _ = self.conn.busy_timeout(timeout);
+        self
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -165,6 +165,20 @@ async fn main() -> Result<()> {
                 "plan sha256: {} (labs pin it with `fedclient join --plan-sha256`)",
                 c.plan.fingerprint()
             );
+            let database = c.database_path();
+            println!(
+                "state: {} ({}); keeps {}",
+                database.display(),
+                if database.exists() {
+                    "exists: `serve` resumes the run it holds, if it is this plan's"
+                } else {
+                    "new: `serve` starts a new run"
+                },
+                match c.state.adapter_history {
+                    0 => "every round's adapter".to_string(),
+                    n => format!("the last {n} rounds' adapters"),
+                }
+            );
             Ok(())
         }
         Command::Serve { config } => serve(config).await,

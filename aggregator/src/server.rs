@@ -79,8 +79,7 @@ pub struct RunningServer {
 
 /// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
 pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeError> {
-    let (coordinator, db) = open_state(config)?;
-    if coordinator.secure() {
+    if config.plan.secure_aggregation.enabled {
         info!(
             threshold = config
                 .plan
@@ -111,6 +110,8 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
             None
         }
     };
+    // After the TLS files are checked: a configuration that cannot serve touches no state.
+    let (coordinator, db) = open_state(config)?;
     let store = AdapterStore::new(&config.server.output_dir);
     let shared = Shared::with_db(coordinator, store.clone(), db)?;
     let listener = TcpListener::bind(config.server.listen)
@@ -203,6 +204,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
 /// Opens the state database and resumes its run, or starts a new run (fresh random session
 /// id) when it holds none.
 fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), ServeError> {
+    config.plan.validate()?;
     let path = config.database_path();
     let (db, saved) = StateDb::open(&path, &config.plan, config.state.adapter_history)?;
     let Some(saved) = saved else {
@@ -385,10 +387,10 @@ impl RunningServer {
             w.abort();
         }
         let _ = self.shutdown.send(());
-        if let Some(admin) = self.admin {
-            if let Err(e) = admin.shutdown().await {
-                tracing::warn!(error = %e, "admin port stopped with an error");
-            }
+        if let Some(admin) = self.admin
+            && let Err(e) = admin.shutdown().await
+        {
+            tracing::warn!(error = %e, "admin port stopped with an error");
         }
         self.server.await??;
         Ok(())

@@ -848,3 +848,66 @@ fn retract(
     let _ = shared.settle(&c, events);
     shared.changes.send_modify(|v| *v += 1);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AggregatorConfig;
+    use crate::db::StateDb;
+
+    /// A commit that fails (here: another process holds the database's write lock past the
+    /// busy timeout) stops the service taking calls, and the state on disk is the last
+    /// good one.
+    #[test]
+    fn a_state_change_that_cannot_be_committed_stops_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let plan = AggregatorConfig::example().plan;
+        let (db, _) = StateDb::open(&path, &plan, 0).unwrap();
+        let shared = Shared::with_db(
+            Coordinator::new(plan.clone(), [7; 32]).unwrap(),
+            AdapterStore::new(dir.path()),
+            db.with_busy_timeout(Duration::from_millis(50)),
+        )
+        .unwrap();
+        {
+            let mut c = shared.lock();
+            let events = c.join("t-a".into(), "lab-a", "lo", 0).unwrap();
+            shared.settle(&c, events).unwrap();
+        }
+        assert!(!shared.failed());
+
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE;").unwrap();
+        {
+            let mut c = shared.lock();
+            let events = c.join("t-b".into(), "lab-b", "km", 0).unwrap();
+            let refused = shared.settle(&c, events).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unavailable);
+            assert!(refused.message().contains("state.sqlite"), "{refused}");
+        }
+        assert!(shared.failed());
+        let refused = shared.check_healthy().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        other.execute_batch("ROLLBACK;").unwrap();
+        drop(other);
+
+        // What a restart finds: lab-a, not the join that could not be committed.
+        drop(shared);
+        let (_, saved) = StateDb::open(&path, &plan, 0).unwrap();
+        let saved = saved.unwrap();
+        let (c, _) = Coordinator::restore(
+            plan,
+            fedcore::round::snapshot::Saved {
+                state: &saved.state,
+                server_state: &saved.server_state,
+                global: saved.global,
+                sum: saved.sum,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.participant("t-a"), Some(("lab-a", "lo")));
+        assert_eq!(c.participant("t-b"), None);
+    }
+}

@@ -318,7 +318,11 @@ async fn run(kills: &'static [&'static [&'static str]]) -> (Outcome, Vec<String>
         .collect();
     let final_adapter = fedcore::peft::read_dir(&out.join("final")).unwrap();
     for f in &finals {
-        assert_eq!(f, &final_adapter.content_hash(), "every lab got the final adapter");
+        assert_eq!(
+            f,
+            &final_adapter.content_hash(),
+            "every lab got the final adapter"
+        );
     }
     (
         Outcome {

@@ -381,7 +381,8 @@ impl Telemetry {
     fn curves(&self) -> Vec<LossCurve> {
         let r = self.record();
         // language → round → (Σ t·before, Σ t·after, Σ t, labs)
-        let mut sums: BTreeMap<&str, BTreeMap<u64, (f64, f64, u64, u64)>> = BTreeMap::new();
+        type RoundSums = BTreeMap<u64, (f64, f64, u64, u64)>;
+        let mut sums: BTreeMap<&str, RoundSums> = BTreeMap::new();
         for ((round, _), (language, report)) in &r.losses {
             let s = sums
                 .entry(language.as_str())

@@ -171,7 +171,7 @@ struct StateSnapshot {
 #[derive(Serialize, Deserialize)]
 enum RunSnapshot {
     Waiting,
-    Open(OpenSnapshot),
+    Open(Box<OpenSnapshot>),
     Finished,
 }
 
@@ -228,7 +228,7 @@ impl Coordinator {
         let run = match &self.state {
             State::Waiting => RunSnapshot::Waiting,
             State::Finished => RunSnapshot::Finished,
-            State::Open(open) => RunSnapshot::Open(OpenSnapshot {
+            State::Open(open) => RunSnapshot::Open(Box::new(OpenSnapshot {
                 round: open.round,
                 cohort: open.cohort.clone(),
                 not_sampled: open.not_sampled.clone(),
@@ -237,7 +237,7 @@ impl Coordinator {
                     stage: sec.stage(),
                     session: resumable(sec.stage()).then(|| sec.server.state()),
                 }),
-            }),
+            })),
         };
         encode(&StateSnapshot {
             version: STATE_VERSION,
@@ -342,7 +342,7 @@ impl Coordinator {
                 c.state = State::Finished;
                 Resumed::Finished
             }
-            RunSnapshot::Open(open) => c.reopen(open, saved.sum, now_ms)?,
+            RunSnapshot::Open(open) => c.reopen(*open, saved.sum, now_ms)?,
         };
         Ok((c, resumed))
     }

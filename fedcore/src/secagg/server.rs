@@ -522,23 +522,45 @@ fn reconstruct<const N: usize>(
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionState {
     pub stage: Stage,
-    /// U1: (index, c_public, s_public, signature).
-    pub advertised: Vec<(Index, Vec<u8>, Vec<u8>, Vec<u8>)>,
+    /// U1.
+    pub advertised: Vec<SavedAdvert>,
     pub u2: BTreeSet<Index>,
     pub u3: BTreeSet<Index>,
     pub survivors: Vec<Index>,
+    /// (signer, signature).
     pub signatures: Vec<(Index, Vec<u8>)>,
-    /// (from, self-mask shares, key shares), each share (owner, x, y).
-    pub responses: Vec<(Index, Vec<(Index, u8, Vec<u8>)>, Vec<(Index, u8, Vec<u8>)>)>,
+    pub responses: Vec<SavedResponse>,
 }
 
-impl Drop for SessionState {
+/// An [`AdvertiseKeys`] in a [`SessionState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedAdvert {
+    pub from: Index,
+    pub c_public: Vec<u8>,
+    pub s_public: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// A revealed share in a [`SessionState`]: (owner, x, y).
+pub type SavedShare = (Index, u8, Vec<u8>);
+
+/// An [`UnmaskResponse`] in a [`SessionState`]; its shares are wiped when dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedResponse {
+    pub from: Index,
+    pub self_mask_shares: Vec<SavedShare>,
+    pub key_shares: Vec<SavedShare>,
+}
+
+impl Drop for SavedResponse {
     fn drop(&mut self) {
         use zeroize::Zeroize;
-        for (_, s, k) in &mut self.responses {
-            for (_, _, y) in s.iter_mut().chain(k.iter_mut()) {
-                y.zeroize();
-            }
+        for (_, _, y) in self
+            .self_mask_shares
+            .iter_mut()
+            .chain(self.key_shares.iter_mut())
+        {
+            y.zeroize();
         }
     }
 }
@@ -549,11 +571,11 @@ fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], P
         .map_err(|_| ProtocolError::Snapshot(format!("{field} has {} bytes, not {N}", bytes.len())))
 }
 
-fn shares_out(shares: &[RevealedShare]) -> Vec<(Index, u8, Vec<u8>)> {
+fn shares_out(shares: &[RevealedShare]) -> Vec<SavedShare> {
     shares.iter().map(|s| (s.owner, s.x, s.y.clone())).collect()
 }
 
-fn shares_in(shares: &[(Index, u8, Vec<u8>)]) -> Vec<RevealedShare> {
+fn shares_in(shares: &[SavedShare]) -> Vec<RevealedShare> {
     shares
         .iter()
         .map(|(owner, x, y)| RevealedShare {
@@ -594,13 +616,11 @@ impl ServerSession {
             advertised: self
                 .u1
                 .values()
-                .map(|a| {
-                    (
-                        a.from,
-                        a.c_public.to_vec(),
-                        a.s_public.to_vec(),
-                        a.signature.to_vec(),
-                    )
+                .map(|a| SavedAdvert {
+                    from: a.from,
+                    c_public: a.c_public.to_vec(),
+                    s_public: a.s_public.to_vec(),
+                    signature: a.signature.to_vec(),
                 })
                 .collect(),
             u2: self.u2.clone(),
@@ -614,12 +634,10 @@ impl ServerSession {
             responses: self
                 .responses
                 .values()
-                .map(|r| {
-                    (
-                        r.from,
-                        shares_out(&r.self_mask_shares),
-                        shares_out(&r.key_shares),
-                    )
+                .map(|r| SavedResponse {
+                    from: r.from,
+                    self_mask_shares: shares_out(&r.self_mask_shares),
+                    key_shares: shares_out(&r.key_shares),
                 })
                 .collect(),
         }
@@ -650,19 +668,20 @@ impl ServerSession {
             ));
         }
         let mut s = ServerSession::new(cfg, identities)?;
-        for (from, c, sp, sig) in &state.advertised {
-            if s.identities.get(*from).is_none() {
+        for a in &state.advertised {
+            if s.identities.get(a.from).is_none() {
                 return bad(format!(
-                    "advertised keys of {from}, who is not on the roster"
+                    "advertised keys of {}, who is not on the roster",
+                    a.from
                 ));
             }
             s.u1.insert(
-                *from,
+                a.from,
                 AdvertiseKeys {
-                    from: *from,
-                    c_public: fixed("c_public", c)?,
-                    s_public: fixed("s_public", sp)?,
-                    signature: fixed("advertise signature", sig)?,
+                    from: a.from,
+                    c_public: fixed("c_public", &a.c_public)?,
+                    s_public: fixed("s_public", &a.s_public)?,
+                    signature: fixed("advertise signature", &a.signature)?,
                 },
             );
         }
@@ -691,16 +710,16 @@ impl ServerSession {
                 },
             );
         }
-        for (from, self_mask, keys) in &state.responses {
-            if !s.signatures.contains_key(from) {
-                return bad(format!("revealed shares from {from}, who did not sign"));
+        for r in &state.responses {
+            if !s.signatures.contains_key(&r.from) {
+                return bad(format!("revealed shares from {}, who did not sign", r.from));
             }
             s.responses.insert(
-                *from,
+                r.from,
                 UnmaskResponse {
-                    from: *from,
-                    self_mask_shares: shares_in(self_mask),
-                    key_shares: shares_in(keys),
+                    from: r.from,
+                    self_mask_shares: shares_in(&r.self_mask_shares),
+                    key_shares: shares_in(&r.key_shares),
                 },
             );
         }
