@@ -77,7 +77,7 @@ impl Shared {
         db.save(&coordinator)?;
         for round in db.kept_rounds()? {
             let record = coordinator.history().iter().find(|r| r.round == round);
-            if let (Some(record), false) = (record, store.round_dir(round).exists())
+            if let (Some(record), false) = (record, store.has_round(round))
                 && let Some(adapter) = db.adapter(coordinator.plan(), round)?
                 && let Err(e) = store.save_round(record, &adapter)
             {
@@ -85,7 +85,7 @@ impl Shared {
             }
         }
         if coordinator.status().stage == fedcore::round::Stage::Finished
-            && !store.final_dir().exists()
+            && !store.has_final()
             && let Err(e) = store.save_final(coordinator.global())
         {
             warn!(error = %e, "cannot write the final adapter directory");
@@ -104,7 +104,11 @@ impl Shared {
         store: AdapterStore,
         db: Option<crate::db::StateDb>,
     ) -> Result<Arc<Self>, Status> {
-        if !store.round_dir(0).exists() {
+        if !store
+            .round_dir(0)
+            .join(fedcore::peft::CONFIG_FILE)
+            .is_file()
+        {
             store
                 .save_initial(&coordinator.plan().initial_adapter())
                 .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;

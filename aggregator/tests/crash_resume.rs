@@ -33,34 +33,88 @@ const ROUNDS: u64 = 3;
 /// How long any one awaited event may take (training included).
 const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Where to kill: every substring must be in one log line of the running incarnation.
-const KILLS: &[&[&str]] = &[
+/// Phases of a round, in the order the aggregator logs them (see [`position`]).
+const JOINED: u8 = 0;
+const OPENED: u8 = 1;
+const KEYS_CLOSED: u8 = 2;
+const SHARES_CLOSED: u8 = 3;
+const MASKED_INPUT: u8 = 4;
+const MASKED_CLOSED: u8 = 5;
+const SIGNED: u8 = 6;
+const CONSISTENCY_CLOSED: u8 = 7;
+const REVEALED: u8 = 8;
+const ROUND_CLOSED: u8 = 9;
+
+/// Where to kill, as (round, phase): the first line of the running incarnation at or past
+/// that point. "At or past", because a restart may resume beyond a point (a round opened
+/// before the kill resumes as a restarted attempt, logging no "round opened"), and the
+/// schedule must not depend on such races.
+const KILLS: &[(u64, u8)] = &[
     // Waiting for participants: the first lab's id must survive.
-    &["participant joined"],
+    (0, JOINED),
     // Round 1 open, labs training.
-    &["round opened", "round=1"],
+    (1, OPENED),
     // After keys: the attempt restarts with fresh keys.
-    &["stage closed", "round=1", "stage=AdvertiseKeys"],
+    (1, KEYS_CLOSED),
     // After shares, during masked input.
-    &["stage closed", "round=1", "stage=ShareKeys"],
+    (1, SHARES_CLOSED),
     // Mid masked input: one input folded, others streaming.
-    &["masked input accepted", "round=1"],
+    (1, MASKED_INPUT),
     // After masked input: the sum is saved and the attempt resumes from here on.
-    &["stage closed", "round=1", "stage=MaskedInput"],
+    (1, MASKED_CLOSED),
     // During the unmask stage.
-    &["stage closed", "round=1", "stage=ConsistencyCheck"],
-    // Mid unmask: one lab's shares revealed.
-    &["message accepted", "round=1", "unmask"],
+    (1, CONSISTENCY_CLOSED),
+    // Mid unmask: a lab's shares revealed.
+    (1, REVEALED),
     // Right after a round closes.
-    &["round closed", "round=1"],
-    &["masked input accepted", "round=2"],
+    (1, ROUND_CLOSED),
+    (2, MASKED_INPUT),
     // Mid consistency check.
-    &["message accepted", "round=2", "consistency_check"],
-    &["round opened", "round=3"],
-    &["message accepted", "round=3", "unmask"],
+    (2, SIGNED),
+    (3, OPENED),
+    (3, REVEALED),
     // The run is over; labs not yet told must still get the final adapter.
-    &["run finished"],
+    (ROUNDS + 1, JOINED),
 ];
+
+/// Where in the run a log line of the aggregator says it is, if it says.
+fn position(line: &str) -> Option<(u64, u8)> {
+    if line.contains("run finished") || line.contains("resuming a finished run") {
+        return Some((ROUNDS + 1, JOINED));
+    }
+    if line.contains("participant joined") {
+        return Some((0, JOINED));
+    }
+    let has = |s: &str| line.contains(s);
+    let phase = if has("round opened") || has("kind=\"advertise_keys\"") {
+        OPENED
+    } else if has("stage=AdvertiseKeys") || has("kind=\"share_keys\"") {
+        KEYS_CLOSED
+    } else if has("stage=ShareKeys") {
+        SHARES_CLOSED
+    } else if has("masked input accepted") {
+        MASKED_INPUT
+    } else if has("stage=MaskedInput") {
+        MASKED_CLOSED
+    } else if has("kind=\"consistency_check\"") {
+        SIGNED
+    } else if has("stage=ConsistencyCheck") {
+        CONSISTENCY_CLOSED
+    } else if has("kind=\"unmask\"") || has("stage=Unmask") {
+        REVEALED
+    } else if has("round closed") {
+        ROUND_CLOSED
+    } else {
+        return None;
+    };
+    let digits: String = line
+        .split_once(" round=")?
+        .1
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some((digits.parse().ok()?, phase))
+}
 
 fn identity(i: usize) -> IdentitySeed {
     IdentitySeed::from_bytes([(i as u8).wrapping_mul(53).wrapping_add(7); 32])
@@ -192,26 +246,41 @@ impl Aggregator {
     /// Reads lines until one contains every pattern; panics with the log on a timeout or
     /// when the process exits first.
     fn wait_for(&mut self, patterns: &[&str]) -> String {
+        self.wait_line(|line| patterns.iter().all(|p| line.contains(p)))
+    }
+
+    /// The first line at or past `target` (see [`KILLS`]), counting a finished run's
+    /// startup too.
+    fn wait_until(&mut self, target: (u64, u8)) -> String {
+        if let Some(line) = self.seen.iter().find(|l| {
+            l.contains("resuming a finished run") && position(l).is_some_and(|p| p >= target)
+        }) {
+            return line.clone();
+        }
+        self.wait_line(|line| position(line).is_some_and(|p| p >= target))
+    }
+
+    fn wait_line(&mut self, found: impl Fn(&str) -> bool) -> String {
         let give_up = Instant::now() + EVENT_TIMEOUT;
         loop {
             let left = give_up.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if patterns.iter().all(|p| line.contains(p)) {
+                    if found(&line) {
                         return line;
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
-                        "no {patterns:?} within {EVENT_TIMEOUT:?}:\n{}",
+                        "nothing awaited within {EVENT_TIMEOUT:?}:\n{}",
                         self.seen.join("\n")
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     let status = self.child.wait().unwrap();
                     panic!(
-                        "fedaggregator exited ({status}) before {patterns:?}:\n{}",
+                        "fedaggregator exited ({status}) first:\n{}",
                         self.seen.join("\n")
                     )
                 }
@@ -221,7 +290,8 @@ impl Aggregator {
 
     /// SIGKILL, and reap it.
     fn kill(mut self) -> Vec<String> {
-        self.child.kill().unwrap();
+        // An incarnation may have finished and exited on its own (the last one).
+        let _ = self.child.kill();
         self.child.wait().unwrap();
         self.seen.extend(self.lines.try_iter());
         self.seen
@@ -235,7 +305,7 @@ struct Outcome {
     final_hash: String,
 }
 
-async fn run(kills: &'static [&'static [&'static str]]) -> (Outcome, Vec<String>) {
+async fn run(kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let plan = plan();
@@ -277,8 +347,8 @@ async fn run(kills: &'static [&'static [&'static str]]) -> (Outcome, Vec<String>
     // the labs need.
     let driver = tokio::task::spawn_blocking(move || {
         let mut restarts = Vec::new();
-        for (k, patterns) in kills.iter().enumerate() {
-            let line = aggregator.wait_for(patterns);
+        for (k, target) in kills.iter().enumerate() {
+            let line = aggregator.wait_until(*target);
             aggregator.kill();
             eprintln!("kill {}: after {line}", k + 1);
             aggregator = Aggregator::spawn(&config_path);
