@@ -1,6 +1,7 @@
 //! The aggregator's crash-safe state: one SQLite file (WAL, `synchronous = FULL`) holding
-//! the run (plan fingerprint, session id), the coordinator's state (members, tokens,
-//! history, the open round and its secure-aggregation stage), the current global adapter
+//! the run (plan fingerprint, session id), the coordinator's state (members, tokens, the
+//! open round and its secure-aggregation stage), every closed round's record, the current
+//! global adapter
 //! with the strategy's server state, the last `adapter_history` rounds' adapters, and a
 //! secure attempt's running masked sum once its masked-input stage has closed.
 //!
@@ -19,7 +20,7 @@
 use std::path::{Path, PathBuf};
 
 use fedcore::round::snapshot::{SavedSum, SnapshotError};
-use fedcore::{Coordinator, FederationPlan, LoraAdapter};
+use fedcore::{Coordinator, FederationPlan, LoraAdapter, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
@@ -50,12 +51,17 @@ CREATE TABLE model (
     adapter BLOB NOT NULL,
     server_state BLOB NOT NULL
 );
+-- Every closed round's record (contributors, dropped, samples, adapter hash, strategy,
+-- secure attempt), as JSON; written once, when the round closes.
+CREATE TABLE rounds (
+    round INTEGER PRIMARY KEY,
+    record_json TEXT NOT NULL
+);
 -- Closed rounds' global adapters, the latest `adapter_history` kept.
 CREATE TABLE adapters (
     round INTEGER PRIMARY KEY,
     adapter_hash TEXT NOT NULL,
-    adapter BLOB NOT NULL,
-    record_json TEXT NOT NULL
+    adapter BLOB NOT NULL
 );
 -- The open secure attempt's running masked sum, once its masked input has closed.
 CREATE TABLE secure_sum (
@@ -128,6 +134,7 @@ pub struct SavedRun {
     pub state: Vec<u8>,
     pub server_state: Vec<u8>,
     pub global: LoraAdapter,
+    pub history: Vec<RoundRecord>,
     pub sum: Option<SavedSum>,
 }
 
@@ -333,6 +340,7 @@ impl StateDb {
                 global.content_hash()
             )));
         }
+        let history = self.history()?;
         let sum = self
             .conn
             .query_row(
@@ -354,8 +362,31 @@ impl StateDb {
             state,
             server_state,
             global,
+            history,
             sum,
         }))
+    }
+
+    /// Every closed round's record, oldest first.
+    fn history(&self) -> Result<Vec<RoundRecord>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT round, record_json FROM rounds ORDER BY round")
+            .map_err(self.sql("reading the rounds"))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .map_err(self.sql("reading the rounds"))?;
+        let mut history = Vec::new();
+        for row in rows {
+            let (round, json) = row.map_err(self.sql("reading the rounds"))?;
+            let record: RoundRecord =
+                serde_json::from_str(&json).map_err(|e| DbError::Corrupt {
+                    path: self.shown(),
+                    message: format!("round {round}'s record does not decode: {e}"),
+                })?;
+            history.push(record);
+        }
+        Ok(history)
     }
 
     /// Commits whatever changed in `c` since the last call, in one transaction.
@@ -395,11 +426,21 @@ impl StateDb {
                 params![rounds as i64, c.global_hash(), adapter, c.encode_server_state()],
             )
             .map_err(sql("saving the global adapter"))?;
-            if let Some(record) = c.history().last() {
+            // Records of the rounds closed since the last commit (all of them on the first
+            // commit of a process: idempotent).
+            let since = self.written.rounds_closed.unwrap_or(0) as usize;
+            for record in c.history().iter().skip(since) {
                 let json = serde_json::to_string(record).expect("a round record serialises");
                 tx.execute(
-                    "INSERT OR REPLACE INTO adapters (round, adapter_hash, adapter, record_json) VALUES (?1, ?2, ?3, ?4)",
-                    params![record.round as i64, record.adapter_hash, adapter, json],
+                    "INSERT OR REPLACE INTO rounds (round, record_json) VALUES (?1, ?2)",
+                    params![record.round as i64, json],
+                )
+                .map_err(sql("saving the round's record"))?;
+            }
+            if let Some(record) = c.history().last() {
+                tx.execute(
+                    "INSERT OR REPLACE INTO adapters (round, adapter_hash, adapter) VALUES (?1, ?2, ?3)",
+                    params![record.round as i64, record.adapter_hash, adapter],
                 )
                 .map_err(sql("saving the round's adapter"))?;
                 if self.history > 0 && record.round > self.history {
@@ -541,6 +582,7 @@ mod tests {
                 state: &saved.state,
                 server_state: &saved.server_state,
                 global: saved.global,
+                history: saved.history,
                 sum: saved.sum,
             },
             0,

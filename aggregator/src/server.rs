@@ -219,6 +219,7 @@ fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), Serve
             state: &saved.state,
             server_state: &saved.server_state,
             global: saved.global,
+            history: saved.history,
             sum: saved.sum,
         },
         0,

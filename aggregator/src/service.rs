@@ -906,6 +906,7 @@ mod tests {
                 state: &saved.state,
                 server_state: &saved.server_state,
                 global: saved.global,
+                history: saved.history,
                 sum: saved.sum,
             },
             0,

@@ -5,8 +5,12 @@
 //! A coordinator is saved in three parts, each at its own pace, because their sizes differ
 //! by orders of magnitude:
 //!
-//! - **state** ([`Coordinator::encode_state`]): members, tokens, the round history, the
-//!   open round's cohort and secure-aggregation attempt. Small; saved after every change.
+//! - **state** ([`Coordinator::encode_state`]): members, tokens, the open round's cohort
+//!   and secure-aggregation attempt. Small and of bounded size however long the run;
+//!   saved after every change.
+//! - **history** ([`Coordinator::history`]): one [`RoundRecord`] per closed round, saved
+//!   once when its round closes (kept out of the state, which would otherwise grow with
+//!   every round and be rewritten with every change).
 //! - **model** ([`Coordinator::encode_server_state`] and [`Coordinator::global`]): the
 //!   global adapter and the strategy's server state (optimizer moments). Adapter-sized;
 //!   changes once per closed round ([`Coordinator::rounds_closed`]).
@@ -151,6 +155,8 @@ pub struct Saved<'a> {
     pub server_state: &'a [u8],
     /// [`Coordinator::global`] when the state was saved.
     pub global: LoraAdapter,
+    /// [`Coordinator::history`] when the state was saved, oldest first.
+    pub history: Vec<RoundRecord>,
     pub sum: Option<SavedSum>,
 }
 
@@ -164,7 +170,8 @@ struct StateSnapshot {
     members: BTreeMap<String, String>,
     /// token → name.
     tokens: BTreeMap<String, String>,
-    history: Vec<RoundRecord>,
+    /// How many records the history must have.
+    rounds_closed: u64,
     run: RunSnapshot,
 }
 
@@ -250,7 +257,7 @@ impl Coordinator {
                 .map(|(n, m)| (n.clone(), m.language.clone()))
                 .collect(),
             tokens: self.tokens.clone(),
-            history: self.history.clone(),
+            rounds_closed: self.rounds_closed(),
             run,
         })
     }
@@ -335,7 +342,28 @@ impl Coordinator {
             )));
         }
         c.tokens = snap.tokens;
-        c.history = snap.history;
+        if saved.history.len() as u64 != snap.rounds_closed
+            || saved
+                .history
+                .iter()
+                .enumerate()
+                .any(|(i, r)| r.round != i as u64 + 1)
+        {
+            return Err(SnapshotError::Inconsistent(format!(
+                "the state says {} rounds closed, the history holds rounds {:?}",
+                snap.rounds_closed,
+                saved.history.iter().map(|r| r.round).collect::<Vec<_>>()
+            )));
+        }
+        if let Some(last) = saved.history.last()
+            && last.adapter_hash != c.global_hash
+        {
+            return Err(SnapshotError::Inconsistent(format!(
+                "round {} closed with adapter {}, but the saved global adapter is {}",
+                last.round, last.adapter_hash, c.global_hash
+            )));
+        }
+        c.history = saved.history;
         let resumed = match snap.run {
             RunSnapshot::Waiting => Resumed::Waiting,
             RunSnapshot::Finished => {

@@ -15,6 +15,7 @@ struct Disk {
     state: Vec<u8>,
     server_state: Vec<u8>,
     global: LoraAdapter,
+    history: Vec<RoundRecord>,
     sum: Option<SavedSum>,
 }
 
@@ -24,6 +25,7 @@ fn save(c: &Coordinator) -> Disk {
         state: c.encode_state(),
         server_state: c.encode_server_state(),
         global: c.global().clone(),
+        history: c.history().to_vec(),
         sum: c.durable_sum().map(|s| SavedSum {
             round: s.round,
             attempt: s.attempt,
@@ -40,6 +42,7 @@ fn load(disk: Disk, now: u64) -> Result<(Coordinator, Resumed), SnapshotError> {
             state: &disk.state,
             server_state: &disk.server_state,
             global: disk.global,
+            history: disk.history,
             sum: disk.sum,
         },
         now,
@@ -299,6 +302,11 @@ fn a_plaintext_round_collects_again_and_tokens_survive() {
     assert_eq!(how, Resumed::RoundRestarted { round: 2 });
     assert_eq!(again.global(), &global);
     assert_eq!(again.history(), back.history());
+    // A history that does not match the state is refused.
+    let mut lost = save(&back);
+    lost.history.clear();
+    let err = load(lost, 0).unwrap_err();
+    assert!(err.to_string().contains("1 rounds closed"), "{err}");
 }
 
 #[test]
