@@ -8,8 +8,9 @@
 //!
 //! Kill points are driven by the aggregator's own log (it runs with
 //! `RUST_LOG=info,fedaggregator=debug`): the test waits for the event, then sends SIGKILL
-//! from outside (`Child::kill`). TLS is off to keep the test on crash safety (mutual TLS
-//! has its own tests); reconnecting over TLS goes through the same retry loop.
+//! from outside (`Child::kill`). The main test runs plaintext gRPC to keep it on crash
+//! safety; a second, shorter one kills a run over mutual TLS with provisioned kits, so the
+//! labs' reconnection through a fresh TLS handshake is covered too.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -21,12 +22,14 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use fedaggregator::AggregatorConfig;
 use fedaggregator::config::{ServerSection, StateSection, TlsSection};
+use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, Provisioned, provision};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, ParticipantOptions, Quiet};
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
+use mekong_proto::tls::ParticipantKit;
 
 const LABS: [&str; 3] = ["lab-lo", "lab-km", "lab-th"];
 const ROUNDS: u64 = 3;
@@ -305,17 +308,54 @@ struct Outcome {
     final_hash: String,
 }
 
-async fn run(kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
+/// How the labs reach the aggregator.
+#[derive(Clone)]
+enum Transport {
+    Plaintext,
+    /// Mutual TLS with the kits `fedaggregator provision` wrote into this directory
+    /// (provisioned once per test, so that both runs have the same identities).
+    Tls(Arc<Provisioned>),
+}
+
+/// A federation of [`LABS`] provisioned in `dir` (CA, server certificate, kits).
+fn provision_labs(dir: &Path) -> Provisioned {
+    provision(&ProvisionOptions {
+        out: dir.to_path_buf(),
+        federation: "crash".into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        participants: LABS
+            .iter()
+            .map(|n| ParticipantSpec {
+                name: n.to_string(),
+                language: n[4..].to_string(),
+            })
+            .collect(),
+        validity_days: 1,
+        ca_validity_days: 1,
+        share_metrics: Vec::new(),
+    })
+    .unwrap()
+}
+
+async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let plan = plan();
+    let mut plan = plan();
+    let tls = match &transport {
+        Transport::Plaintext => TlsSection::plaintext(),
+        Transport::Tls(fed) => {
+            plan.roster = fed.roster.clone();
+            TlsSection::provisioned(&fed.dir)
+        }
+    };
     let config = AggregatorConfig {
         server: ServerSection {
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             output_dir: dir.path().join("out"),
             linger_after_finish_ms: 60_000,
         },
-        tls: TlsSection::plaintext(),
+        tls,
         admin: None,
         state: StateSection {
             database: Some(dir.path().join("state/state.sqlite")),
@@ -334,6 +374,13 @@ async fn run(kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
             options.connect_patience = Duration::from_secs(60);
             options.identity = Some(Arc::new(identity(i)));
             options.plan_sha256 = Some(plan.fingerprint());
+            if let Transport::Tls(fed) = &transport {
+                let mut kit = ParticipantKit::load(&fed.kits[i]).unwrap();
+                assert_eq!(kit.name, LABS[i]);
+                kit.aggregator = format!("127.0.0.1:{port}");
+                options.identity = Some(Arc::new(IdentitySeed::load(&kit.identity).unwrap()));
+                options.kit = Some(Arc::new(kit));
+            }
             tokio::spawn(participant::run(
                 options,
                 corpus(i),
@@ -406,10 +453,10 @@ async fn run(kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_fourteen_points_resumes_to_the_uninterrupted_adapter() {
     let started = Instant::now();
-    let (reference, _) = run(&[]).await;
+    let (reference, _) = run(Transport::Plaintext, &[]).await;
     eprintln!("uninterrupted run: {:?}", started.elapsed());
     let started = Instant::now();
-    let (killed, restarts) = run(KILLS).await;
+    let (killed, restarts) = run(Transport::Plaintext, KILLS).await;
     eprintln!("run with {} kills: {:?}", KILLS.len(), started.elapsed());
     for r in &restarts {
         eprintln!("  {r}");
@@ -432,4 +479,34 @@ async fn sigkill_at_fourteen_points_resumes_to_the_uninterrupted_adapter() {
         restarts.iter().any(|l| l.contains("goes on where it was")),
         "{restarts:#?}"
     );
+}
+
+/// The same over mutual TLS, with fewer kills: labs reconnect through the kit's TLS
+/// channel (a fresh handshake with each restarted aggregator) and the run ends as an
+/// uninterrupted one with the same kits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_over_mutual_tls_resumes_to_the_uninterrupted_adapter() {
+    const TLS_KILLS: &[(u64, u8)] = &[
+        (1, KEYS_CLOSED),
+        (1, MASKED_CLOSED),
+        (1, REVEALED),
+        (2, OPENED),
+        (3, SIGNED),
+    ];
+    let fed = tempfile::tempdir().unwrap();
+    let transport = Transport::Tls(Arc::new(provision_labs(fed.path())));
+    let (reference, _) = run(transport.clone(), &[]).await;
+    let started = Instant::now();
+    let (killed, restarts) = run(transport, TLS_KILLS).await;
+    eprintln!(
+        "TLS run with {} kills: {:?}",
+        TLS_KILLS.len(),
+        started.elapsed()
+    );
+    assert_eq!(
+        restarts.len(),
+        TLS_KILLS.len(),
+        "every restart resumed the run"
+    );
+    assert_eq!(killed, reference);
 }
