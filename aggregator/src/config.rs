@@ -205,6 +205,37 @@ impl AdminSection {
     }
 }
 
+/// Where the aggregator keeps its crash-safe state (see `crate::db`): the run, its
+/// members, rounds, the open round's protocol stage and every global adapter, in one SQLite
+/// file. Starting with an existing database resumes its run; a database of another plan is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// The SQLite file (created 0600 if missing: it holds the participants' bearer ids).
+    /// Default: `state.sqlite` in `server.output_dir`. Relative paths are relative to the
+    /// working directory, like `server.output_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<PathBuf>,
+    /// How many of the latest rounds' global adapters the database keeps (the current one
+    /// is always kept; `round-NNNN/` directories are not pruned). 0 keeps every round.
+    #[serde(default = "default_adapter_history")]
+    pub adapter_history: u64,
+}
+
+fn default_adapter_history() -> u64 {
+    20
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            database: None,
+            adapter_history: default_adapter_history(),
+        }
+    }
+}
+
 /// The placeholder identity of an example lab. Its secret is derivable by anyone, so
 /// `serve` refuses to run with it; replace it with the lab's `fedclient keygen` output.
 fn example_public_key(name: &str) -> String {
@@ -222,6 +253,9 @@ pub struct AggregatorConfig {
     /// The admin HTTP port; none when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminSection>,
+    /// The crash-safe state database; defaults apply when left out.
+    #[serde(default)]
+    pub state: StateSection,
     pub plan: FederationPlan,
 }
 
@@ -267,6 +301,14 @@ impl AggregatorConfig {
         Ok(config)
     }
 
+    /// The state database's path (`state.database`, by default in `server.output_dir`).
+    pub fn database_path(&self) -> PathBuf {
+        self.state
+            .database
+            .clone()
+            .unwrap_or_else(|| self.server.output_dir.join("state.sqlite"))
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
@@ -290,6 +332,8 @@ impl AggregatorConfig {
             },
             tls: TlsSection::provisioned(Path::new("")),
             admin: Some(AdminSection::loopback(9464)),
+            // The database goes beside the adapters (`server.output_dir`) unless named.
+            state: StateSection::default(),
             plan: FederationPlan {
                 federation: "mekong-federation".into(),
                 model: fedcore::ModelSpec::tiny(),
@@ -480,6 +524,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `port`"), "{err}");
+    }
+
+    #[test]
+    fn state_section_defaults_and_names_bad_fields() {
+        let text = AggregatorConfig::example().to_toml();
+        assert!(!text.contains("database"), "{text}");
+        let back = AggregatorConfig::from_toml(&text, "a.toml").unwrap();
+        assert_eq!(back.state.adapter_history, 20);
+        assert_eq!(
+            back.database_path(),
+            PathBuf::from("runs/federation/state.sqlite")
+        );
+        let typo = text.replace("[state]", "[state]\nhistory = 3");
+        let err = AggregatorConfig::from_toml(&typo, "a.toml").unwrap_err();
+        assert!(err.to_string().contains("history"), "{err}");
+        let bad = text.replace("adapter_history = 20", "adapter_history = -1");
+        let err = AggregatorConfig::from_toml(&bad, "a.toml").unwrap_err();
+        assert!(err.to_string().contains("adapter_history"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML configuration file, validated field by field.
 //! - [`download`]: the global adapter on the wire (inline, or in resumable checksummed
 //!   chunks).
+//! - [`db`]: the crash-safe state in SQLite, from which a killed aggregator resumes its run.
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod db;
 pub mod download;
 pub mod provision;
 pub mod server;

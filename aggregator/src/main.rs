@@ -165,6 +165,20 @@ async fn main() -> Result<()> {
                 "plan sha256: {} (labs pin it with `fedclient join --plan-sha256`)",
                 c.plan.fingerprint()
             );
+            let database = c.database_path();
+            println!(
+                "state: {} ({}); keeps {}",
+                database.display(),
+                if database.exists() {
+                    "exists: `serve` resumes the run it holds, if it is this plan's"
+                } else {
+                    "new: `serve` starts a new run"
+                },
+                match c.state.adapter_history {
+                    0 => "every round's adapter".to_string(),
+                    n => format!("the last {n} rounds' adapters"),
+                }
+            );
             Ok(())
         }
         Command::Serve { config } => serve(config).await,
@@ -275,15 +289,24 @@ async fn serve(path: PathBuf) -> Result<()> {
     if let Some(admin) = server.admin_addr() {
         println!("status page: http://{admin}/ (metrics at /metrics)");
     }
-    tokio::select! {
+    let failed = tokio::select! {
         _ = server.finished() => {
             server.drain(Duration::from_millis(config.server.linger_after_finish_ms)).await;
             println!("final adapter: {}", server.store().final_dir().display());
+            false
         }
         _ = tokio::signal::ctrl_c() => {
-            tracing::warn!("interrupted; stopping");
+            tracing::warn!("interrupted; stopping (the run resumes from its database on the next start)");
+            false
         }
-    }
+        _ = server.failed() => true,
+    };
     server.shutdown().await?;
+    if failed {
+        anyhow::bail!(
+            "the aggregator could not save its state (see the log above); restart it to resume from {}",
+            config.database_path().display()
+        );
+    }
     Ok(())
 }

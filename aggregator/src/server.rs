@@ -19,8 +19,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::config::AggregatorConfig;
+use crate::db::{DbError, StateDb};
 use crate::service::{FederationService, Shared};
 use crate::store::AdapterStore;
+use fedcore::round::snapshot::{Resumed, Saved};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, Error)]
@@ -47,6 +49,8 @@ pub enum ServeError {
     Join(#[from] tokio::task::JoinError),
     #[error("TLS: {0}")]
     Tls(#[from] mekong_proto::tls::TlsError),
+    #[error("state database: {0}")]
+    State(#[from] crate::db::DbError),
 }
 
 /// HTTP/2 flow-control window per stream: 256 KiB keeps a 4 MiB masked upload at full
@@ -75,10 +79,7 @@ pub struct RunningServer {
 
 /// Binds `config.server.listen` (port 0 picks a free port) and starts serving.
 pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeError> {
-    let mut session = [0u8; 32];
-    rand::rng().fill_bytes(&mut session);
-    let coordinator = Coordinator::new(config.plan.clone(), session)?;
-    if coordinator.secure() {
+    if config.plan.secure_aggregation.enabled {
         info!(
             threshold = config
                 .plan
@@ -109,13 +110,11 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
             None
         }
     };
+    // After the TLS files are checked: a configuration that cannot serve touches no state.
+    let (coordinator, db) = open_state(config)?;
     let store = AdapterStore::new(&config.server.output_dir);
     let adapters = crate::download::AdapterCache::new(config.server.inline_adapter_max_bytes);
-    let shared =
-        Shared::new(coordinator, store.clone(), adapters).map_err(|status| ServeError::Store {
-            dir: store.dir().display().to_string(),
-            message: status.message().to_string(),
-        })?;
+    let shared = Shared::with_db(coordinator, store.clone(), db, adapters)?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -188,6 +187,7 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         rounds = config.plan.rounds.rounds,
         plan_sha256 = %config.plan.fingerprint(),
         output = %store.dir().display(),
+        database = %config.database_path().display(),
         "aggregator serving"
     );
     Ok(RunningServer {
@@ -200,6 +200,60 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         crl_watcher,
         admin,
     })
+}
+
+/// Opens the state database and resumes its run, or starts a new run (fresh random session
+/// id) when it holds none.
+fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), ServeError> {
+    config.plan.validate()?;
+    let path = config.database_path();
+    let (db, saved) = StateDb::open(&path, &config.plan, config.state.adapter_history)?;
+    let Some(saved) = saved else {
+        let mut session = [0u8; 32];
+        rand::rng().fill_bytes(&mut session);
+        info!(database = %path.display(), "new run");
+        return Ok((Coordinator::new(config.plan.clone(), session)?, db));
+    };
+    let (coordinator, resumed) = Coordinator::restore(
+        config.plan.clone(),
+        Saved {
+            state: &saved.state,
+            server_state: &saved.server_state,
+            global: saved.global,
+            history: saved.history,
+            sum: saved.sum,
+        },
+        0,
+    )
+    .map_err(|source| DbError::Snapshot {
+        path: path.display().to_string(),
+        source,
+    })?;
+    debug_assert_eq!(coordinator.session(), saved.session);
+    let rounds = coordinator.rounds_closed();
+    let database = path.display().to_string();
+    match resumed {
+        Resumed::Waiting => {
+            info!(%database, "resuming the run: waiting for participants")
+        }
+        Resumed::Finished => info!(%database, rounds, "resuming a finished run"),
+        Resumed::RoundRestarted { round } => {
+            info!(%database, round, "resuming the run: round collects its updates again")
+        }
+        Resumed::AttemptRestarted { round, attempt } => info!(
+            %database, round, attempt,
+            "resuming the run: the secure attempt had not closed its masked input; restarting it with fresh keys"
+        ),
+        Resumed::AttemptResumed {
+            round,
+            attempt,
+            stage,
+        } => info!(
+            %database, round, attempt, stage = ?stage,
+            "resuming the run: the secure attempt goes on where it was"
+        ),
+    }
+    Ok((coordinator, db))
 }
 
 /// Re-reads the revocation list every [`CRL_POLL`] and, when its contents change, rebuilds
@@ -247,8 +301,14 @@ async fn run_ticker(shared: Arc<Shared>) {
         };
         tokio::time::sleep(Duration::from_millis(sleep_ms)).await;
         let mut c = shared.lock();
+        if shared.failed() {
+            return;
+        }
         match c.tick(shared.now_ms()) {
-            Ok(events) => shared.apply_events(&c, events),
+            // A failed commit is logged and stops the service (see `Shared::settle`).
+            Ok(events) => {
+                let _ = shared.settle(&c, events);
+            }
             Err(e) => tracing::error!(error = %e, "closing a round failed"),
         }
     }
@@ -278,6 +338,17 @@ impl RunningServer {
     /// A snapshot of the coordinator's status.
     pub fn status(&self) -> Status {
         self.shared.lock().status()
+    }
+
+    /// Resolves when the service stopped taking calls because its state could not be
+    /// saved; the process should exit (and be restarted, resuming from the database).
+    pub async fn failed(&self) {
+        let mut changes = self.shared.subscribe();
+        while !self.shared.failed() {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Resolves when the last round has closed.

@@ -54,18 +54,74 @@ pub struct Shared {
     pub(crate) telemetry: crate::admin::Telemetry,
     /// The global adapter's wire form, encoded once per content hash.
     adapters: AdapterCache,
+    /// The crash-safe state; none only for in-memory services built by tests.
+    db: Option<Mutex<crate::db::StateDb>>,
+    /// Set when a state change could not be committed: the service then refuses every call
+    /// (the participants retry) until the process is restarted from what is on disk.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
-    /// Wraps a coordinator, saving its starting adapter as round 0.
+    /// Wraps a coordinator kept in memory only, saving its starting adapter as round 0.
     pub fn new(
         coordinator: Coordinator,
         store: AdapterStore,
         adapters: AdapterCache,
     ) -> Result<Arc<Self>, Status> {
-        store
-            .save_initial(coordinator.global())
-            .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
+        Self::build(coordinator, store, None, adapters)
+    }
+
+    /// Wraps a coordinator whose every change is committed to `db` before it is answered.
+    /// Commits the coordinator as it is (a new run's first record, or a resumed run's
+    /// restarted round), then writes the `round-NNNN/` directories of kept rounds that are
+    /// missing (a kill between a round's commit and its export) and `final/` of a finished
+    /// run.
+    pub fn with_db(
+        coordinator: Coordinator,
+        store: AdapterStore,
+        mut db: crate::db::StateDb,
+        adapters: AdapterCache,
+    ) -> Result<Arc<Self>, crate::server::ServeError> {
+        db.save(&coordinator)?;
+        for round in db.kept_rounds()? {
+            let record = coordinator.history().iter().find(|r| r.round == round);
+            if let (Some(record), false) = (record, store.has_round(round))
+                && let Some(adapter) = db.adapter(coordinator.plan(), round)?
+                && let Err(e) = store.save_round(record, &adapter)
+            {
+                warn!(round, error = %e, "cannot write the round's adapter directory");
+            }
+        }
+        if coordinator.status().stage == fedcore::round::Stage::Finished
+            && !store.has_final()
+            && let Err(e) = store.save_final(coordinator.global())
+        {
+            warn!(error = %e, "cannot write the final adapter directory");
+        }
+        let dir = store.dir().display().to_string();
+        Self::build(coordinator, store, Some(db), adapters).map_err(|status| {
+            crate::server::ServeError::Store {
+                dir,
+                message: status.message().to_string(),
+            }
+        })
+    }
+
+    fn build(
+        coordinator: Coordinator,
+        store: AdapterStore,
+        db: Option<crate::db::StateDb>,
+        adapters: AdapterCache,
+    ) -> Result<Arc<Self>, Status> {
+        if !store
+            .round_dir(0)
+            .join(fedcore::peft::CONFIG_FILE)
+            .is_file()
+        {
+            store
+                .save_initial(&coordinator.plan().initial_adapter())
+                .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
+        }
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Shared {
             coordinator: Mutex::new(coordinator),
@@ -77,7 +133,51 @@ impl Shared {
             changes,
             telemetry: crate::admin::Telemetry::new(),
             adapters,
+            db: db.map(Mutex::new),
+            failed: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Whether a state change could not be committed (see [`Shared::settle`]).
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Refuses calls once the state on disk has fallen behind.
+    fn check_healthy(&self) -> Result<(), Status> {
+        if self.failed() {
+            return Err(Status::unavailable(
+                "the aggregator could not save its state and stopped taking calls; it resumes from its database when restarted",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits the coordinator's state, then acts on its events. Called with the
+    /// coordinator locked, after every change and before the call is answered, so that
+    /// nothing a participant is told is missing from the database after a crash. A
+    /// commit that fails stops the service taking calls (fail-stop): answering from a
+    /// state that is not on disk could, after a restart, contradict what labs were told.
+    pub fn settle(&self, coordinator: &Coordinator, events: Vec<Event>) -> Result<(), Status> {
+        self.commit(coordinator)?;
+        self.apply_events(coordinator, events);
+        Ok(())
+    }
+
+    /// The commit half of [`Shared::settle`].
+    pub fn commit(&self, coordinator: &Coordinator) -> Result<(), Status> {
+        if let Some(db) = &self.db {
+            let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = db.save(coordinator) {
+                tracing::error!(error = %e, "cannot commit the aggregator's state; refusing further calls until restarted");
+                self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.changes.send_modify(|v| *v += 1);
+                return Err(Status::unavailable(format!(
+                    "the aggregator could not save its state: {e}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Milliseconds since the server started (the coordinator's clock).
@@ -209,7 +309,9 @@ impl FederationService {
     }
 
     /// The participant the call's certificate names (`None` on plaintext connections).
+    /// Every handler starts here, so it also refuses calls once the state could not be saved.
     fn certified<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        self.shared.check_healthy()?;
         let Some(revocations) = &self.revocations else {
             return Ok(None);
         };
@@ -309,6 +411,9 @@ impl Federation for FederationService {
                 self.shared.now_ms(),
             )
             .map_err(|e| status_for(&e))?;
+        // Logged once on disk: a crash before this line loses the join, and the lab
+        // simply joins again.
+        self.shared.commit(&c)?;
         info!(
             participant = %req.participant_name,
             language = %req.language,
@@ -458,7 +563,7 @@ impl Federation for FederationService {
                     updates_received: status.updates_received as u32,
                     cohort_size: status.cohort_size as u32,
                 };
-                self.shared.apply_events(&c, events);
+                self.shared.settle(&c, events)?;
                 Ok(Response::new(response))
             }
             Err(e) => {
@@ -476,6 +581,12 @@ impl Federation for FederationService {
         let req = request.into_inner();
         let msg = message_from_wire(req.message.as_ref())
             .map_err(|e| Status::invalid_argument(format!("secure aggregation message: {e}")))?;
+        let kind = match &msg {
+            fedcore::round::SecureMessage::Advertise(_) => "advertise_keys",
+            fedcore::round::SecureMessage::ShareKeys(_) => "share_keys",
+            fedcore::round::SecureMessage::Consistency(_) => "consistency_check",
+            fedcore::round::SecureMessage::Unmask(_) => "unmask",
+        };
         let mut c = self.shared.lock();
         check_owner(&c, &req.participant_id, certified.as_deref())?;
         let name = participant_name(&c, &req.participant_id);
@@ -487,7 +598,8 @@ impl Federation for FederationService {
             self.shared.now_ms(),
         ) {
             Ok(events) => {
-                self.shared.apply_events(&c, events);
+                self.shared.settle(&c, events)?;
+                tracing::debug!(participant = %name, round = req.round, attempt = req.attempt, kind, "secure aggregation message accepted");
                 self.shared.changes.send_modify(|v| *v += 1);
                 Ok(Response::new(pb::SecureAggregateResponse {}))
             }
@@ -729,7 +841,7 @@ async fn fold_stream(
                 &words,
                 shared.now_ms(),
             ) {
-                shared.apply_events(&c, events);
+                let _ = shared.settle(&c, events);
             }
             return Err(Status::unavailable(format!(
                 "aggregator cannot spool masked input: {e}"
@@ -740,7 +852,8 @@ async fn fold_stream(
             let events = c
                 .masked_commit(&id.token, id.round, id.attempt, shared.now_ms())
                 .map_err(|e| status_for(&e))?;
-            shared.apply_events(&c, events);
+            shared.settle(&c, events)?;
+            tracing::debug!(participant = %participant_name(&c, &id.token), round = id.round, attempt = id.attempt, words = spool.len(), "masked input accepted");
             shared.changes.send_modify(|v| *v += 1);
             return Ok(spool.len());
         }
@@ -772,6 +885,72 @@ fn retract(
         tracing::error!(index, round = id.round, attempt = id.attempt, %reason, "retracting a broken masked stream failed");
     }
     let c = shared.lock();
-    shared.apply_events(&c, events);
+    // A retraction after the stage closed changes the saved sum.
+    let _ = shared.settle(&c, events);
     shared.changes.send_modify(|v| *v += 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AggregatorConfig;
+    use crate::db::StateDb;
+
+    /// A commit that fails (here: another process holds the database's write lock past the
+    /// busy timeout) stops the service taking calls, and the state on disk is the last
+    /// good one.
+    #[test]
+    fn a_state_change_that_cannot_be_committed_stops_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let plan = AggregatorConfig::example().plan;
+        let (db, _) = StateDb::open(&path, &plan, 0).unwrap();
+        let shared = Shared::with_db(
+            Coordinator::new(plan.clone(), [7; 32]).unwrap(),
+            AdapterStore::new(dir.path()),
+            db.with_busy_timeout(Duration::from_millis(50)),
+            AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
+        )
+        .unwrap();
+        {
+            let mut c = shared.lock();
+            let events = c.join("t-a".into(), "lab-a", "lo", 0).unwrap();
+            shared.settle(&c, events).unwrap();
+        }
+        assert!(!shared.failed());
+
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE;").unwrap();
+        {
+            let mut c = shared.lock();
+            let events = c.join("t-b".into(), "lab-b", "km", 0).unwrap();
+            let refused = shared.settle(&c, events).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::Unavailable);
+            assert!(refused.message().contains("state.sqlite"), "{refused}");
+        }
+        assert!(shared.failed());
+        let refused = shared.check_healthy().unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        other.execute_batch("ROLLBACK;").unwrap();
+        drop(other);
+
+        // What a restart finds: lab-a, not the join that could not be committed.
+        drop(shared);
+        let (_, saved) = StateDb::open(&path, &plan, 0).unwrap();
+        let saved = saved.unwrap();
+        let (c, _) = Coordinator::restore(
+            plan,
+            fedcore::round::snapshot::Saved {
+                state: &saved.state,
+                server_state: &saved.server_state,
+                global: saved.global,
+                history: saved.history,
+                sum: saved.sum,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.participant("t-a"), Some(("lab-a", "lo")));
+        assert_eq!(c.participant("t-b"), None);
+    }
 }

@@ -93,11 +93,27 @@ impl AdapterStore {
             }),
         })
         .expect("record serialises");
+        // Written last, under a temporary name then renamed: its presence says the round's
+        // directory is complete (see `has_round`).
         let path = dir.join("round.json");
-        std::fs::write(&path, json).map_err(|source| AdapterError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        let partial = dir.join("round.json.partial");
+        std::fs::write(&partial, json)
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(|source| AdapterError::Io {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    /// Whether a round's directory is complete (a process killed while writing it leaves
+    /// it without `round.json`).
+    pub fn has_round(&self, round: u64) -> bool {
+        self.round_dir(round).join("round.json").is_file()
+    }
+
+    /// Whether the final adapter is complete (its config is written after its weights).
+    pub fn has_final(&self) -> bool {
+        self.final_dir().join(fedcore::peft::CONFIG_FILE).is_file()
     }
 
     /// Saves the run's final adapter.

@@ -43,7 +43,6 @@ use mekong_proto::convert::{PayloadError, work_from_wire};
 use mekong_proto::policy::{LocalPolicy, SharedMetric};
 use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
-use rand::RngCore;
 use thiserror::Error;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
@@ -814,16 +813,20 @@ async fn connect(
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// Whether a failed call may simply be repeated: the aggregator was unreachable, or the
-/// connection broke under the call (hyper reports that as `Unknown`). Every call is safe to
-/// repeat: a message that did arrive the first time is answered `AlreadyExists`.
+/// Whether a failed call may simply be repeated: the aggregator was unreachable (down, or
+/// restarting after a crash), or the connection broke under the call. tonic reports a
+/// broken connection as `Unknown` or `Internal` with an HTTP/2 or transport message, or as
+/// `Cancelled` when hyper gave up the request with its connection; the aggregator itself
+/// never answers `Cancelled`, and its `Internal` refusals carry fedcore's messages. Every
+/// call is safe to repeat: a message that did arrive the first time is answered
+/// `AlreadyExists`, and the aggregator commits before it answers, so what it accepted it
+/// still knows after a restart.
 pub fn transient(status: &tonic::Status) -> bool {
+    let m = status.message();
+    let broken = m.starts_with("h2 protocol error") || m.starts_with("transport error");
     match status.code() {
-        tonic::Code::Unavailable => true,
-        tonic::Code::Unknown => {
-            let m = status.message();
-            m.starts_with("h2 protocol error") || m.starts_with("transport error")
-        }
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        tonic::Code::Unknown | tonic::Code::Internal => broken,
         _ => false,
     }
 }
@@ -942,10 +945,12 @@ fn open_secure(
         .ok_or(ParticipantError::NoIdentity)?;
     let mut rng = rand::rng();
     let randomness = RoundRandomness::draw(&mut rng);
-    let mut rounding_seed = [0u8; 32];
-    rng.fill_bytes(&mut rounding_seed);
+    let identity_seed = identity.bytes();
+    // Same update, same rounding in every attempt (see `fedcore::round::rounding_seed`).
+    let rounding_seed =
+        fedcore::round::rounding_seed(&identity_seed, trained.round, &trained.global_hash);
     let secrets = UploadSecrets {
-        identity_seed: identity.bytes(),
+        identity_seed,
         randomness,
         rounding_seed,
     };
@@ -1140,5 +1145,32 @@ async fn submit_plaintext(
             Ok(None)
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transient;
+    use tonic::{Code, Status};
+
+    #[test]
+    fn a_dead_or_restarting_aggregator_is_retried_and_refusals_are_not() {
+        for status in [
+            Status::unavailable("tcp connect error: Connection refused"),
+            Status::cancelled("operation was canceled: connection closed"),
+            Status::unknown("h2 protocol error: connection reset"),
+            Status::internal("h2 protocol error: stream no longer needed"),
+            Status::unknown("transport error"),
+        ] {
+            assert!(transient(&status), "{status}");
+        }
+        for status in [
+            Status::internal("the unmasked sum is unusable: weight word is zero"),
+            Status::new(Code::FailedPrecondition, "message is for attempt 0"),
+            Status::unauthenticated("unknown participant id"),
+            Status::unknown("something else"),
+        ] {
+            assert!(!transient(&status), "{status}");
+        }
     }
 }

@@ -360,6 +360,11 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         },
         tls: TlsSection::provisioned(&dir),
         admin: Some(AdminSection::loopback(options.admin_port)),
+        // The pilot's federation is new every run: its state lives and dies with it.
+        state: fedaggregator::config::StateSection {
+            database: Some(dir.join("state.sqlite")),
+            ..Default::default()
+        },
         plan: plan.clone(),
     };
     let server = fedaggregator::start(&config)

@@ -106,6 +106,7 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
         },
         tls: TlsSection::plaintext(),
         admin: None,
+        state: Default::default(),
         plan,
     }
 }

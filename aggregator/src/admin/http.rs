@@ -96,6 +96,13 @@ async fn snapshot(shared: &Arc<Shared>) -> Option<StatusReport> {
 /// [`HEALTH_LOCK_WAIT`] (the coordinator is not wedged). A finished run is still healthy
 /// while the process serves the final adapter.
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.failed() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: the state database could not be written; restart the aggregator to resume from it\n",
+        )
+            .into_response();
+    }
     match snapshot(&shared).await {
         Some(s) => (
             StatusCode::OK,

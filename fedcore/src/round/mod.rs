@@ -22,6 +22,9 @@
 mod secure;
 #[cfg(test)]
 mod secure_tests;
+pub mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 mod upload;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +33,7 @@ use thiserror::Error;
 
 use secure::{Progress, SecureRound};
 pub use secure::{SecureMessage, SecureStep};
-pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets};
+pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets, rounding_seed};
 
 use crate::adapter::LoraAdapter;
 use crate::aggregate::{AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum};
@@ -138,7 +141,7 @@ pub enum Event {
 }
 
 /// The outcome of one closed round.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundRecord {
     pub round: u64,
     /// Names of the participants whose updates were aggregated, sorted.
@@ -159,7 +162,7 @@ pub struct RoundRecord {
 }
 
 /// How a round's secure aggregation went.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SecureRecord {
     pub attempt: u32,
     pub error_bound: f64,
@@ -938,6 +941,23 @@ impl Coordinator {
 
     /// A fresh secure-aggregation attempt for `round` over `cohort`.
     fn secure_attempt(&self, round: u64, cohort: &BTreeSet<String>, attempt: u32) -> SecureRound {
+        let (cfg, encoding, indices) = self.secure_parts(round, cohort, attempt);
+        SecureRound::new(cfg, self.roster.identities(), encoding, indices, attempt)
+            .expect("the plan's neighbourhood was validated against the roster")
+    }
+
+    /// What an attempt of `round` over `cohort` is made of: its protocol parameters, the
+    /// update encoding and the cohort's protocol indices.
+    fn secure_parts(
+        &self,
+        round: u64,
+        cohort: &BTreeSet<String>,
+        attempt: u32,
+    ) -> (
+        crate::secagg::protocol::RoundConfig,
+        crate::secagg::spec::WeightedEncoding,
+        BTreeSet<Index>,
+    ) {
         let spec = &self.plan.secure_aggregation;
         let len = self.layout.len();
         let cfg = spec.round_config(
@@ -956,8 +976,7 @@ impl Coordinator {
             .iter()
             .filter_map(|n| self.roster.index_of(n))
             .collect();
-        SecureRound::new(cfg, self.roster.identities(), encoding, indices, attempt)
-            .expect("the plan's neighbourhood was validated against the roster")
+        (cfg, encoding, indices)
     }
 
     fn close_round(&mut self, now_ms: u64) -> Result<Vec<Event>, RoundError> {

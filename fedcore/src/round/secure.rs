@@ -128,6 +128,40 @@ impl SecureRound {
         self.server.stage()
     }
 
+    /// An attempt resumed after a restart from its server session (consistency check or
+    /// unmask): the broadcasts are rebuilt from the session, exactly as first sent (the
+    /// key roster, the survivor list and, in the unmask stage, the signatures it closed
+    /// with), and the current stage gets a fresh deadline.
+    pub fn resume(
+        server: ServerSession,
+        encoding: WeightedEncoding,
+        cohort: BTreeSet<Index>,
+        attempt: u32,
+        stage_deadline_ms: u64,
+    ) -> Self {
+        let roster = KeyRoster {
+            keys: server.advertisements().cloned().collect(),
+        };
+        let survivors = SurvivorList {
+            survivors: server.survivors().to_vec(),
+        };
+        let unmask = (server.stage() == Stage::Unmask).then(|| UnmaskRequest {
+            survivors: server.survivors().to_vec(),
+            signatures: server.signatures().cloned().collect(),
+        });
+        SecureRound {
+            attempt,
+            server,
+            encoding,
+            cohort,
+            stage_deadline_ms: Some(stage_deadline_ms),
+            roster: Some(roster),
+            deliveries: BTreeMap::new(),
+            survivors: Some(survivors),
+            unmask,
+        }
+    }
+
     /// Whether `who` still has to answer the current stage.
     pub fn awaits(&self, who: Index) -> bool {
         let expected = match self.stage() {

@@ -16,11 +16,11 @@ use crate::secagg::spec::SecureAggregationSpec;
 const ROUND_TIMEOUT: u64 = 1_000;
 const STAGE_TIMEOUT: u64 = 500;
 
-fn identity_seed(i: usize) -> [u8; 32] {
+pub(super) fn identity_seed(i: usize) -> [u8; 32] {
     [i as u8 + 1; 32]
 }
 
-fn secure_plan(labs: usize, threshold: Option<usize>, rounds: u64) -> FederationPlan {
+pub(super) fn secure_plan(labs: usize, threshold: Option<usize>, rounds: u64) -> FederationPlan {
     FederationPlan {
         federation: "secure-test".into(),
         model: ModelSpec::tiny(),
@@ -48,18 +48,18 @@ fn secure_plan(labs: usize, threshold: Option<usize>, rounds: u64) -> Federation
 }
 
 /// One simulated lab: its update, and the stage before which it goes silent.
-struct Lab {
-    name: String,
-    token: String,
-    seed: usize,
-    delta: Vec<f32>,
-    samples: u64,
-    silent_from: Option<S>,
-    upload: Option<SecureUpload>,
-    rng: ChaCha8Rng,
+pub(super) struct Lab {
+    pub(super) name: String,
+    pub(super) token: String,
+    pub(super) seed: usize,
+    pub(super) delta: Vec<f32>,
+    pub(super) samples: u64,
+    pub(super) silent_from: Option<S>,
+    pub(super) upload: Option<SecureUpload>,
+    pub(super) rng: ChaCha8Rng,
 }
 
-fn labs(c: &mut Coordinator, n: usize, seed: u64) -> Vec<Lab> {
+pub(super) fn labs(c: &mut Coordinator, n: usize, seed: u64) -> Vec<Lab> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let len = c.upload_manifest().len();
     (0..n)
@@ -81,7 +81,7 @@ fn labs(c: &mut Coordinator, n: usize, seed: u64) -> Vec<Lab> {
         .collect()
 }
 
-fn randomness(rng: &mut ChaCha8Rng) -> RoundRandomness {
+pub(super) fn randomness(rng: &mut ChaCha8Rng) -> RoundRandomness {
     RoundRandomness::draw(rng)
 }
 
@@ -103,7 +103,7 @@ fn stream(
 }
 
 /// Lets every lab act on its current task until nobody has anything left to do.
-fn drive(c: &mut Coordinator, labs: &mut [Lab], now: u64) -> Vec<Event> {
+pub(super) fn drive(c: &mut Coordinator, labs: &mut [Lab], now: u64) -> Vec<Event> {
     let mut events = Vec::new();
     loop {
         let mut progressed = false;
@@ -215,7 +215,7 @@ fn assert_close(c: &Coordinator, expected: &[f64], bound: f64) {
     }
 }
 
-fn completed(events: &[Event]) -> Option<&RoundRecord> {
+pub(super) fn completed(events: &[Event]) -> Option<&RoundRecord> {
     events.iter().find_map(|e| match e {
         Event::RoundCompleted(r) => Some(r),
         _ => None,

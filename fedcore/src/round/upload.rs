@@ -42,8 +42,30 @@ pub struct UploadSecrets {
     pub identity_seed: Zeroizing<[u8; 32]>,
     /// Fresh per attempt.
     pub randomness: RoundRandomness,
-    /// Seed of the stochastic rounding.
+    /// Seed of the stochastic rounding; [`rounding_seed`] derives it.
     pub rounding_seed: [u8; 32],
+}
+
+/// The seed of an update's stochastic rounding: HKDF-SHA-256 of the lab's identity secret,
+/// bound to the round and the global adapter the update was trained from.
+///
+/// Why derived rather than drawn: the same update then rounds to the same integers in
+/// every attempt of its round, so a secure attempt that restarts (a lab dropped, or the
+/// aggregator crashed before unmasking) sums exactly what the first would have, and a rerun
+/// with the same seeds ends with the same adapter. The server does not know the identity
+/// secret, so it can neither predict nor steer the rounding; and masks, which hide the
+/// update, stay fresh per attempt.
+pub fn rounding_seed(identity_seed: &[u8; 32], round: u64, global_hash: &str) -> [u8; 32] {
+    use hkdf::Hkdf;
+    use sha2::Sha256;
+    let mut info = Vec::with_capacity(8 + global_hash.len());
+    info.extend_from_slice(&round.to_le_bytes());
+    info.extend_from_slice(global_hash.as_bytes());
+    let mut seed = [0u8; 32];
+    Hkdf::<Sha256>::new(Some(b"mekong/rounding-seed/v1"), identity_seed)
+        .expand(&info, &mut seed)
+        .expect("32 bytes is a valid HKDF-SHA-256 output length");
+    seed
 }
 
 /// One participant's secure upload for one attempt of one round.

@@ -52,8 +52,8 @@ impl RoundConfig {
     }
 }
 
-/// Stages, for error messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Stages, for error messages (and the coordinator's snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Stage {
     AdvertiseKeys,
     ShareKeys,
@@ -109,6 +109,8 @@ pub enum ProtocolError {
     Unretracted(Index),
     #[error("decrypted shares from {0} are malformed")]
     MalformedShare(Index),
+    #[error("the saved secure-aggregation session cannot be resumed: {0}")]
+    Snapshot(String),
     #[error("shares of participant {0} did not reconstruct: {1}")]
     Reconstruct(Index, ShamirError),
     #[error("both shares of participant {0} were requested; refusing to reveal")]

@@ -511,3 +511,221 @@ fn reconstruct<const N: usize>(
         .map_err(|_| ProtocolError::MalformedShare(owner))?;
     Ok(Zeroizing::new(bytes))
 }
+
+/// What a [`ServerSession`] must keep to go on after a restart once its masked-input stage
+/// has closed (the coordinator resumes, never restarts, an attempt from then on; see
+/// `crate::round::snapshot`): the advertised keys, who shared keys (U2) and sent masked
+/// inputs (U3), the survivor list, the consistency signatures and the revealed shares. The
+/// running sum travels separately ([`ServerSession::sum`]), as it is large and changes only
+/// at stage boundaries. Fixed-size byte fields are plain byte vectors here and are
+/// length-checked on the way back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionState {
+    pub stage: Stage,
+    /// U1.
+    pub advertised: Vec<SavedAdvert>,
+    pub u2: BTreeSet<Index>,
+    pub u3: BTreeSet<Index>,
+    pub survivors: Vec<Index>,
+    /// (signer, signature).
+    pub signatures: Vec<(Index, Vec<u8>)>,
+    pub responses: Vec<SavedResponse>,
+}
+
+/// An [`AdvertiseKeys`] in a [`SessionState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedAdvert {
+    pub from: Index,
+    pub c_public: Vec<u8>,
+    pub s_public: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// A revealed share in a [`SessionState`]: (owner, x, y).
+pub type SavedShare = (Index, u8, Vec<u8>);
+
+/// An [`UnmaskResponse`] in a [`SessionState`]; its shares are wiped when dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedResponse {
+    pub from: Index,
+    pub self_mask_shares: Vec<SavedShare>,
+    pub key_shares: Vec<SavedShare>,
+}
+
+impl Drop for SavedResponse {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        for (_, _, y) in self
+            .self_mask_shares
+            .iter_mut()
+            .chain(self.key_shares.iter_mut())
+        {
+            y.zeroize();
+        }
+    }
+}
+
+fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], ProtocolError> {
+    bytes
+        .try_into()
+        .map_err(|_| ProtocolError::Snapshot(format!("{field} has {} bytes, not {N}", bytes.len())))
+}
+
+fn shares_out(shares: &[RevealedShare]) -> Vec<SavedShare> {
+    shares.iter().map(|s| (s.owner, s.x, s.y.clone())).collect()
+}
+
+fn shares_in(shares: &[SavedShare]) -> Vec<RevealedShare> {
+    shares
+        .iter()
+        .map(|(owner, x, y)| RevealedShare {
+            owner: *owner,
+            x: *x,
+            y: y.clone(),
+        })
+        .collect()
+}
+
+impl ServerSession {
+    /// The advertisements of U1, by index (the key roster broadcast after stage 0).
+    pub fn advertisements(&self) -> impl Iterator<Item = &AdvertiseKeys> {
+        self.u1.values()
+    }
+
+    /// The survivor list (U3) once the masked-input stage closed.
+    pub fn survivors(&self) -> &[Index] {
+        &self.survivors
+    }
+
+    /// The consistency signatures received, by signer.
+    pub fn signatures(&self) -> impl Iterator<Item = &ConsistencySignature> {
+        self.signatures.values()
+    }
+
+    /// The running sum of masked inputs, and how many words of each input still streaming
+    /// (or awaiting retraction) are folded into it.
+    pub fn sum(&self) -> (&[u32], &BTreeMap<Index, usize>) {
+        (&self.sum, &self.partial)
+    }
+
+    /// Everything but the sum, for a snapshot. Only meaningful once the masked-input stage
+    /// has closed (earlier stages are restarted, not resumed).
+    pub fn state(&self) -> SessionState {
+        SessionState {
+            stage: self.stage,
+            advertised: self
+                .u1
+                .values()
+                .map(|a| SavedAdvert {
+                    from: a.from,
+                    c_public: a.c_public.to_vec(),
+                    s_public: a.s_public.to_vec(),
+                    signature: a.signature.to_vec(),
+                })
+                .collect(),
+            u2: self.u2.clone(),
+            u3: self.u3.clone(),
+            survivors: self.survivors.clone(),
+            signatures: self
+                .signatures
+                .values()
+                .map(|s| (s.from, s.signature.to_vec()))
+                .collect(),
+            responses: self
+                .responses
+                .values()
+                .map(|r| SavedResponse {
+                    from: r.from,
+                    self_mask_shares: shares_out(&r.self_mask_shares),
+                    key_shares: shares_out(&r.key_shares),
+                })
+                .collect(),
+        }
+    }
+
+    /// A session resumed from [`Self::state`] and [`Self::sum`] after a restart, in the
+    /// consistency-check or unmask stage. Refuses a state that is not self-consistent
+    /// (wrong sizes, survivors outside U2, a stage before the masked input closed).
+    pub fn resume(
+        cfg: RoundConfig,
+        identities: IdentityKeys,
+        state: &SessionState,
+        sum: Vec<u32>,
+        partial: BTreeMap<Index, usize>,
+    ) -> Result<Self, ProtocolError> {
+        let bad = |m: String| Err(ProtocolError::Snapshot(m));
+        if !matches!(state.stage, Stage::ConsistencyCheck | Stage::Unmask) {
+            return bad(format!(
+                "a session can be resumed only after its masked input closed, not in stage {:?}",
+                state.stage
+            ));
+        }
+        if sum.len() != cfg.vector_len {
+            return bad(format!(
+                "the running sum has {} words, the round's vector {}",
+                sum.len(),
+                cfg.vector_len
+            ));
+        }
+        let mut s = ServerSession::new(cfg, identities)?;
+        for a in &state.advertised {
+            if s.identities.get(a.from).is_none() {
+                return bad(format!(
+                    "advertised keys of {}, who is not on the roster",
+                    a.from
+                ));
+            }
+            s.u1.insert(
+                a.from,
+                AdvertiseKeys {
+                    from: a.from,
+                    c_public: fixed("c_public", &a.c_public)?,
+                    s_public: fixed("s_public", &a.s_public)?,
+                    signature: fixed("advertise signature", &a.signature)?,
+                },
+            );
+        }
+        let survivors: BTreeSet<Index> = state.survivors.iter().copied().collect();
+        if !state.u2.iter().all(|i| s.u1.contains_key(i))
+            || !state.u3.is_subset(&state.u2)
+            || survivors != state.u3
+            || partial.values().any(|&w| w > s.cfg.vector_len)
+        {
+            return bad("U1 ⊇ U2 ⊇ U3 = survivors does not hold".into());
+        }
+        s.u2 = state.u2.clone();
+        s.u3 = state.u3.clone();
+        s.survivors = state.survivors.clone();
+        for (from, sig) in &state.signatures {
+            if !s.u3.contains(from) {
+                return bad(format!(
+                    "a consistency signature from {from}, not a survivor"
+                ));
+            }
+            s.signatures.insert(
+                *from,
+                ConsistencySignature {
+                    from: *from,
+                    signature: fixed("consistency signature", sig)?,
+                },
+            );
+        }
+        for r in &state.responses {
+            if !s.signatures.contains_key(&r.from) {
+                return bad(format!("revealed shares from {}, who did not sign", r.from));
+            }
+            s.responses.insert(
+                r.from,
+                UnmaskResponse {
+                    from: r.from,
+                    self_mask_shares: shares_in(&r.self_mask_shares),
+                    key_shares: shares_in(&r.key_shares),
+                },
+            );
+        }
+        s.sum = sum;
+        s.partial = partial;
+        s.stage = state.stage;
+        Ok(s)
+    }
+}

@@ -141,7 +141,7 @@ pub struct ServerState {
 }
 
 /// Which factors participants train in a round.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrainedFactors {
     pub a: bool,
     pub b: bool,
