@@ -15,11 +15,13 @@
 //! - [`store`]: the on-disk history of global adapters.
 //! - [`provision`]: the federation CA, server certificate, participant kits and revocation.
 //! - `spool`: the undo log of a masked-input stream, so a broken stream leaves the sum clean.
+//! - `held`: masked inputs whose stream broke, kept for the participant to resume.
 
 pub mod admin;
 pub mod config;
 pub mod db;
 pub mod download;
+mod held;
 pub mod provision;
 pub mod server;
 pub mod service;

@@ -311,6 +311,9 @@ async fn run_ticker(shared: Arc<Shared>) {
             }
             Err(e) => tracing::error!(error = %e, "closing a round failed"),
         }
+        drop(c);
+        // Masked inputs left incomplete when their stage closed come out of the sum.
+        crate::service::sweep_held(&shared);
     }
 }
 

@@ -20,9 +20,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::download::AdapterCache;
+use crate::held::{Held, HeldInputs, MaskedKey};
 use crate::spool::Spool;
 use crate::status_map::status_for;
 use crate::store::AdapterStore;
+use sha2::{Digest, Sha256};
 
 /// Longest a FetchTask call is held while the answer is "wait".
 const MAX_LONG_POLL: Duration = Duration::from_secs(20);
@@ -47,6 +49,8 @@ pub struct Shared {
     spool_dir: PathBuf,
     /// Reading slots for masked-input streams.
     masked_slots: tokio::sync::Semaphore,
+    /// Masked inputs whose stream broke, held for their participants to resume.
+    held: HeldInputs,
     started: Instant,
     /// Bumped after every state change; long-polls wait on it.
     changes: watch::Sender<u64>,
@@ -128,6 +132,7 @@ impl Shared {
             told_finished: Mutex::new(BTreeSet::new()),
             spool_dir: store.dir().join(".spool"),
             masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
+            held: HeldInputs::default(),
             store,
             started: Instant::now(),
             changes,
@@ -680,6 +685,24 @@ impl Federation for FederationService {
         Ok(Response::new(pb::ReportMetricsResponse {}))
     }
 
+    async fn masked_received(
+        &self,
+        request: Request<pb::MaskedReceivedRequest>,
+    ) -> Result<Response<pb::MaskedReceivedResponse>, Status> {
+        let certified = self.certified(&request)?;
+        let req = request.into_inner();
+        let mut c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
+        self.shared.seen(&c, &req.participant_id);
+        let (words, committed) = c
+            .masked_received(&req.participant_id, req.round, req.attempt)
+            .map_err(|e| status_for(&e))?;
+        Ok(Response::new(pb::MaskedReceivedResponse {
+            words_received: words as u64,
+            committed,
+        }))
+    }
+
     type DownloadAdapterStream = std::pin::Pin<
         Box<dyn tokio_stream::Stream<Item = Result<pb::AdapterChunk, Status>> + Send + 'static>,
     >;
@@ -714,21 +737,17 @@ fn participant_name(c: &Coordinator, token: &str) -> String {
         .unwrap_or_else(|| "<unknown>".into())
 }
 
-/// Which stream a masked upload belongs to.
-struct MaskedStream {
-    token: String,
-    round: u64,
-    attempt: u32,
-}
-
-/// Receives one masked update: folds each chunk into the running sum as it arrives and
-/// logs it to a spool; commits on the last chunk. If the stream breaks, is malformed, or is
-/// still open when the stage's deadline passes, every folded chunk is retracted.
+/// Receives one masked update, or the rest of one whose stream broke: checks each chunk
+/// against its SHA-256, folds it into the running sum as it arrives and logs it to a spool;
+/// commits on the last chunk. If the stream breaks or stalls, what it folded is held (see
+/// [`crate::held`]) for the participant to resume; what is never completed is taken back
+/// out of the sum when the stage closes.
 async fn receive_masked(
     shared: Arc<Shared>,
     mut stream: Streaming<pb::MaskedChunk>,
     certified: Option<String>,
 ) -> Result<pb::SubmitMaskedResponse, Status> {
+    sweep_held(&shared);
     let stage_deadline = {
         let c = shared.lock();
         shared.instant_at(c.next_deadline().unwrap_or_else(|| shared.now_ms()))
@@ -747,48 +766,68 @@ async fn receive_masked(
     .map_err(|_| Status::deadline_exceeded("the masked stream sent nothing"))??
     .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
     check_owner(&shared.lock(), &first.participant_id, certified.as_deref())?;
-    let id = MaskedStream {
+    let key = MaskedKey {
         token: first.participant_id.clone(),
         round: first.round,
         attempt: first.attempt,
     };
-    let mut spool = Spool::new(&shared.spool_dir)
+    let spool = Spool::new(&shared.spool_dir)
         .map_err(|e| Status::unavailable(format!("aggregator cannot spool masked input: {e}")))?;
-    let mut index = None;
-    let outcome = fold_stream(
-        &shared,
-        &id,
-        first,
-        &mut stream,
-        stage_deadline,
-        &mut spool,
-        &mut index,
-    )
-    .await;
+    let mut held = shared.held.take(&key).unwrap_or(Held {
+        index: None,
+        spools: Vec::new(),
+    });
+    held.spools.push(spool);
+    let outcome = fold_stream(&shared, &key, first, &mut stream, stage_deadline, &mut held).await;
     match outcome {
         Ok(words) => Ok(pb::SubmitMaskedResponse {
             words_received: words as u64,
         }),
         Err(status) => {
-            if let Some(index) = index {
-                retract(&shared, &id, index, spool);
+            let name = participant_name(&shared.lock(), &key.token);
+            let words = held.words();
+            if words > 0 {
+                warn!(participant = %name, round = key.round, attempt = key.attempt, words, %status, "masked stream broke; its folded words are held for it to resume until the stage closes");
+                shared.held.hold(key, held);
+                // The stage may have closed while the stream was open.
+                sweep_held(&shared);
+            } else {
+                warn!(participant = %name, round = key.round, attempt = key.attempt, %status, "masked input not taken");
             }
-            let name = participant_name(&shared.lock(), &id.token);
-            warn!(participant = %name, round = id.round, attempt = id.attempt, %status, "masked input not taken");
             Err(status)
         }
     }
 }
 
-/// Folds chunks until the last one is committed; `index` is set once anything is folded.
+/// Takes back, out of the sum, every held masked input whose attempt is no longer in its
+/// masked-input stage: its participant never completed it. Called by each new masked
+/// stream and by the deadline ticker, without the coordinator locked.
+pub(crate) fn sweep_held(shared: &Shared) {
+    let open = {
+        let c = shared.lock();
+        let s = c.status();
+        (s.round, s.secure)
+    };
+    let gone = shared.held.drain_unless(|k| {
+        matches!(open, (round, Some((SecureStage::MaskedInput, attempt)))
+            if round == k.round && attempt == k.attempt)
+    });
+    for (key, held) in gone {
+        if let Some(index) = held.index {
+            let name = participant_name(&shared.lock(), &key.token);
+            info!(participant = %name, round = key.round, attempt = key.attempt, words = held.words(), "taking a masked input that was never completed back out of the sum");
+            retract(shared, &key, index, held.spools);
+        }
+    }
+}
+
 async fn fold_stream(
     shared: &Shared,
-    id: &MaskedStream,
+    key: &MaskedKey,
     first: pb::MaskedChunk,
     stream: &mut Streaming<pb::MaskedChunk>,
     deadline: tokio::time::Instant,
-    spool: &mut Spool,
-    index: &mut Option<fedcore::secagg::messages::Index>,
+    held: &mut Held,
 ) -> Result<usize, Status> {
     let mut next = Some(first);
     loop {
@@ -803,40 +842,54 @@ async fn fold_stream(
                 Err(_) => {
                     return Err(Status::deadline_exceeded(format!(
                         "the stream stalled or the masked-input stage closed after {} words",
-                        spool.len()
+                        held.words()
                     )));
                 }
                 Ok(Err(status)) => return Err(status),
                 Ok(Ok(None)) => {
                     return Err(Status::invalid_argument(format!(
                         "masked stream ended after {} words without its last chunk",
-                        spool.len()
+                        held.words()
                     )));
                 }
                 Ok(Ok(Some(c))) => c,
             },
         };
+        if chunk.sha256.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "masked chunk at word {} carries no SHA-256",
+                chunk.offset
+            )));
+        }
+        if Sha256::digest(&chunk.words_u32_le)[..] != chunk.sha256[..] {
+            return Err(Status::data_loss(format!(
+                "masked chunk at word {} failed its SHA-256 check; resume from word {}",
+                chunk.offset,
+                held.words()
+            )));
+        }
         let words = decode_words(&chunk.words_u32_le)
             .map_err(|e| Status::invalid_argument(format!("masked chunk: {e}")))?;
         let folded = {
             let mut c = shared.lock();
             c.masked_chunk(
-                &id.token,
-                id.round,
-                id.attempt,
+                &key.token,
+                key.round,
+                key.attempt,
                 chunk.offset as usize,
                 &words,
             )
             .map_err(|e| status_for(&e))?
         };
-        *index = Some(folded);
+        held.index = Some(folded);
+        let spool = held.spools.last_mut().expect("the stream's own spool");
         if let Err(e) = spool.append(&words) {
             // The chunk is folded but not logged: take it back directly.
             let mut c = shared.lock();
             if let Ok(events) = c.masked_retract(
                 folded,
-                id.round,
-                id.attempt,
+                key.round,
+                key.attempt,
                 chunk.offset as usize,
                 &words,
                 shared.now_ms(),
@@ -850,39 +903,50 @@ async fn fold_stream(
         if chunk.last {
             let mut c = shared.lock();
             let events = c
-                .masked_commit(&id.token, id.round, id.attempt, shared.now_ms())
+                .masked_commit(&key.token, key.round, key.attempt, shared.now_ms())
                 .map_err(|e| status_for(&e))?;
             shared.settle(&c, events)?;
-            tracing::debug!(participant = %participant_name(&c, &id.token), round = id.round, attempt = id.attempt, words = spool.len(), "masked input accepted");
+            tracing::debug!(participant = %participant_name(&c, &key.token), round = key.round, attempt = key.attempt, words = held.words(), "masked input accepted");
             shared.changes.send_modify(|v| *v += 1);
-            return Ok(spool.len());
+            return Ok(held.words());
         }
     }
 }
 
-/// Takes every spooled chunk of a broken stream back out of the sum.
 fn retract(
     shared: &Shared,
-    id: &MaskedStream,
+    key: &MaskedKey,
     index: fedcore::secagg::messages::Index,
-    spool: Spool,
+    spools: Vec<Spool>,
 ) {
     let mut events = Vec::new();
     let mut failure = None;
-    let replayed = spool.replay(|offset, words| {
-        let mut c = shared.lock();
-        match c.masked_retract(index, id.round, id.attempt, offset, words, shared.now_ms()) {
-            Ok(e) => events.extend(e),
-            Err(e) => failure = Some(e.to_string()),
+    let mut base = 0;
+    for spool in spools {
+        let len = spool.len();
+        let replayed = spool.replay(|offset, words| {
+            let mut c = shared.lock();
+            match c.masked_retract(
+                index,
+                key.round,
+                key.attempt,
+                base + offset,
+                words,
+                shared.now_ms(),
+            ) {
+                Ok(e) => events.extend(e),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        });
+        if let Err(e) = replayed {
+            failure = Some(format!("cannot read the spool back: {e}"));
         }
-    });
-    if let Err(e) = replayed {
-        failure = Some(format!("cannot read the spool back: {e}"));
+        base += len;
     }
     if let Some(reason) = failure {
         // The round cannot finish with a partial input in its sum; the attempt fails at
         // the unmask deadline and is retried.
-        tracing::error!(index, round = id.round, attempt = id.attempt, %reason, "retracting a broken masked stream failed");
+        tracing::error!(index, round = key.round, attempt = key.attempt, %reason, "retracting a broken masked stream failed");
     }
     let c = shared.lock();
     // A retraction after the stage closed changes the saved sum.

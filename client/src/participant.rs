@@ -43,6 +43,7 @@ use mekong_proto::convert::{PayloadError, work_from_wire};
 use mekong_proto::policy::{LocalPolicy, SharedMetric};
 use mekong_proto::secure::{WireError, encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
@@ -83,6 +84,10 @@ pub enum ParticipantError {
     Adapter(#[from] PayloadError),
     #[error("downloading the global adapter: {0}")]
     Download(#[from] DownloadError),
+    #[error(
+        "round {round}: the aggregator says it holds {held} words of this lab's masked update, which has {len}"
+    )]
+    MaskedResume { round: u64, held: u64, len: usize },
     #[error("the aggregator sent an empty answer to {0}")]
     EmptyAnswer(&'static str),
     #[error("model: {0}")]
@@ -991,8 +996,11 @@ async fn send_secure(
     late_is_not_fatal(options, round, sent.map(|_| ()))
 }
 
-/// Streams the masked update in chunks; false when the stage had already closed. Tells
-/// `observer` as each chunk is handed to the connection.
+/// Streams the masked update in chunks, each with its SHA-256; false when the stage had
+/// already closed. A stream that breaks (connection lost, aggregator restarting, a chunk
+/// damaged on the way) is resumed at the first word the aggregator has not folded, as
+/// `MaskedReceived` says: finished chunks are never sent again. Tells `observer` as each
+/// chunk is handed to the connection.
 async fn send_masked(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,
@@ -1001,53 +1009,129 @@ async fn send_masked(
     words: &[u32],
     observer: &Arc<dyn ParticipantObserver>,
 ) -> Result<bool, ParticipantError> {
-    let count = words.len().div_ceil(MASKED_CHUNK_WORDS);
-    let total = 4 * words.len() as u64;
-    let chunks: Vec<pb::MaskedChunk> = words
-        .chunks(MASKED_CHUNK_WORDS)
-        .enumerate()
-        .map(|(k, c)| pb::MaskedChunk {
+    let words: Arc<[u32]> = words.into();
+    let mut start = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    let mut give_up = tokio::time::Instant::now() + options.connect_patience;
+    loop {
+        let mut c = client.clone();
+        let stream = upload_reporter(
+            MaskedUpload {
+                participant_id: id.to_string(),
+                round,
+                attempt,
+                words: words.clone(),
+            },
+            start,
+            observer.clone(),
+            options.name.clone(),
+        );
+        let status = match c.submit_masked(stream).await {
+            Ok(_) => return Ok(true),
+            Err(status) => status,
+        };
+        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
+            return Err(ParticipantError::Handshake {
+                url: options.address(),
+                refusal,
+            });
+        }
+        // Broken on the way (or a chunk damaged): resume. Anything else is the aggregator's
+        // answer about this upload.
+        if !(transient(&status) || status.code() == tonic::Code::DataLoss) {
+            return late_is_not_fatal(
+                options,
+                round,
+                Err(ParticipantError::Refused {
+                    call: "SubmitMasked",
+                    status,
+                }),
+            );
+        }
+        if tokio::time::Instant::now() + backoff > give_up {
+            return Err(ParticipantError::Connect {
+                url: options.address(),
+                message: status.message().to_string(),
+            });
+        }
+        warn!(participant = %options.name, round, %status, "masked upload interrupted; resuming in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let request = pb::MaskedReceivedRequest {
             participant_id: id.to_string(),
             round,
             attempt,
-            offset: (k * MASKED_CHUNK_WORDS) as u64,
-            words_u32_le: encode_words(c),
-            last: k + 1 == count,
+        };
+        let held = call_with_retry(options, "MaskedReceived", || {
+            let mut c = client.clone();
+            let req = request.clone();
+            async move { c.masked_received(req).await }
         })
-        .collect();
-    let sent = call_with_retry(options, "SubmitMasked", || {
-        let mut c = client.clone();
-        let stream = upload_reporter(
-            chunks.clone(),
-            observer.clone(),
-            options.name.clone(),
-            round,
-            total,
-        );
-        async move { c.submit_masked(stream).await }
-    })
-    .await;
-    late_is_not_fatal(options, round, sent.map(|_| ()))
+        .await;
+        let held = match held {
+            Ok(h) => h,
+            Err(e) => return late_is_not_fatal(options, round, Err(e)),
+        };
+        if held.committed {
+            let total = 4 * words.len() as u64;
+            observer.upload_progress(&options.name, round, total, total);
+            return Ok(true);
+        }
+        let resume_at = usize::try_from(held.words_received).unwrap_or(usize::MAX);
+        if resume_at > words.len() {
+            return Err(ParticipantError::MaskedResume {
+                round,
+                held: held.words_received,
+                len: words.len(),
+            });
+        }
+        if resume_at > start {
+            // Progress: the patience counts from here.
+            give_up = tokio::time::Instant::now() + options.connect_patience;
+            backoff = Duration::from_millis(200);
+        }
+        info!(participant = %options.name, round, resume_at, of = words.len(), "resuming the masked upload");
+        start = resume_at;
+    }
+}
+
+/// One masked update, shared by the streams that send it.
+struct MaskedUpload {
+    participant_id: String,
+    round: u64,
+    attempt: u32,
+    words: Arc<[u32]>,
 }
 
 // The two reporters are free functions with owned arguments: a closure defined inside the
 // async functions above would carry their lifetimes into the futures, which rustc then
 // cannot prove `Send` for every lifetime (and `tokio::spawn` needs that).
 
-/// The masked chunks as a stream that tells `observer` as each one is taken for sending.
+/// The masked update from word `start` on, as a stream of checksummed chunks made as they
+/// are sent, telling `observer` as each one is taken.
 fn upload_reporter(
-    chunks: Vec<pb::MaskedChunk>,
+    upload: MaskedUpload,
+    start: usize,
     observer: Arc<dyn ParticipantObserver>,
     name: String,
-    round: u64,
-    total: u64,
 ) -> impl tokio_stream::Stream<Item = pb::MaskedChunk> + Send + 'static {
-    let mut so_far = 0u64;
-    tokio_stream::StreamExt::map(tokio_stream::iter(chunks), move |chunk| {
-        so_far += chunk.words_u32_le.len() as u64;
-        observer.upload_progress(&name, round, so_far, total);
-        chunk
-    })
+    let len = upload.words.len();
+    let total = 4 * len as u64;
+    let starts = (start..len).step_by(MASKED_CHUNK_WORDS);
+    tokio_stream::iter(starts.map(move |from| {
+        let to = (from + MASKED_CHUNK_WORDS).min(len);
+        let words_u32_le = encode_words(&upload.words[from..to]);
+        observer.upload_progress(&name, upload.round, 4 * to as u64, total);
+        pb::MaskedChunk {
+            participant_id: upload.participant_id.clone(),
+            round: upload.round,
+            attempt: upload.attempt,
+            offset: from as u64,
+            sha256: Sha256::digest(&words_u32_le).to_vec(),
+            words_u32_le,
+            last: to == len,
+        }
+    }))
 }
 
 /// Download progress for `observer`.

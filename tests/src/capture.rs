@@ -1,6 +1,6 @@
 //! TCP proxies for the end-to-end tests: one records what a participant sends (the egress
 //! test's instrument, with the searches run over the recording), one breaks a connection
-//! mid-transfer (the resumable-download test).
+//! mid-transfer (the resumable download and upload tests).
 //!
 //! The participant is pointed at the proxy instead of the aggregator; the proxy forwards
 //! both directions unchanged and keeps every byte the participant sends, one buffer per
@@ -84,70 +84,89 @@ pub async fn recording_proxy(upstream: SocketAddr) -> (String, Captured) {
     (url, captured)
 }
 
-/// Bytes a [`cutting_proxy`] has carried from the server to the client, over all
-/// connections.
-#[derive(Default, Clone)]
-pub struct Downstream(Arc<std::sync::atomic::AtomicU64>);
+/// Which direction a [`cutting_proxy`] watches, and after how many bytes it breaks the
+/// connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// After this many bytes from the server to the client (a download).
+    Downstream(u64),
+    /// After this many bytes from the client to the server (an upload).
+    Upstream(u64),
+}
 
-impl Downstream {
-    pub fn bytes(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+/// Bytes a [`cutting_proxy`] has carried, over all connections.
+#[derive(Default, Clone)]
+pub struct Carried {
+    down: Arc<std::sync::atomic::AtomicU64>,
+    up: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Carried {
+    /// From the server to the client.
+    pub fn down(&self) -> u64 {
+        self.down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From the client to the server.
+    pub fn up(&self) -> u64 {
+        self.up.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
-/// A proxy to `upstream` that breaks its first connection (both directions, at once) once
-/// `cut_after` bytes have gone from the server to the client; later connections pass
-/// untouched. Returns its `http://` URL and the server-to-client byte count.
-pub async fn cutting_proxy(upstream: SocketAddr, cut_after: u64) -> (String, Downstream) {
+/// Copies `from` to `to` until either ends or `limit` bytes have passed, counting them.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    limit: u64,
+    counter: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut carried = 0u64;
+    let mut buf = vec![0u8; 16 * 1024];
+    while carried < limit {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n.min((limit - carried) as usize),
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        carried += n as u64;
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A proxy to `upstream` that breaks its first connection (both directions, at once) at
+/// `cut`; later connections pass untouched. Returns its `http://` URL and the byte counts.
+pub async fn cutting_proxy(upstream: SocketAddr, cut: Cut) -> (String, Carried) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
     let url = format!("http://{}", listener.local_addr().expect("proxy address"));
-    let downstream = Downstream::default();
-    let counted = downstream.clone();
+    let carried = Carried::default();
+    let counted = carried.clone();
     tokio::spawn(async move {
         let mut first = true;
         while let Ok((client, _)) = listener.accept().await {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 continue;
             };
-            let limit = if std::mem::take(&mut first) {
-                cut_after
-            } else {
-                u64::MAX
+            let (down_limit, up_limit) = match (std::mem::take(&mut first), cut) {
+                (true, Cut::Downstream(n)) => (n, u64::MAX),
+                (true, Cut::Upstream(n)) => (u64::MAX, n),
+                (false, _) => (u64::MAX, u64::MAX),
             };
             let counted = counted.clone();
             tokio::spawn(async move {
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                let up = async {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                };
-                let down = async {
-                    let mut carried = 0u64;
-                    let mut buf = vec![0u8; 16 * 1024];
-                    while carried < limit {
-                        let n = match server_read.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n.min((limit - carried) as usize),
-                        };
-                        if client_write.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                        carried += n as u64;
-                        counted
-                            .0
-                            .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
-                    }
-                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
                 // Whichever direction ends first ends the connection: dropping both halves
                 // closes the sockets, which is what a broken link looks like to both ends.
                 tokio::select! {
-                    _ = up => {}
-                    _ = down => {}
+                    _ = pump(client_read, server_write, up_limit, counted.up.clone()) => {}
+                    _ = pump(server_read, client_write, down_limit, counted.down.clone()) => {}
                 }
             });
         }
     });
-    (url, downstream)
+    (url, carried)
 }
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).

@@ -12,6 +12,7 @@ use fedcore::{FederationPlan, LoraAdapter};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::secure::{encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use sha2::Digest;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -197,16 +198,18 @@ impl WireLab {
         let call = tokio::spawn(async move { client.submit_masked(ReceiverStream::new(rx)).await });
         for (k, c) in words.chunks(WIRE_CHUNK_WORDS).enumerate() {
             let last = k + 1 == count;
+            let words_u32_le = encode_words(if die_after_first && last {
+                &c[..c.len() / 2]
+            } else {
+                c
+            });
             let chunk = pb::MaskedChunk {
                 participant_id: self.id.clone(),
                 round,
                 attempt,
                 offset: (k * WIRE_CHUNK_WORDS) as u64,
-                words_u32_le: encode_words(if die_after_first && last {
-                    &c[..c.len() / 2]
-                } else {
-                    c
-                }),
+                sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
+                words_u32_le,
                 last: last && !die_after_first,
             };
             if tx.send(chunk).await.is_err() {

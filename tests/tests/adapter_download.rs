@@ -9,7 +9,7 @@ use std::time::Duration;
 use fedclient::download::{DownloadOptions, Fetched, fetch_adapter};
 use fedclient::participant::transient;
 use fedcore::{ModelSpec, TargetModule};
-use mekong_e2e::capture::cutting_proxy;
+use mekong_e2e::capture::{Cut, cutting_proxy};
 use mekong_e2e::{aggregator_config, test_plan};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 
@@ -36,7 +36,7 @@ async fn a_broken_download_resumes_where_it_stopped() {
     let upstream: SocketAddr = server.url().trim_start_matches("http://").parse().unwrap();
     // The first connection breaks after about 3.5 chunks of the download have gone through.
     let cut_after = 3 * 1024 * 1024 + 512 * 1024;
-    let (url, downstream) = cutting_proxy(upstream, cut_after).await;
+    let (url, carried) = cutting_proxy(upstream, Cut::Downstream(cut_after)).await;
     let mut client = FederationClient::connect(url).await.unwrap();
     let id = client
         .join(pb::JoinRequest {
@@ -95,7 +95,7 @@ async fn a_broken_download_resumes_where_it_stopped() {
     );
     // The first connection carried at most `cut_after` bytes, so the rest came over a new
     // one: the download was broken and resumed...
-    let carried = downstream.bytes();
+    let carried = carried.down();
     assert!(total > cut_after && carried > cut_after, "{carried}");
     // ...and what crossed the wire is the adapter once, plus at most the one chunk that was
     // in flight at the cut and the protocol's own bytes.

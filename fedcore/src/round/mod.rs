@@ -694,6 +694,21 @@ impl Coordinator {
 
     /// Takes back a chunk of participant `index`'s masked update that will never be
     /// committed. For an attempt no longer under way there is nothing to take back.
+    /// How much of the participant's masked input for this attempt is folded: `(words,
+    /// committed)`. A participant whose stream broke resumes at `words`.
+    pub fn masked_received(
+        &mut self,
+        token: &str,
+        round: u64,
+        attempt: u32,
+    ) -> Result<(usize, bool), RoundError> {
+        let index = self.secure_index(token)?;
+        Ok(self
+            .open_secure(round, attempt)?
+            .server
+            .masked_received(index))
+    }
+
     pub fn masked_retract(
         &mut self,
         index: Index,

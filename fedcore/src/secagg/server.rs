@@ -333,6 +333,16 @@ impl ServerSession {
         Ok(())
     }
 
+    /// How much of `from`'s masked input is folded: `(words, committed)`. Where a broken
+    /// stream resumes (the next chunk must start at `words`).
+    pub fn masked_received(&self, from: Index) -> (usize, bool) {
+        if self.u3.contains(&from) {
+            (self.cfg.vector_len, true)
+        } else {
+            (self.partial.get(&from).copied().unwrap_or(0), false)
+        }
+    }
+
     /// Participants whose masked input is partly folded and not committed.
     pub fn partial_inputs(&self) -> impl Iterator<Item = Index> + '_ {
         self.partial.keys().copied()
