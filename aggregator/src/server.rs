@@ -252,6 +252,10 @@ fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), Serve
             %database, round, attempt, stage = ?stage,
             "resuming the run: the secure attempt goes on where it was"
         ),
+        Resumed::Paused { after_round } => tracing::warn!(
+            %database, after_round,
+            "resuming the run: it stays paused by the operator; no round opens until `fedaggregator resume`"
+        ),
     }
     Ok((coordinator, db))
 }

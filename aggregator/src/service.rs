@@ -265,6 +265,12 @@ impl Shared {
                 } => {
                     warn!(round, attempt, %reason, "secure aggregation attempt failed; starting the next attempt");
                 }
+                Event::Paused { after_round } => {
+                    warn!(
+                        after_round,
+                        "paused by the operator: no round opens until `fedaggregator resume`"
+                    );
+                }
                 Event::RunFinished { rounds } => {
                     info!(rounds, dir = %self.store.final_dir().display(), "run finished");
                     if let Err(e) = self.store.save_final(coordinator.global()) {
@@ -367,6 +373,13 @@ fn wait_reason(reason: &WaitReason) -> String {
         }
         WaitReason::DroppedFromAttempt { round, attempt } => format!(
             "round {round}: you missed a stage of secure-aggregation attempt {attempt}; you take part again in the next attempt or round"
+        ),
+        WaitReason::Paused { after_round: 0 } => {
+            "the operator paused the federation before its first round; it goes on when resumed"
+                .to_string()
+        }
+        WaitReason::Paused { after_round } => format!(
+            "the operator paused the federation after round {after_round}; the next round opens when it is resumed"
         ),
     }
 }
@@ -634,6 +647,7 @@ impl Federation for FederationService {
         let stage = match s.stage {
             fedcore::round::Stage::WaitingForParticipants => pb::Stage::WaitingForParticipants,
             fedcore::round::Stage::Training => pb::Stage::Training,
+            fedcore::round::Stage::Paused => pb::Stage::Paused,
             fedcore::round::Stage::Finished => pb::Stage::Finished,
         };
         Ok(Response::new(pb::RoundStatusResponse {

@@ -156,6 +156,7 @@ fn stage_name(stage: &Stage) -> &'static str {
     match stage {
         Stage::WaitingForParticipants => "waiting_for_participants",
         Stage::Training => "training",
+        Stage::Paused => "paused",
         Stage::Finished => "finished",
     }
 }
@@ -325,7 +326,9 @@ impl Telemetry {
                     });
                     r.open = None;
                 }
-                Event::RoundExtended { .. } | Event::RunFinished { .. } => {}
+                Event::RoundExtended { .. }
+                | Event::RunFinished { .. }
+                | Event::Paused { .. } => {}
             }
         }
     }
@@ -356,6 +359,7 @@ impl Telemetry {
         for stage in [
             Stage::WaitingForParticipants,
             Stage::Training,
+            Stage::Paused,
             Stage::Finished,
         ] {
             m.stage
