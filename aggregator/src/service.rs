@@ -180,6 +180,27 @@ impl Shared {
         Ok(())
     }
 
+    /// Applies the operator's pending requests from the state database (see
+    /// [`crate::control`]); called by the deadline ticker with the coordinator locked. A
+    /// commit that fails stops the service, as in [`Shared::commit`].
+    pub(crate) fn apply_control(&self, coordinator: &mut Coordinator) {
+        let Some(db) = &self.db else {
+            return;
+        };
+        let result = {
+            let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+            crate::control::apply_pending(&mut db, coordinator, self.now_ms())
+        };
+        match result {
+            Ok(events) => self.apply_events(coordinator, events),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot commit an operator request; refusing further calls until restarted");
+                self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.changes.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
     /// Milliseconds since the server started (the coordinator's clock).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
