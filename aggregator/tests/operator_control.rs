@@ -91,7 +91,9 @@ fn plan() -> FederationPlan {
 }
 
 fn corpus(i: usize) -> LocalCorpus {
-    let words = ["river", "delta", "rice", "boat", "monsoon", "market", "lantern"];
+    let words = [
+        "river", "delta", "rice", "boat", "monsoon", "market", "lantern",
+    ];
     let mut text = String::new();
     for line in 0..120 {
         for w in 0..8 {
@@ -279,13 +281,20 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
         let out = operator("pause", &cfg);
         assert!(out.status.success());
         // The round open when the request was applied.
-        let paused_at = round_in(&stdout(&out), "paused: round ", " finishes, then no new round opens");
+        let paused_at = round_in(
+            &stdout(&out),
+            "paused: round ",
+            " finishes, then no new round opens",
+        );
         let s = status(&admin_url);
         assert!(s.paused || s.stage == "paused", "{s:?}");
 
         // That round finishes under the pause; then nothing opens.
         aggregator.wait_for(&["round closed", &format!("round={paused_at} ")]);
-        aggregator.wait_for(&["paused by the operator", &format!("after_round={paused_at}")]);
+        aggregator.wait_for(&[
+            "paused by the operator",
+            &format!("after_round={paused_at}"),
+        ]);
         let watch_until = Instant::now() + PAUSE_WATCH;
         while Instant::now() < watch_until {
             let s = status(&admin_url);
@@ -325,7 +334,10 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
         let out = operator("resume", &cfg);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("the run is not paused (it is running round"), "{err}");
+        assert!(
+            err.contains("the run is not paused (it is running round"),
+            "{err}"
+        );
 
         let out = operator("stop", &cfg);
         assert!(out.status.success());
@@ -361,7 +373,9 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
     );
     assert!(finals.iter().all(|f| *f == last.content_hash()));
     assert!(!out.join(format!("round-{:04}", stopped_at + 1)).exists());
-    let s = fedaggregator::admin::client::fetch_status(&admin).await.unwrap();
+    let s = fedaggregator::admin::client::fetch_status(&admin)
+        .await
+        .unwrap();
     assert_eq!((s.stage.as_str(), s.round), ("finished", stopped_at));
     assert!(!s.paused && !s.stop_requested);
 

@@ -326,9 +326,7 @@ impl Telemetry {
                     });
                     r.open = None;
                 }
-                Event::RoundExtended { .. }
-                | Event::RunFinished { .. }
-                | Event::Paused { .. } => {}
+                Event::RoundExtended { .. } | Event::RunFinished { .. } | Event::Paused { .. } => {}
             }
         }
     }

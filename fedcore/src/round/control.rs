@@ -66,7 +66,9 @@ pub enum ControlError {
     NotPaused { state: String },
     #[error("a stop is already requested: the run finishes when round {round} closes")]
     AlreadyStopping { round: u64 },
-    #[error("a stop is requested: the run finishes when round {round} closes, so it cannot be {command}d")]
+    #[error(
+        "a stop is requested: the run finishes when round {round} closes, so it cannot be {command}d"
+    )]
     Stopping { command: &'static str, round: u64 },
 }
 

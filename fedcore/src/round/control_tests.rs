@@ -80,11 +80,18 @@ fn pause_mid_round_lets_the_round_finish_then_no_round_opens_until_resumed() {
     assert!(applied.events.is_empty());
     assert!(c.status().control.paused);
     // The round in progress goes on as usual.
-    assert!(matches!(c.task("t0").unwrap(), Task::Train { round: 1, .. }));
+    assert!(matches!(
+        c.task("t0").unwrap(),
+        Task::Train { round: 1, .. }
+    ));
     let events = submit_all(&mut c, 1.0);
     assert!(completed(&events).is_some_and(|r| r.round == 1));
     assert_eq!(events.last(), Some(&Event::Paused { after_round: 1 }));
-    assert!(!events.iter().any(|e| matches!(e, Event::RoundStarted { .. })));
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::RoundStarted { .. }))
+    );
     let status = c.status();
     assert_eq!((status.stage, status.round), (Stage::Paused, 1));
     assert_eq!(
@@ -119,7 +126,10 @@ fn pause_mid_round_lets_the_round_finish_then_no_round_opens_until_resumed() {
         [Event::RoundStarted { round: 2, deadline_ms: 3_000, cohort }] if cohort.len() == 3
     ));
     assert_eq!(c.status().control, Control::default());
-    assert!(matches!(c.task("t0").unwrap(), Task::Train { round: 2, .. }));
+    assert!(matches!(
+        c.task("t0").unwrap(),
+        Task::Train { round: 2, .. }
+    ));
 }
 
 #[test]
@@ -127,10 +137,16 @@ fn resume_before_the_pause_took_effect_cancels_it() {
     let mut c = joined(2, 2);
     c.pause().unwrap();
     let applied = c.resume(5).unwrap();
-    assert!(applied.message.contains("had not taken effect"), "{applied:?}");
+    assert!(
+        applied.message.contains("had not taken effect"),
+        "{applied:?}"
+    );
     assert!(applied.events.is_empty());
     let events = submit_all(&mut c, 1.0);
-    assert!(matches!(events.last(), Some(Event::RoundStarted { round: 2, .. })));
+    assert!(matches!(
+        events.last(),
+        Some(Event::RoundStarted { round: 2, .. })
+    ));
 }
 
 #[test]
@@ -160,7 +176,10 @@ fn stop_mid_round_finishes_the_run_after_that_round() {
     assert!(applied.message.contains("round 2 closes"), "{applied:?}");
     assert!(applied.events.is_empty());
     assert!(c.status().control.stop_requested);
-    assert!(matches!(c.task("t0").unwrap(), Task::Train { round: 2, .. }));
+    assert!(matches!(
+        c.task("t0").unwrap(),
+        Task::Train { round: 2, .. }
+    ));
     let events = submit_all(&mut c, 2.0);
     let record = completed(&events).expect("round 2 closes").clone();
     assert_eq!(events.last(), Some(&Event::RunFinished { rounds: 2 }));
@@ -194,8 +213,14 @@ fn stop_while_paused_or_waiting_finishes_at_once() {
     assert_eq!(c.status().stage, Stage::Paused);
     let applied = c.stop().unwrap();
     assert_eq!(applied.events, vec![Event::RunFinished { rounds: 1 }]);
-    assert!(applied.message.contains("after 1 of 4 rounds"), "{applied:?}");
-    assert!(matches!(c.task("t0").unwrap(), Task::Finished { rounds: 1, .. }));
+    assert!(
+        applied.message.contains("after 1 of 4 rounds"),
+        "{applied:?}"
+    );
+    assert!(matches!(
+        c.task("t0").unwrap(),
+        Task::Finished { rounds: 1, .. }
+    ));
 
     let mut c = Coordinator::new(plaintext_plan(2, 4), [9; 32]).unwrap();
     let initial = c.global_hash().to_string();
@@ -224,7 +249,12 @@ fn refused_commands_name_the_state_and_change_nothing() {
     );
     c.pause().unwrap();
     let err = c.pause().unwrap_err();
-    assert_eq!(err, ControlError::AlreadyPaused { round_open: Some(1) });
+    assert_eq!(
+        err,
+        ControlError::AlreadyPaused {
+            round_open: Some(1)
+        }
+    );
     assert!(err.to_string().contains("once round 1 closes"), "{err}");
     c.stop().unwrap();
     assert_eq!(c.stop(), Err(ControlError::AlreadyStopping { round: 1 }));
@@ -241,10 +271,7 @@ fn refused_commands_name_the_state_and_change_nothing() {
     assert!(c.pause().is_err());
     assert!(c.stop().is_err());
     assert_eq!(c.encode_state(), before);
-    assert_eq!(
-        Command::from_name("stop").map(Command::name),
-        Some("stop")
-    );
+    assert_eq!(Command::from_name("stop").map(Command::name), Some("stop"));
     assert_eq!(Command::from_name("halt"), None);
 }
 
@@ -295,4 +322,39 @@ fn a_paused_secure_round_completes_its_attempt_then_waits() {
     assert!(completed(&events).is_some_and(|r| r.round == 2));
     assert_eq!(events.last(), Some(&Event::RunFinished { rounds: 2 }));
     assert_eq!(c.history().len(), 2);
+}
+
+#[test]
+fn a_version_1_state_restores_as_a_run_without_operator_requests() {
+    use ciborium::Value;
+    let c = joined(2, 3);
+    let state: Value = ciborium::from_reader(c.encode_state().as_slice()).unwrap();
+    let Value::Map(fields) = state else {
+        panic!("the state is a CBOR map")
+    };
+    // What a version 1 build wrote: no control fields.
+    let v1: Vec<(Value, Value)> = fields
+        .into_iter()
+        .filter(|(k, _)| !matches!(k.as_text(), Some("paused" | "stop_requested")))
+        .map(|(k, v)| match k.as_text() {
+            Some("version") => (k, Value::from(1u32)),
+            _ => (k, v),
+        })
+        .collect();
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&Value::Map(v1), &mut bytes).unwrap();
+    let (r, resumed) = Coordinator::restore(
+        c.plan().clone(),
+        Saved {
+            state: &bytes,
+            server_state: &c.encode_server_state(),
+            global: c.global().clone(),
+            history: Vec::new(),
+            sum: None,
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(resumed, Resumed::RoundRestarted { round: 1 });
+    assert_eq!(r.control(), Control::default());
 }

@@ -34,8 +34,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
-use secure::{Progress, SecureRound};
 pub use control::{Applied, Command, Control, ControlError};
+use secure::{Progress, SecureRound};
 pub use secure::{SecureMessage, SecureStep};
 pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets, rounding_seed};
 
