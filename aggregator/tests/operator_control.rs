@@ -7,7 +7,8 @@
 //! round 2 opens; stopped during a later round, the run finishes when that round closes,
 //! long before the plan's run length, and the labs end with Finished, the rounds actually
 //! completed and the last round's adapter as the final one. A refused command (resume of a
-//! run that is not paused) exits non-zero with the reason.
+//! run that is not paused) exits non-zero with the reason. A request made while no aggregator
+//! runs is applied when it next starts.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -391,4 +392,61 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
     );
     drop(aggregator);
     eprintln!("operator control run: {:?}", started.elapsed());
+}
+
+/// A request made while no aggregator runs stays pending, the command says so, and the
+/// next `serve` applies it at start: the run comes up paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_made_while_stopped_is_applied_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_port = free_port();
+    let config = AggregatorConfig {
+        server: ServerSection {
+            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            output_dir: dir.path().join("out"),
+            linger_after_finish_ms: 1_000,
+            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
+        },
+        tls: TlsSection::plaintext(),
+        admin: Some(AdminSection::loopback(admin_port)),
+        state: StateSection {
+            database: Some(dir.path().join("state.sqlite")),
+            adapter_history: 0,
+        },
+        plan: plan(),
+    };
+    let config_path = dir.path().join("aggregator.toml");
+    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let cfg = config_path.clone();
+    let (said, aggregator) = tokio::task::spawn_blocking(move || {
+        // Before any start there is no database: refused, and none is created.
+        let out = operator("pause", &cfg);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("no state database there"),
+            "{out:?}"
+        );
+        drop(Aggregator::spawn(&cfg));
+        let out = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
+            .args(["pause", "--wait-s", "1", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mut aggregator = Aggregator::spawn(&cfg);
+        aggregator.wait_for(&["operator request applied", "first round does not open"]);
+        (stdout(&out), aggregator)
+    })
+    .await
+    .unwrap();
+    assert!(
+        said.contains("is pending") && said.contains("next starts"),
+        "{said}"
+    );
+    let s = fedaggregator::admin::client::fetch_status(&format!("http://127.0.0.1:{admin_port}"))
+        .await
+        .unwrap();
+    assert!(s.paused, "{s:?}");
+    assert_eq!(s.stage, "waiting_for_participants");
+    drop(aggregator);
 }
