@@ -2,9 +2,9 @@
 //! binary runs a secure federation of three in-process fedclient labs, and the real
 //! `fedaggregator pause|resume|stop --config` commands steer it through the state database.
 //!
-//! Paused during round 1, the round finishes and no further round opens for as long as the
-//! pause lasts (the admin port's `/api/status` and `/metrics` say paused at round 1); resumed,
-//! round 2 opens; stopped during a later round, the run finishes when that round closes,
+//! Paused while a round runs, that round finishes and no further round opens for as long as
+//! the pause lasts (the admin port's `/api/status` and `/metrics` say paused at that round);
+//! resumed, the next round opens; stopped during a later round, the run finishes when that round closes,
 //! long before the plan's run length, and the labs end with Finished, the rounds actually
 //! completed and the last round's adapter as the final one. A refused command (resume of a
 //! run that is not paused) exits non-zero with the reason. A request made while no aggregator
