@@ -24,13 +24,14 @@ use fedcore::{Coordinator, FederationPlan, LoraAdapter, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
-/// Version of the schema below, kept in `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Version of the schema below, kept in `PRAGMA user_version`. Version 2 added the
+/// `control` table; a version 1 file is upgraded in place when opened ([`upgrade`]).
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of a Mekong aggregator database ("MKNG").
 pub const APPLICATION_ID: i64 = 0x4D4B_4E47;
 
-const SCHEMA: &str = "
+const SCHEMA_V1: &str = "
 CREATE TABLE run (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     federation TEXT NOT NULL,
@@ -70,6 +71,20 @@ CREATE TABLE secure_sum (
     attempt INTEGER NOT NULL,
     partial BLOB NOT NULL,
     words BLOB NOT NULL
+);
+";
+
+/// Schema version 2: the operator's requests (`fedaggregator pause|resume|stop`), written
+/// by the command and applied, then marked done, by the running server (see
+/// [`crate::control`]).
+const CONTROL_TABLE: &str = "
+CREATE TABLE control (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    command TEXT NOT NULL CHECK (command IN ('pause', 'resume', 'stop')),
+    requested_unix_ms INTEGER NOT NULL,
+    done_unix_ms INTEGER,
+    outcome TEXT CHECK (outcome IN ('applied', 'refused')),
+    message TEXT
 );
 ";
 
@@ -201,6 +216,11 @@ impl StateDb {
         self
     }
 
+    /// The connection, for the operator's requests ([`crate::control`]).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -241,7 +261,8 @@ impl StateDb {
                 what: "creating the schema",
                 source,
             })?;
-            tx.execute_batch(SCHEMA)
+            tx.execute_batch(SCHEMA_V1)
+                .and_then(|()| tx.execute_batch(CONTROL_TABLE))
                 .and_then(|()| {
                     tx.execute_batch(&format!(
                         "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {SCHEMA_VERSION};"
@@ -253,17 +274,8 @@ impl StateDb {
                     what: "creating the schema",
                     source,
                 })?;
-        } else if app != APPLICATION_ID {
-            return Err(DbError::Foreign {
-                path: self.shown(),
-                found: app,
-                tables,
-            });
-        } else if version != SCHEMA_VERSION {
-            return Err(DbError::Schema {
-                path: self.shown(),
-                found: version,
-            });
+        } else {
+            upgrade(&mut self.conn, &self.path)?;
         }
         let mode: String = self
             .conn
@@ -391,11 +403,22 @@ impl StateDb {
 
     /// Commits whatever changed in `c` since the last call, in one transaction.
     pub fn save(&mut self, c: &Coordinator) -> Result<(), DbError> {
+        self.save_marking(c, None)
+    }
+
+    /// [`StateDb::save`], marking operator request `done` as applied in the same
+    /// transaction, so a crash can neither lose the change nor apply the request twice.
+    pub fn save_marking(
+        &mut self,
+        c: &Coordinator,
+        done: Option<crate::control::Done<'_>>,
+    ) -> Result<(), DbError> {
         let state = c.encode_state();
         let rounds = c.rounds_closed();
         let sum = c.durable_sum();
         let sum_key = sum.map(|s| s.key());
-        if self.written.run
+        if done.is_none()
+            && self.written.run
             && self.written.state.as_deref() == Some(state.as_slice())
             && self.written.rounds_closed == Some(rounds)
             && self.written.sum == sum_key
@@ -467,6 +490,9 @@ impl StateDb {
             params![state],
         )
         .map_err(sql("saving the coordinator state"))?;
+        if let Some(done) = done {
+            crate::control::mark(&tx, done).map_err(sql("marking the operator request done"))?;
+        }
         tx.commit().map_err(sql("committing"))?;
         self.written = Written {
             run: true,
@@ -515,6 +541,59 @@ impl StateDb {
             })
             .transpose()
     }
+}
+
+/// Checks that an existing file is a Mekong state database, and brings a version 1 schema
+/// to version 2 (adds the `control` table) in one transaction. Refuses a foreign file, or a
+/// schema version this build does not know, naming the file. Shared by the server and the
+/// operator's commands, which may reach an old file first.
+pub(crate) fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), DbError> {
+    let shown = path.display().to_string();
+    let sql = |what: &'static str| {
+        let path = shown.clone();
+        move |source| DbError::Sql { path, what, source }
+    };
+    // IMMEDIATE: two processes upgrading at once serialise here, and the second sees 2.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|source| DbError::Open {
+            path: shown.clone(),
+            source,
+        })?;
+    let app: i64 = tx
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(sql("reading application_id"))?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql("reading user_version"))?;
+    if app != APPLICATION_ID {
+        let tables: i64 = tx
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(sql("listing tables"))?;
+        return Err(DbError::Foreign {
+            path: shown.clone(),
+            found: app,
+            tables,
+        });
+    }
+    match version {
+        SCHEMA_VERSION => {}
+        1 => {
+            tx.execute_batch(CONTROL_TABLE)
+                .and_then(|()| tx.execute_batch("PRAGMA user_version = 2;"))
+                .map_err(sql("upgrading the schema from version 1 to 2"))?;
+            tx.commit()
+                .map_err(sql("upgrading the schema from version 1 to 2"))?;
+            tracing::info!(database = %shown, "state database upgraded from schema version 1 to 2 (operator control requests)");
+        }
+        found => {
+            return Err(DbError::Schema {
+                path: shown.clone(),
+                found,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn decode_adapter(

@@ -9,6 +9,7 @@
 //! - [`config`]: the TOML configuration file, validated field by field.
 //! - [`download`]: the global adapter on the wire (inline, or in resumable checksummed
 //!   chunks).
+//! - [`control`]: the operator's pause / resume / stop, through the state database.
 //! - [`db`]: the crash-safe state in SQLite, from which a killed aggregator resumes its run.
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
@@ -19,6 +20,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
 pub mod db;
 pub mod download;
 mod held;

@@ -89,6 +89,25 @@ enum Command {
         #[arg(long)]
         participant: String,
     },
+    /// Pause the federation at the next round boundary: the round in progress finishes,
+    /// then no new round opens until `resume`. Written into the configuration's state
+    /// database; a running aggregator applies it within a second, a stopped one at start.
+    Pause(ControlArgs),
+    /// Lift a pause: the next round opens now.
+    Resume(ControlArgs),
+    /// End the run early: when the round in progress closes (at once if none is open),
+    /// the run is finished and its current global adapter is the final one.
+    Stop(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The aggregator's configuration (it names the state database).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// How long to wait for a running aggregator to apply the request, in seconds.
+    #[arg(long, default_value_t = 5)]
+    wait_s: u64,
 }
 
 fn parse_metric(name: &str) -> Result<SharedMetric, String> {
@@ -228,6 +247,9 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Pause(args) => control(args, fedcore::round::Command::Pause),
+        Command::Resume(args) => control(args, fedcore::round::Command::Resume),
+        Command::Stop(args) => control(args, fedcore::round::Command::Stop),
         Command::Revoke { dir, participant } => {
             let serials = provision::revoke(&dir, &participant)?;
             println!(
@@ -279,6 +301,37 @@ async fn status(admin: Option<String>, config: Option<PathBuf>, json: bool) -> R
         print!("{}", report.summary());
     }
     Ok(())
+}
+
+/// `fedaggregator pause|resume|stop`: a request through the state database (see
+/// `fedaggregator::control`), then its outcome; a refusal is an error (exit status 1).
+fn control(args: ControlArgs, command: fedcore::round::Command) -> Result<()> {
+    use fedaggregator::control::{self, Outcome};
+    let config = AggregatorConfig::load(&args.config)?;
+    let database = config.database_path();
+    println!(
+        "asking the aggregator to {} (request written to {})",
+        command.name(),
+        database.display()
+    );
+    let sent = control::send(&database, command, Duration::from_secs(args.wait_s))
+        .with_context(|| format!("sending `{}`", command.name()))?;
+    match sent.done {
+        Some((Outcome::Applied, message)) => {
+            println!("{message}");
+            Ok(())
+        }
+        Some((Outcome::Refused, reason)) => {
+            anyhow::bail!("the aggregator refused `{}`: {reason}", command.name())
+        }
+        None => {
+            println!(
+                "request {} is pending: no running aggregator applied it within {} s; it is applied when `fedaggregator serve` next starts with this configuration",
+                sent.id, args.wait_s
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn serve(path: PathBuf) -> Result<()> {

@@ -252,6 +252,10 @@ fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), Serve
             %database, round, attempt, stage = ?stage,
             "resuming the run: the secure attempt goes on where it was"
         ),
+        Resumed::Paused { after_round } => tracing::warn!(
+            %database, after_round,
+            "resuming the run: it stays paused by the operator; no round opens until `fedaggregator resume`"
+        ),
     }
     Ok((coordinator, db))
 }
@@ -291,9 +295,23 @@ async fn watch_crl(
     }
 }
 
-/// Calls the coordinator's `tick` at each deadline (and at least every 250 ms).
+/// How often the ticker looks for operator requests in the state database.
+const CONTROL_POLL: Duration = Duration::from_millis(500);
+
+/// Calls the coordinator's `tick` at each deadline (and at least every 250 ms), and applies
+/// the operator's requests (`fedaggregator pause|resume|stop`) every [`CONTROL_POLL`], the
+/// first at once: a request made while no server ran is applied at start.
 async fn run_ticker(shared: Arc<Shared>) {
+    let mut next_poll = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= next_poll {
+            next_poll = tokio::time::Instant::now() + CONTROL_POLL;
+            let mut c = shared.lock();
+            if shared.failed() {
+                return;
+            }
+            shared.apply_control(&mut c);
+        }
         let sleep_ms = {
             let c = shared.lock();
             c.next_deadline()

@@ -185,6 +185,27 @@ impl Shared {
         Ok(())
     }
 
+    /// Applies the operator's pending requests from the state database (see
+    /// [`crate::control`]); called by the deadline ticker with the coordinator locked. A
+    /// commit that fails stops the service, as in [`Shared::commit`].
+    pub(crate) fn apply_control(&self, coordinator: &mut Coordinator) {
+        let Some(db) = &self.db else {
+            return;
+        };
+        let result = {
+            let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+            crate::control::apply_pending(&mut db, coordinator, self.now_ms())
+        };
+        match result {
+            Ok(events) => self.apply_events(coordinator, events),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot commit an operator request; refusing further calls until restarted");
+                self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.changes.send_modify(|v| *v += 1);
+            }
+        }
+    }
+
     /// Milliseconds since the server started (the coordinator's clock).
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -269,6 +290,12 @@ impl Shared {
                     reason,
                 } => {
                     warn!(round, attempt, %reason, "secure aggregation attempt failed; starting the next attempt");
+                }
+                Event::Paused { after_round } => {
+                    warn!(
+                        after_round,
+                        "paused by the operator: no round opens until `fedaggregator resume`"
+                    );
                 }
                 Event::RunFinished { rounds } => {
                     info!(rounds, dir = %self.store.final_dir().display(), "run finished");
@@ -372,6 +399,13 @@ fn wait_reason(reason: &WaitReason) -> String {
         }
         WaitReason::DroppedFromAttempt { round, attempt } => format!(
             "round {round}: you missed a stage of secure-aggregation attempt {attempt}; you take part again in the next attempt or round"
+        ),
+        WaitReason::Paused { after_round: 0 } => {
+            "the operator paused the federation before its first round; it goes on when resumed"
+                .to_string()
+        }
+        WaitReason::Paused { after_round } => format!(
+            "the operator paused the federation after round {after_round}; the next round opens when it is resumed"
         ),
     }
 }
@@ -639,6 +673,7 @@ impl Federation for FederationService {
         let stage = match s.stage {
             fedcore::round::Stage::WaitingForParticipants => pb::Stage::WaitingForParticipants,
             fedcore::round::Stage::Training => pb::Stage::Training,
+            fedcore::round::Stage::Paused => pb::Stage::Paused,
             fedcore::round::Stage::Finished => pb::Stage::Finished,
         };
         Ok(Response::new(pb::RoundStatusResponse {

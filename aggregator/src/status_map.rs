@@ -16,6 +16,7 @@ pub fn status_for(error: &RoundError) -> Status {
         RoundError::DuplicateUpdate { .. } => Code::AlreadyExists,
         RoundError::RunFinished
         | RoundError::NoRoundOpen
+        | RoundError::Paused { .. }
         | RoundError::StaleRound { .. }
         | RoundError::FutureRound { .. }
         | RoundError::NotInCohort { .. }

@@ -34,7 +34,7 @@ impl Shared {
         let status = coordinator.status();
         let opened = match status.stage {
             Stage::WaitingForParticipants => 0,
-            Stage::Training | Stage::Finished => status.round,
+            Stage::Training | Stage::Paused | Stage::Finished => status.round,
         };
         if req.round == 0 || req.round > opened {
             return Err(Status::failed_precondition(format!(

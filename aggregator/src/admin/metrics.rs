@@ -45,6 +45,8 @@ pub struct Metrics {
     pub round: Gauge,
     pub rounds_total: Gauge,
     pub stage: Family<Labels, Gauge>,
+    pub paused: Gauge,
+    pub stop_requested: Gauge,
     pub secure_attempt: Gauge,
     pub participants_joined: Gauge,
     pub participants_connected: Gauge,
@@ -71,6 +73,8 @@ impl Metrics {
             round: Gauge::default(),
             rounds_total: Gauge::default(),
             stage: Family::default(),
+            paused: Gauge::default(),
+            stop_requested: Gauge::default(),
             secure_attempt: Gauge::default(),
             participants_joined: Gauge::default(),
             participants_connected: Gauge::default(),
@@ -137,8 +141,18 @@ impl Metrics {
         );
         r.register(
             "stage",
-            "1 for the coordinator's current stage (waiting_for_participants, training, finished)",
+            "1 for the coordinator's current stage (waiting_for_participants, training, paused, finished)",
             m.stage.clone(),
+        );
+        r.register(
+            "paused",
+            "1 while the operator's pause is in force or pending (`fedaggregator pause`; it takes effect when the open round closes)",
+            m.paused.clone(),
+        );
+        r.register(
+            "stop_requested",
+            "1 while the operator's stop waits for the open round to close (`fedaggregator stop`)",
+            m.stop_requested.clone(),
         );
         r.register(
             "secure_attempt",

@@ -77,6 +77,9 @@ pub fn render(s: &StatusReport) -> String {
             s.cohort_size
         );
     }
+    if let Some(note) = s.operator_note() {
+        let _ = write!(h, "<br><strong id=\"operator\">{}</strong>", escape(&note));
+    }
     let _ = write!(
         h,
         "<br>global adapter <span class=\"mono\">{}</span></p>",
@@ -367,6 +370,8 @@ mod tests {
             uptime_s: 3.0,
             started_unix_s: 0,
             stage: "training".into(),
+            paused: true,
+            stop_requested: false,
             round: 2,
             rounds_total: 3,
             secure_stage: None,
@@ -413,6 +418,24 @@ mod tests {
         assert!(!html.contains("<km>"));
         // Offline by construction: nothing is fetched from elsewhere.
         assert!(!html.contains("<script") && !html.contains("src=") && !html.contains("<link"));
+    }
+
+    #[test]
+    fn the_operators_pause_and_stop_show() {
+        let html = render(&report());
+        assert!(
+            html.contains("pause requested: no new round opens once round 2 closes"),
+            "{html}"
+        );
+        let mut r = report();
+        r.stage = "paused".into();
+        assert!(render(&r).contains("paused after round 2"));
+        assert!(r.summary().contains("operator: paused after round 2"));
+        r.stop_requested = true;
+        assert!(render(&r).contains("stop requested: the run finishes when round 2 closes"));
+        r.paused = false;
+        r.stop_requested = false;
+        assert!(!render(&r).contains("id=\"operator\""));
     }
 
     #[test]

@@ -14,8 +14,16 @@ pub struct StatusReport {
     pub uptime_s: f64,
     /// When it started, seconds since the Unix epoch (UTC).
     pub started_unix_s: u64,
-    /// `waiting_for_participants`, `training` or `finished`.
+    /// `waiting_for_participants`, `training`, `paused` or `finished`.
     pub stage: String,
+    /// The operator paused the run (`fedaggregator pause`); while a round is still open
+    /// the pause takes effect when it closes.
+    #[serde(default)]
+    pub paused: bool,
+    /// The operator stopped the run (`fedaggregator stop`): it finishes when the open
+    /// round closes.
+    #[serde(default)]
+    pub stop_requested: bool,
     /// The open round, or the last closed one when finished, or 0 before the first.
     pub round: u64,
     pub rounds_total: u64,
@@ -113,6 +121,30 @@ pub struct LossPoint {
 }
 
 impl StatusReport {
+    /// The operator's standing pause / stop, in words; none when the run goes on normally.
+    pub fn operator_note(&self) -> Option<String> {
+        if self.stop_requested {
+            Some(format!(
+                "stop requested: the run finishes when round {} closes (`fedaggregator stop`)",
+                self.round
+            ))
+        } else if self.paused && self.stage == "paused" {
+            Some(format!(
+                "paused after round {}: no round opens until `fedaggregator resume`",
+                self.round
+            ))
+        } else if self.paused && self.stage == "training" {
+            Some(format!(
+                "pause requested: no new round opens once round {} closes",
+                self.round
+            ))
+        } else if self.paused {
+            Some("paused: the first round does not open until `fedaggregator resume`".into())
+        } else {
+            None
+        }
+    }
+
     /// A few lines for a terminal (`fedaggregator status`).
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -130,6 +162,9 @@ impl StatusReport {
                 "  open round: secure stage {stage}, attempt {attempt}, {} in cohort\n",
                 self.cohort_size
             ));
+        }
+        if let Some(line) = self.operator_note() {
+            out.push_str(&format!("  operator: {line}\n"));
         }
         out.push_str(&format!("  plan sha256 {}\n", self.plan_sha256));
         let connected = self.participants.iter().filter(|p| p.connected).count();

@@ -156,6 +156,7 @@ fn stage_name(stage: &Stage) -> &'static str {
     match stage {
         Stage::WaitingForParticipants => "waiting_for_participants",
         Stage::Training => "training",
+        Stage::Paused => "paused",
         Stage::Finished => "finished",
     }
 }
@@ -325,7 +326,7 @@ impl Telemetry {
                     });
                     r.open = None;
                 }
-                Event::RoundExtended { .. } | Event::RunFinished { .. } => {}
+                Event::RoundExtended { .. } | Event::RunFinished { .. } | Event::Paused { .. } => {}
             }
         }
     }
@@ -356,12 +357,15 @@ impl Telemetry {
         for stage in [
             Stage::WaitingForParticipants,
             Stage::Training,
+            Stage::Paused,
             Stage::Finished,
         ] {
             m.stage
                 .get_or_create(&labels(&[("stage", stage_name(&stage))]))
                 .set(i64::from(stage == s.stage));
         }
+        m.paused.set(i64::from(s.control.paused));
+        m.stop_requested.set(i64::from(s.control.stop_requested));
         m.secure_attempt
             .set(s.secure.map_or(0, |(_, attempt)| i64::from(attempt)));
         m.participants_joined.set(s.participants_joined as i64);
@@ -423,6 +427,8 @@ impl Telemetry {
             uptime_s: seconds(now_ms),
             started_unix_s: self.started_unix_s,
             stage: stage_name(&s.stage).to_string(),
+            paused: s.control.paused,
+            stop_requested: s.control.stop_requested,
             round: s.round,
             rounds_total: s.rounds_total,
             secure_stage: s

@@ -19,6 +19,9 @@
 //! uploads (plaintext: from the running sum; secure: from the decoded sum), keeping the
 //! [`ServerState`] (round counter, server optimizer moments) across rounds.
 
+mod control;
+#[cfg(test)]
+mod control_tests;
 mod secure;
 #[cfg(test)]
 mod secure_tests;
@@ -31,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use thiserror::Error;
 
+pub use control::{Applied, Command, Control, ControlError};
 use secure::{Progress, SecureRound};
 pub use secure::{SecureMessage, SecureStep};
 pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets, rounding_seed};
@@ -61,6 +65,8 @@ pub enum RoundError {
     RunFinished,
     #[error("no round is open yet: waiting for participants to join")]
     NoRoundOpen,
+    #[error("no round is open: the operator paused the federation after round {after_round}")]
+    Paused { after_round: u64 },
     #[error("update is for round {got}, which is closed; the current round is {current}")]
     StaleRound { got: u64, current: u64 },
     #[error("update is for round {got}, which has not started; the current round is {current}")]
@@ -122,8 +128,12 @@ pub enum Event {
         needed: usize,
         deadline_ms: u64,
     },
-    /// The last round closed.
+    /// The run finished after `rounds` closed rounds: the run length was reached, the
+    /// operator stopped it, or a round used up its secure-aggregation attempts.
     RunFinished { rounds: u64 },
+    /// The operator's pause took effect: round `after_round` closed and no new round opens
+    /// until resumed.
+    Paused { after_round: u64 },
     /// A secure-aggregation stage closed; `remaining` participants go on to the next.
     SecureStageClosed {
         round: u64,
@@ -184,6 +194,9 @@ pub enum WaitReason {
     /// This participant missed a secure-aggregation stage of the attempt under way; it
     /// takes part again in the next attempt or round.
     DroppedFromAttempt { round: u64, attempt: u32 },
+    /// The operator paused the federation after round `after_round` (0: before the first);
+    /// the next round opens when they resume it.
+    Paused { after_round: u64 },
 }
 
 /// What a participant should do now.
@@ -240,6 +253,8 @@ pub struct SecureTrain {
 pub enum Stage {
     WaitingForParticipants,
     Training,
+    /// The operator paused the run between rounds (see [`Coordinator::pause`]).
+    Paused,
     Finished,
 }
 
@@ -257,6 +272,8 @@ pub struct Status {
     pub global_hash: String,
     /// The secure-aggregation stage and attempt of the open round, if any.
     pub secure: Option<(SecureStage, u32)>,
+    /// The operator's standing pause / stop requests.
+    pub control: Control,
     pub history: Vec<RoundRecord>,
 }
 
@@ -282,6 +299,10 @@ struct OpenRound {
 enum State {
     Waiting,
     Open(OpenRound),
+    /// Paused by the operator after round `after_round` closed; no round is open.
+    Paused {
+        after_round: u64,
+    },
     Finished,
 }
 
@@ -305,6 +326,8 @@ pub struct Coordinator {
     roster: Roster,
     /// The run's session id for secure aggregation.
     session: [u8; 32],
+    /// The operator's pause / stop requests.
+    control: Control,
 }
 
 impl Coordinator {
@@ -333,6 +356,7 @@ impl Coordinator {
             history: Vec::new(),
             roster,
             session,
+            control: Control::default(),
         })
     }
 
@@ -438,6 +462,7 @@ impl Coordinator {
         );
         let mut events = Vec::new();
         if matches!(self.state, State::Waiting)
+            && !self.control.paused
             && self.members.len() >= self.plan.rounds.participants
         {
             events.push(self.open_round(1, now_ms));
@@ -449,12 +474,18 @@ impl Coordinator {
     pub fn task(&self, token: &str) -> Result<Task<'_>, RoundError> {
         let name = self.name_of(token)?;
         Ok(match &self.state {
+            State::Waiting if self.control.paused => {
+                Task::Wait(WaitReason::Paused { after_round: 0 })
+            }
             State::Waiting => Task::Wait(WaitReason::Participants {
                 joined: self.members.len(),
                 needed: self.plan.rounds.participants,
             }),
+            State::Paused { after_round } => Task::Wait(WaitReason::Paused {
+                after_round: *after_round,
+            }),
             State::Finished => Task::Finished {
-                rounds: self.plan.rounds.rounds,
+                rounds: self.rounds_closed(),
                 global: &self.global,
                 global_hash: &self.global_hash,
             },
@@ -536,6 +567,11 @@ impl Coordinator {
         }
         let open = match &mut self.state {
             State::Waiting => return Err(RoundError::NoRoundOpen),
+            State::Paused { after_round } => {
+                return Err(RoundError::Paused {
+                    after_round: *after_round,
+                });
+            }
             State::Finished => return Err(RoundError::RunFinished),
             State::Open(open) => open,
         };
@@ -621,6 +657,7 @@ impl Coordinator {
         let (stage, round, cohort_size, updates_received) = match &self.state {
             State::Waiting => (Stage::WaitingForParticipants, 0, 0, 0),
             State::Open(o) => (Stage::Training, o.round, o.cohort.len(), o.submitted.len()),
+            State::Paused { after_round } => (Stage::Paused, *after_round, 0, 0),
             State::Finished => (Stage::Finished, last_closed, 0, 0),
         };
         Status {
@@ -638,6 +675,7 @@ impl Coordinator {
                 }) => Some((s.stage(), s.attempt)),
                 _ => None,
             },
+            control: self.control,
             history: self.history.clone(),
         }
     }
@@ -740,6 +778,11 @@ impl Coordinator {
     fn open_secure(&mut self, round: u64, attempt: u32) -> Result<&mut SecureRound, RoundError> {
         let open = match &mut self.state {
             State::Waiting => return Err(RoundError::NoRoundOpen),
+            State::Paused { after_round } => {
+                return Err(RoundError::Paused {
+                    after_round: *after_round,
+                });
+            }
             State::Finished => return Err(RoundError::RunFinished),
             State::Open(open) => open,
         };
@@ -855,6 +898,7 @@ impl Coordinator {
         };
         if attempt >= MAX_ATTEMPTS {
             self.state = State::Finished;
+            self.control = Control::default();
             return vec![Event::RunFinished { rounds: round - 1 }];
         }
         let next = self.secure_attempt(round, &open.cohort, attempt);
@@ -1035,7 +1079,10 @@ impl Coordinator {
         let mut events = vec![Event::RoundCompleted(record)];
         if round >= self.plan.rounds.rounds {
             self.state = State::Finished;
+            self.control = Control::default();
             events.push(Event::RunFinished { rounds: round });
+        } else if let Some(held) = self.hold_after(round) {
+            events.push(held);
         } else {
             events.push(self.open_round(round + 1, now_ms));
         }

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::secure::SecureRound;
-use super::{Coordinator, Member, OpenRound, RoundRecord, State};
+use super::{Control, Coordinator, Member, OpenRound, RoundRecord, State};
 use crate::adapter::LoraAdapter;
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
@@ -56,8 +56,14 @@ use crate::secagg::server::{ServerSession, SessionState};
 use crate::secagg::spec::MAX_ATTEMPTS;
 use crate::strategy::{GlobalModel, ServerState};
 
-/// Version of the state encoding; bumped on any incompatible change.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the state encoding; bumped on any incompatible change. Version 2 added the
+/// operator's pause / stop requests (and the paused run); a version 1 state still reads, as
+/// a run without them, while an older build refuses a version 2 state rather than silently
+/// dropping a pause.
+pub const STATE_VERSION: u32 = 2;
+
+/// The oldest state version [`Coordinator::restore`] reads.
+pub const OLDEST_STATE_VERSION: u32 = 1;
 
 /// Why a saved coordinator could not be restored. Each names the part that was wrong.
 #[derive(Debug, Error)]
@@ -100,6 +106,8 @@ pub enum Resumed {
         attempt: u32,
         stage: Stage,
     },
+    /// The operator had paused the run after round `after_round`; it stays paused.
+    Paused { after_round: u64 },
 }
 
 /// The running masked sum of the open secure attempt, once worth saving (its masked-input
@@ -173,6 +181,11 @@ struct StateSnapshot {
     /// How many records the history must have.
     rounds_closed: u64,
     run: RunSnapshot,
+    /// The operator's requests (absent from version 1 states: none).
+    #[serde(default)]
+    paused: bool,
+    #[serde(default)]
+    stop_requested: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -180,6 +193,7 @@ enum RunSnapshot {
     Waiting,
     Open(Box<OpenSnapshot>),
     Finished,
+    Paused { after_round: u64 },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -235,6 +249,9 @@ impl Coordinator {
         let run = match &self.state {
             State::Waiting => RunSnapshot::Waiting,
             State::Finished => RunSnapshot::Finished,
+            State::Paused { after_round } => RunSnapshot::Paused {
+                after_round: *after_round,
+            },
             State::Open(open) => RunSnapshot::Open(Box::new(OpenSnapshot {
                 round: open.round,
                 cohort: open.cohort.clone(),
@@ -259,6 +276,8 @@ impl Coordinator {
             tokens: self.tokens.clone(),
             rounds_closed: self.rounds_closed(),
             run,
+            paused: self.control.paused,
+            stop_requested: self.control.stop_requested,
         })
     }
 
@@ -295,7 +314,7 @@ impl Coordinator {
         now_ms: u64,
     ) -> Result<(Self, Resumed), SnapshotError> {
         let snap: StateSnapshot = decode(saved.state, "coordinator state")?;
-        if snap.version != STATE_VERSION {
+        if !(OLDEST_STATE_VERSION..=STATE_VERSION).contains(&snap.version) {
             return Err(SnapshotError::Version {
                 got: snap.version,
                 expected: STATE_VERSION,
@@ -364,11 +383,26 @@ impl Coordinator {
             )));
         }
         c.history = saved.history;
+        c.control = Control {
+            paused: snap.paused,
+            stop_requested: snap.stop_requested,
+        };
         let resumed = match snap.run {
             RunSnapshot::Waiting => Resumed::Waiting,
             RunSnapshot::Finished => {
                 c.state = State::Finished;
                 Resumed::Finished
+            }
+            RunSnapshot::Paused { after_round } => {
+                if !snap.paused || after_round != c.rounds_closed() {
+                    return Err(SnapshotError::Inconsistent(format!(
+                        "paused after round {after_round} with {} closed rounds (pause flag {})",
+                        c.rounds_closed(),
+                        snap.paused
+                    )));
+                }
+                c.state = State::Paused { after_round };
+                Resumed::Paused { after_round }
             }
             RunSnapshot::Open(open) => c.reopen(*open, saved.sum, now_ms)?,
         };
