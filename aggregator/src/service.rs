@@ -566,50 +566,75 @@ impl Federation for FederationService {
         request: Request<pb::SubmitUpdateRequest>,
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let certified = self.certified(&request)?;
-        let req = request.into_inner();
-        let payload = match req.payload {
-            Some(pb::submit_update_request::Payload::Plaintext(p)) => {
-                UpdatePayload::Plaintext(p.values_f32_le)
-            }
-            None => return Err(Status::invalid_argument("update has no payload")),
+        self.accept_update(certified, request.into_inner())
+    }
+
+    async fn submit_update_stream(
+        &self,
+        request: Request<Streaming<pb::UpdateChunk>>,
+    ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let certified = self.certified(&request)?;
+        let mut stream = request.into_inner();
+        let first = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("the update stream sent nothing"))??
+            .ok_or_else(|| Status::invalid_argument("update stream carried no chunk"))?;
+        let mut header = first
+            .header
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first update chunk carries no header"))?;
+        // What the round's layout can hold bounds what is buffered.
+        let limit = {
+            let c = self.shared.lock();
+            check_owner(&c, &header.participant_id, certified.as_deref())?;
+            4 * c.upload_manifest().len()
         };
-        let update = SubmittedUpdate {
-            round: req.round,
-            layout_hash: req.layout_hash,
-            base_adapter_hash: req.base_adapter_hash,
-            num_samples: req.num_samples,
-            payload,
-        };
-        let mut c = self.shared.lock();
-        check_owner(&c, &req.participant_id, certified.as_deref())?;
-        let name = participant_name(&c, &req.participant_id);
-        let rounds_before = c.history().len();
-        match c.submit(&req.participant_id, &update, self.shared.now_ms()) {
-            Ok(events) => {
-                if let Some(m) = &req.metrics {
-                    info!(
-                        participant = %name,
-                        round = req.round,
-                        steps = m.steps,
-                        loss_first = m.train_loss_first,
-                        loss_last = m.train_loss_last,
-                        "update accepted"
-                    );
-                }
-                let status = c.status();
-                let response = pb::SubmitUpdateResponse {
-                    round_closed: c.history().len() > rounds_before,
-                    updates_received: status.updates_received as u32,
-                    cohort_size: status.cohort_size as u32,
-                };
-                self.shared.settle(&c, events)?;
-                Ok(Response::new(response))
+        let mut values = Vec::new();
+        let mut chunk = first;
+        loop {
+            if chunk.offset != values.len() as u64 {
+                return Err(Status::invalid_argument(format!(
+                    "update chunk at byte {}, but {} bytes were received",
+                    chunk.offset,
+                    values.len()
+                )));
             }
-            Err(e) => {
-                warn!(participant = %name, round = req.round, error = %e, "update refused");
-                Err(status_for(&e))
+            if Sha256::digest(&chunk.values_f32_le)[..] != chunk.sha256[..] {
+                return Err(Status::data_loss(format!(
+                    "update chunk at byte {} failed its SHA-256 check",
+                    chunk.offset
+                )));
             }
+            if values.len() + chunk.values_f32_le.len() > limit {
+                return Err(Status::invalid_argument(format!(
+                    "the update stream carries more than the {limit} bytes of this round's upload layout"
+                )));
+            }
+            values.extend_from_slice(&chunk.values_f32_le);
+            if chunk.last {
+                break;
+            }
+            chunk = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
+                .await
+                .map_err(|_| {
+                    Status::deadline_exceeded(format!(
+                        "the update stream stalled after {} bytes",
+                        values.len()
+                    ))
+                })??
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "update stream ended after {} bytes without its last chunk",
+                        values.len()
+                    ))
+                })?;
         }
+        header.payload = Some(pb::submit_update_request::Payload::Plaintext(
+            pb::PlaintextUpdate {
+                values_f32_le: values,
+            },
+        ));
+        self.accept_update(certified, header)
     }
 
     async fn secure_aggregate(
@@ -987,6 +1012,59 @@ fn retract(
     // A retraction after the stage closed changes the saved sum.
     let _ = shared.settle(&c, events);
     shared.changes.send_modify(|v| *v += 1);
+}
+
+impl FederationService {
+    /// Checks and submits one plaintext update, however it arrived.
+    fn accept_update(
+        &self,
+        certified: Option<String>,
+        req: pb::SubmitUpdateRequest,
+    ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
+        let payload = match req.payload {
+            Some(pb::submit_update_request::Payload::Plaintext(p)) => {
+                UpdatePayload::Plaintext(p.values_f32_le)
+            }
+            None => return Err(Status::invalid_argument("update has no payload")),
+        };
+        let update = SubmittedUpdate {
+            round: req.round,
+            layout_hash: req.layout_hash,
+            base_adapter_hash: req.base_adapter_hash,
+            num_samples: req.num_samples,
+            payload,
+        };
+        let mut c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
+        let name = participant_name(&c, &req.participant_id);
+        let rounds_before = c.history().len();
+        match c.submit(&req.participant_id, &update, self.shared.now_ms()) {
+            Ok(events) => {
+                if let Some(m) = &req.metrics {
+                    info!(
+                        participant = %name,
+                        round = req.round,
+                        steps = m.steps,
+                        loss_first = m.train_loss_first,
+                        loss_last = m.train_loss_last,
+                        "update accepted"
+                    );
+                }
+                let status = c.status();
+                let response = pb::SubmitUpdateResponse {
+                    round_closed: c.history().len() > rounds_before,
+                    updates_received: status.updates_received as u32,
+                    cohort_size: status.cohort_size as u32,
+                };
+                self.shared.settle(&c, events)?;
+                Ok(Response::new(response))
+            }
+            Err(e) => {
+                warn!(participant = %name, round = req.round, error = %e, "update refused");
+                Err(status_for(&e))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

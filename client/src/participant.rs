@@ -1103,6 +1103,33 @@ struct MaskedUpload {
     words: Arc<[u32]>,
 }
 
+/// Largest plaintext update sent as one `SubmitUpdate` message (4 MiB); larger ones go
+/// through `SubmitUpdateStream` in 1 MiB chunks, so no message grows with the adapter.
+const PLAINTEXT_ONE_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A plaintext update as `SubmitUpdateStream` chunks: the request without its payload on
+/// the first, then the values in 1 MiB pieces, each with its SHA-256.
+fn plaintext_chunks(mut request: pb::SubmitUpdateRequest) -> Vec<pb::UpdateChunk> {
+    let values = match request.payload.take() {
+        Some(pb::submit_update_request::Payload::Plaintext(p)) => p.values_f32_le,
+        None => Vec::new(),
+    };
+    let pieces: Vec<&[u8]> = values.chunks(4 * MASKED_CHUNK_WORDS).collect();
+    let count = pieces.len().max(1);
+    (0..count)
+        .map(|k| {
+            let piece = pieces.get(k).copied().unwrap_or_default();
+            pb::UpdateChunk {
+                header: (k == 0).then(|| request.clone()),
+                offset: (k * 4 * MASKED_CHUNK_WORDS) as u64,
+                sha256: Sha256::digest(piece).to_vec(),
+                values_f32_le: piece.to_vec(),
+                last: k + 1 == count,
+            }
+        })
+        .collect()
+}
+
 // The two reporters are free functions with owned arguments: a closure defined inside the
 // async functions above would carry their lifetimes into the futures, which rustc then
 // cannot prove `Send` for every lifetime (and `tokio::spawn` needs that).
@@ -1196,12 +1223,25 @@ async fn submit_plaintext(
             train_loss_last: stats.last_loss,
         }),
     };
-    let submitted = call_with_retry(options, "SubmitUpdate", || {
-        let mut c = client.clone();
-        let req = request.clone();
-        async move { c.submit_update(req).await }
-    })
-    .await;
+    let bytes = 4 * trained.values.len() as u64;
+    let submitted = if bytes <= PLAINTEXT_ONE_MESSAGE_BYTES {
+        call_with_retry(options, "SubmitUpdate", || {
+            let mut c = client.clone();
+            let req = request.clone();
+            async move { c.submit_update(req).await }
+        })
+        .await
+    } else {
+        // Too large for one message: the header, then checksummed chunks (sent again whole
+        // if the connection breaks; secure aggregation's masked uploads resume instead).
+        let chunks = plaintext_chunks(request.clone());
+        call_with_retry(options, "SubmitUpdateStream", || {
+            let mut c = client.clone();
+            let stream = tokio_stream::iter(chunks.clone());
+            async move { c.submit_update_stream(stream).await }
+        })
+        .await
+    };
     match submitted {
         Ok(r) => {
             let bytes = 4 * trained.values.len() as u64;

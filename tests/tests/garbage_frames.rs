@@ -183,8 +183,11 @@ async fn garbage_gets_clear_errors_and_the_federation_completes_alongside() {
         "Join",
         "FetchTask",
         "SubmitUpdate",
+        "SubmitUpdateStream",
         "SecureAggregate",
         "SubmitMasked",
+        "MaskedReceived",
+        "DownloadAdapter",
     ] {
         let body = [0xffu8; 24];
         let s = raw_grpc(addr, method, grpc_frame(false, body.len() as u32, &body)).await;

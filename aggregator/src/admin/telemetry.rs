@@ -33,6 +33,9 @@ pub enum Rpc {
     SubmitMasked,
     RoundStatus,
     ReportMetrics,
+    SubmitUpdateStream,
+    MaskedReceived,
+    DownloadAdapter,
     Other,
 }
 
@@ -47,6 +50,9 @@ impl Rpc {
             Some("SubmitMasked") => Rpc::SubmitMasked,
             Some("RoundStatus") => Rpc::RoundStatus,
             Some("ReportMetrics") => Rpc::ReportMetrics,
+            Some("SubmitUpdateStream") => Rpc::SubmitUpdateStream,
+            Some("MaskedReceived") => Rpc::MaskedReceived,
+            Some("DownloadAdapter") => Rpc::DownloadAdapter,
             _ => Rpc::Other,
         }
     }
@@ -60,6 +66,9 @@ impl Rpc {
             Rpc::SubmitMasked => "SubmitMasked",
             Rpc::RoundStatus => "RoundStatus",
             Rpc::ReportMetrics => "ReportMetrics",
+            Rpc::SubmitUpdateStream => "SubmitUpdateStream",
+            Rpc::MaskedReceived => "MaskedReceived",
+            Rpc::DownloadAdapter => "DownloadAdapter",
             Rpc::Other => "other",
         }
     }
