@@ -46,6 +46,11 @@ impl HeldInputs {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether nothing is held (the common case: no stream broke).
+    pub fn is_empty(&self) -> bool {
+        self.map().is_empty()
+    }
+
     /// Takes what `key` left when its last stream broke, to go on with it.
     pub fn take(&self, key: &MaskedKey) -> Option<Held> {
         self.map().remove(key)

@@ -12,29 +12,23 @@
 //! safety; a second, shorter one kills a run over mutual TLS with provisioned kits, so the
 //! labs' reconnection through a fresh TLS handshake is covered too.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use fedaggregator::AggregatorConfig;
-use fedaggregator::config::{ServerSection, StateSection, TlsSection};
+use common::{
+    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
+};
+use fedaggregator::config::TlsSection;
 use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, Provisioned, provision};
-use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
-use fedclient::participant::{self, ParticipantOptions, Quiet};
-use fedcore::roster::RosterEntry;
-use fedcore::secagg::spec::SecureAggregationSpec;
-use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
+use fedclient::participant::{self, Quiet};
 use mekong_proto::tls::ParticipantKit;
 
-const LABS: [&str; 3] = ["lab-lo", "lab-km", "lab-th"];
 const ROUNDS: u64 = 3;
-/// How long any one awaited event may take (training included).
-const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Phases of a round, in the order the aggregator logs them (see [`position`]).
 const JOINED: u8 = 0;
@@ -119,187 +113,21 @@ fn position(line: &str) -> Option<(u64, u8)> {
     Some((digits.parse().ok()?, phase))
 }
 
-fn identity(i: usize) -> IdentitySeed {
-    IdentitySeed::from_bytes([(i as u8).wrapping_mul(53).wrapping_add(7); 32])
+/// The first line of `aggregator` at or past `target` (see [`KILLS`]), counting a
+/// finished run's startup too.
+fn wait_until(aggregator: &mut Aggregator, target: (u64, u8)) -> String {
+    if let Some(line) = aggregator
+        .seen
+        .iter()
+        .find(|l| l.contains("resuming a finished run") && position(l).is_some_and(|p| p >= target))
+    {
+        return line.clone();
+    }
+    aggregator.wait_line(|line| position(line).is_some_and(|p| p >= target))
 }
 
-/// The tiny model of the end-to-end tests, three labs, secure aggregation, deadlines long
-/// enough that no lab is ever dropped (the result must not depend on timing).
-fn plan() -> FederationPlan {
-    FederationPlan {
-        federation: "crash".into(),
-        model: ModelSpec {
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelSpec::tiny()
-        },
-        lora: LoraSpec {
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
-            a_seed: 11,
-            dropout: 0.0,
-        },
-        training: TrainingSpec {
-            local_steps: 3,
-            batch_size: 4,
-            seq_len: 32,
-            learning_rate: 1e-2,
-            weight_decay: 0.0,
-            seed: 5,
-            ..TrainingSpec::default()
-        },
-        rounds: RoundSpec {
-            rounds: ROUNDS,
-            participants: LABS.len(),
-            min_updates: LABS.len(),
-            round_timeout_ms: 300_000,
-        },
-        roster: LABS
-            .iter()
-            .enumerate()
-            .map(|(i, name)| RosterEntry {
-                name: name.to_string(),
-                public_key: identity(i).public_key_hex(),
-            })
-            .collect(),
-        secure_aggregation: SecureAggregationSpec {
-            stage_timeout_ms: 300_000,
-            ..Default::default()
-        },
-        strategy: Default::default(),
-    }
-}
-
-/// Deterministic local text per lab (the tiny byte-level model needs no real language).
-fn corpus(i: usize) -> LocalCorpus {
-    let words = [
-        "river", "delta", "rice", "boat", "monsoon", "market", "lantern", "temple", "fish",
-        "bridge", "village", "harvest",
-    ];
-    let mut text = String::new();
-    let mut x = 17u64 + i as u64;
-    for line in 0..160 {
-        for _ in 0..8 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            text.push_str(words[((x >> 33) as usize + i) % words.len()]);
-            text.push(' ');
-        }
-        text.push_str(&format!("{line}.\n"));
-    }
-    LocalCorpus::from_text(LABS[i], &text, 0.1, &ByteTokenizer).expect("text is long enough")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One `fedaggregator serve` process and the lines it prints.
-struct Aggregator {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Aggregator {
-    fn spawn(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "info,fedaggregator=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fedaggregator");
-        let (tx, lines) = channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(line);
-            }
-        });
-        let mut a = Aggregator {
-            child,
-            lines,
-            seen: Vec::new(),
-        };
-        a.wait_for(&["aggregator serving"]);
-        a
-    }
-
-    /// Reads lines until one contains every pattern; panics with the log on a timeout or
-    /// when the process exits first.
-    fn wait_for(&mut self, patterns: &[&str]) -> String {
-        self.wait_line(|line| patterns.iter().all(|p| line.contains(p)))
-    }
-
-    /// The first line at or past `target` (see [`KILLS`]), counting a finished run's
-    /// startup too.
-    fn wait_until(&mut self, target: (u64, u8)) -> String {
-        if let Some(line) = self.seen.iter().find(|l| {
-            l.contains("resuming a finished run") && position(l).is_some_and(|p| p >= target)
-        }) {
-            return line.clone();
-        }
-        self.wait_line(|line| position(line).is_some_and(|p| p >= target))
-    }
-
-    fn wait_line(&mut self, found: impl Fn(&str) -> bool) -> String {
-        let give_up = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if found(&line) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "nothing awaited within {EVENT_TIMEOUT:?}:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.child.wait().unwrap();
-                    panic!(
-                        "fedaggregator exited ({status}) first:\n{}",
-                        self.seen.join("\n")
-                    )
-                }
-            }
-        }
-    }
-
-    /// SIGKILL, and reap it.
-    fn kill(mut self) -> Vec<String> {
-        // An incarnation may have finished and exited on its own (the last one).
-        let _ = self.child.kill();
-        self.child.wait().unwrap();
-        self.seen.extend(self.lines.try_iter());
-        self.seen
-    }
-}
+/// The aggregator's log level: the kill schedule reads its debug lines.
+const LOG: &str = "info,fedaggregator=debug";
 
 /// What a run ends with: the hashes of every round's adapter and of the final one.
 #[derive(Debug, PartialEq)]
@@ -341,7 +169,7 @@ fn provision_labs(dir: &Path) -> Provisioned {
 async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut plan = plan();
+    let mut plan = plan("crash", ROUNDS);
     let tls = match &transport {
         Transport::Plaintext => TlsSection::plaintext(),
         Transport::Tls(fed) => {
@@ -349,32 +177,17 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
             TlsSection::provisioned(&fed.dir)
         }
     };
-    let config = AggregatorConfig {
-        server: ServerSection {
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            output_dir: dir.path().join("out"),
-            linger_after_finish_ms: 60_000,
-            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
-        },
-        tls,
-        admin: None,
-        state: StateSection {
-            database: Some(dir.path().join("state/state.sqlite")),
-            adapter_history: 2,
-        },
-        plan: plan.clone(),
-    };
-    let config_path = dir.path().join("aggregator.toml");
-    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let mut config = config(dir.path(), port, plan.clone());
+    config.server.linger_after_finish_ms = 60_000;
+    config.state.adapter_history = 2;
+    config.tls = tls;
+    let config_path = write_config(dir.path(), &config);
 
-    let mut aggregator = Aggregator::spawn(&config_path);
+    let mut aggregator = Aggregator::spawn(&config_path, LOG);
     let url = format!("http://127.0.0.1:{port}");
     let labs: Vec<_> = (0..LABS.len())
         .map(|i| {
-            let mut options = ParticipantOptions::new(&url, LABS[i], &LABS[i][4..]);
-            options.connect_patience = Duration::from_secs(60);
-            options.identity = Some(Arc::new(identity(i)));
-            options.plan_sha256 = Some(plan.fingerprint());
+            let mut options = lab_options(&url, i, &plan, Duration::from_secs(60));
             if let Transport::Tls(fed) = &transport {
                 let mut kit = ParticipantKit::load(&fed.kits[i]).unwrap();
                 assert_eq!(kit.name, LABS[i]);
@@ -396,10 +209,10 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
     let driver = tokio::task::spawn_blocking(move || {
         let mut restarts = Vec::new();
         for (k, target) in kills.iter().enumerate() {
-            let line = aggregator.wait_until(*target);
+            let line = wait_until(&mut aggregator, *target);
             aggregator.kill();
             eprintln!("kill {}: after {line}", k + 1);
-            aggregator = Aggregator::spawn(&config_path);
+            aggregator = Aggregator::spawn(&config_path, LOG);
             if let Some(resumed) = aggregator.seen.iter().find(|l| l.contains("resuming")) {
                 restarts.push(resumed.clone());
             }

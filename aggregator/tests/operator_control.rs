@@ -10,189 +10,26 @@
 //! run that is not paused) exits non-zero with the reason. A request made while no aggregator
 //! runs is applied when it next starts.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use fedaggregator::AggregatorConfig;
-use fedaggregator::config::{AdminSection, ServerSection, StateSection, TlsSection};
-use fedclient::data::{ByteTokenizer, LocalCorpus};
-use fedclient::identity::IdentitySeed;
-use fedclient::participant::{self, ParticipantOptions, Quiet, RunEnd};
-use fedcore::roster::RosterEntry;
-use fedcore::secagg::spec::SecureAggregationSpec;
-use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
+use common::{
+    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
+};
+use fedaggregator::config::AdminSection;
+use fedclient::participant::{self, Quiet, RunEnd};
 
-const LABS: [&str; 3] = ["lab-lo", "lab-km", "lab-th"];
 /// The plan's run length; the operator stops the run long before it. Rounds of the tiny
 /// model take a fraction of a second, and the commands land wherever the run is by then,
 /// so the run is long enough that no command can miss it.
 const ROUNDS: u64 = 60;
-const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the test watches a paused run for a round that must not open.
 const PAUSE_WATCH: Duration = Duration::from_secs(2);
-
-fn identity(i: usize) -> IdentitySeed {
-    IdentitySeed::from_bytes([(i as u8).wrapping_mul(41).wrapping_add(3); 32])
-}
-
-/// The tiny model of the end-to-end tests, secure aggregation, deadlines long enough that
-/// no lab is ever dropped.
-fn plan() -> FederationPlan {
-    FederationPlan {
-        federation: "control".into(),
-        model: ModelSpec {
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelSpec::tiny()
-        },
-        lora: LoraSpec {
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec![TargetModule::Q, TargetModule::V],
-            a_seed: 11,
-            dropout: 0.0,
-        },
-        training: TrainingSpec {
-            local_steps: 2,
-            batch_size: 4,
-            seq_len: 32,
-            learning_rate: 1e-2,
-            weight_decay: 0.0,
-            seed: 5,
-            ..TrainingSpec::default()
-        },
-        rounds: RoundSpec {
-            rounds: ROUNDS,
-            participants: LABS.len(),
-            min_updates: LABS.len(),
-            round_timeout_ms: 300_000,
-        },
-        roster: LABS
-            .iter()
-            .enumerate()
-            .map(|(i, name)| RosterEntry {
-                name: name.to_string(),
-                public_key: identity(i).public_key_hex(),
-            })
-            .collect(),
-        secure_aggregation: SecureAggregationSpec {
-            stage_timeout_ms: 300_000,
-            ..Default::default()
-        },
-        strategy: Default::default(),
-    }
-}
-
-fn corpus(i: usize) -> LocalCorpus {
-    let words = [
-        "river", "delta", "rice", "boat", "monsoon", "market", "lantern",
-    ];
-    let mut text = String::new();
-    for line in 0..120 {
-        for w in 0..8 {
-            text.push_str(words[(line * 3 + w * 5 + i) % words.len()]);
-            text.push(' ');
-        }
-        text.push_str(&format!("{line}.\n"));
-    }
-    LocalCorpus::from_text(LABS[i], &text, 0.1, &ByteTokenizer).expect("text is long enough")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The `fedaggregator serve` process and the lines it prints.
-struct Aggregator {
-    child: Child,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Aggregator {
-    fn spawn(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start fedaggregator");
-        let (tx, lines) = channel();
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        // Only the readers hold senders: the channel closes when the process exits.
-        drop(tx);
-        let mut a = Aggregator {
-            child,
-            lines,
-            seen: Vec::new(),
-        };
-        a.wait_for(&["aggregator serving"]);
-        a
-    }
-
-    /// Reads lines until one contains every pattern; panics with the log on a timeout.
-    fn wait_for(&mut self, patterns: &[&str]) -> String {
-        let give_up = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            let left = give_up.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if patterns.iter().all(|p| line.contains(p)) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no line with {patterns:?} within {EVENT_TIMEOUT:?}:\n{}",
-                    self.seen.join("\n")
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "fedaggregator exited before {patterns:?}:\n{}",
-                    self.seen.join("\n")
-                ),
-            }
-        }
-    }
-
-    /// Lines printed so far without waiting.
-    fn drain(&mut self) -> &[String] {
-        self.seen.extend(self.lines.try_iter());
-        &self.seen
-    }
-}
-
-impl Drop for Aggregator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Runs `fedaggregator <command> --config <config>`.
 fn operator(command: &str, config: &Path) -> Output {
@@ -228,36 +65,18 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let (port, admin_port) = (free_port(), free_port());
-    let plan = plan();
-    let config = AggregatorConfig {
-        server: ServerSection {
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            output_dir: dir.path().join("out"),
-            linger_after_finish_ms: 30_000,
-            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
-        },
-        tls: TlsSection::plaintext(),
-        admin: Some(AdminSection::loopback(admin_port)),
-        state: StateSection {
-            database: Some(dir.path().join("state.sqlite")),
-            adapter_history: 0,
-        },
-        plan: plan.clone(),
-    };
-    let config_path = dir.path().join("aggregator.toml");
-    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let plan = plan("control", ROUNDS);
+    let mut config = config(dir.path(), port, plan.clone());
+    config.admin = Some(AdminSection::loopback(admin_port));
+    let config_path = write_config(dir.path(), &config);
     let admin = format!("http://127.0.0.1:{admin_port}");
 
-    let mut aggregator = Aggregator::spawn(&config_path);
+    let mut aggregator = Aggregator::spawn(&config_path, "info");
     let url = format!("http://127.0.0.1:{port}");
     let labs: Vec<_> = (0..LABS.len())
         .map(|i| {
-            let mut options = ParticipantOptions::new(&url, LABS[i], &LABS[i][4..]);
-            options.connect_patience = Duration::from_secs(30);
-            options.identity = Some(Arc::new(identity(i)));
-            options.plan_sha256 = Some(plan.fingerprint());
             tokio::spawn(participant::run(
-                options,
+                lab_options(&url, i, &plan, Duration::from_secs(30)),
                 corpus(i),
                 Device::flex(),
                 Arc::new(Quiet),
@@ -400,23 +219,10 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
 async fn a_request_made_while_stopped_is_applied_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let admin_port = free_port();
-    let config = AggregatorConfig {
-        server: ServerSection {
-            listen: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            output_dir: dir.path().join("out"),
-            linger_after_finish_ms: 1_000,
-            inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
-        },
-        tls: TlsSection::plaintext(),
-        admin: Some(AdminSection::loopback(admin_port)),
-        state: StateSection {
-            database: Some(dir.path().join("state.sqlite")),
-            adapter_history: 0,
-        },
-        plan: plan(),
-    };
-    let config_path = dir.path().join("aggregator.toml");
-    std::fs::write(&config_path, config.to_toml()).unwrap();
+    let mut config = config(dir.path(), free_port(), plan("control", ROUNDS));
+    config.server.linger_after_finish_ms = 1_000;
+    config.admin = Some(AdminSection::loopback(admin_port));
+    let config_path = write_config(dir.path(), &config);
     let cfg = config_path.clone();
     let (said, aggregator) = tokio::task::spawn_blocking(move || {
         // Before any start there is no database: refused, and none is created.
@@ -426,14 +232,14 @@ async fn a_request_made_while_stopped_is_applied_at_the_next_start() {
             String::from_utf8_lossy(&out.stderr).contains("no state database there"),
             "{out:?}"
         );
-        drop(Aggregator::spawn(&cfg));
+        drop(Aggregator::spawn(&cfg, "info"));
         let out = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
             .args(["pause", "--wait-s", "1", "--config"])
             .arg(&cfg)
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let mut aggregator = Aggregator::spawn(&cfg);
+        let mut aggregator = Aggregator::spawn(&cfg, "info");
         aggregator.wait_for(&["operator request applied", "first round does not open"]);
         (stdout(&out), aggregator)
     })

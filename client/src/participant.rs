@@ -571,7 +571,7 @@ pub async fn run(
                             &options,
                             &id,
                             (step.round, step.attempt),
-                            &m.words,
+                            m.words,
                             &observer,
                         )
                         .await?
@@ -1006,10 +1006,11 @@ async fn send_masked(
     options: &ParticipantOptions,
     id: &str,
     (round, attempt): (u64, u32),
-    words: &[u32],
+    words: Vec<u32>,
     observer: &Arc<dyn ParticipantObserver>,
 ) -> Result<bool, ParticipantError> {
-    let words: Arc<[u32]> = words.into();
+    // Shared by the streams that send it (a resumed one starts further in), not copied.
+    let words = Arc::new(words);
     let mut start = 0usize;
     let mut backoff = Duration::from_millis(200);
     let mut give_up = tokio::time::Instant::now() + options.connect_patience;
@@ -1100,7 +1101,7 @@ struct MaskedUpload {
     participant_id: String,
     round: u64,
     attempt: u32,
-    words: Arc<[u32]>,
+    words: Arc<Vec<u32>>,
 }
 
 /// Largest plaintext update sent as one `SubmitUpdate` message (4 MiB); larger ones go

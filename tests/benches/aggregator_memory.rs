@@ -12,9 +12,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fedcore::ModelSpec;
 use mekong_e2e::wire_lab::{WireBehaviour, WireLab};
-use mekong_e2e::{aggregator_config, secure_test_plan, test_identity};
+use mekong_e2e::{aggregator_config, secure_test_plan, test_identity, widen};
 use rand::{Rng, SeedableRng};
 
 const CHILD_ENV: &str = "MEKONG_MEMBENCH_CONFIG";
@@ -115,16 +114,7 @@ fn measure(n: usize) -> (usize, [u64; 3], Duration) {
     let roster: Vec<(&str, _)> = names.iter().map(String::as_str).zip(&identities).collect();
     let mut plan = secure_test_plan(&roster, 1, 3_600_000, 600_000);
     // ~1M B parameters: 24 layers × (5·512 + 2·1376) outputs × rank 8.
-    plan.model = ModelSpec {
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 24,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        ..ModelSpec::tiny()
-    };
-    plan.lora.rank = 8;
-    plan.lora.target_modules = fedcore::TargetModule::ALL.to_vec();
+    widen(&mut plan, 24, 8);
     let params = plan.initial_adapter().b_manifest().len();
     let config = aggregator_config(plan.clone(), &dir.path().join("out"));
     let config_path = dir.path().join("aggregator.toml");

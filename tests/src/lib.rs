@@ -17,6 +17,7 @@ use fedclient::train::TrainStats;
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
+use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 
 /// A small plan that trains in well under a second per round on two cores.
 pub fn test_plan(
@@ -108,6 +109,43 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
         admin: None,
         state: Default::default(),
         plan,
+    }
+}
+
+/// [`test_plan`]'s labs on a model wide enough for adapters of megabytes: 512 wide,
+/// `layers` deep, LoRA of `rank` on every projection (B ≈ layers × rank × 5,312 values).
+pub fn widen(plan: &mut FederationPlan, layers: usize, rank: usize) {
+    plan.model = ModelSpec {
+        hidden_size: 512,
+        intermediate_size: 1376,
+        num_hidden_layers: layers,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        ..ModelSpec::tiny()
+    };
+    plan.lora.rank = rank;
+    plan.lora.target_modules = TargetModule::ALL.to_vec();
+}
+
+/// Long-polls as participant `id` until the aggregator hands it a round to train.
+pub async fn train_task(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    id: &str,
+) -> pb::TrainTask {
+    loop {
+        let task = client
+            .fetch_task(pb::FetchTaskRequest {
+                participant_id: id.to_string(),
+                wait_ms: 5_000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        if let pb::fetch_task_response::Task::Train(t) = task {
+            return t;
+        }
     }
 }
 

@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use fedclient::download::{DownloadOptions, Fetched, fetch_adapter};
 use fedclient::participant::transient;
-use fedcore::{ModelSpec, TargetModule};
 use mekong_e2e::capture::{Cut, cutting_proxy};
-use mekong_e2e::{aggregator_config, test_plan};
+use mekong_e2e::{aggregator_config, test_plan, train_task, widen};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,16 +17,7 @@ async fn a_broken_download_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let mut plan = test_plan(1, 1, 1, 60_000);
     // About 1.9M values (A and B): 7.5 MB, thirty 256 KiB chunks.
-    plan.model = ModelSpec {
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 24,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        ..ModelSpec::tiny()
-    };
-    plan.lora.rank = 8;
-    plan.lora.target_modules = TargetModule::ALL.to_vec();
+    widen(&mut plan, 24, 8);
     let template = plan.initial_adapter();
     let total = 4 * template.full_manifest().len() as u64;
     let mut config = aggregator_config(plan, dir.path());
@@ -48,21 +38,7 @@ async fn a_broken_download_resumes_where_it_stopped() {
         .unwrap()
         .into_inner()
         .participant_id;
-    let task = loop {
-        let answer = client
-            .fetch_task(pb::FetchTaskRequest {
-                participant_id: id.clone(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
-        if let pb::fetch_task_response::Task::Train(t) = answer {
-            break t;
-        }
-    };
+    let task = train_task(&mut client, &id).await;
     let payload = task.global_adapter.unwrap();
     assert!(payload.values_f32_le.is_empty(), "sent by reference");
     assert_eq!(payload.values_bytes, total);

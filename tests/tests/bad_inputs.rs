@@ -9,7 +9,7 @@ use fedclient::participant;
 use fedcore::update::encode_f32_le;
 use mekong_e2e::{
     RecordedUpload, Recorder, aggregator_config, corpus, participant_options, test_plan,
-    weighted_mean, weighted_mean_f64,
+    train_task, weighted_mean, weighted_mean_f64,
 };
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use tonic::Code;
@@ -33,27 +33,6 @@ fn update(
             },
         )),
         metrics: None,
-    }
-}
-
-async fn train_task(
-    client: &mut FederationClient<tonic::transport::Channel>,
-    id: &str,
-) -> pb::TrainTask {
-    loop {
-        let task = client
-            .fetch_task(pb::FetchTaskRequest {
-                participant_id: id.to_string(),
-                wait_ms: 5_000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
-        if let pb::fetch_task_response::Task::Train(t) = task {
-            return t;
-        }
     }
 }
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use burn::prelude::Device;
 use fedclient::participant;
-use fedcore::{ModelSpec, TargetModule};
 use mekong_e2e::capture::{Cut, cutting_proxy};
 use mekong_e2e::{
     Recorder, aggregator_config, corpus, participant_options, secure_test_plan, test_identity,
+    widen,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,16 +27,7 @@ async fn a_broken_masked_upload_resumes_without_resending_finished_chunks() {
     let roster: Vec<(&str, _)> = names.iter().map(String::as_str).zip(&identities).collect();
     let mut plan = secure_test_plan(&roster, 1, 300_000, 60_000);
     // B: 12 layers × (5·512 + 2·1376) outputs × rank 16 ≈ 1.02M words, four 1 MiB chunks.
-    plan.model = ModelSpec {
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 12,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        ..ModelSpec::tiny()
-    };
-    plan.lora.rank = 16;
-    plan.lora.target_modules = TargetModule::ALL.to_vec();
+    widen(&mut plan, 12, 16);
     // The masked vector: B and the sample weight.
     let vector_bytes = 4 * (plan.initial_adapter().b_manifest().len() as u64 + 1);
     let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))

@@ -8,9 +8,8 @@ use burn::prelude::Device;
 use fedaggregator::admin::client::get;
 use fedaggregator::config::AdminSection;
 use fedclient::participant;
-use fedcore::{ModelSpec, TargetModule};
 use mekong_e2e::{
-    Recorder, aggregator_config, corpus, participant_options, test_plan, weighted_mean,
+    Recorder, aggregator_config, corpus, participant_options, test_plan, weighted_mean, widen,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,16 +18,7 @@ async fn a_large_plaintext_update_streams_in_chunks_and_aggregates_exactly() {
     let mut plan = test_plan(2, 1, 2, 120_000);
     // B: 12 layers × (5·512 + 2·1376) outputs × rank 32 ≈ 2M values, 8 MB: past the 4 MiB
     // sent as one message.
-    plan.model = ModelSpec {
-        hidden_size: 512,
-        intermediate_size: 1376,
-        num_hidden_layers: 12,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        ..ModelSpec::tiny()
-    };
-    plan.lora.rank = 32;
-    plan.lora.target_modules = TargetModule::ALL.to_vec();
+    widen(&mut plan, 12, 32);
     let b_len = plan.initial_adapter().b_manifest().len();
     assert!(4 * b_len > 4 * 1024 * 1024, "{b_len}");
     let mut config = aggregator_config(plan, dir.path());

@@ -40,21 +40,25 @@ pub enum Rpc {
 }
 
 impl Rpc {
+    /// Every method of the service (all but `Other`).
+    const METHODS: [Rpc; 10] = [
+        Rpc::Join,
+        Rpc::FetchTask,
+        Rpc::SubmitUpdate,
+        Rpc::SecureAggregate,
+        Rpc::SubmitMasked,
+        Rpc::RoundStatus,
+        Rpc::ReportMetrics,
+        Rpc::SubmitUpdateStream,
+        Rpc::MaskedReceived,
+        Rpc::DownloadAdapter,
+    ];
+
     /// The method a gRPC request path (`/mekong.v1.Federation/Join`) names.
     pub fn from_path(path: &str) -> Rpc {
-        match path.strip_prefix("/mekong.v1.Federation/") {
-            Some("Join") => Rpc::Join,
-            Some("FetchTask") => Rpc::FetchTask,
-            Some("SubmitUpdate") => Rpc::SubmitUpdate,
-            Some("SecureAggregate") => Rpc::SecureAggregate,
-            Some("SubmitMasked") => Rpc::SubmitMasked,
-            Some("RoundStatus") => Rpc::RoundStatus,
-            Some("ReportMetrics") => Rpc::ReportMetrics,
-            Some("SubmitUpdateStream") => Rpc::SubmitUpdateStream,
-            Some("MaskedReceived") => Rpc::MaskedReceived,
-            Some("DownloadAdapter") => Rpc::DownloadAdapter,
-            _ => Rpc::Other,
-        }
+        path.strip_prefix("/mekong.v1.Federation/")
+            .and_then(|m| Rpc::METHODS.into_iter().find(|r| r.name() == m))
+            .unwrap_or(Rpc::Other)
     }
 
     pub fn name(self) -> &'static str {
