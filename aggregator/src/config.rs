@@ -477,17 +477,18 @@ mod tests {
             c.plan.fingerprint(),
             AggregatorConfig::example().plan.fingerprint()
         );
-        // FedEx-LoRA is sum-only, but the participant runtime does not apply its dense
-        // correction yet: refused by name rather than run wrongly.
+        // FedEx-LoRA is sum-only through its dense upload: it loads, and its limit on the
+        // dense upload is enforced by name.
         let text = format!("{example}\n[plan.strategy]\nmode = \"fedex_lora\"\n");
+        let c = AggregatorConfig::from_toml(&text, "agg.toml").unwrap();
+        assert_eq!(c.plan.strategy.mode, fedcore::AggregationMode::FedExLora);
+        let text = format!(
+            "{example}\n[plan.strategy]\nmode = \"fedex_lora\"\n\n[plan.strategy.fedex]\nmax_dense_values = 10\n"
+        );
         let err = AggregatorConfig::from_toml(&text, "agg.toml")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("strategy.mode")
-                && err.contains("not yet supported by the participant runtime"),
-            "{err}"
-        );
+        assert!(err.contains("strategy.fedex.max_dense_values"), "{err}");
     }
 
     #[test]

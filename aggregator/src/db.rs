@@ -20,7 +20,8 @@
 use std::path::{Path, PathBuf};
 
 use fedcore::round::snapshot::{SavedSum, SnapshotError};
-use fedcore::{Coordinator, FederationPlan, LoraAdapter, RoundRecord};
+use fedcore::strategy::{GlobalModel, global};
+use fedcore::{Coordinator, FederationPlan, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
 use thiserror::Error;
 
@@ -148,7 +149,7 @@ pub struct SavedRun {
     pub session: [u8; 32],
     pub state: Vec<u8>,
     pub server_state: Vec<u8>,
-    pub global: LoraAdapter,
+    pub global: GlobalModel,
     pub history: Vec<RoundRecord>,
     pub sum: Option<SavedSum>,
 }
@@ -443,7 +444,7 @@ impl StateDb {
             .map_err(sql("recording the run"))?;
         }
         if self.written.rounds_closed != Some(rounds) {
-            let adapter = fedcore::peft::encode_weights(c.global());
+            let adapter = global::encode_stored(c.global());
             tx.execute(
                 "INSERT OR REPLACE INTO model (id, rounds_closed, adapter_hash, adapter, server_state) VALUES (1, ?1, ?2, ?3, ?4)",
                 params![rounds as i64, c.global_hash(), adapter, c.encode_server_state()],
@@ -517,12 +518,12 @@ impl StateDb {
             .map_err(self.sql("listing adapters"))
     }
 
-    /// A kept round's global adapter.
+    /// A kept round's global model (its adapter, and FedEx-LoRA's dense corrections).
     pub fn adapter(
         &self,
         plan: &FederationPlan,
         round: u64,
-    ) -> Result<Option<LoraAdapter>, DbError> {
+    ) -> Result<Option<GlobalModel>, DbError> {
         let bytes: Option<Vec<u8>> = self
             .conn
             .query_row(
@@ -596,11 +597,32 @@ pub(crate) fn upgrade(conn: &mut Connection, path: &Path) -> Result<(), DbError>
     Ok(())
 }
 
+/// A stored global model: the PEFT tensors, and FedEx-LoRA's corrections when the plan's
+/// global carries them (a blob with corrections the plan does not expect, or without those
+/// it does, is refused).
 fn decode_adapter(
     plan: &FederationPlan,
     bytes: &[u8],
-) -> Result<LoraAdapter, fedcore::AdapterError> {
-    fedcore::peft::decode_weights(bytes, plan.initial_adapter().config().clone())
+) -> Result<GlobalModel, fedcore::AdapterError> {
+    let initial = plan.initial_model();
+    let model = global::decode_stored(bytes, initial.adapter.config().clone())?;
+    if model.has_corrections() != initial.has_corrections() {
+        return Err(fedcore::AdapterError::Shape(format!(
+            "the stored model {} dense corrections, the plan's strategy `{}` {} them",
+            if model.has_corrections() {
+                "has"
+            } else {
+                "has no"
+            },
+            plan.strategy.mode.name(),
+            if initial.has_corrections() {
+                "needs"
+            } else {
+                "has no use for"
+            },
+        )));
+    }
+    Ok(model)
 }
 
 /// Creates the file (and its directory) readable by the owner alone if it does not exist:
@@ -709,6 +731,41 @@ mod tests {
         let round3 = db.adapter(&plan, 3).unwrap().unwrap();
         assert_eq!(round3.content_hash(), c.history()[2].adapter_hash);
         assert!(db.adapter(&plan, 1).unwrap().is_none());
+    }
+
+    /// FedEx-LoRA's dense corrections are part of the stored model: a restart resumes with
+    /// them, and kept rounds return them.
+    #[test]
+    fn a_fedex_run_keeps_its_dense_corrections_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let mut plan = plan(3);
+        plan.strategy.mode = fedcore::AggregationMode::FedExLora;
+        plan.validate().unwrap();
+        let (mut db, _) = StateDb::open(&path, &plan, 0).unwrap();
+        let mut c = Coordinator::new(plan.clone(), [6; 32]).unwrap();
+        c.join("t0".into(), "lab-a", "lo", 0).unwrap();
+        c.join("t1".into(), "lab-b", "km", 0).unwrap();
+        db.save(&c).unwrap();
+        for fill in [0.5, 0.25] {
+            submit_all(&mut c, fill);
+            db.save(&c).unwrap();
+        }
+        assert!(
+            c.global()
+                .base_delta
+                .values()
+                .any(|d| d.data().iter().any(|v| *v != 0.0)),
+            "two rounds merged non-zero corrections"
+        );
+        drop(db);
+        let (db, saved) = StateDb::open(&path, &plan, 0).unwrap();
+        let back = restore(&plan, saved.unwrap());
+        assert_eq!(back.global(), c.global());
+        assert_eq!(back.global_hash(), c.global().content_hash());
+        let round1 = db.adapter(&plan, 1).unwrap().unwrap();
+        assert!(round1.has_corrections());
+        assert_eq!(round1.content_hash(), c.history()[0].adapter_hash);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use fedcore::LoraAdapter;
+use fedcore::strategy::GlobalModel;
 use fedcore::update::encode_f32_le;
 use mekong_proto::ADAPTER_CHUNK_BYTES;
 use mekong_proto::v1 as pb;
@@ -39,30 +39,27 @@ impl AdapterCache {
         }
     }
 
-    /// The wire form of `adapter`, whose content hash is `hash`: encoded on first use.
-    pub fn encoded(&self, adapter: &LoraAdapter, hash: &str) -> Arc<EncodedAdapter> {
+    /// The wire form of `global` (its adapter, and FedEx-LoRA's dense corrections after it),
+    /// whose content hash is `hash`: encoded on first use.
+    pub fn encoded(&self, global: &GlobalModel, hash: &str) -> Arc<EncodedAdapter> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = current.as_ref()
             && e.content_hash == hash
         {
             return e.clone();
         }
-        let manifest = adapter.full_manifest();
-        let values = adapter
-            .flatten(&manifest)
-            .expect("an adapter flattens by its own manifest");
         let encoded = Arc::new(EncodedAdapter {
             content_hash: hash.to_string(),
-            layout_hash: manifest.hash_hex(),
-            values: encode_f32_le(&values),
+            layout_hash: global.manifest().hash_hex(),
+            values: encode_f32_le(&global.flatten()),
         });
         *current = Some(encoded.clone());
         encoded
     }
 
     /// What a task answer carries: the values inline up to the limit, else a reference.
-    pub fn payload(&self, adapter: &LoraAdapter, hash: &str) -> pb::AdapterPayload {
-        let e = self.encoded(adapter, hash);
+    pub fn payload(&self, global: &GlobalModel, hash: &str) -> pb::AdapterPayload {
+        let e = self.encoded(global, hash);
         let inline = e.values.len() as u64 <= self.inline_max_bytes;
         pb::AdapterPayload {
             layout_hash: e.layout_hash.clone(),
@@ -104,8 +101,8 @@ mod tests {
     use super::*;
     use tokio_stream::StreamExt;
 
-    fn adapter() -> LoraAdapter {
-        crate::AggregatorConfig::example().plan.initial_adapter()
+    fn adapter() -> GlobalModel {
+        crate::AggregatorConfig::example().plan.initial_model()
     }
 
     #[tokio::test]

@@ -123,7 +123,7 @@ impl Shared {
             .is_file()
         {
             store
-                .save_initial(&coordinator.plan().initial_adapter())
+                .save_initial(&coordinator.plan().initial_model())
                 .map_err(|e| Status::internal(format!("cannot save the initial adapter: {e}")))?;
         }
         let (changes, _) = watch::channel(0);

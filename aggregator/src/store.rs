@@ -1,10 +1,13 @@
 //! Where the aggregator keeps every round's global adapter: `round-NNNN/` directories in the
 //! Hugging Face PEFT format (round 0 is the starting adapter), a `round.json` beside each
-//! adapter recording who contributed, and `final/` once the run is finished.
+//! adapter recording who contributed, and `final/` once the run is finished. Under
+//! FedEx-LoRA each directory also holds `base_delta.safetensors`, the dense corrections to
+//! add to the base weights ([`fedcore::strategy::global`]).
 
 use std::path::{Path, PathBuf};
 
-use fedcore::{AdapterError, LoraAdapter, RoundRecord};
+use fedcore::strategy::{GlobalModel, global};
+use fedcore::{AdapterError, RoundRecord};
 use serde::Serialize;
 
 /// Directory-backed adapter history.
@@ -62,18 +65,18 @@ impl AdapterStore {
     }
 
     /// Saves the starting adapter as round 0.
-    pub fn save_initial(&self, adapter: &LoraAdapter) -> Result<(), AdapterError> {
-        fedcore::peft::write_dir(&self.round_dir(0), adapter)
+    pub fn save_initial(&self, global: &GlobalModel) -> Result<(), AdapterError> {
+        global::write_dir(&self.round_dir(0), global)
     }
 
     /// Saves a closed round's adapter and its record.
     pub fn save_round(
         &self,
         record: &RoundRecord,
-        adapter: &LoraAdapter,
+        global: &GlobalModel,
     ) -> Result<(), AdapterError> {
         let dir = self.round_dir(record.round);
-        fedcore::peft::write_dir(&dir, adapter)?;
+        global::write_dir(&dir, global)?;
         let json = serde_json::to_string_pretty(&RoundFile {
             round: record.round,
             contributors: &record.contributors,
@@ -117,7 +120,7 @@ impl AdapterStore {
     }
 
     /// Saves the run's final adapter.
-    pub fn save_final(&self, adapter: &LoraAdapter) -> Result<(), AdapterError> {
-        fedcore::peft::write_dir(&self.final_dir(), adapter)
+    pub fn save_final(&self, global: &GlobalModel) -> Result<(), AdapterError> {
+        global::write_dir(&self.final_dir(), global)
     }
 }

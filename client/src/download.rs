@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use fedcore::LoraAdapter;
+use fedcore::strategy::GlobalModel;
 use mekong_proto::convert::{PayloadError, decode_adapter_payload};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
 use sha2::{Digest, Sha256};
@@ -52,7 +52,7 @@ pub enum DownloadError {
 /// What a download ended with.
 #[derive(Debug)]
 pub enum Fetched {
-    Adapter(LoraAdapter),
+    Adapter(GlobalModel),
     /// The aggregator moved on to another global adapter: fetch the task again.
     Stale,
 }
@@ -68,12 +68,12 @@ pub struct DownloadOptions<'a> {
 }
 
 /// The adapter `payload` describes: decoded at once when it is inline, downloaded when it
-/// is a reference. `template` (the plan's initial adapter) gives names and shapes.
+/// is a reference. `template` (the plan's initial model) gives names and shapes.
 pub async fn fetch_adapter(
     client: &FederationClient<Channel>,
     participant_id: &str,
     payload: Option<&pb::AdapterPayload>,
-    template: &LoraAdapter,
+    template: &GlobalModel,
     options: &DownloadOptions<'_>,
 ) -> Result<Fetched, DownloadError> {
     let payload = payload.ok_or(PayloadError::Missing)?;
@@ -84,7 +84,7 @@ pub async fn fetch_adapter(
         )?));
     }
     let hash = payload.content_hash.clone();
-    let expected = 4 * template.full_manifest().len() as u64;
+    let expected = 4 * template.manifest().len() as u64;
     if payload.values_bytes != expected {
         return Err(DownloadError::Size {
             hash,

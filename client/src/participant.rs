@@ -28,7 +28,7 @@
 //! local training and the number of held-out tokens it covers, for the operator's
 //! per-language loss curves. Aggregate numbers only; see [`report_metrics`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadErro
 use fedcore::secagg::participant::RoundRandomness;
 use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
 use fedcore::strategy::{AggregationMode, GlobalModel, ServerState, hetlora};
-use fedcore::{FederationPlan, LoraAdapter, Strategy, StrategyError};
+use fedcore::{FederationPlan, LoraAdapter, Matrix, Strategy, StrategyError};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::convert::{PayloadError, work_from_wire};
 use mekong_proto::policy::{LocalPolicy, SharedMetric};
@@ -273,6 +273,9 @@ pub struct ParticipantReport {
     pub final_eval: Option<EvalStats>,
     /// The run's final global adapter, or the last one this lab saw when it left early.
     pub final_adapter: LoraAdapter,
+    /// FedEx-LoRA's dense corrections to the base weights that go with `final_adapter`
+    /// (`[out, in]` per adapted module, already scaled; empty under every other mode).
+    pub final_base_delta: BTreeMap<String, Matrix>,
     pub ended: RunEnd,
 }
 
@@ -296,7 +299,7 @@ pub async fn run(
     .await?;
     let plan = FederationPlan::from_json(&joined.plan_json)?;
     check_plan(&options, &plan)?;
-    let template = plan.initial_adapter();
+    let template = plan.initial_model();
     let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
     // The open round's layout: one of the first two rounds' (RoLoRA alternates).
     let layout_of = |round| {
@@ -305,7 +308,7 @@ pub async fn run(
             ..Default::default()
         };
         strategy
-            .upload_layout(&GlobalModel::new(template.clone()), &state)
+            .upload_layout(&template, &state)
             .manifest()
             .hash_hex()
     };
@@ -332,7 +335,7 @@ pub async fn run(
     let mut rounds = Vec::new();
     let mut secure = SecureState::default();
 
-    let (final_adapter, ended) = loop {
+    let (final_model, ended) = loop {
         let task = call_with_retry(&options, "FetchTask", || {
             let mut c = client.clone();
             let req = pb::FetchTaskRequest {
@@ -383,26 +386,25 @@ pub async fn run(
                     .as_ref()
                     .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
                 let work = RoundPlan::new(&plan, &strategy, &options.name, t.round, &global);
-                work.check(&t, &template)?;
+                work.check(&t, &template.adapter)?;
                 if fresh {
                     let seed = plan.training.local_seed(&options.name, t.round);
                     let spec = plan.training.clone();
                     let data = corpus.clone();
                     let dev = device.clone();
-                    let download = strategy.download(
-                        &GlobalModel::new(global.clone()),
-                        &options.name,
-                        personal.as_ref(),
-                    )?;
+                    let download = strategy.download(&global, &options.name, personal.as_ref())?;
                     // HetLoRA: train the first `rank` components at the global rank, the
                     // others held at zero (they get no gradient; see hetlora::zero_beyond).
                     let hetero = download.config().rank < plan.lora.rank;
                     let start = if hetero {
-                        hetlora::zero_beyond(&global, work.rank)?
+                        hetlora::zero_beyond(&global.adapter, work.rank)?
                     } else {
                         download.clone()
                     };
                     let trains = work.trains;
+                    // FedEx-LoRA: the server's merged corrections (zeros before the first
+                    // merge; empty under every other mode).
+                    let base_delta = global.base_delta.clone();
                     let train_options = TrainOptions {
                         prox_mu: plan.strategy.fedprox.mu,
                     };
@@ -421,7 +423,7 @@ pub async fn run(
                                 .inspect_err(|e| warn!(error = %e, "held-out evaluation failed; no metrics report this round"))
                                 .ok()
                         };
-                        let m = model.load_adapter(&start)?;
+                        let m = model.load_base_delta(&base_delta)?.load_adapter(&start)?;
                         let before = if score { heldout(&m) } else { None };
                         let m = m.set_trainable(trains.a, trains.b);
                         let (m, stats) = train_local_observed(
@@ -593,7 +595,7 @@ pub async fn run(
                 }
             }
             pb::fetch_task_response::Task::Finished(f) => {
-                let Fetched::Adapter(final_adapter) = fetch_global(
+                let Fetched::Adapter(final_model) = fetch_global(
                     &client,
                     &options,
                     &id,
@@ -608,7 +610,7 @@ pub async fn run(
                 };
                 info!(participant = %options.name, rounds = f.rounds_completed, "run finished");
                 break (
-                    final_adapter,
+                    final_model,
                     RunEnd::Finished {
                         rounds_completed: f.rounds_completed,
                     },
@@ -619,15 +621,13 @@ pub async fn run(
     let final_eval = if options.evaluate {
         // FedSA-LoRA evaluates this lab's personalised model (global A, own B).
         let own = if strategy.mode() == AggregationMode::FedSaLora {
-            strategy.download(
-                &GlobalModel::new(final_adapter.clone()),
-                &options.name,
-                personal.as_ref(),
-            )?
+            strategy.download(&final_model, &options.name, personal.as_ref())?
         } else {
-            final_adapter.clone()
+            final_model.adapter.clone()
         };
-        let m = model.load_adapter(&own)?;
+        let m = model
+            .load_base_delta(&final_model.base_delta)?
+            .load_adapter(&own)?;
         Some(
             evaluate_blocking(m, &corpus, plan.training.seq_len, &device)
                 .await?
@@ -643,7 +643,8 @@ pub async fn run(
         rounds,
         initial_eval,
         final_eval,
-        final_adapter,
+        final_adapter: final_model.adapter,
+        final_base_delta: final_model.base_delta,
         ended,
     })
 }
@@ -655,7 +656,7 @@ async fn fetch_global(
     id: &str,
     round: u64,
     payload: Option<&pb::AdapterPayload>,
-    template: &LoraAdapter,
+    template: &GlobalModel,
     observer: &Arc<dyn ParticipantObserver>,
 ) -> Result<Fetched, ParticipantError> {
     let progress = download_reporter(observer.clone(), options.name.clone(), round);
@@ -699,7 +700,7 @@ impl RoundPlan {
         strategy: &Strategy,
         name: &str,
         round: u64,
-        global: &LoraAdapter,
+        global: &GlobalModel,
     ) -> Self {
         let state = ServerState {
             round: round.saturating_sub(1),
@@ -710,7 +711,7 @@ impl RoundPlan {
             mode: strategy.mode(),
             trains: strategy.trains(&state),
             rank: plan.strategy.participant_rank(&plan.lora, name),
-            layout: strategy.upload_layout(&GlobalModel::new(global.clone()), &state),
+            layout: strategy.upload_layout(global, &state),
         }
     }
 

@@ -41,13 +41,30 @@ pub fn tensor_key(module: &str, is_a: bool) -> String {
 /// in f32 whatever the base model's dtype; PEFT would save a bf16 model's adapter in bf16, and
 /// reads either.
 pub fn encode_weights(adapter: &LoraAdapter) -> Vec<u8> {
-    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    serialize_f32(&weight_tensors(adapter))
+}
+
+/// An f32 tensor ready to serialise: key, shape, little-endian bytes.
+pub(crate) type OwnedTensor = (String, Vec<usize>, Vec<u8>);
+
+/// The adapter's A and B under PEFT's key names.
+pub(crate) fn weight_tensors(adapter: &LoraAdapter) -> Vec<OwnedTensor> {
+    let mut owned = Vec::new();
     for (name, m) in adapter.modules() {
         for (is_a, t) in [(true, &m.a), (false, &m.b)] {
-            let bytes = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
-            owned.push((tensor_key(name, is_a), t.shape().to_vec(), bytes));
+            owned.push((tensor_key(name, is_a), t.shape().to_vec(), f32_bytes(t)));
         }
     }
+    owned
+}
+
+/// A matrix's values as little-endian f32 bytes.
+pub(crate) fn f32_bytes(m: &Matrix) -> Vec<u8> {
+    m.data().iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Serialises f32 tensors as safetensors with metadata `{"format": "pt"}`.
+pub(crate) fn serialize_f32(owned: &[OwnedTensor]) -> Vec<u8> {
     let views: Vec<(String, TensorView<'_>)> = owned
         .iter()
         .map(|(k, shape, bytes)| {
@@ -67,8 +84,17 @@ pub fn encode_weights(adapter: &LoraAdapter) -> Vec<u8> {
 pub fn decode_weights(bytes: &[u8], config: AdapterConfig) -> Result<LoraAdapter, AdapterError> {
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Safetensors(e.to_string()))?;
+    decode_weight_tensors(st.iter(), config)
+}
+
+/// [`decode_weights`] over tensors already parsed (a file that holds other tensors too
+/// passes only the adapter's).
+pub(crate) fn decode_weight_tensors<'a>(
+    tensors: impl Iterator<Item = (&'a str, TensorView<'a>)>,
+    config: AdapterConfig,
+) -> Result<LoraAdapter, AdapterError> {
     let mut halves: BTreeMap<String, (Option<Matrix>, Option<Matrix>)> = BTreeMap::new();
-    for (key, view) in st.iter() {
+    for (key, view) in tensors {
         let (module, is_a) = parse_key(key)?;
         let target = module
             .rsplit('.')
@@ -125,7 +151,11 @@ fn parse_key(key: &str) -> Result<(&str, bool), AdapterError> {
     }
 }
 
-fn decode_floats(key: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, AdapterError> {
+pub(crate) fn decode_floats(
+    key: &str,
+    dtype: Dtype,
+    data: &[u8],
+) -> Result<Vec<f32>, AdapterError> {
     Ok(match dtype {
         Dtype::F32 => data
             .chunks_exact(4)
@@ -536,20 +566,20 @@ pub fn read_dir(dir: &Path) -> Result<LoraAdapter, AdapterError> {
     decode_weights(&bytes, config).map_err(|e| prefix_path(&weights_path, e))
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     let tmp = path.with_extension("partial");
     fs::write(&tmp, bytes).map_err(|source| io_error(&tmp, source))?;
     fs::rename(&tmp, path).map_err(|source| io_error(path, source))
 }
 
-fn io_error(path: &Path, source: std::io::Error) -> AdapterError {
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> AdapterError {
     AdapterError::Io {
         path: path.display().to_string(),
         source,
     }
 }
 
-fn prefix_path(path: &Path, e: AdapterError) -> AdapterError {
+pub(crate) fn prefix_path(path: &Path, e: AdapterError) -> AdapterError {
     match e {
         AdapterError::Safetensors(m) => {
             AdapterError::Safetensors(format!("{}: {m}", path.display()))

@@ -10,7 +10,7 @@ use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
 use crate::error::ConfigError;
 use crate::roster::{Roster, RosterEntry};
 use crate::secagg::spec::SecureAggregationSpec;
-use crate::strategy::{AggregationMode, StrategySpec};
+use crate::strategy::{AggregationMode, GlobalModel, StrategySpec};
 
 /// Architecture of a Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2), named as in
 /// Hugging Face `config.json`.
@@ -678,18 +678,12 @@ impl FederationPlan {
             ));
         }
         self.strategy.validate_for_plan(self)?;
-        if matches!(
-            self.strategy.mode,
-            AggregationMode::FedExLora | AggregationMode::Flora
-        ) {
+        if self.strategy.mode == AggregationMode::Flora {
             return Err(ConfigError::field(
                 "strategy.mode",
-                format!(
-                    "`{}` merges a dense correction into the base weights, which is not yet \
-                     supported by the participant runtime; choose ffa_lora, fedsvd, fedit, \
-                     hetlora, fedsa_lora or rolora",
-                    self.strategy.mode.name()
-                ),
+                "`flora` needs every participant's update on its own (it stacks them), which \
+                 the aggregator's coordinator, built on the weighted sum, does not collect; \
+                 choose ffa_lora, fedsvd, fedit, hetlora, fedsa_lora, rolora or fedex_lora",
             ));
         }
         if self.secure_aggregation.enabled {
@@ -738,6 +732,17 @@ impl FederationPlan {
             &self.lora_modules(),
             self.lora.a_seed,
         )
+    }
+
+    /// The round-0 global model: [`Self::initial_adapter`], with a zero dense correction per
+    /// adapted module under FedEx-LoRA (whose global model carries them every round).
+    pub fn initial_model(&self) -> GlobalModel {
+        let adapter = self.initial_adapter();
+        if self.strategy.mode == AggregationMode::FedExLora {
+            GlobalModel::with_zero_corrections(adapter)
+        } else {
+            GlobalModel::new(adapter)
+        }
     }
 
     /// Encodes the plan as JSON, the form it travels in on the wire.
@@ -830,10 +835,16 @@ mod tests {
         q.strategy.mode = AggregationMode::HetLora;
         let err = q.validate().unwrap_err().to_string();
         assert!(err.contains("strategy.hetlora"), "{err}");
+        // FedEx-LoRA runs (plain averaging, the default optimizer); FLoRA is refused.
         q.strategy.mode = AggregationMode::FedExLora;
+        q.strategy.fedprox.mu = 0.0;
+        q.validate().unwrap();
+        assert!(q.initial_model().has_corrections());
+        assert!(!p.initial_model().has_corrections());
+        q.strategy.mode = AggregationMode::Flora;
         let err = q.validate().unwrap_err().to_string();
         assert!(
-            err.contains("strategy.mode") && err.contains("not yet supported"),
+            err.contains("strategy.mode") && err.contains("flora"),
             "{err}"
         );
         q.strategy.mode = AggregationMode::FfaLora;

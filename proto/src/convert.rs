@@ -1,8 +1,7 @@
 //! Conversions between wire messages and fedcore types, in one place for both sides.
 
-use fedcore::LoraAdapter;
 use fedcore::round::RoundWork;
-use fedcore::strategy::TrainedFactors;
+use fedcore::strategy::{GlobalModel, TrainedFactors};
 use fedcore::update::{UpdateError, check_values, decode_f32_le, encode_f32_le};
 use thiserror::Error;
 
@@ -100,29 +99,26 @@ pub fn work_from_wire(
     })
 }
 
-/// Flattens an adapter (every A then B, canonical order) into its inline wire form.
-pub fn adapter_payload(adapter: &LoraAdapter, content_hash: &str) -> pb::AdapterPayload {
-    let manifest = adapter.full_manifest();
-    let values = adapter
-        .flatten(&manifest)
-        .expect("an adapter flattens by its own manifest");
-    let values_f32_le = encode_f32_le(&values);
+/// Flattens a global model (every A then B in canonical order, then FedEx-LoRA's dense
+/// corrections) into its inline wire form.
+pub fn adapter_payload(global: &GlobalModel, content_hash: &str) -> pb::AdapterPayload {
+    let values_f32_le = encode_f32_le(&global.flatten());
     pb::AdapterPayload {
-        layout_hash: manifest.hash_hex(),
+        layout_hash: global.manifest().hash_hex(),
         content_hash: content_hash.to_string(),
         values_bytes: values_f32_le.len() as u64,
         values_f32_le,
     }
 }
 
-/// Rebuilds an adapter from its wire form, using `template` (the plan's initial adapter) for
-/// names and shapes; checks the layout hash, every value, and the content hash.
+/// Rebuilds a global model from its wire form, using `template` (the plan's initial model)
+/// for names and shapes; checks the layout hash, every value, and the content hash.
 pub fn decode_adapter_payload(
     payload: Option<&pb::AdapterPayload>,
-    template: &LoraAdapter,
-) -> Result<LoraAdapter, PayloadError> {
+    template: &GlobalModel,
+) -> Result<GlobalModel, PayloadError> {
     let payload = payload.ok_or(PayloadError::Missing)?;
-    let manifest = template.full_manifest();
+    let manifest = template.manifest();
     if payload.layout_hash != manifest.hash_hex() {
         return Err(PayloadError::Layout {
             got: payload.layout_hash.clone(),
@@ -131,18 +127,18 @@ pub fn decode_adapter_payload(
     }
     let values = decode_f32_le(&payload.values_f32_le)?;
     check_values(&values, &manifest)?;
-    let mut adapter = template.clone();
-    adapter
-        .unflatten(&manifest, &values)
+    let mut global = template.clone();
+    global
+        .unflatten(&values)
         .expect("length and layout were checked");
-    let computed = adapter.content_hash();
+    let computed = global.content_hash();
     if computed != payload.content_hash {
         return Err(PayloadError::ContentHash {
             computed,
             announced: payload.content_hash.clone(),
         });
     }
-    Ok(adapter)
+    Ok(global)
 }
 
 #[cfg(test)]

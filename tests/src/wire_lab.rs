@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use fedclient::download::{DownloadOptions, Fetched, fetch_adapter};
+use fedcore::FederationPlan;
 use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadSecrets};
 use fedcore::secagg::participant::RoundRandomness;
-use fedcore::{FederationPlan, LoraAdapter};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::secure::{encode_words, message_to_wire, step_from_wire};
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
@@ -108,7 +108,7 @@ impl WireLab {
     /// Takes part with update `delta` (the upload layout's length) until the run finishes,
     /// or until killed mid-stream.
     pub async fn run(mut self, delta: Vec<f32>, num_samples: u64, behaviour: WireBehaviour) {
-        let template = self.plan.initial_adapter();
+        let template = self.plan.initial_model();
         let mut upload: Option<SecureUpload> = None;
         let mut seed = self.identity;
         loop {
@@ -131,7 +131,6 @@ impl WireLab {
                     let Fetched::Adapter(global) = fetched else {
                         continue;
                     };
-                    let global: LoraAdapter = global;
                     let secure = t.secure.expect("a secure federation");
                     seed[0] = seed[0].wrapping_add(1);
                     let (u, advert) = SecureUpload::open(

@@ -18,8 +18,8 @@ async fn a_broken_download_resumes_where_it_stopped() {
     let mut plan = test_plan(1, 1, 1, 60_000);
     // About 1.9M values (A and B): 7.5 MB, thirty 256 KiB chunks.
     widen(&mut plan, 24, 8);
-    let template = plan.initial_adapter();
-    let total = 4 * template.full_manifest().len() as u64;
+    let template = plan.initial_model();
+    let total = 4 * template.manifest().len() as u64;
     let mut config = aggregator_config(plan, dir.path());
     config.server.inline_adapter_max_bytes = 1024 * 1024;
     let server = fedaggregator::start(&config).await.unwrap();

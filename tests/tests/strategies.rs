@@ -13,7 +13,14 @@
 //!    within the bound; the final globals agree within the sum of the two rounds' bounds
 //!    (local training is plain SGD, which carries a start that differs by the quantisation
 //!    error into an update that differs by about as much);
-//! 3. the mode did what it says: which factors moved, HetLoRA's ranks, FedSA-LoRA's B.
+//! 3. the mode did what it says: which factors moved, HetLoRA's ranks, FedSA-LoRA's B,
+//!    FedEx-LoRA's dense corrections (written beside each round's adapter, and exact: the
+//!    global's effective update is the labs' weighted mean within the quantisation bound).
+//!
+//! FedEx-LoRA is compared on A, B and on each module's effective update
+//! `base_delta + (α/r)·B·A`, which its dense upload makes exact: `base_delta` alone absorbs
+//! the rounding of `B̄Ā`, so only the effective update is bounded by the upload's
+//! quantisation error.
 
 use std::sync::Arc;
 
@@ -21,9 +28,9 @@ use burn::prelude::Device;
 use fedclient::participant;
 use fedcore::aggregate::WeightedSum;
 use fedcore::strategy::{
-    AggregatedUpload, AggregationMode, GlobalModel, HetLoraSpec, ServerState, StrategySpec,
+    AggregatedUpload, AggregationMode, GlobalModel, HetLoraSpec, ServerState, StrategySpec, global,
 };
-use fedcore::{FederationPlan, LoraAdapter, Strategy};
+use fedcore::{FederationPlan, Strategy};
 use mekong_e2e::{
     Recorder, aggregator_config, corpus, participant_options, secure_test_plan, test_identity,
 };
@@ -33,7 +40,7 @@ const ROUNDS: u64 = 2;
 
 struct Run {
     /// Globals of rounds 0..=ROUNDS as written by the aggregator.
-    globals: Vec<LoraAdapter>,
+    globals: Vec<GlobalModel>,
     /// Per round: the quantisation bound (0 in plaintext).
     bounds: Vec<f64>,
     recorder: Arc<Recorder>,
@@ -69,6 +76,7 @@ async fn run(plan: &FederationPlan) -> Run {
         .unwrap();
     let recorder = Arc::new(Recorder::default());
     let mut labs = Vec::new();
+    let mut finals = Vec::new();
     for (i, code) in CODES.iter().enumerate() {
         let mut options = participant_options(&server.url(), &format!("lab-{code}"), code);
         options.identity = Some(Arc::new(test_identity(i as u8)));
@@ -83,13 +91,20 @@ async fn run(plan: &FederationPlan) -> Run {
     for lab in labs {
         let report = lab.await.unwrap().unwrap();
         assert_eq!(report.rounds.len(), ROUNDS as usize);
+        finals.push((report.final_adapter, report.final_base_delta));
     }
     server.finished().await;
     let status = server.status();
     assert_eq!(status.history.len(), ROUNDS as usize);
-    let globals = (0..=ROUNDS)
-        .map(|r| fedcore::peft::read_dir(&server.store().round_dir(r)).unwrap())
+    let globals: Vec<GlobalModel> = (0..=ROUNDS)
+        .map(|r| global::read_dir(&server.store().round_dir(r)).unwrap())
         .collect();
+    // Every lab received the last global, corrections included.
+    let last = globals.last().unwrap();
+    for (adapter, base_delta) in finals {
+        assert_eq!(&adapter, &last.adapter);
+        assert_eq!(&base_delta, &last.base_delta);
+    }
     let bounds = status
         .history
         .iter()
@@ -106,17 +121,16 @@ async fn run(plan: &FederationPlan) -> Run {
 /// The plaintext aggregation of `round`'s recorded uploads from `previous`.
 fn plaintext_aggregate(
     plan: &FederationPlan,
-    previous: &LoraAdapter,
+    previous: &GlobalModel,
     round: u64,
     recorder: &Recorder,
-) -> LoraAdapter {
+) -> GlobalModel {
     let strategy = Strategy::for_plan(plan.strategy.clone(), plan).unwrap();
     let state = ServerState {
         round: round - 1,
         ..Default::default()
     };
-    let global = GlobalModel::new(previous.clone());
-    let layout = strategy.upload_layout(&global, &state);
+    let layout = strategy.upload_layout(previous, &state);
     let mut sum = WeightedSum::new(layout.len());
     let uploads = recorder.round(round);
     assert_eq!(
@@ -129,29 +143,50 @@ fn plaintext_aggregate(
     }
     let upload = AggregatedUpload::from_weighted_sum(&sum).unwrap();
     strategy
-        .aggregate(&global, &state, &upload)
+        .aggregate(previous, &state, &upload)
         .unwrap()
         .global
-        .adapter
 }
 
 /// Largest deviation of `got` from `want`, in units of the allowed error: per value of A and
 /// B (`bound` each), or, for FedSVD (whose SVD re-factorisation is a post-processing of the
 /// sum), per value of `B·A`, where an error of `bound` per value of `B̄` (in the basis of the
 /// previous global's A, `basis`) moves `(B̄A)_ij` by at most `bound · Σ_k |A_kj|`.
+/// FedEx-LoRA: per value of A and B, and per value of the effective update, where an error
+/// of `bound` per value of the dense upload moves it by at most `(α/r)·bound`.
 fn deviation(
     mode: AggregationMode,
-    got: &LoraAdapter,
-    want: &LoraAdapter,
+    got: &GlobalModel,
+    want: &GlobalModel,
     bound: f64,
-    basis: &LoraAdapter,
+    basis: &GlobalModel,
 ) -> f64 {
     let mut worst = 0f64;
+    if mode == AggregationMode::FedExLora {
+        assert_eq!(
+            got.manifest(),
+            want.manifest(),
+            "FedEx globals carry corrections"
+        );
+        let scaling = got.adapter.config().scaling() as f64;
+        for (name, _) in got.adapter.modules() {
+            let (g, w) = (
+                got.effective_delta(name).unwrap(),
+                want.effective_delta(name).unwrap(),
+            );
+            for (x, y) in g.iter().zip(w.iter()) {
+                // f32 storage of the correction, relative to the update's size.
+                let allowed = scaling * bound + 1e-6 + 1e-6 * y.abs();
+                worst = worst.max((x - y).abs() / allowed);
+            }
+        }
+    }
     for (((name, g), (_, w)), (_, p)) in got
+        .adapter
         .modules()
         .iter()
-        .zip(want.modules())
-        .zip(basis.modules())
+        .zip(want.adapter.modules())
+        .zip(basis.adapter.modules())
     {
         if mode == AggregationMode::FedSvd {
             let (pg, pw) = (g.delta(1.0).unwrap(), w.delta(1.0).unwrap());
@@ -270,7 +305,12 @@ async fn check_mode(mode: AggregationMode) {
     );
 
     // 3. What the mode does.
-    let (g0, g1, g2) = (&secure.globals[0], &secure.globals[1], &secure.globals[2]);
+    let (g0, g1, g2) = (
+        &secure.globals[0].adapter,
+        &secure.globals[1].adapter,
+        &secure.globals[2].adapter,
+    );
+    let corrections = |r: usize| &secure.globals[r].base_delta;
     for ((name, m0), ((_, m1), (_, m2))) in g0
         .modules()
         .iter()
@@ -291,11 +331,23 @@ async fn check_mode(mode: AggregationMode) {
             AggregationMode::FedIt | AggregationMode::HetLora => {
                 assert!(da1 > 0.0 && db1 > 0.0 && da2 > 0.0 && db2 > 0.0, "{name}")
             }
+            // Both factors train, and the residual FedIT would lose is merged into the base:
+            // zero at the start, then a correction that changes every round.
+            AggregationMode::FedExLora => {
+                assert!(da1 > 0.0 && db1 > 0.0 && da2 > 0.0 && db2 > 0.0, "{name}");
+                let zero = fedcore::Matrix::zeros(m0.b.rows(), m0.a.cols());
+                assert_eq!(corrections(0)[name], zero, "{name}: round 0");
+                assert!(max_abs_change(&corrections(0)[name], &corrections(1)[name]) > 0.0);
+                assert!(max_abs_change(&corrections(1)[name], &corrections(2)[name]) > 0.0);
+            }
             // B is personal: the global B stays at its start, A is averaged.
             AggregationMode::FedSaLora => {
                 assert!(db1 == 0.0 && db2 == 0.0 && da1 > 0.0 && da2 > 0.0, "{name}")
             }
             _ => unreachable!(),
+        }
+        if mode != AggregationMode::FedExLora {
+            assert!(corrections(2).is_empty(), "{}: no corrections", mode.name());
         }
     }
     if mode == AggregationMode::HetLora {
@@ -341,4 +393,9 @@ async fn fedsa_lora_secure_equals_plaintext() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolora_secure_equals_plaintext() {
     check_mode(AggregationMode::RoLora).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedex_lora_secure_equals_plaintext() {
+    check_mode(AggregationMode::FedExLora).await;
 }

@@ -2,9 +2,9 @@
 //! layout, canonical Hugging Face module names): export after local training, load the
 //! global adapter at the start of each round.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-use fedcore::{LoraAdapter, TargetModule};
+use fedcore::{LoraAdapter, Matrix, TargetModule};
 
 use super::LoraLlama;
 use super::decoder::DecoderLayer;
@@ -137,6 +137,44 @@ impl LoraLlama {
             self.layers[layer]
                 .target_mut(target)
                 .load_lora(name, module)?;
+        }
+        Ok(self)
+    }
+
+    /// Sets the dense corrections merged into the base weights (FedEx-LoRA's
+    /// `GlobalModel::base_delta`, `[out, in]` per adapted module, already scaled): each
+    /// adapted module's effective base becomes `W₀ + D`. An empty map removes every
+    /// correction; a non-empty one must name exactly the adapted modules. Everything is
+    /// checked before anything is written; the checkpoint's own weights are never changed.
+    pub fn load_base_delta(
+        mut self,
+        base_delta: &BTreeMap<String, Matrix>,
+    ) -> Result<Self, ModelError> {
+        let adapted = self.adapted();
+        if base_delta.is_empty() {
+            for (name, layer, target) in &adapted {
+                self.layers[*layer]
+                    .target_mut(*target)
+                    .load_base_delta(name, None)?;
+            }
+            return Ok(self);
+        }
+        let expected: HashSet<&str> = adapted.iter().map(|(n, _, _)| n.as_str()).collect();
+        if let Some(extra) = base_delta.keys().find(|n| !expected.contains(n.as_str())) {
+            return Err(ModelError::UnexpectedModule(extra.clone()));
+        }
+        for (name, layer, target) in &adapted {
+            let delta = base_delta
+                .get(name)
+                .ok_or_else(|| ModelError::MissingModule(format!("{name} (base_delta)")))?;
+            self.layers[*layer]
+                .target(*target)
+                .check_base_delta(name, delta)?;
+        }
+        for (name, layer, target) in &adapted {
+            self.layers[*layer]
+                .target_mut(*target)
+                .load_base_delta(name, base_delta.get(name))?;
         }
         Ok(self)
     }

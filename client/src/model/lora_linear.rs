@@ -1,5 +1,8 @@
 //! A linear layer with an optional frozen bias and an optional LoRA branch:
-//! `y = x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W and b always frozen. By default A is
+//! `y = x·(W + D)ᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ`, with W, D and b always frozen. D is
+//! FedEx-LoRA's dense correction merged into the base weight by the server (absent
+//! otherwise); it is kept apart from W, so that each round's correction replaces the last
+//! one exactly instead of piling f32 roundings onto the checkpoint's weight. By default A is
 //! frozen and only B trains (FFA-LoRA); [`LoraLinear::set_lora_trainable`] chooses per
 //! round (RoLoRA trains A alone, FedIT, HetLoRA and FedSA-LoRA both).
 //!
@@ -24,6 +27,8 @@ pub struct LoraLinear {
     weight: Param<Tensor<2>>,
     /// Frozen base bias `[out]` (Qwen2's q/k/v projections; Llama with `attention_bias`).
     bias: Option<Param<Tensor<1>>>,
+    /// Frozen dense correction `Dᵀ`, `[in, out]`, added to `Wᵀ` (FedEx-LoRA).
+    base_delta: Option<Param<Tensor<2>>>,
     lora: Option<LoraBranch>,
 }
 
@@ -55,6 +60,7 @@ impl LoraLinear {
         LoraLinear {
             weight: Param::from_data(data, device).set_require_grad(false),
             bias: None,
+            base_delta: None,
             lora: None,
         }
     }
@@ -123,6 +129,41 @@ impl LoraLinear {
         Ok(())
     }
 
+    /// Sets (or, with `None`, removes) the frozen dense correction `D` `[out, in]` (Hugging
+    /// Face layout) added to the base weight; the error names the module.
+    pub(crate) fn load_base_delta(
+        &mut self,
+        name: &str,
+        delta: Option<&Matrix>,
+    ) -> Result<(), ModelError> {
+        self.base_delta = match delta {
+            None => None,
+            Some(d) => {
+                self.check_base_delta(name, d)?;
+                let (in_f, out_f) = self.dims();
+                let data = TensorData::new(transpose(d.data(), out_f, in_f), [in_f, out_f]);
+                let device = self.weight.lazy_device();
+                Some(Param::from_data(data, &device).set_require_grad(false))
+            }
+        };
+        Ok(())
+    }
+
+    /// Checks that a dense correction is `[out, in]` for this layer.
+    pub(crate) fn check_base_delta(&self, name: &str, delta: &Matrix) -> Result<(), ModelError> {
+        let (in_f, out_f) = self.dims();
+        if delta.shape() == [out_f, in_f] {
+            Ok(())
+        } else {
+            Err(ModelError::ModuleShape {
+                module: name.to_string(),
+                tensor: "base_delta",
+                expected: [out_f, in_f],
+                found: delta.shape(),
+            })
+        }
+    }
+
     /// Chooses which LoRA factors train (receive gradients) from now on; the base weight
     /// and bias never do. A layer without a LoRA branch is unchanged.
     pub(crate) fn set_lora_trainable(&mut self, a: bool, b: bool) {
@@ -159,13 +200,18 @@ impl LoraLinear {
             .map_err(|e| ModelError::backend("reading a base weight", e))
     }
 
-    /// `x·Wᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
+    /// `x·(W + D)ᵀ + b + (alpha/r)·(x·Aᵀ)·Bᵀ` over the last axis of `x`.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let bias = self.bias.as_ref().map(|b| b.val());
+        // Adding `Dᵀ` costs `in × out` per call, small beside the matmul's `tokens × in × out`.
+        let weight = match &self.base_delta {
+            None => self.weight.val(),
+            Some(d) => self.weight.val() + d.val(),
+        };
         match &self.lora {
-            None => linear(x, self.weight.val(), bias),
+            None => linear(x, weight, bias),
             Some(branch) => {
-                let base = linear(x.clone(), self.weight.val(), bias);
+                let base = linear(x.clone(), weight, bias);
                 let low_rank = linear(branch.dropout.forward(x), branch.a_t.val(), None)
                     .mul_scalar(branch.scaling);
                 base + linear(low_rank, branch.b_t.val(), None)
@@ -316,6 +362,48 @@ mod tests {
             .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("model.layers.0.mlp.up_proj.lora_B"), "{msg}");
+    }
+
+    #[test]
+    fn a_dense_correction_is_added_to_the_base_weight_and_replaced_not_accumulated() {
+        let device = Device::flex();
+        let x_host = WeightInit::new(4).uniform("x", 4, IN, 1.0);
+        let x = Tensor::<2>::from_data(TensorData::new(x_host.clone(), [4, IN]), &device);
+        let (l, w) = layer(&device);
+        let mut l = l.with_lora("m", &module(1.0), 0.5, 0.0, &device).unwrap();
+        let without = values(l.forward(x.clone()));
+        let d = Matrix::new(OUT, IN, WeightInit::new(5).uniform("d", OUT, IN, 0.3)).unwrap();
+        l.load_base_delta("m", Some(&d)).unwrap();
+        let got = values(l.forward(x.clone()));
+        let d64: Vec<f64> = d.data().iter().map(|&v| v as f64).collect();
+        let extra = matmul_t(&x_host, 4, &d64, OUT, IN);
+        for i in 0..got.len() {
+            let expected = without[i] as f64 + extra[i];
+            assert!((got[i] as f64 - expected).abs() < 1e-5, "element {i}");
+        }
+        assert!(
+            extra.iter().any(|v| v.abs() > 1e-2),
+            "the correction matters"
+        );
+        // Loading another correction replaces it; removing it restores the base exactly.
+        l.load_base_delta("m", Some(&Matrix::zeros(OUT, IN)))
+            .unwrap();
+        assert_eq!(values(l.forward(x.clone())), without);
+        l.load_base_delta("m", None).unwrap();
+        assert_eq!(values(l.forward(x)), without);
+        // The checkpoint's weight is untouched, and a misshapen correction is refused by name.
+        assert_eq!(l.read_base().unwrap().data(), &w[..]);
+        let err = l
+            .load_base_delta(
+                "model.layers.0.self_attn.q_proj",
+                Some(&Matrix::zeros(IN, OUT)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("q_proj.base_delta") && err.contains("[5, 6]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -86,6 +86,72 @@ fn adapter_round_trips_and_changes_the_output() {
     assert_ne!(before, after, "a non-zero B must change the logits");
 }
 
+/// A dense correction `D = (α/r)·B'·A` on the base computes what the adapter with `B'` does:
+/// the correction is applied to every adapted module, never trains, and an empty map takes
+/// it off again bit for bit.
+#[test]
+fn a_dense_correction_on_the_base_equals_the_same_update_as_lora() {
+    let device = Device::flex();
+    let p = plan(LoraSpec::default());
+    let model = LoraLlama::new(&p.model, &p.lora, &device).unwrap();
+    let trainable = model.trainable_params();
+    let ids: Vec<i64> = (0..12).map(|i| (i * 53 % 256) as i64).collect();
+    let plain = model.forward(tokens(&ids, &device)).into_data();
+
+    let zero_b = model.export_adapter();
+    let mut adapter = zero_b.clone();
+    for (i, (_, m)) in adapter.modules_mut().enumerate() {
+        for (j, v) in m.b.data_mut().iter_mut().enumerate() {
+            *v = ((i * 17 + j * 5) % 11) as f32 * 0.01 - 0.05;
+        }
+    }
+    let scaling = adapter.config().scaling();
+    let corrections: std::collections::BTreeMap<String, fedcore::Matrix> = adapter
+        .modules()
+        .iter()
+        .map(|(name, m)| (name.clone(), m.delta(scaling).unwrap()))
+        .collect();
+
+    let as_lora = model.load_adapter(&adapter).unwrap();
+    let want: Vec<f32> = as_lora
+        .forward(tokens(&ids, &device))
+        .into_data()
+        .try_into_vec_as()
+        .unwrap();
+    let model = as_lora
+        .load_adapter(&zero_b)
+        .unwrap()
+        .load_base_delta(&corrections)
+        .unwrap();
+    assert_eq!(
+        model.trainable_params(),
+        trainable,
+        "corrections never train"
+    );
+    let got: Vec<f32> = model
+        .forward(tokens(&ids, &device))
+        .into_data()
+        .try_into_vec_as()
+        .unwrap();
+    let plain_v: Vec<f32> = plain.clone().try_into_vec_as().unwrap();
+    assert!(
+        got.iter().zip(&plain_v).any(|(a, b)| (a - b).abs() > 1e-3),
+        "the correction changes the logits"
+    );
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() < 1e-4, "logit {i}: {g} vs {w}");
+    }
+    let model = model.load_base_delta(&Default::default()).unwrap();
+    assert_eq!(model.forward(tokens(&ids, &device)).into_data(), plain);
+
+    // A correction for a module the model does not adapt, or none for one it does, is
+    // refused by name before anything changes.
+    let mut missing = corrections.clone();
+    let (gone, _) = missing.pop_first().unwrap();
+    let err = model.load_base_delta(&missing).err().unwrap().to_string();
+    assert!(err.contains(&gone), "{err}");
+}
+
 #[test]
 fn load_adapter_names_the_missing_or_misshaped_module() {
     let device = Device::flex();

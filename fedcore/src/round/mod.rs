@@ -39,7 +39,6 @@ use secure::{Progress, SecureRound};
 pub use secure::{SecureMessage, SecureStep};
 pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets, rounding_seed};
 
-use crate::adapter::LoraAdapter;
 use crate::aggregate::{AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum};
 use crate::error::ConfigError;
 use crate::manifest::LayoutManifest;
@@ -205,7 +204,7 @@ pub enum Task<'a> {
     Wait(WaitReason),
     Train {
         round: u64,
-        global: &'a LoraAdapter,
+        global: &'a GlobalModel,
         global_hash: &'a str,
         /// What to train and upload this round.
         work: RoundWork<'a>,
@@ -223,7 +222,7 @@ pub enum Task<'a> {
     },
     Finished {
         rounds: u64,
-        global: &'a LoraAdapter,
+        global: &'a GlobalModel,
         global_hash: &'a str,
     },
 }
@@ -315,7 +314,8 @@ pub struct Coordinator {
     server_state: ServerState,
     /// The open (or next) round's upload layout.
     layout: UploadLayout,
-    global: LoraAdapter,
+    /// The global model: the adapter, with FedEx-LoRA's dense corrections.
+    global: GlobalModel,
     global_hash: String,
     /// name → member.
     members: BTreeMap<String, Member>,
@@ -339,9 +339,9 @@ impl Coordinator {
         plan.validate()?;
         let roster = plan.roster()?;
         let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
-        let global = plan.initial_adapter();
+        let global = plan.initial_model();
         let server_state = ServerState::default();
-        let layout = strategy.upload_layout(&GlobalModel::new(global.clone()), &server_state);
+        let layout = strategy.upload_layout(&global, &server_state);
         let global_hash = global.content_hash();
         Ok(Coordinator {
             plan,
@@ -369,12 +369,13 @@ impl Coordinator {
         &self.plan
     }
 
-    /// The current global adapter.
-    pub fn global(&self) -> &LoraAdapter {
+    /// The current global model (adapter, and FedEx-LoRA's dense corrections).
+    pub fn global(&self) -> &GlobalModel {
         &self.global
     }
 
-    /// Content hash of the current global adapter.
+    /// Content hash of the current global model ([`GlobalModel::content_hash`]: the
+    /// adapter's when it carries no corrections).
     pub fn global_hash(&self) -> &str {
         &self.global_hash
     }
@@ -925,7 +926,7 @@ impl Coordinator {
         };
         let decoded = sec.encoding.decode_sum(sum, survivors.len())?;
         let outcome = self.strategy.aggregate(
-            &GlobalModel::new(self.global.clone()),
+            &self.global,
             &self.server_state,
             &AggregatedUpload::from_decoded(&decoded),
         )?;
@@ -939,7 +940,7 @@ impl Coordinator {
             dropped: open.cohort.difference(&contributors).cloned().collect(),
             contributors: contributors.into_iter().collect(),
             total_samples: decoded.total_weight,
-            adapter_hash: outcome.global.adapter.content_hash(),
+            adapter_hash: outcome.global.content_hash(),
             mode: self.strategy.mode(),
             trained: self.strategy.trains(&self.server_state),
             secure: Some(SecureRecord {
@@ -972,7 +973,7 @@ impl Coordinator {
             .collect();
         self.layout = self
             .strategy
-            .upload_layout(&GlobalModel::new(self.global.clone()), &self.server_state);
+            .upload_layout(&self.global, &self.server_state);
         let deadline_ms = now_ms + self.plan.rounds.round_timeout_ms;
         let event = Event::RoundStarted {
             round,
@@ -1043,7 +1044,7 @@ impl Coordinator {
             return Ok(Vec::new());
         };
         let outcome = self.strategy.aggregate(
-            &GlobalModel::new(self.global.clone()),
+            &self.global,
             &self.server_state,
             &AggregatedUpload::from_weighted_sum(&open.sum)?,
         )?;
@@ -1052,7 +1053,7 @@ impl Coordinator {
             contributors: open.submitted.iter().cloned().collect(),
             dropped: open.cohort.difference(&open.submitted).cloned().collect(),
             total_samples: open.sum.total_weight(),
-            adapter_hash: outcome.global.adapter.content_hash(),
+            adapter_hash: outcome.global.content_hash(),
             mode: self.strategy.mode(),
             trained: self.strategy.trains(&self.server_state),
             secure: None,
@@ -1070,10 +1071,7 @@ impl Coordinator {
     ) -> Result<Vec<Event>, RoundError> {
         let round = record.round;
         self.global_hash = record.adapter_hash.clone();
-        // Dense corrections (FedEx-LoRA, FLoRA) are refused by plan validation until the
-        // participant runtime applies them, so the global is the adapter alone.
-        debug_assert!(outcome.global.base_delta.is_empty());
-        self.global = outcome.global.adapter;
+        self.global = outcome.global;
         self.server_state = outcome.state;
         self.history.push(record.clone());
         let mut events = vec![Event::RoundCompleted(record)];
@@ -1179,7 +1177,7 @@ mod tests {
             matches!(&events[0], Event::RoundCompleted(r) if r.round == 1 && r.total_samples == 3)
         );
         assert!(matches!(&events[1], Event::RoundStarted { round: 2, .. }));
-        let b = c.global().flatten(c.upload_manifest()).unwrap();
+        let b = c.global().adapter.flatten(c.upload_manifest()).unwrap();
         assert!(b.iter().all(|v| *v == 3.0));
         assert_eq!(c.history()[0].contributors, vec!["p0", "p1"]);
     }
@@ -1280,7 +1278,7 @@ mod tests {
             c.task("t2").unwrap(),
             Task::Finished { rounds: 1, .. }
         ));
-        let b = c.global().flatten(c.upload_manifest()).unwrap();
+        let b = c.global().adapter.flatten(c.upload_manifest()).unwrap();
         assert!(b.iter().all(|v| *v == 2.0));
         assert_eq!(
             c.submit("t0", &update(&c, 1, 1.0, 1), 0),
@@ -1314,13 +1312,13 @@ mod tests {
         let mut c = Coordinator::new(strategy_plan(2, 3, spec), [7; 32]).unwrap();
         c.join("t0".into(), "p0", "lo", 0).unwrap();
         c.join("t1".into(), "p1", "km", 0).unwrap();
-        let a0 = c.global().clone();
+        let a0 = c.global().adapter.clone();
         // Round 1 trains B: the layout is FFA-LoRA's B-only manifest.
         let Task::Train { work, .. } = c.task("t0").unwrap() else {
             panic!()
         };
         assert!(!work.trains.a && work.trains.b && work.rank == 8);
-        assert_eq!(c.upload_manifest(), &c.global().b_manifest());
+        assert_eq!(c.upload_manifest(), &c.global().adapter.b_manifest());
         submit_fill(&mut c, "t0", 1.0, 1);
         submit_fill(&mut c, "t1", 4.0, 2);
         // Round 2 trains A alone; B kept its mean update, A is untouched.
@@ -1329,7 +1327,7 @@ mod tests {
         };
         assert!(work.trains.a && !work.trains.b);
         assert_eq!(c.server_state().round, 1);
-        for ((_, m), (_, m0)) in c.global().modules().iter().zip(a0.modules()) {
+        for ((_, m), (_, m0)) in c.global().adapter.modules().iter().zip(a0.modules()) {
             assert!(m.b.data().iter().all(|v| *v == 3.0));
             assert_eq!(m.a, m0.a);
         }
@@ -1345,12 +1343,12 @@ mod tests {
         assert_eq!(c.status().updates_received, 0);
         submit_fill(&mut c, "t0", 0.5, 1);
         submit_fill(&mut c, "t1", 0.5, 1);
-        for ((_, m), (_, m0)) in c.global().modules().iter().zip(a0.modules()) {
+        for ((_, m), (_, m0)) in c.global().adapter.modules().iter().zip(a0.modules()) {
             for (a, a0) in m.a.data().iter().zip(m0.a.data()) {
                 assert_eq!(*a, (*a0 as f64 + 0.5) as f32);
             }
         }
-        assert_eq!(c.upload_manifest(), &c.global().b_manifest());
+        assert_eq!(c.upload_manifest(), &c.global().adapter.b_manifest());
     }
 
     #[test]
@@ -1369,7 +1367,7 @@ mod tests {
         // m = 0.1·Δ, v = 0.99·τ² + 0.01·Δ²: x = η·m/(√v + τ).
         let (m, v) = (0.1, 0.99 * 1e-6 + 0.01);
         let expected = (0.1 * m / (f64::sqrt(v) + 1e-3)) as f32;
-        let b = c.global().flatten(c.upload_manifest()).unwrap();
+        let b = c.global().adapter.flatten(c.upload_manifest()).unwrap();
         assert!(
             b.iter().all(|x| (*x - expected).abs() < 1e-6),
             "{} vs {expected}",

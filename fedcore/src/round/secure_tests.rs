@@ -6,6 +6,7 @@ use rand_chacha::ChaCha8Rng;
 use zeroize::Zeroizing;
 
 use super::*;
+use crate::adapter::LoraAdapter;
 use crate::plan::{LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
 use crate::roster::RosterEntry;
 use crate::secagg::crypto::Identity;
@@ -205,7 +206,7 @@ fn expected_b(
 }
 
 fn assert_close(c: &Coordinator, expected: &[f64], bound: f64) {
-    let got = c.global().flatten(c.upload_manifest()).unwrap();
+    let got = c.global().adapter.flatten(c.upload_manifest()).unwrap();
     for (k, (g, e)) in got.iter().zip(expected).enumerate() {
         // f32 rounding of the stored adapter on top of the quantisation bound.
         assert!(
@@ -226,7 +227,7 @@ pub(super) fn completed(events: &[Event]) -> Option<&RoundRecord> {
 fn honest_secure_round_gives_the_weighted_mean_within_the_bound() {
     let mut c = Coordinator::new(secure_plan(4, None, 2), [3; 32]).unwrap();
     let mut labs = labs(&mut c, 4, 1);
-    let before = c.global().clone();
+    let before = c.global().adapter.clone();
     let events = drive(&mut c, &mut labs, 10);
     let record = completed(&events).expect("round 1 completes").clone();
     assert_eq!(record.contributors, vec!["lab0", "lab1", "lab2", "lab3"]);
@@ -262,7 +263,7 @@ fn dropouts_during_key_sharing_and_masked_input_leave_the_survivors_mean() {
     let mut labs = labs(&mut c, 5, 2);
     labs[3].silent_from = Some(S::ShareKeys);
     labs[1].silent_from = Some(S::MaskedInput);
-    let before = c.global().clone();
+    let before = c.global().adapter.clone();
     let mut events = drive(&mut c, &mut labs, 10);
     assert!(completed(&events).is_none());
     // Lab 3 never shares keys: the stage closes at its deadline without it.
@@ -360,7 +361,7 @@ fn a_broken_masked_stream_is_taken_back_before_the_sum_is_used() {
     let mut c = Coordinator::new(secure_plan(4, None, 1), [6; 32]).unwrap();
     let mut labs = labs(&mut c, 4, 4);
     labs[2].silent_from = Some(S::MaskedInput);
-    let before = c.global().clone();
+    let before = c.global().adapter.clone();
     let mut events = drive(&mut c, &mut labs, 10);
     // Lab 2 starts streaming, then its connection dies after one chunk.
     let Task::Secure {
@@ -517,7 +518,7 @@ fn sparse_neighbourhood_rounds_give_the_survivors_mean() {
     let mut c = Coordinator::new(plan, [10; 32]).unwrap();
     let mut labs = labs(&mut c, 7, 7);
     labs[5].silent_from = Some(S::MaskedInput);
-    let before = c.global().clone();
+    let before = c.global().adapter.clone();
     let mut events = drive(&mut c, &mut labs, 10);
     let deadline = c.next_deadline().unwrap();
     events.extend(c.tick(deadline).unwrap());

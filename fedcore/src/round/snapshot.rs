@@ -46,7 +46,6 @@ use thiserror::Error;
 
 use super::secure::SecureRound;
 use super::{Control, Coordinator, Member, OpenRound, RoundRecord, State};
-use crate::adapter::LoraAdapter;
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
 use crate::plan::FederationPlan;
@@ -162,7 +161,7 @@ pub struct Saved<'a> {
     /// [`Coordinator::encode_server_state`].
     pub server_state: &'a [u8],
     /// [`Coordinator::global`] when the state was saved.
-    pub global: LoraAdapter,
+    pub global: GlobalModel,
     /// [`Coordinator::history`] when the state was saved, oldest first.
     pub history: Vec<RoundRecord>,
     pub sum: Option<SavedSum>,
@@ -336,17 +335,22 @@ impl Coordinator {
             });
         }
         let mut c = Coordinator::new(plan, snap.session)?;
-        if saved.global.config() != c.global.config() {
+        if saved.global.adapter.config() != c.global.adapter.config() {
             return Err(SnapshotError::Inconsistent(
                 "the saved global adapter's LoRA configuration differs from the plan's".into(),
+            ));
+        }
+        if saved.global.manifest() != c.global.manifest() {
+            return Err(SnapshotError::Inconsistent(
+                "the saved global model's layout (modules, shapes, dense corrections) differs \
+                 from the plan's"
+                    .into(),
             ));
         }
         c.global = saved.global;
         c.global_hash = snap.global_hash;
         c.server_state = server_state;
-        c.layout = c
-            .strategy
-            .upload_layout(&GlobalModel::new(c.global.clone()), &c.server_state);
+        c.layout = c.strategy.upload_layout(&c.global, &c.server_state);
         for (name, language) in snap.members {
             if !c.roster.is_empty() && c.roster.index_of(&name).is_none() {
                 return Err(SnapshotError::Inconsistent(format!(

@@ -14,7 +14,7 @@ struct Disk {
     plan: FederationPlan,
     state: Vec<u8>,
     server_state: Vec<u8>,
-    global: LoraAdapter,
+    global: GlobalModel,
     history: Vec<RoundRecord>,
     sum: Option<SavedSum>,
 }
@@ -332,6 +332,7 @@ fn foreign_or_inconsistent_saves_are_refused_and_name_the_problem() {
     let mut wrong_global = save(&c);
     wrong_global
         .global
+        .adapter
         .modules_mut()
         .next()
         .unwrap()

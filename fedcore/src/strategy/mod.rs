@@ -36,6 +36,7 @@ pub mod config;
 pub mod fedex;
 pub mod fedsvd;
 pub mod flora;
+pub mod global;
 pub mod hetlora;
 pub mod layout;
 pub mod linalg;
@@ -52,13 +53,14 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::adapter::{LoraAdapter, Matrix, ModuleShape};
+use crate::adapter::{LoraAdapter, ModuleShape};
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
 use crate::manifest::{LayoutManifest, TensorSlot};
 use crate::plan::{FederationPlan, LoraSpec};
 
 pub use config::{AggregationMode, FedExSpec, HetLoraSpec, StrategySpec};
+pub use global::GlobalModel;
 pub use layout::{AggregatedUpload, SlotKind, UploadLayout, UploadParts, participant_upload};
 pub use linalg::LinalgError;
 pub use optimizer::{
@@ -94,41 +96,6 @@ pub enum StrategyError {
     Linalg(#[from] LinalgError),
     #[error(transparent)]
     Optimizer(#[from] OptimizerError),
-}
-
-/// The global model a strategy maintains.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GlobalModel {
-    /// The global LoRA adapter (at the global rank).
-    pub adapter: LoraAdapter,
-    /// Dense corrections merged into the base weights, already scaled by `α/r`, by module
-    /// name: a module's effective weight is `W₀ + base_delta + (α/r)·B·A`. Empty except
-    /// under FedEx-LoRA and FLoRA; participants add it to their base before training.
-    pub base_delta: BTreeMap<String, Matrix>,
-}
-
-impl GlobalModel {
-    /// A global with no merged corrections.
-    pub fn new(adapter: LoraAdapter) -> Self {
-        GlobalModel {
-            adapter,
-            base_delta: BTreeMap::new(),
-        }
-    }
-
-    /// The module's whole update on top of `W₀`: `base_delta + (α/r)·B·A`, in f64.
-    pub fn effective_delta(&self, module: &str) -> Result<Array2<f64>, StrategyError> {
-        let m = self
-            .adapter
-            .module(module)
-            .ok_or_else(|| StrategyError::Shape(format!("no module {module}")))?;
-        let scaling = self.adapter.config().scaling() as f64;
-        let mut d = linalg::product(&linalg::to_array(&m.b), &linalg::to_array(&m.a))? * scaling;
-        if let Some(base) = self.base_delta.get(module) {
-            d += &linalg::to_array(base);
-        }
-        Ok(d)
-    }
 }
 
 /// Server-side state across rounds, serialisable so an aggregator can persist it.

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::linalg::{frobenius_sq, product, refactorise_low_rank, to_array};
 use super::*;
-use crate::adapter::{AdapterConfig, LoraModule, TargetModule};
+use crate::adapter::{AdapterConfig, LoraModule, Matrix, TargetModule};
 use crate::aggregate::{WeightedSum, ffa_fedavg};
 
 fn lora(rank: usize) -> LoraSpec {
