@@ -12,6 +12,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use sha2::{Digest, Sha256};
+
 use crate::spool::Spool;
 
 /// Which attempt's masked input, from whom (the participant's secret id).
@@ -23,14 +25,28 @@ pub(crate) struct MaskedKey {
 }
 
 /// One participant's folded but uncommitted masked input.
+#[derive(Default)]
 pub(crate) struct Held {
     /// Its index in the attempt (known once a chunk was folded).
     pub index: Option<fedcore::secagg::messages::Index>,
     /// The undo logs of its streams, in order.
     pub spools: Vec<Spool>,
+    /// SHA-256 of every word folded so far, in order, across its streams: checked against
+    /// the participant's whole-vector hash on the last chunk.
+    pub hasher: Sha256,
 }
 
 impl Held {
+    /// Records words that were folded and logged.
+    pub fn hash(&mut self, words_le: &[u8]) {
+        self.hasher.update(words_le);
+    }
+
+    /// The hash of everything folded so far.
+    pub fn digest(&self) -> [u8; 32] {
+        self.hasher.clone().finalize().into()
+    }
+
     /// Words folded over all its streams.
     pub fn words(&self) -> usize {
         self.spools.iter().map(Spool::len).sum()

@@ -833,10 +833,7 @@ async fn receive_masked(
     };
     let spool = Spool::new(&shared.spool_dir)
         .map_err(|e| Status::unavailable(format!("aggregator cannot spool masked input: {e}")))?;
-    let mut held = shared.held.take(&key).unwrap_or(Held {
-        index: None,
-        spools: Vec::new(),
-    });
+    let mut held = shared.held.take(&key).unwrap_or_default();
     held.spools.push(spool);
     let outcome = fold_stream(&shared, &key, first, &mut stream, stage_deadline, &mut held).await;
     match outcome {
@@ -965,7 +962,28 @@ async fn fold_stream(
                 "aggregator cannot spool masked input: {e}"
             )));
         }
+        held.hash(&chunk.words_u32_le);
         if chunk.last {
+            let got = held.digest();
+            if got[..] != chunk.vector_sha256[..] {
+                // Every chunk matched its own hash, so the vector was assembled wrongly
+                // (or the participant hashed something else): none of it can stay.
+                let spools = std::mem::take(&mut held.spools);
+                *held = Held::default();
+                retract(shared, key, folded, spools);
+                return Err(Status::data_loss(if chunk.vector_sha256.is_empty() {
+                    "the last masked chunk carries no whole-vector SHA-256; the input was taken \
+                     back out of the sum: send it again from word 0"
+                        .to_string()
+                } else {
+                    format!(
+                        "the masked vector's SHA-256 is {}, the participant's {}; the input was \
+                         taken back out of the sum: send it again from word 0",
+                        hex::encode(got),
+                        hex::encode(&chunk.vector_sha256)
+                    )
+                }));
+            }
             let mut c = shared.lock();
             let events = c
                 .masked_commit(&key.token, key.round, key.attempt, shared.now_ms())

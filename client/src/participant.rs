@@ -1011,6 +1011,7 @@ async fn send_masked(
     observer: &Arc<dyn ParticipantObserver>,
 ) -> Result<bool, ParticipantError> {
     // Shared by the streams that send it (a resumed one starts further in), not copied.
+    let vector_sha256 = vector_sha256(&words);
     let words = Arc::new(words);
     let mut start = 0usize;
     let mut backoff = Duration::from_millis(200);
@@ -1023,6 +1024,7 @@ async fn send_masked(
                 round,
                 attempt,
                 words: words.clone(),
+                vector_sha256,
             },
             start,
             observer.clone(),
@@ -1103,6 +1105,17 @@ struct MaskedUpload {
     round: u64,
     attempt: u32,
     words: Arc<Vec<u32>>,
+    /// SHA-256 of the whole vector, sent on the last chunk.
+    vector_sha256: [u8; 32],
+}
+
+/// SHA-256 of a masked vector's little-endian bytes, without encoding it whole.
+fn vector_sha256(words: &[u32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for chunk in words.chunks(MASKED_CHUNK_WORDS) {
+        h.update(encode_words(chunk));
+    }
+    h.finalize().into()
 }
 
 /// Largest plaintext update sent as one `SubmitUpdate` message (4 MiB); larger ones go
@@ -1159,6 +1172,11 @@ fn upload_reporter(
             sha256: Sha256::digest(&words_u32_le).to_vec(),
             words_u32_le,
             last: to == len,
+            vector_sha256: if to == len {
+                upload.vector_sha256.to_vec()
+            } else {
+                Vec::new()
+            },
         }
     }))
 }

@@ -23,6 +23,10 @@ pub enum WireBehaviour {
     Honest,
     /// Sends the first chunk of its masked update, then its connection dies.
     KilledMidStream,
+    /// Streams its whole masked update with every chunk's own SHA-256 right but a wrong
+    /// whole-vector SHA-256, checks that the aggregator refuses it with DATA_LOSS and holds
+    /// nothing of it, then sends it again honestly.
+    WrongVectorHashOnce,
 }
 
 /// Words per masked chunk sent by a wire lab.
@@ -176,6 +180,9 @@ impl WireLab {
                         Reply::Message(m) => self.send(step.round, step.attempt, m).await,
                         Reply::Masked(m) => {
                             let killed = behaviour == WireBehaviour::KilledMidStream;
+                            if behaviour == WireBehaviour::WrongVectorHashOnce {
+                                self.refused_whole(step.round, step.attempt, &m.words).await;
+                            }
                             self.stream(step.round, step.attempt, &m.words, killed)
                                 .await;
                             if killed {
@@ -188,6 +195,55 @@ impl WireLab {
                 pb::fetch_task_response::Task::Wait(_) => unreachable!("filtered"),
             }
         }
+    }
+
+    /// Streams `words` with a whole-vector hash of something else: the aggregator must
+    /// refuse the vector with DATA_LOSS and take every folded word back out.
+    async fn refused_whole(&mut self, round: u64, attempt: u32, words: &[u32]) {
+        let count = words.len().div_ceil(WIRE_CHUNK_WORDS);
+        let chunks: Vec<pb::MaskedChunk> = words
+            .chunks(WIRE_CHUNK_WORDS)
+            .enumerate()
+            .map(|(k, c)| {
+                let words_u32_le = encode_words(c);
+                pb::MaskedChunk {
+                    participant_id: self.id.clone(),
+                    round,
+                    attempt,
+                    offset: (k * WIRE_CHUNK_WORDS) as u64,
+                    sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
+                    words_u32_le,
+                    last: k + 1 == count,
+                    vector_sha256: if k + 1 == count {
+                        sha2::Sha256::digest(b"not this vector").to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        let status = self
+            .client
+            .submit_masked(tokio_stream::iter(chunks))
+            .await
+            .expect_err("a wrong whole-vector hash is refused");
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status}");
+        assert!(status.message().contains("from word 0"), "{status}");
+        let held = self
+            .client
+            .masked_received(pb::MaskedReceivedRequest {
+                participant_id: self.id.clone(),
+                round,
+                attempt,
+            })
+            .await
+            .expect("MaskedReceived")
+            .into_inner();
+        assert_eq!(
+            (held.words_received, held.committed),
+            (0, false),
+            "nothing of a refused vector stays in the sum"
+        );
     }
 
     async fn stream(&mut self, round: u64, attempt: u32, words: &[u32], die_after_first: bool) {
@@ -210,6 +266,11 @@ impl WireLab {
                 sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
                 words_u32_le,
                 last: last && !die_after_first,
+                vector_sha256: if last {
+                    sha2::Sha256::digest(encode_words(words)).to_vec()
+                } else {
+                    Vec::new()
+                },
             };
             if tx.send(chunk).await.is_err() {
                 break;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use burn::prelude::Device;
 use fedclient::participant;
 use mekong_e2e::capture::{Cut, cutting_proxy};
+use mekong_e2e::wire_lab::{WireBehaviour, WireLab};
 use mekong_e2e::{
     Recorder, aggregator_config, corpus, participant_options, secure_test_plan, test_identity,
     widen,
@@ -72,4 +73,67 @@ async fn a_broken_masked_upload_resumes_without_resending_finished_chunks() {
         "{up} bytes sent for a {vector_bytes}-byte masked update"
     );
     assert!(up < cut_after + vector_bytes, "{up}");
+}
+
+/// A masked vector whose chunks each pass their own SHA-256 but whose whole-vector SHA-256
+/// does not match is refused as a whole: the aggregator takes every folded word back out of
+/// the sum (`MaskedReceived` then says 0), and the lab's honest resend makes the round's
+/// sum exactly the three labs' weighted mean again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vector_whose_whole_hash_differs_is_taken_back_and_sent_again() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["lab-lo", "lab-km", "lab-th"];
+    let identities: Vec<_> = (0..3).map(test_identity).collect();
+    let roster: Vec<(&str, _)> = names.iter().copied().zip(&identities).collect();
+    let plan = secure_test_plan(&roster, 1, 120_000, 30_000);
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+    let len = plan.initial_adapter().b_manifest().len();
+    let deltas = [0.01f32, -0.02, 0.04];
+    let samples = [100u64, 200, 300];
+    let mut labs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let lab = WireLab::join(&server.url(), plan.clone(), name, *identities[i].bytes()).await;
+        let behaviour = if i == 1 {
+            WireBehaviour::WrongVectorHashOnce
+        } else {
+            WireBehaviour::Honest
+        };
+        labs.push(tokio::spawn(lab.run(
+            vec![deltas[i]; len],
+            samples[i],
+            behaviour,
+        )));
+    }
+    for lab in labs {
+        lab.await.unwrap();
+    }
+    server.finished().await;
+    let record = server.status().history[0].clone();
+    assert_eq!(record.contributors, vec!["lab-km", "lab-lo", "lab-th"]);
+    let bound = record.secure.as_ref().unwrap().error_bound;
+    let template = plan.initial_adapter();
+    let layout = template.b_manifest();
+    let start = template.flatten(&layout).unwrap();
+    let written = fedcore::peft::read_dir(&server.store().round_dir(1)).unwrap();
+    let got = written.flatten(&layout).unwrap();
+    let mean: f64 = deltas
+        .iter()
+        .zip(samples)
+        .map(|(d, n)| *d as f64 * n as f64)
+        .sum::<f64>()
+        / samples.iter().sum::<u64>() as f64;
+    for (k, (g, s)) in got.iter().zip(&start).enumerate() {
+        let expected = *s as f64 + mean;
+        assert!(
+            (*g as f64 - expected).abs() <= bound + 1e-6,
+            "value {k}: {g} vs {expected} (bound {bound}): the refused vector left a trace"
+        );
+    }
+    server.shutdown().await.unwrap();
 }
