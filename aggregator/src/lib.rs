@@ -24,6 +24,7 @@ pub mod control;
 pub mod db;
 pub mod download;
 mod held;
+mod partial_update;
 pub mod provision;
 pub mod server;
 pub mod service;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::download::AdapterCache;
 use crate::held::{Held, HeldInputs, MaskedKey};
+use crate::partial_update::{PartialUpdate, PartialUpdates};
 use crate::spool::Spool;
 use crate::status_map::status_for;
 use crate::store::AdapterStore;
@@ -51,6 +52,8 @@ pub struct Shared {
     masked_slots: tokio::sync::Semaphore,
     /// Masked inputs whose stream broke, held for their participants to resume.
     held: HeldInputs,
+    /// Plaintext update streams that broke, held for their participants to resume.
+    partial_updates: PartialUpdates,
     started: Instant,
     /// Bumped after every state change; long-polls wait on it.
     changes: watch::Sender<u64>,
@@ -133,6 +136,7 @@ impl Shared {
             spool_dir: store.dir().join(".spool"),
             masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
             held: HeldInputs::default(),
+            partial_updates: PartialUpdates::default(),
             store,
             started: Instant::now(),
             changes,
@@ -583,58 +587,93 @@ impl Federation for FederationService {
             .header
             .clone()
             .ok_or_else(|| Status::invalid_argument("the first update chunk carries no header"))?;
+        header.payload = None;
         // What the round's layout can hold bounds what is buffered.
-        let limit = {
+        let (limit, open_round) = {
             let c = self.shared.lock();
             check_owner(&c, &header.participant_id, certified.as_deref())?;
-            4 * c.upload_manifest().len()
+            self.shared.seen(&c, &header.participant_id);
+            (4 * c.upload_manifest().len(), c.status().round)
         };
-        let mut values = Vec::new();
-        let mut chunk = first;
-        loop {
-            if chunk.offset != values.len() as u64 {
-                return Err(Status::invalid_argument(format!(
-                    "update chunk at byte {}, but {} bytes were received",
-                    chunk.offset,
-                    values.len()
-                )));
+        let partials = &self.shared.partial_updates;
+        partials.keep_round(open_round);
+        let token = header.participant_id.clone();
+        let mut partial = match partials.take(&token) {
+            Some(p) if p.same_update(&header) && p.values.len() as u64 == first.offset => p,
+            held => {
+                let held_bytes = held
+                    .as_ref()
+                    .filter(|p| p.same_update(&header))
+                    .map_or(0, |p| p.values.len());
+                if first.offset != 0 {
+                    if let Some(p) = held {
+                        partials.hold(token, p);
+                    }
+                    return Err(Status::invalid_argument(format!(
+                        "the update stream resumes at byte {}, but the aggregator holds {held_bytes} \
+                         bytes of this update (ask UpdateReceived)",
+                        first.offset
+                    )));
+                }
+                // A fresh start replaces whatever was held.
+                PartialUpdate::new(header.clone())
             }
-            if Sha256::digest(&chunk.values_f32_le)[..] != chunk.sha256[..] {
-                return Err(Status::data_loss(format!(
-                    "update chunk at byte {} failed its SHA-256 check",
-                    chunk.offset
-                )));
+        };
+        let received = receive_update(&mut stream, first, limit, &mut partial).await;
+        match received {
+            Ok(values_sha256) => {
+                if partial.digest()[..] != values_sha256[..] {
+                    return Err(Status::data_loss(format!(
+                        "the update's SHA-256 is {}, the participant's {}; nothing of it was \
+                         kept: send it again from byte 0",
+                        hex::encode(partial.digest()),
+                        hex::encode(&values_sha256)
+                    )));
+                }
+                header.payload = Some(pb::submit_update_request::Payload::Plaintext(
+                    pb::PlaintextUpdate {
+                        values_f32_le: partial.values,
+                    },
+                ));
+                self.accept_update(certified, header)
             }
-            if values.len() + chunk.values_f32_le.len() > limit {
-                return Err(Status::invalid_argument(format!(
-                    "the update stream carries more than the {limit} bytes of this round's upload layout"
-                )));
+            Err(status) => {
+                if !partial.values.is_empty() {
+                    warn!(participant = %participant_name(&self.shared.lock(), &token), round = header.round, bytes = partial.values.len(), %status, "update stream broke; what it carried is held for it to resume");
+                }
+                partials.hold(token, partial);
+                Err(status)
             }
-            values.extend_from_slice(&chunk.values_f32_le);
-            if chunk.last {
-                break;
-            }
-            chunk = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
-                .await
-                .map_err(|_| {
-                    Status::deadline_exceeded(format!(
-                        "the update stream stalled after {} bytes",
-                        values.len()
-                    ))
-                })??
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "update stream ended after {} bytes without its last chunk",
-                        values.len()
-                    ))
-                })?;
         }
-        header.payload = Some(pb::submit_update_request::Payload::Plaintext(
-            pb::PlaintextUpdate {
-                values_f32_le: values,
-            },
-        ));
-        self.accept_update(certified, header)
+    }
+
+    async fn update_received(
+        &self,
+        request: Request<pb::UpdateReceivedRequest>,
+    ) -> Result<Response<pb::UpdateReceivedResponse>, Status> {
+        let certified = self.certified(&request)?;
+        let req = request.into_inner();
+        let c = self.shared.lock();
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
+        self.shared.seen(&c, &req.participant_id);
+        let open = c.status().round;
+        let accepted = match c.task(&req.participant_id).map_err(|e| status_for(&e))? {
+            Task::Wait(WaitReason::Submitted { round }) => round == req.round,
+            _ if req.round != open => {
+                return Err(Status::failed_precondition(format!(
+                    "round {} is not open (round {open} is)",
+                    req.round
+                )));
+            }
+            _ => false,
+        };
+        Ok(Response::new(pb::UpdateReceivedResponse {
+            bytes_received: self
+                .shared
+                .partial_updates
+                .held_bytes(&req.participant_id, req.round) as u64,
+            accepted,
+        }))
     }
 
     async fn secure_aggregate(
@@ -853,6 +892,57 @@ async fn receive_masked(
             }
             Err(status)
         }
+    }
+}
+
+/// Reads an update stream's chunks into `partial`, each checked against its SHA-256 and
+/// its offset, until the last one; returns the whole-update SHA-256 the last chunk carries.
+/// On an error, `partial` holds every chunk that passed its checks.
+async fn receive_update(
+    stream: &mut Streaming<pb::UpdateChunk>,
+    first: pb::UpdateChunk,
+    limit: usize,
+    partial: &mut PartialUpdate,
+) -> Result<Vec<u8>, Status> {
+    let mut chunk = first;
+    loop {
+        if chunk.offset != partial.values.len() as u64 {
+            return Err(Status::invalid_argument(format!(
+                "update chunk at byte {}, but {} bytes were received",
+                chunk.offset,
+                partial.values.len()
+            )));
+        }
+        if Sha256::digest(&chunk.values_f32_le)[..] != chunk.sha256[..] {
+            return Err(Status::data_loss(format!(
+                "update chunk at byte {} failed its SHA-256 check; resume from byte {}",
+                chunk.offset,
+                partial.values.len()
+            )));
+        }
+        if partial.values.len() + chunk.values_f32_le.len() > limit {
+            return Err(Status::invalid_argument(format!(
+                "the update stream carries more than the {limit} bytes of this round's upload layout"
+            )));
+        }
+        partial.extend(&chunk.values_f32_le);
+        if chunk.last {
+            return Ok(chunk.values_sha256);
+        }
+        chunk = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "the update stream stalled after {} bytes",
+                    partial.values.len()
+                ))
+            })??
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "update stream ended after {} bytes without its last chunk",
+                    partial.values.len()
+                ))
+            })?;
     }
 }
 

@@ -88,6 +88,10 @@ pub enum ParticipantError {
         "round {round}: the aggregator says it holds {held} words of this lab's masked update, which has {len}"
     )]
     MaskedResume { round: u64, held: u64, len: usize },
+    #[error(
+        "round {round}: the aggregator says it holds {held} bytes of this lab's {len}-byte update, which is not where a stream can resume"
+    )]
+    UpdateResume { round: u64, held: u64, len: u64 },
     #[error("the aggregator sent an empty answer to {0}")]
     EmptyAnswer(&'static str),
     #[error("model: {0}")]
@@ -1122,27 +1126,122 @@ fn vector_sha256(words: &[u32]) -> [u8; 32] {
 /// through `SubmitUpdateStream` in 1 MiB chunks, so no message grows with the adapter.
 const PLAINTEXT_ONE_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// A plaintext update as `SubmitUpdateStream` chunks: the request without its payload on
-/// the first, then the values in 1 MiB pieces, each with its SHA-256.
-fn plaintext_chunks(mut request: pb::SubmitUpdateRequest) -> Vec<pb::UpdateChunk> {
-    let values = match request.payload.take() {
-        Some(pb::submit_update_request::Payload::Plaintext(p)) => p.values_f32_le,
-        None => Vec::new(),
+/// A plaintext update as `SubmitUpdateStream` chunks from byte `start` on: the request
+/// without its payload on the first (a resumed stream names its update again), then the
+/// values in 1 MiB pieces, each with its SHA-256, and the whole update's SHA-256 on the last.
+fn plaintext_chunks(
+    request: &pb::SubmitUpdateRequest,
+    values: &[u8],
+    start: usize,
+    values_sha256: &[u8],
+) -> Vec<pb::UpdateChunk> {
+    let mut header = request.clone();
+    header.payload = None;
+    let piece = 4 * MASKED_CHUNK_WORDS;
+    let starts: Vec<usize> = if start >= values.len() {
+        vec![values.len()]
+    } else {
+        (start..values.len()).step_by(piece).collect()
     };
-    let pieces: Vec<&[u8]> = values.chunks(4 * MASKED_CHUNK_WORDS).collect();
-    let count = pieces.len().max(1);
-    (0..count)
-        .map(|k| {
-            let piece = pieces.get(k).copied().unwrap_or_default();
+    let count = starts.len();
+    starts
+        .into_iter()
+        .enumerate()
+        .map(|(k, from)| {
+            let to = (from + piece).min(values.len());
+            let bytes = &values[from..to];
+            let last = k + 1 == count;
             pb::UpdateChunk {
-                header: (k == 0).then(|| request.clone()),
-                offset: (k * 4 * MASKED_CHUNK_WORDS) as u64,
-                sha256: Sha256::digest(piece).to_vec(),
-                values_f32_le: piece.to_vec(),
-                last: k + 1 == count,
+                header: (k == 0).then(|| header.clone()),
+                offset: from as u64,
+                sha256: Sha256::digest(bytes).to_vec(),
+                values_f32_le: bytes.to_vec(),
+                last,
+                values_sha256: if last {
+                    values_sha256.to_vec()
+                } else {
+                    Vec::new()
+                },
             }
         })
         .collect()
+}
+
+/// Streams a plaintext update too large for one message, resuming after a broken
+/// connection where `UpdateReceived` says the aggregator's copy ends. `None`: the update
+/// was accepted, but the answer was lost with the connection.
+async fn stream_plaintext(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    request: &pb::SubmitUpdateRequest,
+) -> Result<Option<pb::SubmitUpdateResponse>, ParticipantError> {
+    let values: &[u8] = match &request.payload {
+        Some(pb::submit_update_request::Payload::Plaintext(p)) => &p.values_f32_le,
+        None => &[],
+    };
+    let values_sha256 = Sha256::digest(values).to_vec();
+    let mut start = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    let mut give_up = tokio::time::Instant::now() + options.connect_patience;
+    loop {
+        let chunks = plaintext_chunks(request, values, start, &values_sha256);
+        let mut c = client.clone();
+        let status = match c.submit_update_stream(tokio_stream::iter(chunks)).await {
+            Ok(r) => return Ok(Some(r.into_inner())),
+            Err(status) => status,
+        };
+        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
+            return Err(ParticipantError::Handshake {
+                url: options.address(),
+                refusal,
+            });
+        }
+        // Broken on the way (or a chunk damaged): resume. Anything else is the aggregator's
+        // answer about this update.
+        if !(transient(&status) || status.code() == tonic::Code::DataLoss) {
+            return Err(ParticipantError::Refused {
+                call: "SubmitUpdateStream",
+                status,
+            });
+        }
+        if tokio::time::Instant::now() + backoff > give_up {
+            return Err(ParticipantError::Connect {
+                url: options.address(),
+                message: status.message().to_string(),
+            });
+        }
+        warn!(participant = %options.name, round = request.round, %status, "update upload interrupted; resuming in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        let ask = pb::UpdateReceivedRequest {
+            participant_id: request.participant_id.clone(),
+            round: request.round,
+        };
+        let held = call_with_retry(options, "UpdateReceived", || {
+            let mut c = client.clone();
+            let req = ask.clone();
+            async move { c.update_received(req).await }
+        })
+        .await?;
+        if held.accepted {
+            return Ok(None);
+        }
+        let resume_at = usize::try_from(held.bytes_received).unwrap_or(usize::MAX);
+        if resume_at > values.len() || resume_at % 4 != 0 {
+            return Err(ParticipantError::UpdateResume {
+                round: request.round,
+                held: held.bytes_received,
+                len: values.len() as u64,
+            });
+        }
+        if resume_at > start {
+            // Progress: the patience counts from here.
+            give_up = tokio::time::Instant::now() + options.connect_patience;
+            backoff = Duration::from_millis(200);
+        }
+        info!(participant = %options.name, round = request.round, resume_at, of = values.len(), "resuming the update upload");
+        start = resume_at;
+    }
 }
 
 // The two reporters are free functions with owned arguments: a closure defined inside the
@@ -1251,19 +1350,24 @@ async fn submit_plaintext(
             async move { c.submit_update(req).await }
         })
         .await
+        .map(Some)
     } else {
-        // Too large for one message: the header, then checksummed chunks (sent again whole
-        // if the connection breaks; secure aggregation's masked uploads resume instead).
-        let chunks = plaintext_chunks(request.clone());
-        call_with_retry(options, "SubmitUpdateStream", || {
-            let mut c = client.clone();
-            let stream = tokio_stream::iter(chunks.clone());
-            async move { c.submit_update_stream(stream).await }
-        })
-        .await
+        // Too large for one message: the header, then checksummed chunks, resumed where
+        // the aggregator's copy ends if the connection breaks.
+        stream_plaintext(client, options, &request).await
     };
     match submitted {
-        Ok(r) => {
+        Ok(None) => {
+            let bytes = 4 * trained.values.len() as u64;
+            observer.upload_progress(&options.name, t.round, bytes, bytes);
+            info!(participant = %options.name, round = t.round, "update accepted (its answer was lost with the connection)");
+            observer.update_accepted(&options.name, t.round, false);
+            Ok(Some(RoundReport {
+                round: t.round,
+                train: stats.clone(),
+            }))
+        }
+        Ok(Some(r)) => {
             let bytes = 4 * trained.values.len() as u64;
             observer.upload_progress(&options.name, t.round, bytes, bytes);
             info!(

@@ -12,6 +12,7 @@ use mekong_e2e::{
     train_task, weighted_mean, weighted_mean_f64,
 };
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use sha2::Digest;
 use tonic::Code;
 
 fn update(
@@ -159,6 +160,70 @@ async fn bad_updates_are_refused_by_name_and_rounds_complete_with_the_others() {
         s.message().contains("round 2, which has not started"),
         "{}",
         s.message()
+    );
+
+    // Streamed: a whole-update hash that does not match keeps nothing; a broken stream's
+    // prefix is held, and a resumption must start where it ends.
+    let values = encode_f32_le(&vec![0.0f32; len]);
+    let half = values.len() / 2 / 4 * 4;
+    let chunk = |offset: usize, to: usize, last: bool, whole: &[u8]| {
+        let bytes = &values[offset..to];
+        let mut header = update(&id, 1, &layout, &base, &[]);
+        header.payload = None;
+        pb::UpdateChunk {
+            header: Some(header),
+            offset: offset as u64,
+            values_f32_le: bytes.to_vec(),
+            sha256: sha2::Sha256::digest(bytes).to_vec(),
+            last,
+            values_sha256: whole.to_vec(),
+        }
+    };
+    let received = |mut c: FederationClient<tonic::transport::Channel>, id: String| async move {
+        c.update_received(pb::UpdateReceivedRequest {
+            participant_id: id,
+            round: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    };
+    let wrong_whole = vec![
+        chunk(0, half, false, &[]),
+        chunk(half, values.len(), true, &[7; 32]),
+    ];
+    let s = refused(
+        rogue
+            .submit_update_stream(tokio_stream::iter(wrong_whole))
+            .await,
+    );
+    assert_eq!(s.code(), Code::DataLoss);
+    assert!(s.message().contains("send it again from byte 0"), "{s}");
+    let held = received(rogue.clone(), id.clone()).await;
+    assert_eq!((held.bytes_received, held.accepted), (0, false));
+    let s = refused(
+        rogue
+            .submit_update_stream(tokio_stream::iter(vec![chunk(0, half, false, &[])]))
+            .await,
+    );
+    assert!(s.message().contains("without its last chunk"), "{s}");
+    let held = received(rogue.clone(), id.clone()).await;
+    assert_eq!((held.bytes_received, held.accepted), (half as u64, false));
+    let s = refused(
+        rogue
+            .submit_update_stream(tokio_stream::iter(vec![chunk(4, half, false, &[])]))
+            .await,
+    );
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(
+        s.message().contains(&format!(
+            "resumes at byte 4, but the aggregator holds {half} bytes"
+        )),
+        "{s}"
+    );
+    assert_eq!(
+        received(rogue.clone(), id.clone()).await.bytes_received,
+        half as u64
     );
 
     // Round 1 closes at its deadline with the two honest labs; the rogue counts as dropped.

@@ -1,13 +1,17 @@
 //! A plaintext update (secure aggregation explicitly off) larger than one message's worth
 //! goes through `SubmitUpdateStream` in checksummed chunks, and the round's global adapter
-//! is still the exact weighted mean of the labs' updates.
+//! is still the exact weighted mean of the labs' updates. One lab's connection breaks in the
+//! middle of its update: it asks how much the aggregator holds (`UpdateReceived`) and sends
+//! only the rest.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use burn::prelude::Device;
 use fedaggregator::admin::client::get;
 use fedaggregator::config::AdminSection;
 use fedclient::participant;
+use mekong_e2e::capture::{Cut, cutting_proxy};
 use mekong_e2e::{
     Recorder, aggregator_config, corpus, participant_options, test_plan, weighted_mean, widen,
 };
@@ -24,11 +28,21 @@ async fn a_large_plaintext_update_streams_in_chunks_and_aggregates_exactly() {
     let mut config = aggregator_config(plan, dir.path());
     config.admin = Some(AdminSection::loopback(0));
     let server = fedaggregator::start(&config).await.unwrap();
+    // lab-lo's first connection breaks once it has sent 5 MB: everything before its update
+    // is a few kilobytes, so the break falls inside the update's fifth chunk.
+    let upstream: SocketAddr = server.url().trim_start_matches("http://").parse().unwrap();
+    let cut_after = 5_000_000;
+    let (proxy, carried) = cutting_proxy(upstream, Cut::Upstream(cut_after)).await;
     let recorder = Arc::new(Recorder::default());
     let mut labs = Vec::new();
     for code in ["lo", "km"] {
+        let url = if code == "lo" {
+            proxy.clone()
+        } else {
+            server.url()
+        };
         labs.push(tokio::spawn(participant::run(
-            participant_options(&server.url(), &format!("lab-{code}"), code),
+            participant_options(&url, &format!("lab-{code}"), code),
             corpus(code),
             Device::flex(),
             recorder.clone(),
@@ -52,8 +66,20 @@ async fn a_large_plaintext_update_streams_in_chunks_and_aggregates_exactly() {
             .and_then(|l| l.rsplit(' ').next())
             .map_or(0.0, |v| v.parse::<f64>().unwrap())
     };
-    assert_eq!(calls("SubmitUpdateStream"), 2.0, "{metrics}");
+    // lab-km's stream, lab-lo's broken one and its resumption.
+    assert_eq!(calls("SubmitUpdateStream"), 3.0, "{metrics}");
+    assert_eq!(calls("UpdateReceived"), 1.0, "{metrics}");
     assert_eq!(calls("SubmitUpdate"), 0.0, "{metrics}");
+    // The first connection carried at most `cut_after` bytes of an 8 MB update, so it broke
+    // mid-upload; lab-lo then sent again at most the chunk in flight at the break: a restart
+    // from zero would have sent the whole update after the 5 MB.
+    let update_bytes = 4 * b_len as u64;
+    let up = carried.up();
+    assert!(update_bytes > cut_after && up > cut_after, "{up}");
+    assert!(
+        up < update_bytes + 1024 * 1024 + 256 * 1024,
+        "{up} bytes sent for a {update_bytes}-byte update"
+    );
 
     // FFA-LoRA from B = 0: the new B is the weighted mean of the two uploads.
     let expected = weighted_mean(&recorder.round(1));

@@ -34,6 +34,7 @@ pub enum Rpc {
     RoundStatus,
     ReportMetrics,
     SubmitUpdateStream,
+    UpdateReceived,
     MaskedReceived,
     DownloadAdapter,
     Other,
@@ -41,7 +42,7 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every method of the service (all but `Other`).
-    const METHODS: [Rpc; 10] = [
+    const METHODS: [Rpc; 11] = [
         Rpc::Join,
         Rpc::FetchTask,
         Rpc::SubmitUpdate,
@@ -50,6 +51,7 @@ impl Rpc {
         Rpc::RoundStatus,
         Rpc::ReportMetrics,
         Rpc::SubmitUpdateStream,
+        Rpc::UpdateReceived,
         Rpc::MaskedReceived,
         Rpc::DownloadAdapter,
     ];
@@ -71,6 +73,7 @@ impl Rpc {
             Rpc::RoundStatus => "RoundStatus",
             Rpc::ReportMetrics => "ReportMetrics",
             Rpc::SubmitUpdateStream => "SubmitUpdateStream",
+            Rpc::UpdateReceived => "UpdateReceived",
             Rpc::MaskedReceived => "MaskedReceived",
             Rpc::DownloadAdapter => "DownloadAdapter",
             Rpc::Other => "other",
