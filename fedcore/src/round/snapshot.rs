@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::secure::SecureRound;
-use super::{Control, Coordinator, Member, OpenRound, RoundRecord, State};
+use super::{Control, Coordinator, Departure, FinishReason, Member, OpenRound, RoundRecord, State};
 use crate::adapter::LoraAdapter;
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
@@ -57,10 +57,11 @@ use crate::secagg::spec::MAX_ATTEMPTS;
 use crate::strategy::{GlobalModel, ServerState};
 
 /// Version of the state encoding; bumped on any incompatible change. Version 2 added the
-/// operator's pause / stop requests (and the paused run); a version 1 state still reads, as
-/// a run without them, while an older build refuses a version 2 state rather than silently
-/// dropping a pause.
-pub const STATE_VERSION: u32 = 2;
+/// operator's pause / stop requests (and the paused run); version 3 the members that left
+/// (`Leave`), who was told the run finished, and why it finished. Older states still read
+/// (as a run without them), while an older build refuses a newer state rather than silently
+/// dropping a pause or sampling a lab that left.
+pub const STATE_VERSION: u32 = 3;
 
 /// The oldest state version [`Coordinator::restore`] reads.
 pub const OLDEST_STATE_VERSION: u32 = 1;
@@ -186,6 +187,15 @@ struct StateSnapshot {
     paused: bool,
     #[serde(default)]
     stop_requested: bool,
+    /// Members that left, by name (absent before version 3: none).
+    #[serde(default)]
+    left: BTreeMap<String, Departure>,
+    /// Members told the run finished (absent before version 3: none).
+    #[serde(default)]
+    told_finished: BTreeSet<String>,
+    /// Why the run finished (absent before version 3: not recorded).
+    #[serde(default)]
+    finish_reason: Option<FinishReason>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -278,6 +288,9 @@ impl Coordinator {
             run,
             paused: self.control.paused,
             stop_requested: self.control.stop_requested,
+            left: self.left.clone(),
+            told_finished: self.told_finished.clone(),
+            finish_reason: self.finish_reason,
         })
     }
 
@@ -361,6 +374,19 @@ impl Coordinator {
             )));
         }
         c.tokens = snap.tokens;
+        if let Some(name) = snap
+            .left
+            .keys()
+            .chain(&snap.told_finished)
+            .find(|n| !c.members.contains_key(*n))
+        {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{name:?} is recorded as having left or been told the run finished, but is not a member"
+            )));
+        }
+        c.left = snap.left;
+        c.told_finished = snap.told_finished;
+        c.finish_reason = snap.finish_reason;
         if saved.history.len() as u64 != snap.rounds_closed
             || saved
                 .history
@@ -522,12 +548,21 @@ impl Coordinator {
         let partial: BTreeMap<Index, usize> = decode(&sum.partial, "partial-input map")?;
         let (cfg, encoding, indices) = self.secure_parts(round, cohort, attempt);
         let server = ServerSession::resume(cfg, self.roster.identities(), state, words, partial)?;
-        Ok(SecureRound::resume(
+        let mut secure = SecureRound::resume(
             server,
             encoding,
             indices,
             attempt,
             now_ms + self.plan.secure_aggregation.stage_timeout_ms,
-        ))
+        );
+        // Members that left during the attempt stay dropped from it.
+        for index in cohort
+            .iter()
+            .filter(|n| self.left.contains_key(*n))
+            .filter_map(|n| self.roster.index_of(n))
+        {
+            secure.depart(index);
+        }
+        Ok(secure)
     }
 }
