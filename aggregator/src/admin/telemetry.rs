@@ -36,12 +36,13 @@ pub enum Rpc {
     SubmitUpdateStream,
     MaskedReceived,
     DownloadAdapter,
+    Leave,
     Other,
 }
 
 impl Rpc {
     /// Every method of the service (all but `Other`).
-    const METHODS: [Rpc; 10] = [
+    const METHODS: [Rpc; 11] = [
         Rpc::Join,
         Rpc::FetchTask,
         Rpc::SubmitUpdate,
@@ -52,6 +53,7 @@ impl Rpc {
         Rpc::SubmitUpdateStream,
         Rpc::MaskedReceived,
         Rpc::DownloadAdapter,
+        Rpc::Leave,
     ];
 
     /// The method a gRPC request path (`/mekong.v1.Federation/Join`) names.
@@ -73,6 +75,7 @@ impl Rpc {
             Rpc::SubmitUpdateStream => "SubmitUpdateStream",
             Rpc::MaskedReceived => "MaskedReceived",
             Rpc::DownloadAdapter => "DownloadAdapter",
+            Rpc::Leave => "Leave",
             Rpc::Other => "other",
         }
     }
@@ -331,6 +334,7 @@ impl Telemetry {
                         round: record.round,
                         contributors: record.contributors.clone(),
                         dropped: record.dropped.clone(),
+                        left: record.left.clone(),
                         total_samples: record.total_samples,
                         secure_attempt: record.secure.as_ref().map(|s| s.attempt),
                         quantisation_bound: record.secure.as_ref().map(|s| s.error_bound),
@@ -382,6 +386,7 @@ impl Telemetry {
         m.secure_attempt
             .set(s.secure.map_or(0, |(_, attempt)| i64::from(attempt)));
         m.participants_joined.set(s.participants_joined as i64);
+        m.participants_left.set(s.participants_left as i64);
         m.participants_needed.set(s.participants_needed as i64);
         m.cohort_size.set(s.cohort_size as i64);
         m.updates_received.set(s.updates_received as i64);
@@ -465,6 +470,7 @@ impl Telemetry {
                         connected: ago < CONNECTED_WINDOW_MS,
                         rounds_contributed: p.rounds_contributed,
                         metric_reports: p.metric_reports,
+                        left: coordinator.departures().get(name).map(|d| d.to_string()),
                     }
                 })
                 .collect(),

@@ -237,6 +237,25 @@ impl Aggregator {
 
     /// SIGKILL, and reap it (what dropping does, said out loud).
     pub fn kill(self) {}
+
+    /// Waits for the process to exit on its own within `within`; panics with the log if it
+    /// does not.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let give_up = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.drain();
+                return status;
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "fedaggregator still runs after {within:?}:\n{}",
+                    self.drain().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Aggregator {
