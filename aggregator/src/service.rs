@@ -246,6 +246,7 @@ impl Shared {
                         round = record.round,
                         contributors = ?record.contributors,
                         dropped = ?record.dropped,
+                        left = ?record.left,
                         total_samples = record.total_samples,
                         adapter = &record.adapter_hash[..12],
                         "round closed"

@@ -5,9 +5,10 @@
 //! A coordinator is saved in three parts, each at its own pace, because their sizes differ
 //! by orders of magnitude:
 //!
-//! - **state** ([`Coordinator::encode_state`]): members, tokens, the open round's cohort
-//!   and secure-aggregation attempt. Small and of bounded size however long the run;
-//!   saved after every change.
+//! - **state** ([`Coordinator::encode_state`]): members, tokens, members that left and
+//!   those told the run finished (both bounded by the members), why it finished, the open
+//!   round's cohort and secure-aggregation attempt. Small and of bounded size however long
+//!   the run; saved after every change.
 //! - **history** ([`Coordinator::history`]): one [`RoundRecord`] per closed round, saved
 //!   once when its round closes (kept out of the state, which would otherwise grow with
 //!   every round and be rewritten with every change).
