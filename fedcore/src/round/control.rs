@@ -162,6 +162,11 @@ impl Coordinator {
             ),
             State::Finished => unreachable!("checked above"),
         };
+        // Departures can have left too few labs for the round that was to open.
+        let message = match self.finish_reason() {
+            Some(reason) => format!("resumed, but the run finished instead: {reason}"),
+            None => message,
+        };
         Ok(Applied { message, events })
     }
 

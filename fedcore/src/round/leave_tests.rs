@@ -373,3 +373,25 @@ fn a_state_saved_before_departures_existed_still_loads() {
     let old: RoundRecord = serde_json::from_value(record).unwrap();
     assert!(old.left.is_empty());
 }
+
+#[test]
+fn a_departure_while_paused_that_leaves_too_few_finishes_the_run() {
+    let mut c = joined(plaintext_plan(2, 2, 3));
+    c.pause().unwrap();
+    submit(&mut c, 0, 10);
+    let events = submit(&mut c, 1, 10);
+    assert!(
+        events.contains(&Event::Paused { after_round: 1 }),
+        "{events:?}"
+    );
+    let (_, events) = c.leave("t1", LeaveReason::OperatorRequest, 20).unwrap();
+    assert_eq!(events, vec![Event::RunFinished { rounds: 1 }]);
+    assert_eq!(
+        c.finish_reason(),
+        Some(FinishReason::TooFewMembers {
+            remaining: 1,
+            needed: 2
+        })
+    );
+    assert!(matches!(c.resume(30), Err(ControlError::Finished { .. })));
+}
