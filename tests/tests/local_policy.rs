@@ -174,6 +174,7 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
         "{summary}"
     );
     assert_eq!(report.participants_dropped, 0);
+    assert_eq!(report.participants_left, 1);
     let (_, metrics) = fedaggregator::admin::client::get(&admin, "/metrics")
         .await
         .unwrap();

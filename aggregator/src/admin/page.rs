@@ -101,9 +101,10 @@ pub fn render(s: &StatusReport) -> String {
 fn participants(h: &mut String, s: &StatusReport) {
     let _ = write!(
         h,
-        "<h2>Participants ({} joined, {} needed)</h2>",
+        "<h2>Participants ({} joined, {} needed, {} left)</h2>",
         s.participants.len(),
-        s.participants_needed
+        s.participants_needed,
+        s.participants_left
     );
     if s.participants.is_empty() {
         h.push_str("<p class=\"dim\">No participant has joined yet.</p>");
@@ -381,6 +382,7 @@ mod tests {
             secure_stage: None,
             secure_attempt: None,
             participants_needed: 1,
+            participants_left: 0,
             cohort_size: 1,
             updates_received: 0,
             global_adapter_sha256: "cd".repeat(32),

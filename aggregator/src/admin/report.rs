@@ -31,6 +31,10 @@ pub struct StatusReport {
     pub secure_stage: Option<String>,
     pub secure_attempt: Option<u32>,
     pub participants_needed: usize,
+    /// Members that left the federation (`Leave`), from the run's saved state: still
+    /// counted after a restart, when `participants` (this process's record) starts empty.
+    #[serde(default)]
+    pub participants_left: usize,
     pub cohort_size: usize,
     pub updates_received: usize,
     pub global_adapter_sha256: String,
@@ -175,11 +179,7 @@ impl StatusReport {
         }
         out.push_str(&format!("  plan sha256 {}\n", self.plan_sha256));
         let connected = self.participants.iter().filter(|p| p.connected).count();
-        let left = self
-            .participants
-            .iter()
-            .filter(|p| p.left.is_some())
-            .count();
+        let left = self.participants_left;
         out.push_str(&format!(
             "participants: {} joined ({} needed), {connected} connected, {left} left\n",
             self.participants.len(),

@@ -454,6 +454,7 @@ impl Telemetry {
                 .map(|(stage, _)| secure_stage_label(stage).1.to_string()),
             secure_attempt: s.secure.map(|(_, attempt)| attempt),
             participants_needed: s.participants_needed,
+            participants_left: s.participants_left,
             cohort_size: s.cohort_size,
             updates_received: s.updates_received,
             global_adapter_sha256: s.global_hash,
