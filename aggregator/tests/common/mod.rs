@@ -196,6 +196,16 @@ impl Aggregator {
         a
     }
 
+    /// Returns the first line read so far that contains every pattern, or else reads lines
+    /// until one does: for what may be printed before the line `spawn` waits for.
+    pub fn saw_or_wait_for(&mut self, patterns: &[&str]) -> String {
+        let matches = |line: &str| patterns.iter().all(|p| line.contains(p));
+        if let Some(line) = self.seen.iter().find(|l| matches(l)) {
+            return line.clone();
+        }
+        self.wait_line(matches)
+    }
+
     /// Reads lines until one contains every pattern.
     pub fn wait_for(&mut self, patterns: &[&str]) -> String {
         self.wait_line(|line| patterns.iter().all(|p| line.contains(p)))
