@@ -257,6 +257,16 @@ fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), Serve
             "resuming the run: it stays paused by the operator; no round opens until `fedaggregator resume`"
         ),
     }
+    if let Some(reason) = coordinator.finish_reason() {
+        info!(%reason, "the run had finished");
+    }
+    if !coordinator.departures().is_empty() {
+        let left: Vec<&String> = coordinator.departures().keys().collect();
+        info!(
+            ?left,
+            "members that left the federation stay away: never sampled, refused if they join again"
+        );
+    }
     Ok((coordinator, db))
 }
 

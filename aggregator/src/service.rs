@@ -2,7 +2,6 @@
 //! [`Coordinator`]. It assigns secret participant ids, turns wire messages into coordinator
 //! inputs and coordinator events into files on disk and wake-ups of long-polling callers.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use std::path::PathBuf;
 
 use fedcore::secagg::protocol::Stage as SecureStage;
 use fedcore::{Coordinator, Event, SubmittedUpdate, Task, UpdatePayload, WaitReason};
-use mekong_proto::convert::work_to_wire;
+use mekong_proto::convert::{leave_reason_from_wire, leave_reason_to_wire, work_to_wire};
 use mekong_proto::secure::{decode_words, message_from_wire, step_to_wire};
 use mekong_proto::tls::{PeerCertificate, Revocations};
 use mekong_proto::v1::{self as pb, federation_server::Federation};
@@ -43,8 +42,6 @@ const MASKED_CHUNK_IDLE: Duration = Duration::from_secs(30);
 /// State shared by the gRPC handlers and the deadline ticker.
 pub struct Shared {
     coordinator: Mutex<Coordinator>,
-    /// Names of participants that have been told the run is finished.
-    told_finished: Mutex<BTreeSet<String>>,
     store: AdapterStore,
     /// Where masked-input streams keep their undo logs.
     spool_dir: PathBuf,
@@ -132,7 +129,6 @@ impl Shared {
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Shared {
             coordinator: Mutex::new(coordinator),
-            told_finished: Mutex::new(BTreeSet::new()),
             spool_dir: store.dir().join(".spool"),
             masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
             held: HeldInputs::default(),
@@ -231,17 +227,10 @@ impl Shared {
         self.changes.subscribe()
     }
 
-    /// True once the run is finished and every participant has been told so.
+    /// True once the run is finished and every participant that did not leave has been
+    /// told so. Who was told is part of the committed state, so this holds across restarts.
     pub fn everyone_told(&self) -> bool {
-        let c = self.lock();
-        let status = c.status();
-        status.stage == fedcore::round::Stage::Finished
-            && self
-                .told_finished
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .len()
-                >= status.participants_joined
+        self.lock().everyone_told()
     }
 
     /// Persists what the events say and wakes long-polls. Called with the lock held so files
@@ -261,6 +250,7 @@ impl Shared {
                         round = record.round,
                         contributors = ?record.contributors,
                         dropped = ?record.dropped,
+                        left = ?record.left,
                         total_samples = record.total_samples,
                         adapter = &record.adapter_hash[..12],
                         "round closed"
@@ -302,7 +292,10 @@ impl Shared {
                     );
                 }
                 Event::RunFinished { rounds } => {
-                    info!(rounds, dir = %self.store.final_dir().display(), "run finished");
+                    let reason = coordinator
+                        .finish_reason()
+                        .map_or_else(String::new, |r| r.to_string());
+                    info!(rounds, %reason, dir = %self.store.final_dir().display(), "run finished");
                     if let Err(e) = self.store.save_final(coordinator.global()) {
                         warn!(error = %e, "cannot save the final adapter");
                     }
@@ -494,7 +487,13 @@ impl Federation for FederationService {
         loop {
             changes.borrow_and_update();
             let answer = {
-                let c = self.shared.lock();
+                let mut c = self.shared.lock();
+                // Who was told the run finished is committed before the answer goes out,
+                // so a restarted aggregator still knows whether everyone was.
+                if c.mark_told_finished(&req.participant_id) {
+                    self.shared.commit(&c)?;
+                    self.shared.changes.send_modify(|v| *v += 1);
+                }
                 let now = self.shared.now_ms();
                 match c.task(&req.participant_id).map_err(|e| status_for(&e))? {
                     Task::Wait(reason) => pb::fetch_task_response::Task::Wait(pb::Wait {
@@ -535,20 +534,13 @@ impl Federation for FederationService {
                         rounds,
                         global,
                         global_hash,
-                    } => {
-                        if let Some((name, _)) = c.participant(&req.participant_id) {
-                            self.shared
-                                .told_finished
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(name.to_string());
-                        }
-                        self.shared.changes.send_modify(|v| *v += 1);
-                        pb::fetch_task_response::Task::Finished(pb::Finished {
-                            rounds_completed: rounds,
-                            final_adapter: Some(self.shared.adapters.payload(global, global_hash)),
-                        })
-                    }
+                    } => pb::fetch_task_response::Task::Finished(pb::Finished {
+                        rounds_completed: rounds,
+                        final_adapter: Some(self.shared.adapters.payload(global, global_hash)),
+                        reason: c
+                            .finish_reason()
+                            .map_or_else(String::new, |r| r.to_string()),
+                    }),
                 }
             };
             let is_wait = matches!(answer, pb::fetch_task_response::Task::Wait(_));
@@ -757,6 +749,7 @@ impl Federation for FederationService {
                     round: r.round,
                     contributors: r.contributors,
                     dropped: r.dropped,
+                    left: r.left,
                     total_samples: r.total_samples,
                     adapter_hash: r.adapter_hash,
                     secure: r.secure.is_some(),
@@ -769,6 +762,8 @@ impl Federation for FederationService {
                 secure_stage(stage)
             }) as i32,
             secure_attempt: s.secure.map_or(0, |(_, a)| a),
+            participants_left: s.participants_left as u32,
+            finish_reason: s.finish_reason.map_or_else(String::new, |r| r.to_string()),
         }))
     }
 
@@ -827,6 +822,35 @@ impl Federation for FederationService {
         };
         let chunks = crate::download::chunks(encoded, req.offset)?;
         Ok(Response::new(Box::pin(chunks)))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let certified = self.certified(&request)?;
+        let req = request.into_inner();
+        let reason = leave_reason_from_wire(req.reason);
+        let mut c = self.shared.lock();
+        // A connection makes only its own participant leave.
+        check_owner(&c, &req.participant_id, certified.as_deref())?;
+        self.shared.seen(&c, &req.participant_id);
+        let name = participant_name(&c, &req.participant_id);
+        let (departure, events) = c
+            .leave(&req.participant_id, reason, self.shared.now_ms())
+            .map_err(|e| status_for(&e))?;
+        // Settled in two halves so that the log says the departure before what it caused.
+        self.shared.commit(&c)?;
+        info!(participant = %name, after_round = departure.after_round, reason = departure.reason.describe(), "participant left the federation");
+        self.shared.apply_events(&c, events);
+        self.shared.changes.send_modify(|v| *v += 1);
+        Ok(Response::new(pb::LeaveResponse {
+            message: format!("{name} {departure}"),
+            participant_name: name,
+            reason: leave_reason_to_wire(departure.reason) as i32,
+            after_round: departure.after_round,
+            run_finished: c.finished(),
+        }))
     }
 }
 

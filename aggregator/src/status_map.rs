@@ -20,6 +20,7 @@ pub fn status_for(error: &RoundError) -> Status {
         | RoundError::StaleRound { .. }
         | RoundError::FutureRound { .. }
         | RoundError::NotInCohort { .. }
+        | RoundError::Left { .. }
         | RoundError::WrongBaseAdapter { .. } => Code::FailedPrecondition,
         RoundError::Aggregate(_) | RoundError::SecureSum(_) | RoundError::Strategy(_) => {
             Code::Internal

@@ -21,6 +21,8 @@ struct RoundFile<'a> {
     round: u64,
     contributors: &'a [String],
     dropped: &'a [String],
+    /// Cohort members that left the federation (`Leave`) during the round.
+    left: &'a [String],
     total_samples: u64,
     adapter_hash: &'a str,
     /// How the round was aggregated: `strategy.mode` and the factors labs trained.
@@ -81,6 +83,7 @@ impl AdapterStore {
             round: record.round,
             contributors: &record.contributors,
             dropped: &record.dropped,
+            left: &record.left,
             total_samples: record.total_samples,
             adapter_hash: &record.adapter_hash,
             strategy: StrategyFile {

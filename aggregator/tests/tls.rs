@@ -164,6 +164,15 @@ async fn provisioned_participant_joins_under_its_certificate_name() {
         .await;
     let refused = assert_refused("another participant's id", stolen);
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    // Nor can lab-b make lab-a leave the federation with its id.
+    let evicted = b
+        .leave(pb::LeaveRequest {
+            participant_id: id_a.clone(),
+            reason: pb::LeaveReason::OperatorRequest as i32,
+        })
+        .await;
+    let refused = assert_refused("leave with another participant's id", evicted);
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
     // lab-a itself may use its id, and lab-b may join as itself.
     a.fetch_task(pb::FetchTaskRequest {
         participant_id: id_a,
@@ -172,7 +181,11 @@ async fn provisioned_participant_joins_under_its_certificate_name() {
     .await
     .expect("lab-a fetches with its own id");
     join(&mut b, "lab-b").await.expect("lab-b joins as itself");
-    assert_eq!(status(&mut b).await.unwrap().participants_joined, 2);
+    let status_now = status(&mut b).await.unwrap();
+    assert_eq!(
+        (status_now.participants_joined, status_now.participants_left),
+        (2, 0)
+    );
     server.shutdown().await.unwrap();
 }
 

@@ -376,6 +376,7 @@ pub async fn run(
                 {
                     // Only between rounds: never in the middle of a secure round.
                     info!(participant = %options.name, max_rounds, round = t.round, "this lab's policy allows no more rounds; leaving the federation");
+                    leave(&client, &options, &id, pb::LeaveReason::MaxRounds).await;
                     break (global, RunEnd::MaxRounds { max_rounds });
                 }
                 let global_hash = global.content_hash();
@@ -612,7 +613,7 @@ pub async fn run(
                 else {
                     continue;
                 };
-                info!(participant = %options.name, rounds = f.rounds_completed, "run finished");
+                info!(participant = %options.name, rounds = f.rounds_completed, reason = %f.reason, "run finished");
                 break (
                     final_model,
                     RunEnd::Finished {
@@ -654,6 +655,48 @@ pub async fn run(
 }
 
 /// The task's global adapter, downloaded in chunks when it came by reference.
+/// Tries of a `Leave` call before giving up, and how long each may take.
+const LEAVE_TRIES: u32 = 4;
+const LEAVE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tells the aggregator this lab leaves the federation, so later rounds do not wait for it
+/// and the records say it left. Best effort: a few quick tries while the aggregator is
+/// unreachable (at most about a minute in all), then a warning; the lab leaves either way
+/// (an aggregator that never hears of it counts it as a straggler, as before `Leave`).
+async fn leave(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    reason: pb::LeaveReason,
+) {
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=LEAVE_TRIES {
+        let mut c = client.clone();
+        let req = pb::LeaveRequest {
+            participant_id: id.to_string(),
+            reason: reason as i32,
+        };
+        let status = match tokio::time::timeout(LEAVE_CALL_TIMEOUT, c.leave(req)).await {
+            Ok(Ok(answer)) => {
+                let answer = answer.into_inner();
+                info!(participant = %options.name, recorded = %answer.message, run_finished = answer.run_finished, "the aggregator recorded this lab's departure");
+                return;
+            }
+            Ok(Err(status)) => status,
+            Err(_) => {
+                tonic::Status::unavailable(format!("no answer within {LEAVE_CALL_TIMEOUT:?}"))
+            }
+        };
+        if !transient(&status) || attempt == LEAVE_TRIES {
+            warn!(participant = %options.name, code = ?status.code(), error = %status.message(), "could not tell the aggregator that this lab leaves; it will count this lab as a straggler");
+            return;
+        }
+        warn!(participant = %options.name, error = %status.message(), "Leave failed; retrying in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
+}
+
 async fn fetch_global(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,

@@ -22,6 +22,27 @@ pub enum PayloadError {
     Work(String),
 }
 
+/// The wire form of why a participant leaves.
+pub fn leave_reason_to_wire(reason: fedcore::round::LeaveReason) -> pb::LeaveReason {
+    use fedcore::round::LeaveReason as R;
+    match reason {
+        R::MaxRounds => pb::LeaveReason::MaxRounds,
+        R::OperatorRequest => pb::LeaveReason::OperatorRequest,
+        R::Unspecified => pb::LeaveReason::Unspecified,
+    }
+}
+
+/// Why a participant leaves, from the wire; a value this build does not know (a newer
+/// participant's) reads as unspecified rather than refusing the departure.
+pub fn leave_reason_from_wire(code: i32) -> fedcore::round::LeaveReason {
+    use fedcore::round::LeaveReason as R;
+    match pb::LeaveReason::try_from(code) {
+        Ok(pb::LeaveReason::MaxRounds) => R::MaxRounds,
+        Ok(pb::LeaveReason::OperatorRequest) => R::OperatorRequest,
+        Ok(pb::LeaveReason::Unspecified) | Err(_) => R::Unspecified,
+    }
+}
+
 /// A round's work as received, checked for form; the participant compares it with what its
 /// pinned plan gives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -124,6 +124,7 @@ fn check_metrics(text: &str, adapter_bytes: f64) {
     assert_eq!(at("mekong_stage{stage=\"training\"}"), 0.0);
     assert_eq!(at("mekong_participants_joined"), 3.0);
     assert_eq!(at("mekong_participants_connected"), 3.0);
+    assert_eq!(at("mekong_participants_left"), 0.0);
     assert_eq!(at("mekong_secure_attempts_failed_total"), 0.0);
     assert_eq!(at("mekong_participants_dropped_total"), 0.0);
     // Two labs opted in, one report per round each; the third sent none.

@@ -1,14 +1,17 @@
 //! A lab's `participant.toml` as `fedclient join --config` reads it: `[local]` names its data
 //! (relative to the file) and `[policy] max_rounds` makes it leave after its first round,
-//! enforced by its own runtime. The secure federation goes on without it: the other three
-//! labs finish every round, and the rounds after it left are theirs alone.
+//! enforced by its own runtime. It says so (`Leave`), so the secure federation goes on
+//! without waiting for it: the other three labs finish every round, the rounds after it
+//! left are theirs alone, records and the admin status list it as left (not dropped), and
+//! no round waits for its (long) deadline.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::prelude::Device;
-use fedaggregator::config::TlsSection;
+use fedaggregator::admin::client::fetch_status;
+use fedaggregator::config::{AdminSection, TlsSection};
 use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
@@ -54,14 +57,17 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
     .unwrap();
     edit_policy(&provisioned.kits[1]);
 
-    // lab-km does not say it left (the aggregator learns it as from any straggler), so its
-    // absence from rounds 2 and 3 costs each one round deadline.
-    let mut plan = test_plan(4, 3, 1, 8_000);
+    // Deadlines far longer than the run: a round that waited for lab-km would take a whole
+    // minute (two of them would, before `Leave`, as straggler rounds).
+    const ROUND_TIMEOUT_MS: u64 = 60_000;
+    let mut plan = test_plan(4, 3, 1, ROUND_TIMEOUT_MS);
     plan.roster = provisioned.roster.clone();
     plan.secure_aggregation.enabled = true;
-    plan.secure_aggregation.stage_timeout_ms = 3_000;
+    plan.secure_aggregation.stage_timeout_ms = ROUND_TIMEOUT_MS;
     let mut config = aggregator_config(plan.clone(), &dir.path().join("out"));
     config.tls = TlsSection::provisioned(&fed);
+    config.admin = Some(AdminSection::loopback(0));
+    let started = Instant::now();
     let server = fedaggregator::start(&config).await.unwrap();
 
     let mut labs = Vec::new();
@@ -97,6 +103,12 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
         reports.push(lab.await.unwrap().unwrap());
     }
     server.finished().await;
+    let took = started.elapsed();
+    eprintln!("three rounds, one lab leaving after the first, took {took:.1?}");
+    assert!(
+        took < Duration::from_millis(ROUND_TIMEOUT_MS),
+        "the run took {took:?}: a round waited for its deadline"
+    );
 
     let km = &reports[1];
     assert_eq!(km.ended, RunEnd::MaxRounds { max_rounds: 1 });
@@ -112,7 +124,13 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
         );
         assert_eq!(other.rounds.len(), 3, "{}", other.name);
     }
-    let history = server.status().history;
+    let status = server.status();
+    assert_eq!(status.participants_left, 1);
+    assert_eq!(
+        status.finish_reason,
+        Some(fedcore::round::FinishReason::Completed)
+    );
+    let history = status.history;
     assert_eq!(history.len(), 3);
     assert!(history[0].contributors.contains(&"lab-km".to_string()));
     for record in &history[1..] {
@@ -121,6 +139,48 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
             vec!["lab-lo", "lab-th", "lab-vi"],
             "{record:?}"
         );
+        assert!(record.dropped.is_empty(), "{record:?}");
     }
+    // Round 2 opened with lab-km in its cohort (round 1 had just closed); it left before
+    // advertising keys. Round 3 was drawn without it.
+    assert_eq!(history[1].left, ["lab-km"]);
+    assert!(history[2].left.is_empty());
+
+    // The operator's status says it left, and when.
+    let admin = format!("http://{}", server.admin_addr().unwrap());
+    let report = fetch_status(&admin).await.unwrap();
+    let km = report
+        .participants
+        .iter()
+        .find(|p| p.name == "lab-km")
+        .unwrap();
+    assert_eq!(
+        km.left.as_deref(),
+        Some("left after round 1 (its max_rounds policy was reached)")
+    );
+    assert!(
+        report
+            .participants
+            .iter()
+            .filter(|p| p.name != "lab-km")
+            .all(|p| p.left.is_none())
+    );
+    assert_eq!(report.rounds[1].left, ["lab-km"]);
+    // `fedaggregator status` says so too.
+    let summary = report.summary();
+    assert!(summary.contains("1 left"), "{summary}");
+    assert!(
+        summary.contains("(left after round 1 (its max_rounds policy was reached))"),
+        "{summary}"
+    );
+    assert_eq!(report.participants_dropped, 0);
+    assert_eq!(report.participants_left, 1);
+    let (_, metrics) = fedaggregator::admin::client::get(&admin, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l == "mekong_participants_left 1"),
+        "{metrics}"
+    );
     server.shutdown().await.unwrap();
 }

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub stop_requested: Gauge,
     pub secure_attempt: Gauge,
     pub participants_joined: Gauge,
+    pub participants_left: Gauge,
     pub participants_connected: Gauge,
     pub participants_needed: Gauge,
     pub cohort_size: Gauge,
@@ -77,6 +78,7 @@ impl Metrics {
             stop_requested: Gauge::default(),
             secure_attempt: Gauge::default(),
             participants_joined: Gauge::default(),
+            participants_left: Gauge::default(),
             participants_connected: Gauge::default(),
             participants_needed: Gauge::default(),
             cohort_size: Gauge::default(),
@@ -163,6 +165,11 @@ impl Metrics {
             "participants_joined",
             "Participants that joined",
             m.participants_joined.clone(),
+        );
+        r.register(
+            "participants_left",
+            "Participants that left the federation (Leave): never sampled again, not counted as dropped",
+            m.participants_left.clone(),
         );
         r.register(
             "participants_connected",

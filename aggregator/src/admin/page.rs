@@ -26,7 +26,7 @@ const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:
 h1{font-size:1.4em;margin:0 0 .2em}h2{font-size:1.1em;margin:1.4em 0 .4em}\
 table{border-collapse:collapse}td,th{padding:.2em .7em;border-bottom:1px solid #ddd;text-align:left}\
 th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}\
-.mono{font-family:ui-monospace,monospace;font-size:.9em}.off{color:#a00;font-weight:bold}\
+.mono{font-family:ui-monospace,monospace;font-size:.9em}.off{color:#a00;font-weight:bold}.left{color:#666;font-style:italic}\
 .dim{color:#777}.legend span{margin-right:1.2em}svg{border:1px solid #ddd;background:#fff}";
 
 /// Line colours of the loss curves, one per language.
@@ -101,9 +101,10 @@ pub fn render(s: &StatusReport) -> String {
 fn participants(h: &mut String, s: &StatusReport) {
     let _ = write!(
         h,
-        "<h2>Participants ({} joined, {} needed)</h2>",
+        "<h2>Participants ({} joined, {} needed, {} left)</h2>",
         s.participants.len(),
-        s.participants_needed
+        s.participants_needed,
+        s.participants_left
     );
     if s.participants.is_empty() {
         h.push_str("<p class=\"dim\">No participant has joined yet.</p>");
@@ -114,7 +115,10 @@ fn participants(h: &mut String, s: &StatusReport) {
          <th>last seen</th><th>rounds contributed</th><th>loss reports</th></tr>",
     );
     for p in &s.participants {
-        let seen = if p.connected {
+        let seen = if let Some(left) = &p.left {
+            // A lab that left is not a lab that went missing.
+            format!("<span class=\"left\">{}</span>", escape(left))
+        } else if p.connected {
             format!("{:.0} s ago", p.last_seen_s_ago)
         } else {
             format!("<span class=\"off\">{:.0} s ago</span>", p.last_seen_s_ago)
@@ -147,7 +151,7 @@ fn rounds(h: &mut String, s: &StatusReport) {
     }
     h.push_str(
         "<table id=\"rounds\"><tr><th>round</th><th>contributors</th><th>dropped</th>\
-         <th>samples</th><th>attempt</th><th>quantisation bound</th><th>duration</th>\
+         <th>left</th><th>samples</th><th>attempt</th><th>quantisation bound</th><th>duration</th>\
          <th>adapter</th></tr>",
     );
     // Newest first: the last round is what an operator looks for.
@@ -162,12 +166,13 @@ fn rounds(h: &mut String, s: &StatusReport) {
         let _ = write!(
             h,
             "<tr class=\"round\" id=\"round-{}\"><td class=\"num\">{}</td><td>{}</td><td>{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{:.2} s</td><td class=\"mono\">{}</td></tr>",
             r.round,
             r.round,
             names(&r.contributors),
             names(&r.dropped),
+            names(&r.left),
             r.total_samples,
             r.secure_attempt
                 .map_or("plaintext".into(), |a| a.to_string()),
@@ -360,7 +365,7 @@ fn loss_curves(h: &mut String, curves: &[LossCurve]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::report::{LossPoint, ParticipantStatus};
+    use crate::admin::report::{LossPoint, ParticipantStatus, RoundRow};
 
     fn report() -> StatusReport {
         StatusReport {
@@ -377,6 +382,7 @@ mod tests {
             secure_stage: None,
             secure_attempt: None,
             participants_needed: 1,
+            participants_left: 0,
             cohort_size: 1,
             updates_received: 0,
             global_adapter_sha256: "cd".repeat(32),
@@ -388,6 +394,7 @@ mod tests {
                 connected: true,
                 rounds_contributed: 1,
                 metric_reports: 1,
+                left: None,
             }],
             rounds: Vec::new(),
             traffic: Vec::new(),
@@ -436,6 +443,32 @@ mod tests {
         r.paused = false;
         r.stop_requested = false;
         assert!(!render(&r).contains("id=\"operator\""));
+    }
+
+    #[test]
+    fn a_lab_that_left_shows_as_left_not_as_missing() {
+        let mut r = report();
+        r.participants[0].left = Some("left after round 1 (<policy>)".into());
+        r.rounds.push(RoundRow {
+            round: 2,
+            contributors: vec!["lab-lo".into()],
+            dropped: Vec::new(),
+            left: vec!["lab-km".into()],
+            total_samples: 1,
+            secure_attempt: None,
+            quantisation_bound: None,
+            duration_s: 1.0,
+            adapter_sha256: "ab".repeat(32),
+        });
+        let html = render(&r);
+        assert!(
+            html.contains("<span class=\"left\">left after round 1 (&lt;policy&gt;)</span>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<td>lab-lo</td><td>—</td><td>lab-km</td>"),
+            "{html}"
+        );
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct StatusReport {
     pub secure_stage: Option<String>,
     pub secure_attempt: Option<u32>,
     pub participants_needed: usize,
+    /// Members that left the federation (`Leave`), from the run's saved state: still
+    /// counted after a restart, when `participants` (this process's record) starts empty.
+    #[serde(default)]
+    pub participants_left: usize,
     pub cohort_size: usize,
     pub updates_received: usize,
     pub global_adapter_sha256: String,
@@ -63,6 +67,10 @@ pub struct ParticipantStatus {
     pub rounds_contributed: u64,
     /// Rounds it reported held-out losses for (its policy allows it).
     pub metric_reports: u64,
+    /// Set once it left the federation (`Leave`): when and why, e.g. "left after round 1
+    /// (its max_rounds policy was reached)". Absent from older reports.
+    #[serde(default)]
+    pub left: Option<String>,
 }
 
 /// One closed round.
@@ -71,6 +79,9 @@ pub struct RoundRow {
     pub round: u64,
     pub contributors: Vec<String>,
     pub dropped: Vec<String>,
+    /// Cohort members that left the federation during the round (not in `dropped`).
+    #[serde(default)]
+    pub left: Vec<String>,
     pub total_samples: u64,
     /// The secure-aggregation attempt that succeeded (None without secure aggregation).
     pub secure_attempt: Option<u32>,
@@ -168,27 +179,30 @@ impl StatusReport {
         }
         out.push_str(&format!("  plan sha256 {}\n", self.plan_sha256));
         let connected = self.participants.iter().filter(|p| p.connected).count();
+        let left = self.participants_left;
         out.push_str(&format!(
-            "participants: {} joined ({} needed), {connected} connected\n",
+            "participants: {} joined ({} needed), {connected} connected, {left} left\n",
             self.participants.len(),
             self.participants_needed
         ));
         for p in &self.participants {
+            let state = match &p.left {
+                Some(left) => format!(" ({left})"),
+                None if p.connected => String::new(),
+                None => " (not connected)".to_string(),
+            };
             out.push_str(&format!(
-                "  {:<20} {:<8} {} rounds, last seen {:.0} s ago{}\n",
-                p.name,
-                p.language,
-                p.rounds_contributed,
-                p.last_seen_s_ago,
-                if p.connected { "" } else { " (not connected)" }
+                "  {:<20} {:<8} {} rounds, last seen {:.0} s ago{state}\n",
+                p.name, p.language, p.rounds_contributed, p.last_seen_s_ago,
             ));
         }
         match self.rounds.last() {
             Some(r) => out.push_str(&format!(
-                "last round: {} — {} contributors, {} dropped, {:.1} s, adapter {}\n",
+                "last round: {} — {} contributors, {} dropped, {} left, {:.1} s, adapter {}\n",
                 r.round,
                 r.contributors.len(),
                 r.dropped.len(),
+                r.left.len(),
                 r.duration_s,
                 &r.adapter_sha256[..r.adapter_sha256.len().min(12)]
             )),

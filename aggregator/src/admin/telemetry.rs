@@ -37,12 +37,13 @@ pub enum Rpc {
     UpdateReceived,
     MaskedReceived,
     DownloadAdapter,
+    Leave,
     Other,
 }
 
 impl Rpc {
     /// Every method of the service (all but `Other`).
-    const METHODS: [Rpc; 11] = [
+    const METHODS: [Rpc; 12] = [
         Rpc::Join,
         Rpc::FetchTask,
         Rpc::SubmitUpdate,
@@ -54,6 +55,7 @@ impl Rpc {
         Rpc::UpdateReceived,
         Rpc::MaskedReceived,
         Rpc::DownloadAdapter,
+        Rpc::Leave,
     ];
 
     /// The method a gRPC request path (`/mekong.v1.Federation/Join`) names.
@@ -76,6 +78,7 @@ impl Rpc {
             Rpc::UpdateReceived => "UpdateReceived",
             Rpc::MaskedReceived => "MaskedReceived",
             Rpc::DownloadAdapter => "DownloadAdapter",
+            Rpc::Leave => "Leave",
             Rpc::Other => "other",
         }
     }
@@ -334,6 +337,7 @@ impl Telemetry {
                         round: record.round,
                         contributors: record.contributors.clone(),
                         dropped: record.dropped.clone(),
+                        left: record.left.clone(),
                         total_samples: record.total_samples,
                         secure_attempt: record.secure.as_ref().map(|s| s.attempt),
                         quantisation_bound: record.secure.as_ref().map(|s| s.error_bound),
@@ -385,6 +389,7 @@ impl Telemetry {
         m.secure_attempt
             .set(s.secure.map_or(0, |(_, attempt)| i64::from(attempt)));
         m.participants_joined.set(s.participants_joined as i64);
+        m.participants_left.set(s.participants_left as i64);
         m.participants_needed.set(s.participants_needed as i64);
         m.cohort_size.set(s.cohort_size as i64);
         m.updates_received.set(s.updates_received as i64);
@@ -452,6 +457,7 @@ impl Telemetry {
                 .map(|(stage, _)| secure_stage_label(stage).1.to_string()),
             secure_attempt: s.secure.map(|(_, attempt)| attempt),
             participants_needed: s.participants_needed,
+            participants_left: s.participants_left,
             cohort_size: s.cohort_size,
             updates_received: s.updates_received,
             global_adapter_sha256: s.global_hash,
@@ -468,6 +474,7 @@ impl Telemetry {
                         connected: ago < CONNECTED_WINDOW_MS,
                         rounds_contributed: p.rounds_contributed,
                         metric_reports: p.metric_reports,
+                        left: coordinator.departures().get(name).map(|d| d.to_string()),
                     }
                 })
                 .collect(),

@@ -196,6 +196,16 @@ impl Aggregator {
         a
     }
 
+    /// Returns the first line read so far that contains every pattern, or else reads lines
+    /// until one does: for what may be printed before the line `spawn` waits for.
+    pub fn saw_or_wait_for(&mut self, patterns: &[&str]) -> String {
+        let matches = |line: &str| patterns.iter().all(|p| line.contains(p));
+        if let Some(line) = self.seen.iter().find(|l| matches(l)) {
+            return line.clone();
+        }
+        self.wait_line(matches)
+    }
+
     /// Reads lines until one contains every pattern.
     pub fn wait_for(&mut self, patterns: &[&str]) -> String {
         self.wait_line(|line| patterns.iter().all(|p| line.contains(p)))
@@ -237,6 +247,25 @@ impl Aggregator {
 
     /// SIGKILL, and reap it (what dropping does, said out loud).
     pub fn kill(self) {}
+
+    /// Waits for the process to exit on its own within `within`; panics with the log if it
+    /// does not.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let give_up = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                self.drain();
+                return status;
+            }
+            if Instant::now() >= give_up {
+                panic!(
+                    "fedaggregator still runs after {within:?}:\n{}",
+                    self.drain().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Aggregator {

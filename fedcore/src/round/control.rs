@@ -148,19 +148,24 @@ impl Coordinator {
             ),
             State::Paused { after_round } => {
                 let next = after_round + 1;
-                events.push(self.open_round(next, now_ms));
+                events.push(self.next_round(next, now_ms));
                 format!("resumed: round {next} opened")
             }
-            State::Waiting if self.members.len() >= self.plan.rounds.participants => {
-                events.push(self.open_round(1, now_ms));
+            State::Waiting if self.present() >= self.plan.rounds.participants => {
+                events.push(self.next_round(1, now_ms));
                 "resumed: round 1 opened".to_string()
             }
             State::Waiting => format!(
                 "resumed: round 1 opens when {} participants have joined ({} so far)",
                 self.plan.rounds.participants,
-                self.members.len()
+                self.present()
             ),
             State::Finished => unreachable!("checked above"),
+        };
+        // Departures can have left too few labs for the round that was to open.
+        let message = match self.finish_reason() {
+            Some(reason) => format!("resumed, but the run finished instead: {reason}"),
+            None => message,
         };
         Ok(Applied { message, events })
     }
@@ -181,14 +186,13 @@ impl Coordinator {
             });
         }
         let rounds = self.rounds_closed();
-        self.control = Control::default();
-        self.state = State::Finished;
+        let event = self.finish(super::FinishReason::Stopped);
         Ok(Applied {
             message: format!(
                 "stopped: the run is finished after {rounds} of {} rounds; the final adapter is round {rounds}'s",
                 self.plan.rounds.rounds
             ),
-            events: vec![Event::RunFinished { rounds }],
+            events: vec![event],
         })
     }
 
@@ -196,9 +200,8 @@ impl Coordinator {
     /// opening, and the events of that. `None`: open the next round as usual.
     pub(super) fn hold_after(&mut self, round: u64) -> Option<Event> {
         if self.control.stop_requested {
-            self.control = Control::default();
-            self.state = State::Finished;
-            return Some(Event::RunFinished { rounds: round });
+            debug_assert_eq!(round, self.rounds_closed());
+            return Some(self.finish(super::FinishReason::Stopped));
         }
         if self.control.paused {
             self.state = State::Paused { after_round: round };

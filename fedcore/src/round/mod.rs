@@ -22,6 +22,9 @@
 mod control;
 #[cfg(test)]
 mod control_tests;
+mod leave;
+#[cfg(test)]
+mod leave_tests;
 mod secure;
 #[cfg(test)]
 mod secure_tests;
@@ -35,6 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use thiserror::Error;
 
 pub use control::{Applied, Command, Control, ControlError};
+pub use leave::{Departure, FinishReason, LeaveReason};
 use secure::{Progress, SecureRound};
 pub use secure::{SecureMessage, SecureStep};
 pub use upload::{EncodedSummary, Reply, SecureUpload, UploadError, UploadSecrets, rounding_seed};
@@ -72,6 +76,10 @@ pub enum RoundError {
     FutureRound { got: u64, current: u64 },
     #[error("participant {name} joined after round {round} opened and is not part of it")]
     NotInCohort { name: String, round: u64 },
+    #[error(
+        "participant {name} {departure}: a lab that left does not take part in this run again (it can join the next run)"
+    )]
+    Left { name: String, departure: Departure },
     #[error("participant {name} already submitted an update for round {round}")]
     DuplicateUpdate { name: String, round: u64 },
     #[error("update layout {got} does not match the round's upload layout {expected}")]
@@ -155,8 +163,13 @@ pub struct RoundRecord {
     pub round: u64,
     /// Names of the participants whose updates were aggregated, sorted.
     pub contributors: Vec<String>,
-    /// Cohort members that had not submitted when the round closed, sorted.
+    /// Cohort members that had not submitted when the round closed, sorted (those that
+    /// left the federation are in `left` instead).
     pub dropped: Vec<String>,
+    /// Cohort members that left the federation (`Leave`) during the round without
+    /// contributing, sorted. Absent from records written before it existed.
+    #[serde(default)]
+    pub left: Vec<String>,
     /// `Σ n_i` over the contributors.
     pub total_samples: u64,
     /// Content hash of the new global adapter.
@@ -264,7 +277,10 @@ pub struct Status {
     /// Open round, or the last closed one when finished, or 0 before the first.
     pub round: u64,
     pub rounds_total: u64,
+    /// Members that ever joined, those that left included.
     pub participants_joined: usize,
+    /// Members that left the federation (`Leave`).
+    pub participants_left: usize,
     pub participants_needed: usize,
     pub cohort_size: usize,
     pub updates_received: usize,
@@ -273,6 +289,8 @@ pub struct Status {
     pub secure: Option<(SecureStage, u32)>,
     /// The operator's standing pause / stop requests.
     pub control: Control,
+    /// Why the run finished, once it has.
+    pub finish_reason: Option<FinishReason>,
     pub history: Vec<RoundRecord>,
 }
 
@@ -328,6 +346,11 @@ pub struct Coordinator {
     session: [u8; 32],
     /// The operator's pause / stop requests.
     control: Control,
+    /// Members that left the federation, never sampled again (see `leave.rs`).
+    left: BTreeMap<String, Departure>,
+    /// Members told the run is finished.
+    told_finished: BTreeSet<String>,
+    finish_reason: Option<FinishReason>,
 }
 
 impl Coordinator {
@@ -357,6 +380,9 @@ impl Coordinator {
             roster,
             session,
             control: Control::default(),
+            left: BTreeMap::new(),
+            told_finished: BTreeSet::new(),
+            finish_reason: None,
         })
     }
 
@@ -447,6 +473,12 @@ impl Coordinator {
         if !valid_name(name) {
             return Err(RoundError::BadName(name.to_string()));
         }
+        if let Some(departure) = self.left.get(name) {
+            return Err(RoundError::Left {
+                name: name.to_string(),
+                departure: *departure,
+            });
+        }
         if matches!(self.state, State::Finished) {
             return Err(RoundError::RunFinished);
         }
@@ -464,22 +496,22 @@ impl Coordinator {
         let mut events = Vec::new();
         if matches!(self.state, State::Waiting)
             && !self.control.paused
-            && self.members.len() >= self.plan.rounds.participants
+            && self.present() >= self.plan.rounds.participants
         {
-            events.push(self.open_round(1, now_ms));
+            events.push(self.next_round(1, now_ms));
         }
         Ok(events)
     }
 
     /// What the participant holding `token` should do now.
     pub fn task(&self, token: &str) -> Result<Task<'_>, RoundError> {
-        let name = self.name_of(token)?;
+        let name = self.present_name(token)?;
         Ok(match &self.state {
             State::Waiting if self.control.paused => {
                 Task::Wait(WaitReason::Paused { after_round: 0 })
             }
             State::Waiting => Task::Wait(WaitReason::Participants {
-                joined: self.members.len(),
+                joined: self.present(),
                 needed: self.plan.rounds.participants,
             }),
             State::Paused { after_round } => Task::Wait(WaitReason::Paused {
@@ -562,7 +594,7 @@ impl Coordinator {
         update: &SubmittedUpdate,
         now_ms: u64,
     ) -> Result<Vec<Event>, RoundError> {
-        let name = self.name_of(token)?.to_string();
+        let name = self.present_name(token)?.to_string();
         if self.secure() {
             return Err(RoundError::SecureAggregationRequired);
         }
@@ -622,7 +654,12 @@ impl Coordinator {
         };
         open.sum.add(update.num_samples, &values)?;
         open.submitted.insert(name);
-        if open.submitted.len() == open.cohort.len() {
+        let left = &self.left;
+        if open
+            .cohort
+            .iter()
+            .all(|n| open.submitted.contains(n) || left.contains_key(n))
+        {
             return self.close_round(now_ms);
         }
         Ok(Vec::new())
@@ -666,6 +703,7 @@ impl Coordinator {
             round,
             rounds_total: self.plan.rounds.rounds,
             participants_joined: self.members.len(),
+            participants_left: self.left.len(),
             participants_needed: self.plan.rounds.participants,
             cohort_size,
             updates_received,
@@ -677,6 +715,7 @@ impl Coordinator {
                 _ => None,
             },
             control: self.control,
+            finish_reason: self.finish_reason,
             history: self.history.clone(),
         }
     }
@@ -766,7 +805,7 @@ impl Coordinator {
 
     /// The protocol index of the participant holding `token`.
     fn secure_index(&self, token: &str) -> Result<Index, RoundError> {
-        let name = self.name_of(token)?;
+        let name = self.present_name(token)?;
         if !self.secure() {
             return Err(RoundError::SecureAggregationOff);
         }
@@ -898,9 +937,26 @@ impl Coordinator {
             return Vec::new();
         };
         if attempt >= MAX_ATTEMPTS {
-            self.state = State::Finished;
-            self.control = Control::default();
-            return vec![Event::RunFinished { rounds: round - 1 }];
+            return vec![self.finish(FinishReason::AttemptsExhausted { round })];
+        }
+        if !self.left.is_empty() {
+            let present = open
+                .cohort
+                .iter()
+                .filter(|n| !self.left.contains_key(*n))
+                .count();
+            let needed = self
+                .plan
+                .rounds
+                .min_updates
+                .min(open.cohort.len())
+                .max(self.secure_quorum());
+            if present < needed {
+                return vec![self.finish(FinishReason::TooFewMembers {
+                    remaining: present,
+                    needed,
+                })];
+            }
         }
         let next = self.secure_attempt(round, &open.cohort, attempt);
         let deadline_ms = now_ms + self.plan.rounds.round_timeout_ms;
@@ -937,7 +993,18 @@ impl Coordinator {
             .collect();
         let record = RoundRecord {
             round: open.round,
-            dropped: open.cohort.difference(&contributors).cloned().collect(),
+            dropped: open
+                .cohort
+                .iter()
+                .filter(|n| !contributors.contains(*n) && !self.left.contains_key(*n))
+                .cloned()
+                .collect(),
+            left: open
+                .cohort
+                .iter()
+                .filter(|n| !contributors.contains(*n) && self.left.contains_key(*n))
+                .cloned()
+                .collect(),
             contributors: contributors.into_iter().collect(),
             total_samples: decoded.total_weight,
             adapter_hash: outcome.global.content_hash(),
@@ -958,8 +1025,26 @@ impl Coordinator {
             .ok_or_else(|| RoundError::UnknownParticipant(token.to_string()))
     }
 
+    /// The name of the member holding `token`, refused once it has left.
+    fn present_name(&self, token: &str) -> Result<&str, RoundError> {
+        let name = self.name_of(token)?;
+        match self.left.get(name) {
+            Some(departure) => Err(RoundError::Left {
+                name: name.to_string(),
+                departure: *departure,
+            }),
+            None => Ok(name),
+        }
+    }
+
     fn open_round(&mut self, round: u64, now_ms: u64) -> Event {
-        let eligible: Vec<String> = self.members.keys().cloned().collect();
+        // Members that left are never sampled again.
+        let eligible: Vec<String> = self
+            .members
+            .keys()
+            .filter(|n| !self.left.contains_key(*n))
+            .cloned()
+            .collect();
         let cohort: BTreeSet<String> = self
             .strategy
             .spec()
@@ -1032,8 +1117,10 @@ impl Coordinator {
         let encoding = spec
             .encoding(len)
             .expect("the plan's secure-aggregation section was validated");
+        // A cohort member that left is not waited for by a new attempt.
         let indices = cohort
             .iter()
+            .filter(|n| !self.left.contains_key(*n))
             .filter_map(|n| self.roster.index_of(n))
             .collect();
         (cfg, encoding, indices)
@@ -1051,7 +1138,18 @@ impl Coordinator {
         let record = RoundRecord {
             round: open.round,
             contributors: open.submitted.iter().cloned().collect(),
-            dropped: open.cohort.difference(&open.submitted).cloned().collect(),
+            dropped: open
+                .cohort
+                .iter()
+                .filter(|n| !open.submitted.contains(*n) && !self.left.contains_key(*n))
+                .cloned()
+                .collect(),
+            left: open
+                .cohort
+                .iter()
+                .filter(|n| !open.submitted.contains(*n) && self.left.contains_key(*n))
+                .cloned()
+                .collect(),
             total_samples: open.sum.total_weight(),
             adapter_hash: outcome.global.content_hash(),
             mode: self.strategy.mode(),
@@ -1076,13 +1174,11 @@ impl Coordinator {
         self.history.push(record.clone());
         let mut events = vec![Event::RoundCompleted(record)];
         if round >= self.plan.rounds.rounds {
-            self.state = State::Finished;
-            self.control = Control::default();
-            events.push(Event::RunFinished { rounds: round });
+            events.push(self.finish(FinishReason::Completed));
         } else if let Some(held) = self.hold_after(round) {
             events.push(held);
         } else {
-            events.push(self.open_round(round + 1, now_ms));
+            events.push(self.next_round(round + 1, now_ms));
         }
         Ok(events)
     }

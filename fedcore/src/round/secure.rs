@@ -84,6 +84,9 @@ pub(crate) struct SecureRound {
     pub encoding: WeightedEncoding,
     /// Cohort members' indices: who stage 0 waits for.
     cohort: BTreeSet<Index>,
+    /// Members that left the federation during this attempt: no stage waits for them, as
+    /// if they had dropped (see `leave.rs`).
+    departed: BTreeSet<Index>,
     /// Deadline of the current stage once keys are advertised (stage 0 runs under the
     /// round's deadline).
     pub stage_deadline_ms: Option<u64>,
@@ -116,6 +119,7 @@ impl SecureRound {
             server: ServerSession::new(cfg, identities)?,
             encoding,
             cohort,
+            departed: BTreeSet::new(),
             stage_deadline_ms: None,
             roster: None,
             deliveries: BTreeMap::new(),
@@ -154,6 +158,7 @@ impl SecureRound {
             server,
             encoding,
             cohort,
+            departed: BTreeSet::new(),
             stage_deadline_ms: Some(stage_deadline_ms),
             roster: Some(roster),
             deliveries: BTreeMap::new(),
@@ -168,7 +173,26 @@ impl SecureRound {
             Stage::AdvertiseKeys => self.cohort.contains(&who),
             _ => self.server.expected().contains(&who),
         };
-        expected && !self.server.answered(who)
+        expected && !self.server.answered(who) && !self.departed.contains(&who)
+    }
+
+    /// Participant `who` left the federation: from now on it is treated as having dropped
+    /// out of the stage under way (nothing waits for it, and it is refused upstream).
+    pub fn depart(&mut self, who: Index) {
+        self.departed.insert(who);
+    }
+
+    /// How many the current stage still waits for.
+    pub fn awaited(&self) -> usize {
+        match self.stage() {
+            Stage::AdvertiseKeys => self.cohort.iter().filter(|i| self.awaits(**i)).count(),
+            _ => self
+                .server
+                .expected()
+                .iter()
+                .filter(|i| self.awaits(**i))
+                .count(),
+        }
     }
 
     /// What `who` should do now, if anything.
@@ -214,12 +238,12 @@ impl SecureRound {
         }
     }
 
-    /// Whether every participant the current stage waits for has answered.
+    /// Whether every participant the current stage waits for has answered (members that
+    /// left are not waited for).
     fn complete(&self) -> bool {
         match self.stage() {
-            Stage::AdvertiseKeys => self.cohort.iter().all(|i| self.server.answered(*i)),
             Stage::Done => false,
-            _ => self.server.answers() == self.server.expected().len(),
+            _ => self.awaited() == 0,
         }
     }
 

@@ -5,9 +5,10 @@
 //! A coordinator is saved in three parts, each at its own pace, because their sizes differ
 //! by orders of magnitude:
 //!
-//! - **state** ([`Coordinator::encode_state`]): members, tokens, the open round's cohort
-//!   and secure-aggregation attempt. Small and of bounded size however long the run;
-//!   saved after every change.
+//! - **state** ([`Coordinator::encode_state`]): members, tokens, members that left and
+//!   those told the run finished (both bounded by the members), why it finished, the open
+//!   round's cohort and secure-aggregation attempt. Small and of bounded size however long
+//!   the run; saved after every change.
 //! - **history** ([`Coordinator::history`]): one [`RoundRecord`] per closed round, saved
 //!   once when its round closes (kept out of the state, which would otherwise grow with
 //!   every round and be rewritten with every change).
@@ -45,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::secure::SecureRound;
-use super::{Control, Coordinator, Member, OpenRound, RoundRecord, State};
+use super::{Control, Coordinator, Departure, FinishReason, Member, OpenRound, RoundRecord, State};
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
 use crate::plan::FederationPlan;
@@ -56,10 +57,11 @@ use crate::secagg::spec::MAX_ATTEMPTS;
 use crate::strategy::{GlobalModel, ServerState};
 
 /// Version of the state encoding; bumped on any incompatible change. Version 2 added the
-/// operator's pause / stop requests (and the paused run); a version 1 state still reads, as
-/// a run without them, while an older build refuses a version 2 state rather than silently
-/// dropping a pause.
-pub const STATE_VERSION: u32 = 2;
+/// operator's pause / stop requests (and the paused run); version 3 the members that left
+/// (`Leave`), who was told the run finished, and why it finished. Older states still read
+/// (as a run without them), while an older build refuses a newer state rather than silently
+/// dropping a pause or sampling a lab that left.
+pub const STATE_VERSION: u32 = 3;
 
 /// The oldest state version [`Coordinator::restore`] reads.
 pub const OLDEST_STATE_VERSION: u32 = 1;
@@ -185,6 +187,15 @@ struct StateSnapshot {
     paused: bool,
     #[serde(default)]
     stop_requested: bool,
+    /// Members that left, by name (absent before version 3: none).
+    #[serde(default)]
+    left: BTreeMap<String, Departure>,
+    /// Members told the run finished (absent before version 3: none).
+    #[serde(default)]
+    told_finished: BTreeSet<String>,
+    /// Why the run finished (absent before version 3: not recorded).
+    #[serde(default)]
+    finish_reason: Option<FinishReason>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -277,6 +288,9 @@ impl Coordinator {
             run,
             paused: self.control.paused,
             stop_requested: self.control.stop_requested,
+            left: self.left.clone(),
+            told_finished: self.told_finished.clone(),
+            finish_reason: self.finish_reason,
         })
     }
 
@@ -365,6 +379,19 @@ impl Coordinator {
             )));
         }
         c.tokens = snap.tokens;
+        if let Some(name) = snap
+            .left
+            .keys()
+            .chain(&snap.told_finished)
+            .find(|n| !c.members.contains_key(*n))
+        {
+            return Err(SnapshotError::Inconsistent(format!(
+                "{name:?} is recorded as having left or been told the run finished, but is not a member"
+            )));
+        }
+        c.left = snap.left;
+        c.told_finished = snap.told_finished;
+        c.finish_reason = snap.finish_reason;
         if saved.history.len() as u64 != snap.rounds_closed
             || saved
                 .history
@@ -526,12 +553,21 @@ impl Coordinator {
         let partial: BTreeMap<Index, usize> = decode(&sum.partial, "partial-input map")?;
         let (cfg, encoding, indices) = self.secure_parts(round, cohort, attempt);
         let server = ServerSession::resume(cfg, self.roster.identities(), state, words, partial)?;
-        Ok(SecureRound::resume(
+        let mut secure = SecureRound::resume(
             server,
             encoding,
             indices,
             attempt,
             now_ms + self.plan.secure_aggregation.stage_timeout_ms,
-        ))
+        );
+        // Members that left during the attempt stay dropped from it.
+        for index in cohort
+            .iter()
+            .filter(|n| self.left.contains_key(*n))
+            .filter_map(|n| self.roster.index_of(n))
+        {
+            secure.depart(index);
+        }
+        Ok(secure)
     }
 }
