@@ -251,6 +251,8 @@ impl WireLab {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let mut client = self.client.clone();
         let call = tokio::spawn(async move { client.submit_masked(ReceiverStream::new(rx)).await });
+        // The whole vector's hash, built from the chunks as they go (100M words are 400 MB).
+        let mut whole = sha2::Sha256::new();
         for (k, c) in words.chunks(WIRE_CHUNK_WORDS).enumerate() {
             let last = k + 1 == count;
             let words_u32_le = encode_words(if die_after_first && last {
@@ -258,6 +260,7 @@ impl WireLab {
             } else {
                 c
             });
+            whole.update(&words_u32_le);
             let chunk = pb::MaskedChunk {
                 participant_id: self.id.clone(),
                 round,
@@ -267,7 +270,7 @@ impl WireLab {
                 words_u32_le,
                 last: last && !die_after_first,
                 vector_sha256: if last {
-                    sha2::Sha256::digest(encode_words(words)).to_vec()
+                    whole.clone().finalize().to_vec()
                 } else {
                     Vec::new()
                 },
