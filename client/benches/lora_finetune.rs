@@ -5,6 +5,9 @@
 //!     [--seq 256] [--batch 4] [--steps 8] [--warmup 2] [--rank 8]
 //! ```
 //!
+//! With `--features ndarray`, `--device ndarray` runs the same workload on burn's ndarray
+//! backend, to compare the two CPU backends burn 0.22 offers.
+//!
 //! The workload matches bench/pytorch_lora_bench.py: SmolLM2-135M-Instruct (default: the
 //! file scripts/fetch-model.sh caches), LoRA rank 8 / alpha 16 on all seven projections,
 //! AdamW, random windows of UDHR English text. Mekong trains B only (FFA-LoRA, A frozen), so
@@ -20,9 +23,17 @@ use fedclient::model::LoraLlama;
 use fedclient::train::{RandomWindows, train};
 use fedcore::{LoraSpec, TargetModule, TrainingSpec};
 
+/// The device to run on: one the product can choose, or (bench only) ndarray.
+#[derive(Clone, Copy)]
+enum BenchDevice {
+    Product(DeviceChoice),
+    #[cfg(feature = "ndarray")]
+    Ndarray,
+}
+
 struct Args {
     model: PathBuf,
-    device: DeviceChoice,
+    device: BenchDevice,
     seq: usize,
     batch: usize,
     steps: usize,
@@ -33,7 +44,7 @@ struct Args {
 fn parse() -> Args {
     let mut args = Args {
         model: fedclient::checkpoint::default_model_path(),
-        device: DeviceChoice::Cpu,
+        device: BenchDevice::Product(DeviceChoice::Cpu),
         seq: 256,
         batch: 4,
         steps: 8,
@@ -47,9 +58,13 @@ fn parse() -> Args {
             "--model" => args.model = PathBuf::from(value()),
             "--device" => {
                 args.device = match value().as_str() {
-                    "cpu" => DeviceChoice::Cpu,
-                    "wgpu" => DeviceChoice::Wgpu,
-                    other => panic!("--device cpu|wgpu, got {other}"),
+                    "cpu" => BenchDevice::Product(DeviceChoice::Cpu),
+                    "wgpu" => BenchDevice::Product(DeviceChoice::Wgpu),
+                    #[cfg(feature = "ndarray")]
+                    "ndarray" => BenchDevice::Ndarray,
+                    other => {
+                        panic!("--device cpu|wgpu (ndarray with --features ndarray), got {other}")
+                    }
                 }
             }
             "--seq" => args.seq = value().parse().expect("--seq N"),
@@ -81,7 +96,14 @@ fn main() {
         );
         std::process::exit(2);
     }
-    let selected = select_device(args.device).expect("device");
+    let (device, label) = match args.device {
+        BenchDevice::Product(choice) => {
+            let selected = select_device(choice).expect("device");
+            (selected.device, selected.label)
+        }
+        #[cfg(feature = "ndarray")]
+        BenchDevice::Ndarray => (burn::tensor::Device::ndarray(), "cpu (ndarray)".to_string()),
+    };
     let load = Instant::now();
     let ckpt = checkpoint::open(&args.model).expect("opening the checkpoint");
     let tokenizer = ckpt
@@ -102,7 +124,7 @@ fn main() {
         a_seed: 1,
         dropout: 0.0,
     };
-    let mut model = LoraLlama::from_checkpoint(&ckpt, &lora, &selected.device).expect("model");
+    let mut model = LoraLlama::from_checkpoint(&ckpt, &lora, &device).expect("model");
     let load_s = load.elapsed().as_secs_f64();
     let spec = |steps| TrainingSpec {
         local_steps: steps,
@@ -113,31 +135,19 @@ fn main() {
     };
     if args.warmup > 0 {
         let mut source = RandomWindows::new(&tokens, args.batch, args.seq, 1).expect("windows");
-        model = train(
-            model,
-            &spec(args.warmup),
-            &mut source,
-            &selected.device,
-            &mut (),
-        )
-        .expect("warm-up")
-        .0;
+        model = train(model, &spec(args.warmup), &mut source, &device, &mut ())
+            .expect("warm-up")
+            .0;
     }
     let mut source = RandomWindows::new(&tokens, args.batch, args.seq, 2).expect("windows");
     let start = Instant::now();
-    let (_, reports) = train(
-        model,
-        &spec(args.steps),
-        &mut source,
-        &selected.device,
-        &mut (),
-    )
-    .expect("training");
+    let (_, reports) =
+        train(model, &spec(args.steps), &mut source, &device, &mut ()).expect("training");
     let elapsed = start.elapsed().as_secs_f64();
     let tokens_done: usize = reports.iter().map(|r| r.tokens).sum();
     println!(
         "{{\"impl\": \"mekong (burn 0.22)\", \"device\": {:?}, \"seq\": {}, \"batch\": {}, \"steps\": {}, \"trainable_params\": {}, \"tokens_per_s\": {:.1}, \"s_per_step\": {:.3}, \"peak_rss_mib\": {:.1}, \"load_s\": {:.2}, \"last_loss\": {:.4}}}",
-        selected.label,
+        label,
         args.seq,
         args.batch,
         args.steps,
