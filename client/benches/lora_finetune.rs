@@ -101,7 +101,9 @@ fn main() {
             let selected = select_device(choice).expect("device");
             (selected.device, selected.label)
         }
+        // Deprecated by burn in favour of flex: measured here to show why it is not used.
         #[cfg(feature = "ndarray")]
+        #[allow(deprecated)]
         BenchDevice::Ndarray => (burn::tensor::Device::ndarray(), "cpu (ndarray)".to_string()),
     };
     let load = Instant::now();
