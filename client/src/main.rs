@@ -292,6 +292,7 @@ async fn main() -> Result<()> {
                 ..ParticipantOptions::new("", "", "")
             }
             .with_policy(&policy);
+            leave_on_ctrl_c(options.leave.clone());
             let report = participant::run(
                 options,
                 corpus,
@@ -307,6 +308,10 @@ async fn main() -> Result<()> {
                 ),
                 RunEnd::MaxRounds { max_rounds } => println!(
                     "left after {} rounds, as this lab's policy says (max_rounds = {max_rounds}); the federation goes on",
+                    report.rounds.len()
+                ),
+                RunEnd::LeftOnRequest => println!(
+                    "left after {} rounds, as asked (Ctrl-C); the federation goes on without this lab",
                     report.rounds.len()
                 ),
             }
@@ -434,4 +439,24 @@ async fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The first Ctrl-C asks the participant runtime to leave the federation at the first
+/// moment it can without breaking a round (and to tell the aggregator, so no round waits
+/// for this lab); a second one quits at once, as a killed process would.
+fn leave_on_ctrl_c(leave: participant::LeaveRequest) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        eprintln!(
+            "leaving the federation once this lab's part in the round under way is done \
+             (Ctrl-C again to quit at once)"
+        );
+        leave.request();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("quitting now; the aggregator will count this lab as dropped");
+            std::process::exit(130);
+        }
+    });
 }

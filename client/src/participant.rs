@@ -30,6 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use burn::prelude::Device;
@@ -130,6 +131,26 @@ pub enum ParticipantError {
     },
 }
 
+/// The lab operator's request to leave the federation (`fedclient join` sets it on Ctrl-C).
+/// The runtime honours it at the first moment it can leave without breaking a round: before
+/// training a new round, or while waiting with no secure-aggregation session open (an
+/// update it already handed in stays in its round). It then tells the aggregator (`Leave`,
+/// reason: operator request) and ends with [`RunEnd::LeftOnRequest`].
+#[derive(Debug, Clone, Default)]
+pub struct LeaveRequest(Arc<AtomicBool>);
+
+impl LeaveRequest {
+    /// Asks the runtime holding a clone of this request to leave.
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether leaving was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// How to take part.
 #[derive(Debug, Clone)]
 pub struct ParticipantOptions {
@@ -165,6 +186,8 @@ pub struct ParticipantOptions {
     /// This lab's local policy: the most rounds it contributes to before it leaves the
     /// federation on its own. `None`: every round of the plan.
     pub max_rounds: Option<u64>,
+    /// Set by the lab's operator to leave before the run ends (see [`LeaveRequest`]).
+    pub leave: LeaveRequest,
 }
 
 impl ParticipantOptions {
@@ -191,6 +214,7 @@ impl ParticipantOptions {
             base: None,
             share_metrics: BTreeSet::new(),
             max_rounds: None,
+            leave: LeaveRequest::default(),
         }
     }
 
@@ -262,6 +286,9 @@ pub enum RunEnd {
     Finished { rounds_completed: u64 },
     /// The lab's policy (`max_rounds`) was reached; it left while the run went on.
     MaxRounds { max_rounds: u64 },
+    /// The lab's operator asked it to leave ([`LeaveRequest`]); it left while the run went
+    /// on.
+    LeftOnRequest,
 }
 
 /// What a participant ends with.
@@ -339,6 +366,8 @@ pub async fn run(
     let mut rounds = Vec::new();
     let mut secure = SecureState::default();
 
+    // The last global this lab received: what it ends with if it leaves while waiting.
+    let mut last_global: Option<GlobalModel> = None;
     let (final_model, ended) = loop {
         let task = call_with_retry(&options, "FetchTask", || {
             let mut c = client.clone();
@@ -354,6 +383,15 @@ pub async fn run(
 
         match task {
             pb::fetch_task_response::Task::Wait(w) => {
+                // Not while a secure session is open: that round still needs this lab.
+                if options.leave.is_requested() && secure.upload.is_none() {
+                    info!(participant = %options.name, "leaving the federation, as this lab's operator asked");
+                    leave(&client, &options, &id, pb::LeaveReason::OperatorRequest).await;
+                    break (
+                        last_global.take().unwrap_or_else(|| template.clone()),
+                        RunEnd::LeftOnRequest,
+                    );
+                }
                 tracing::debug!(participant = %options.name, reason = %w.reason, "waiting");
                 tokio::time::sleep(Duration::from_millis(w.retry_after_ms.min(5_000).into())).await;
             }
@@ -379,6 +417,12 @@ pub async fn run(
                     leave(&client, &options, &id, pb::LeaveReason::MaxRounds).await;
                     break (global, RunEnd::MaxRounds { max_rounds });
                 }
+                if options.leave.is_requested() {
+                    info!(participant = %options.name, round = t.round, "leaving the federation before this round, as this lab's operator asked");
+                    leave(&client, &options, &id, pb::LeaveReason::OperatorRequest).await;
+                    break (global, RunEnd::LeftOnRequest);
+                }
+                let global: &GlobalModel = last_global.insert(global);
                 let global_hash = global.content_hash();
                 if secure.revealed.contains(&(t.round, global_hash.clone())) {
                     // Never a second unmasking of the same update (see module docs).
@@ -390,14 +434,14 @@ pub async fn run(
                     .trained
                     .as_ref()
                     .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
-                let work = RoundPlan::new(&plan, &strategy, &options.name, t.round, &global);
+                let work = RoundPlan::new(&plan, &strategy, &options.name, t.round, global);
                 work.check(&t, &template.adapter)?;
                 if fresh {
                     let seed = plan.training.local_seed(&options.name, t.round);
                     let spec = plan.training.clone();
                     let data = corpus.clone();
                     let dev = device.clone();
-                    let download = strategy.download(&global, &options.name, personal.as_ref())?;
+                    let download = strategy.download(global, &options.name, personal.as_ref())?;
                     // HetLoRA: train the first `rank` components at the global rank, the
                     // others held at zero (they get no gradient; see hetlora::zero_beyond).
                     let hetero = download.config().rank < plan.lora.rank;
@@ -654,7 +698,6 @@ pub async fn run(
     })
 }
 
-/// The task's global adapter, downloaded in chunks when it came by reference.
 /// Tries of a `Leave` call before giving up, and how long each may take.
 const LEAVE_TRIES: u32 = 4;
 const LEAVE_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -697,6 +740,7 @@ async fn leave(
     }
 }
 
+/// The task's global adapter, downloaded in chunks when it came by reference.
 async fn fetch_global(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,

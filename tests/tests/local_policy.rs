@@ -184,3 +184,76 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// Asks its lab to leave once its update for round 1 was accepted, as Ctrl-C does in
+/// `fedclient join`.
+struct LeaveAfterFirstRound(participant::LeaveRequest);
+
+impl participant::ParticipantObserver for LeaveAfterFirstRound {
+    fn update_accepted(&self, _name: &str, _round: u64, _round_closed: bool) {
+        self.0.request();
+    }
+}
+
+/// A lab whose operator asks it to leave (`LeaveRequest`, what Ctrl-C sets) leaves at the
+/// first moment that breaks no round: its round-1 update stays in round 1, it tells the
+/// aggregator (reason: operator request), and rounds 2 and 3 neither include nor wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_whose_operator_asks_it_to_leave_leaves_between_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    const ROUND_TIMEOUT_MS: u64 = 60_000;
+    let plan = test_plan(3, 3, 2, ROUND_TIMEOUT_MS);
+    let mut config = aggregator_config(plan, dir.path());
+    config.admin = Some(AdminSection::loopback(0));
+    let started = Instant::now();
+    let server = fedaggregator::start(&config).await.unwrap();
+    let mut labs = Vec::new();
+    for code in ["lo", "km", "th"] {
+        let options = mekong_e2e::participant_options(&server.url(), &format!("lab-{code}"), code);
+        let observer: Arc<dyn participant::ParticipantObserver> = if code == "th" {
+            Arc::new(LeaveAfterFirstRound(options.leave.clone()))
+        } else {
+            Arc::new(Quiet)
+        };
+        labs.push(tokio::spawn(participant::run(
+            options,
+            corpus(code),
+            Device::flex(),
+            observer,
+        )));
+    }
+    let mut reports = Vec::new();
+    for lab in labs {
+        reports.push(lab.await.unwrap().unwrap());
+    }
+    server.finished().await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(ROUND_TIMEOUT_MS),
+        "the run took {took:?}: a round waited for the lab that left"
+    );
+    let th = &reports[2];
+    assert_eq!(th.ended, RunEnd::LeftOnRequest);
+    assert_eq!(th.rounds.iter().map(|r| r.round).collect::<Vec<_>>(), [1]);
+    let history = server.status().history;
+    assert_eq!(history.len(), 3);
+    assert_eq!(history[0].contributors, ["lab-km", "lab-lo", "lab-th"]);
+    for record in &history[1..] {
+        assert_eq!(record.contributors, ["lab-km", "lab-lo"], "{record:?}");
+        assert!(record.dropped.is_empty(), "{record:?}");
+    }
+    let admin = format!("http://{}", server.admin_addr().unwrap());
+    let report = fetch_status(&admin).await.unwrap();
+    let th = report
+        .participants
+        .iter()
+        .find(|p| p.name == "lab-th")
+        .unwrap();
+    // After round 0 or 1: round 1 may still have been open when it left (its update stays).
+    let left = th.left.as_deref().unwrap();
+    assert!(
+        left.starts_with("left after round") && left.ends_with("(its operator asked it to leave)"),
+        "{left}"
+    );
+    server.shutdown().await.unwrap();
+}
