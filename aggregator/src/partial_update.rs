@@ -63,9 +63,9 @@ impl PartialUpdates {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops what is held for rounds other than `open_round`.
-    pub fn keep_round(&self, open_round: u64) {
-        self.map().retain(|_, p| p.header.round == open_round);
+    /// Drops what is held for rounds other than `open_round` (everything when none is open).
+    pub fn keep_round(&self, open_round: Option<u64>) {
+        self.map().retain(|_, p| Some(p.header.round) == open_round);
     }
 
     /// Takes what `token`'s broken stream left, to go on with it.
@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(held.held_bytes("t", 2), 8);
         assert_eq!(held.held_bytes("t", 3), 0);
         assert_eq!(held.held_bytes("u", 2), 0, "an empty prefix is not held");
-        held.keep_round(3);
+        held.keep_round(Some(3));
         assert_eq!(
             held.held_bytes("t", 2),
             0,

@@ -585,7 +585,7 @@ impl Federation for FederationService {
             let c = self.shared.lock();
             check_owner(&c, &header.participant_id, certified.as_deref())?;
             self.shared.seen(&c, &header.participant_id);
-            (4 * c.upload_manifest().len(), c.status().round)
+            (4 * c.upload_manifest().len(), c.round_in_progress())
         };
         let partials = &self.shared.partial_updates;
         partials.keep_round(open_round);
@@ -648,12 +648,11 @@ impl Federation for FederationService {
         let c = self.shared.lock();
         check_owner(&c, &req.participant_id, certified.as_deref())?;
         self.shared.seen(&c, &req.participant_id);
-        let open = c.status().round;
         let accepted = match c.task(&req.participant_id).map_err(|e| status_for(&e))? {
             Task::Wait(WaitReason::Submitted { round }) => round == req.round,
-            _ if req.round != open => {
+            _ if c.round_in_progress() != Some(req.round) => {
                 return Err(Status::failed_precondition(format!(
-                    "round {} is not open (round {open} is)",
+                    "round {} is not open",
                     req.round
                 )));
             }

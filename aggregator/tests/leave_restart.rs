@@ -19,11 +19,35 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use common::{Aggregator, LABS, config, corpus, free_port, lab_options, plan, write_config};
-use fedclient::participant::{self, Quiet, RunEnd};
+use fedclient::participant::{self, ParticipantError, ParticipantReport, Quiet, RunEnd};
+use fedcore::FederationPlan;
+use tokio::task::JoinHandle;
 
 /// Well under the configured `linger_after_finish_ms` (30 s): an exit this soon means the
 /// aggregator did not wait for anyone.
 const PROMPT_EXIT: Duration = Duration::from_secs(12);
+
+/// The in-process labs, lab-km with `max_rounds = 1`.
+fn spawn_labs(
+    url: &str,
+    plan: &FederationPlan,
+    patience: Duration,
+) -> Vec<JoinHandle<Result<ParticipantReport, ParticipantError>>> {
+    (0..LABS.len())
+        .map(|i| {
+            let mut options = lab_options(url, i, plan, patience);
+            if LABS[i] == "lab-km" {
+                options.max_rounds = Some(1);
+            }
+            tokio::spawn(participant::run(
+                options,
+                corpus(i),
+                Device::flex(),
+                Arc::new(Quiet),
+            ))
+        })
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn departures_and_who_was_told_survive_a_restart() {
@@ -35,20 +59,7 @@ async fn departures_and_who_was_told_survive_a_restart() {
     let mut aggregator = Aggregator::spawn(&config_path, "info");
 
     let url = format!("http://127.0.0.1:{port}");
-    let labs: Vec<_> = (0..LABS.len())
-        .map(|i| {
-            let mut options = lab_options(&url, i, &plan, Duration::from_secs(30));
-            if LABS[i] == "lab-km" {
-                options.max_rounds = Some(1);
-            }
-            tokio::spawn(participant::run(
-                options,
-                corpus(i),
-                Device::flex(),
-                Arc::new(Quiet),
-            ))
-        })
-        .collect();
+    let labs = spawn_labs(&url, &plan, Duration::from_secs(30));
     let mut reports = Vec::new();
     for lab in labs {
         reports.push(lab.await.unwrap().unwrap());
@@ -127,20 +138,7 @@ async fn a_departure_survives_a_kill_and_no_later_round_waits_for_it() {
     let mut aggregator = Aggregator::spawn(&config_path, "info");
 
     let url = format!("http://127.0.0.1:{port}");
-    let labs: Vec<_> = (0..LABS.len())
-        .map(|i| {
-            let mut options = lab_options(&url, i, &plan, Duration::from_secs(60));
-            if LABS[i] == "lab-km" {
-                options.max_rounds = Some(1);
-            }
-            tokio::spawn(participant::run(
-                options,
-                corpus(i),
-                Device::flex(),
-                Arc::new(Quiet),
-            ))
-        })
-        .collect();
+    let labs = spawn_labs(&url, &plan, Duration::from_secs(60));
     let driver = tokio::task::spawn_blocking(move || {
         // The departure is committed before it is logged.
         aggregator.wait_for(&["participant left the federation", "lab-km"]);

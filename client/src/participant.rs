@@ -939,33 +939,80 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
-    let give_up = tokio::time::Instant::now() + options.connect_patience;
-    let mut backoff = Duration::from_millis(200);
+    let mut pacing = Pacing::new(options);
     loop {
         let status = match f().await {
             Ok(r) => return Ok(r.into_inner()),
             Err(status) => status,
         };
-        // A refused certificate stays refused: report why rather than retry.
-        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
-            return Err(ParticipantError::Handshake {
-                url: options.address(),
-                refusal,
-            });
-        }
+        handshake_refused(options, &status)?;
         if !transient(&status) {
             return Err(ParticipantError::Refused { call, status });
         }
-        if tokio::time::Instant::now() + backoff > give_up {
+        pacing.wait(options, &status, call).await?;
+    }
+}
+
+/// A refused certificate stays refused: reported with why, never retried.
+fn handshake_refused(
+    options: &ParticipantOptions,
+    status: &tonic::Status,
+) -> Result<(), ParticipantError> {
+    match mekong_proto::tls::handshake_refusal(status) {
+        Some(refusal) => Err(ParticipantError::Handshake {
+            url: options.address(),
+            refusal,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// How a call or a resumable upload retries while the aggregator is unreachable: a backoff
+/// doubling from 200 ms to 5 s, for at most `connect_patience`, counted again from the last
+/// progress an upload made ([`Pacing::progressed`]).
+struct Pacing {
+    backoff: Duration,
+    give_up: tokio::time::Instant,
+}
+
+impl Pacing {
+    fn new(options: &ParticipantOptions) -> Self {
+        Pacing {
+            backoff: Duration::from_millis(200),
+            give_up: tokio::time::Instant::now() + options.connect_patience,
+        }
+    }
+
+    /// Waits out the backoff after `what` failed with `status`, or gives up (`Connect`)
+    /// when that would go past the patience.
+    async fn wait(
+        &mut self,
+        options: &ParticipantOptions,
+        status: &tonic::Status,
+        what: &str,
+    ) -> Result<(), ParticipantError> {
+        if tokio::time::Instant::now() + self.backoff > self.give_up {
             return Err(ParticipantError::Connect {
                 url: options.address(),
                 message: status.message().to_string(),
             });
         }
-        warn!(participant = %options.name, call, "aggregator unavailable; retrying in {backoff:?}");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        warn!(participant = %options.name, error = %status.message(), "{what} failed; retrying in {:?}", self.backoff);
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        Ok(())
     }
+
+    /// The other side took more of an upload: the backoff and the patience start over.
+    fn progressed(&mut self, options: &ParticipantOptions) {
+        *self = Pacing::new(options);
+    }
+}
+
+/// Whether a resumable upload's stream broke on the way (or a chunk arrived damaged), so
+/// that it resumes; anything else is the aggregator's answer about the upload.
+fn stream_broke(status: &tonic::Status) -> bool {
+    transient(status) || status.code() == tonic::Code::DataLoss
 }
 
 /// The last trained update, kept so a restarted secure attempt reuses it.
@@ -1105,8 +1152,7 @@ async fn send_masked(
     let vector_sha256 = vector_sha256(&words);
     let words = Arc::new(words);
     let mut start = 0usize;
-    let mut backoff = Duration::from_millis(200);
-    let mut give_up = tokio::time::Instant::now() + options.connect_patience;
+    let mut pacing = Pacing::new(options);
     loop {
         let mut c = client.clone();
         let stream = upload_reporter(
@@ -1125,15 +1171,8 @@ async fn send_masked(
             Ok(_) => return Ok(true),
             Err(status) => status,
         };
-        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
-            return Err(ParticipantError::Handshake {
-                url: options.address(),
-                refusal,
-            });
-        }
-        // Broken on the way (or a chunk damaged): resume. Anything else is the aggregator's
-        // answer about this upload.
-        if !(transient(&status) || status.code() == tonic::Code::DataLoss) {
+        handshake_refused(options, &status)?;
+        if !stream_broke(&status) {
             return late_is_not_fatal(
                 options,
                 round,
@@ -1143,15 +1182,9 @@ async fn send_masked(
                 }),
             );
         }
-        if tokio::time::Instant::now() + backoff > give_up {
-            return Err(ParticipantError::Connect {
-                url: options.address(),
-                message: status.message().to_string(),
-            });
-        }
-        warn!(participant = %options.name, round, %status, "masked upload interrupted; resuming in {backoff:?}");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        pacing
+            .wait(options, &status, &format!("round {round}'s masked upload"))
+            .await?;
         let request = pb::MaskedReceivedRequest {
             participant_id: id.to_string(),
             round,
@@ -1181,9 +1214,7 @@ async fn send_masked(
             });
         }
         if resume_at > start {
-            // Progress: the patience counts from here.
-            give_up = tokio::time::Instant::now() + options.connect_patience;
-            backoff = Duration::from_millis(200);
+            pacing.progressed(options);
         }
         info!(participant = %options.name, round, resume_at, of = words.len(), "resuming the masked upload");
         start = resume_at;
@@ -1213,45 +1244,41 @@ fn vector_sha256(words: &[u32]) -> [u8; 32] {
 /// through `SubmitUpdateStream` in 1 MiB chunks, so no message grows with the adapter.
 const PLAINTEXT_ONE_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// A plaintext update as `SubmitUpdateStream` chunks from byte `start` on: the request
-/// without its payload on the first (a resumed stream names its update again), then the
-/// values in 1 MiB pieces, each with its SHA-256, and the whole update's SHA-256 on the last.
+/// A plaintext update as `SubmitUpdateStream` chunks from byte `start` on, made as they are
+/// sent: `header` (the request without its payload) on the first (a resumed stream names its
+/// update again), then the values in 1 MiB pieces, each with its SHA-256, and the whole
+/// update's SHA-256 on the last.
 fn plaintext_chunks(
-    request: &pb::SubmitUpdateRequest,
-    values: &[u8],
+    header: pb::SubmitUpdateRequest,
+    values: Arc<Vec<u8>>,
     start: usize,
-    values_sha256: &[u8],
-) -> Vec<pb::UpdateChunk> {
-    let mut header = request.clone();
-    header.payload = None;
+    values_sha256: [u8; 32],
+) -> impl tokio_stream::Stream<Item = pb::UpdateChunk> + Send + 'static {
     let piece = 4 * MASKED_CHUNK_WORDS;
-    let starts: Vec<usize> = if start >= values.len() {
-        vec![values.len()]
+    let len = values.len();
+    let starts: Vec<usize> = if start >= len {
+        vec![len]
     } else {
-        (start..values.len()).step_by(piece).collect()
+        (start..len).step_by(piece).collect()
     };
     let count = starts.len();
-    starts
-        .into_iter()
-        .enumerate()
-        .map(|(k, from)| {
-            let to = (from + piece).min(values.len());
-            let bytes = &values[from..to];
-            let last = k + 1 == count;
-            pb::UpdateChunk {
-                header: (k == 0).then(|| header.clone()),
-                offset: from as u64,
-                sha256: Sha256::digest(bytes).to_vec(),
-                values_f32_le: bytes.to_vec(),
-                last,
-                values_sha256: if last {
-                    values_sha256.to_vec()
-                } else {
-                    Vec::new()
-                },
-            }
-        })
-        .collect()
+    tokio_stream::iter(starts.into_iter().enumerate().map(move |(k, from)| {
+        let to = (from + piece).min(len);
+        let bytes = &values[from..to];
+        let last = k + 1 == count;
+        pb::UpdateChunk {
+            header: (k == 0).then(|| header.clone()),
+            offset: from as u64,
+            sha256: Sha256::digest(bytes).to_vec(),
+            values_f32_le: bytes.to_vec(),
+            last,
+            values_sha256: if last {
+                values_sha256.to_vec()
+            } else {
+                Vec::new()
+            },
+        }
+    }))
 }
 
 /// Streams a plaintext update too large for one message, resuming after a broken
@@ -1260,46 +1287,37 @@ fn plaintext_chunks(
 async fn stream_plaintext(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,
-    request: &pb::SubmitUpdateRequest,
+    mut request: pb::SubmitUpdateRequest,
 ) -> Result<Option<pb::SubmitUpdateResponse>, ParticipantError> {
-    let values: &[u8] = match &request.payload {
-        Some(pb::submit_update_request::Payload::Plaintext(p)) => &p.values_f32_le,
-        None => &[],
-    };
-    let values_sha256 = Sha256::digest(values).to_vec();
+    // Shared by the streams that send it (a resumed one starts further in), not copied.
+    let values = Arc::new(match request.payload.take() {
+        Some(pb::submit_update_request::Payload::Plaintext(p)) => p.values_f32_le,
+        None => Vec::new(),
+    });
+    let values_sha256: [u8; 32] = Sha256::digest(values.as_slice()).into();
     let mut start = 0usize;
-    let mut backoff = Duration::from_millis(200);
-    let mut give_up = tokio::time::Instant::now() + options.connect_patience;
+    let mut pacing = Pacing::new(options);
     loop {
-        let chunks = plaintext_chunks(request, values, start, &values_sha256);
+        let chunks = plaintext_chunks(request.clone(), values.clone(), start, values_sha256);
         let mut c = client.clone();
-        let status = match c.submit_update_stream(tokio_stream::iter(chunks)).await {
+        let status = match c.submit_update_stream(chunks).await {
             Ok(r) => return Ok(Some(r.into_inner())),
             Err(status) => status,
         };
-        if let Some(refusal) = mekong_proto::tls::handshake_refusal(&status) {
-            return Err(ParticipantError::Handshake {
-                url: options.address(),
-                refusal,
-            });
-        }
-        // Broken on the way (or a chunk damaged): resume. Anything else is the aggregator's
-        // answer about this update.
-        if !(transient(&status) || status.code() == tonic::Code::DataLoss) {
+        handshake_refused(options, &status)?;
+        if !stream_broke(&status) {
             return Err(ParticipantError::Refused {
                 call: "SubmitUpdateStream",
                 status,
             });
         }
-        if tokio::time::Instant::now() + backoff > give_up {
-            return Err(ParticipantError::Connect {
-                url: options.address(),
-                message: status.message().to_string(),
-            });
-        }
-        warn!(participant = %options.name, round = request.round, %status, "update upload interrupted; resuming in {backoff:?}");
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        pacing
+            .wait(
+                options,
+                &status,
+                &format!("round {}'s update upload", request.round),
+            )
+            .await?;
         let ask = pb::UpdateReceivedRequest {
             participant_id: request.participant_id.clone(),
             round: request.round,
@@ -1322,9 +1340,7 @@ async fn stream_plaintext(
             });
         }
         if resume_at > start {
-            // Progress: the patience counts from here.
-            give_up = tokio::time::Instant::now() + options.connect_patience;
-            backoff = Duration::from_millis(200);
+            pacing.progressed(options);
         }
         info!(participant = %options.name, round = request.round, resume_at, of = values.len(), "resuming the update upload");
         start = resume_at;
@@ -1441,7 +1457,7 @@ async fn submit_plaintext(
     } else {
         // Too large for one message: the header, then checksummed chunks, resumed where
         // the aggregator's copy ends if the connection breaks.
-        stream_plaintext(client, options, &request).await
+        stream_plaintext(client, options, request).await
     };
     match submitted {
         Ok(None) => {

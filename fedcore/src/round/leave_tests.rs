@@ -5,30 +5,15 @@
 use super::secure_tests::{Lab, completed, drive, labs, secure_plan};
 use super::snapshot::Saved;
 use super::*;
-use crate::plan::{LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
 use crate::secagg::protocol::Stage as S;
 use crate::strategy::{SamplingSpec, StrategySpec};
 use crate::update::encode_f32_le;
 
+/// The coordinator tests' plaintext plan, with deadlines no test reaches by accident.
 fn plaintext_plan(participants: usize, min_updates: usize, rounds: u64) -> FederationPlan {
-    FederationPlan {
-        federation: "leave-test".into(),
-        model: ModelSpec::tiny(),
-        lora: LoraSpec::default(),
-        training: TrainingSpec::default(),
-        rounds: RoundSpec {
-            rounds,
-            participants,
-            min_updates,
-            round_timeout_ms: 60_000,
-        },
-        roster: Vec::new(),
-        secure_aggregation: crate::secagg::spec::SecureAggregationSpec {
-            enabled: false,
-            ..Default::default()
-        },
-        strategy: Default::default(),
-    }
+    let mut plan = super::tests::plan(participants, min_updates, rounds);
+    plan.rounds.round_timeout_ms = 60_000;
+    plan
 }
 
 fn joined(plan: FederationPlan) -> Coordinator {

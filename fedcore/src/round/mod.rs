@@ -690,6 +690,14 @@ impl Coordinator {
     }
 
     /// A snapshot for status displays.
+    /// The round open now, if any (cheaper than [`Self::status`], which copies the history).
+    pub fn round_in_progress(&self) -> Option<u64> {
+        match &self.state {
+            State::Open(o) => Some(o.round),
+            _ => None,
+        }
+    }
+
     pub fn status(&self) -> Status {
         let last_closed = self.history.last().map_or(0, |r| r.round);
         let (stage, round, cohort_size, updates_received) = match &self.state {
@@ -1190,7 +1198,7 @@ mod tests {
     use crate::plan::{LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
     use crate::update::encode_f32_le;
 
-    fn plan(participants: usize, min_updates: usize, rounds: u64) -> FederationPlan {
+    pub(super) fn plan(participants: usize, min_updates: usize, rounds: u64) -> FederationPlan {
         FederationPlan {
             federation: "test".into(),
             model: ModelSpec::tiny(),
