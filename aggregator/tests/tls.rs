@@ -189,6 +189,38 @@ async fn provisioned_participant_joins_under_its_certificate_name() {
     server.shutdown().await.unwrap();
 }
 
+/// The links negotiate TLS 1.3 with the hybrid post-quantum key exchange X25519MLKEM768,
+/// which rustls on aws-lc-rs prefers: traffic recorded today stays confidential against a
+/// future quantum computer.
+#[tokio::test]
+async fn links_use_tls13_with_the_post_quantum_hybrid_key_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    provision_into(dir.path(), "pilot");
+    let server = serve(dir.path()).await;
+    let config = kit(dir.path(), "lab-a")
+        .client_config()
+        .expect("kit is valid");
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    let (_, conn) = stream.get_ref();
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        conn.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+    drop(stream);
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
     // `--nocapture` shows what the aggregator logs for each refused handshake.

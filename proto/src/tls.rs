@@ -79,7 +79,7 @@ pub enum TlsError {
 
 /// The crypto provider every Mekong TLS configuration uses.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn shown(path: &Path) -> String {

@@ -4,9 +4,7 @@
 //! # Specification (version 1)
 //!
 //! - Key agreement: X25519 (RFC 7748) between a participant's round secret and a peer's
-//!   round public key; an all-zero (non-contributory) shared secret is refused, and so is a
-//!   public key that is not on Curve25519 itself but on its quadratic twist (no honest key
-//!   is; see [`AgreementSecret`] for why the check comes for free).
+//!   round public key; an all-zero (non-contributory) shared secret is refused.
 //! - Derivation: HKDF-SHA256 with `ikm` = the X25519 output,
 //!   `salt` = `"mekong/secagg/v1" ‖ session (32 bytes) ‖ round (u64 LE)`, and
 //!   `info` = `label ‖ min(u, v) (u32 LE) ‖ max(u, v) (u32 LE)`; the label is `"mask"` for
@@ -24,16 +22,14 @@
 //! `cryptography`) by `scripts/secagg_vectors.py`, whose docstring defines each field, and
 //! reproduced through this API by `fedcore/tests/secagg_vectors.rs`.
 
+use aws_lc_rs::agreement::{UnparsedPublicKey, X25519};
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use curve25519_dalek::edwards::EdwardsPoint;
-use curve25519_dalek::montgomery::MontgomeryPoint;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use thiserror::Error;
-use x25519_dalek::{PublicKey, StaticSecret};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 const DOMAIN: &[u8] = b"mekong/secagg/v1";
 
@@ -44,8 +40,6 @@ pub enum CryptoError {
         "key agreement with participant {peer} gave a non-contributory secret (low-order public key)"
     )]
     NonContributory { peer: u32 },
-    #[error("participant {peer}'s public key is not a point of Curve25519 (it lies on the twist)")]
-    NotOnCurve { peer: u32 },
     #[error("shares from participant {sender} to {receiver} failed to decrypt or authenticate")]
     Decrypt { sender: u32, receiver: u32 },
     #[error("participant {0}'s identity key is not a valid Ed25519 public key")]
@@ -74,71 +68,79 @@ impl SessionContext {
 
 /// An X25519 secret whose bytes can be exported (to be Shamir-shared) and are wiped on drop.
 ///
-/// The agreement is computed on the Edwards form of the curve rather than with the
-/// Montgomery ladder: the peer's u-coordinate is mapped to an Edwards point
-/// (y = (u − 1)/(u + 1), either sign of x), multiplied by the clamped secret with
-/// curve25519-dalek's constant-time variable-base multiplication, and mapped back
-/// (u = (1 + y)/(1 − y)). The u-coordinate of `[k]P` does not depend on the sign of `P`, and
-/// the clamped scalar is used unreduced, so for every point of the curve, torsion included,
-/// the result is bit for bit the RFC 7748 function. Why: that multiplication runs on the
-/// AVX2 backend, and the whole agreement takes about 70% of the ladder's time; agreements
-/// are a third of a complete-graph round. The only difference: a u-coordinate on the
-/// quadratic twist has no Edwards point and is refused ([`CryptoError::NotOnCurve`]) where
-/// the ladder would compute something; honest keys are never on the twist.
-pub struct AgreementSecret(StaticSecret);
+/// The agreement is aws-lc-rs's X25519 (AWS-LC, whose x86-64 and AArch64 X25519 is
+/// s2n-bignum's formally verified code), the same provider the TLS links use. Why not
+/// x25519-dalek: agreements are about 40% of a complete-graph round (98 per participant over
+/// 50 labs), and AWS-LC's takes about 60% of the time of the fastest dalek route (the
+/// Edwards form on the AVX2 backend) on the development machine (docs/benchmarks.md).
+/// Results are the RFC 7748 function bit for bit (RFC vectors and a comparison with
+/// x25519-dalek's ladder in the tests); an all-zero (non-contributory) output is refused.
+/// The secret's bytes are kept beside the key (zeroized on drop) so they can be
+/// Shamir-shared; AWS-LC scrubs its own copy when the key is freed, and the shared secret
+/// it hands back is zeroized too.
+pub struct AgreementSecret {
+    bytes: Zeroizing<[u8; 32]>,
+    key: aws_lc_rs::agreement::PrivateKey,
+}
 
 impl AgreementSecret {
     /// The secret for 32 random bytes supplied by the caller.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        AgreementSecret(StaticSecret::from(bytes))
+        let bytes = Zeroizing::new(bytes);
+        let key = aws_lc_rs::agreement::PrivateKey::from_private_key(&X25519, &bytes[..])
+            .expect("every 32-byte string is an X25519 private key");
+        AgreementSecret { bytes, key }
     }
 
     /// The public key to advertise.
     pub fn public(&self) -> [u8; 32] {
-        PublicKey::from(&self.0).to_bytes()
+        let public = self
+            .key
+            .compute_public_key()
+            .expect("an X25519 private key always has a public key");
+        public
+            .as_ref()
+            .try_into()
+            .expect("X25519 public keys are 32 bytes")
     }
 
     /// The secret's bytes, for Shamir sharing; wiped when dropped.
     pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
-        Zeroizing::new(self.0.to_bytes())
+        self.bytes.clone()
     }
 
     /// The raw X25519 output with `peer_public` (see the type's docs), refusing an all-zero
-    /// result and twist points.
+    /// result.
     fn agree(&self, peer_public: &[u8; 32], peer: u32) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
-        let mut shared = self.agree_many(&[(peer, *peer_public)])?;
-        shared.pop().ok_or(CryptoError::NonContributory { peer })
+        let refused = CryptoError::NonContributory { peer };
+        let shared = aws_lc_rs::agreement::agree(
+            &self.key,
+            UnparsedPublicKey::new(&X25519, peer_public),
+            refused.clone(),
+            |secret: &[u8]| {
+                let mut out = Zeroizing::new([0u8; 32]);
+                out.copy_from_slice(secret);
+                Ok(out)
+            },
+        )?;
+        // AWS-LC already refuses a zero output; checked again so that the refusal does
+        // not depend on the provider.
+        if *shared == [0u8; 32] {
+            return Err(refused);
+        }
+        Ok(shared)
     }
 
-    /// [`Self::agree`] with every `(peer, public key)` in `peers`, in order. Each key is
-    /// mapped to the Edwards form (curve25519-dalek's `to_edwards`), multiplied by the
-    /// clamped secret, and mapped back for all points together (`to_montgomery_batch`,
-    /// one shared inversion). All curve arithmetic is curve25519-dalek's. On failure names
-    /// the first peer refused.
+    /// [`Self::agree`] with every `(peer, public key)` in `peers`, in order; on failure
+    /// names the first peer refused.
     fn agree_many(
         &self,
         peers: &[(u32, [u8; 32])],
     ) -> Result<Vec<Zeroizing<[u8; 32]>>, CryptoError> {
-        let points = peers
+        peers
             .iter()
-            .map(|(peer, public)| {
-                MontgomeryPoint(*public)
-                    .to_edwards(0)
-                    .ok_or(CryptoError::NotOnCurve { peer: *peer })
-            })
-            .collect::<Result<Vec<EdwardsPoint>, _>>()?;
-        let secret = Zeroizing::new(self.0.to_bytes());
-        let mut products: Vec<EdwardsPoint> =
-            points.iter().map(|p| p.mul_clamped(*secret)).collect();
-        let mut us = EdwardsPoint::to_montgomery_batch(&products);
-        products.zeroize();
-        let shared: Vec<Zeroizing<[u8; 32]>> =
-            us.iter().map(|u| Zeroizing::new(u.to_bytes())).collect();
-        us.zeroize();
-        if let Some((peer, _)) = peers.iter().zip(&shared).find(|(_, s)| ***s == [0u8; 32]) {
-            return Err(CryptoError::NonContributory { peer: peer.0 });
-        }
-        Ok(shared)
+            .map(|(peer, public)| self.agree(public, *peer))
+            .collect()
     }
 
     /// HKDF-SHA256 of an agreement into `out` (see the module docs).
@@ -173,8 +175,8 @@ impl AgreementSecret {
         Ok(seed)
     }
 
-    /// [`Self::pairwise_mask_seed`] with every `(peer, public key)` in `peers`, in order,
-    /// sharing the cost of the agreements (see `agree_many`).
+    /// [`Self::pairwise_mask_seed`] with every `(peer, public key)` in `peers`, in order;
+    /// on failure names the first peer refused.
     pub fn pairwise_mask_seeds(
         &self,
         peers: &[(u32, [u8; 32])],
@@ -206,8 +208,8 @@ impl AgreementSecret {
         Ok(Self::share_key_from(&shared, ctx, me, peer))
     }
 
-    /// [`Self::share_key`] with every `(peer, public key)` in `peers`, in order, sharing the
-    /// cost of the agreements (see `agree_many`).
+    /// [`Self::share_key`] with every `(peer, public key)` in `peers`, in order; on failure
+    /// names the first peer refused.
     pub fn share_keys(
         &self,
         peers: &[(u32, [u8; 32])],
@@ -577,6 +579,7 @@ const fn hex32(s: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x25519_dalek::{PublicKey, StaticSecret};
 
     fn ctx(round: u64) -> SessionContext {
         SessionContext {
@@ -692,25 +695,19 @@ mod tests {
             let ladder = StaticSecret::from(a).diffie_hellman(&PublicKey::from(peer));
             assert_eq!(&*secret.agree(&peer, 2).unwrap(), ladder.as_bytes());
         }
-        // u = 2 lies on the twist: the ladder computes something, we refuse.
+        // u = 2 lies on the quadratic twist: computed as RFC 7748 says, like the ladder
+        // (Curve25519 is twist-secure, so nothing about the secret leaks).
         let mut twist = [0u8; 32];
         twist[0] = 2;
-        assert!(
-            StaticSecret::from([1; 32])
-                .diffie_hellman(&PublicKey::from(twist))
-                .was_contributory()
-        );
-        assert_eq!(
-            alice.agree(&twist, 3).unwrap_err(),
-            CryptoError::NotOnCurve { peer: 3 }
-        );
+        let ladder = StaticSecret::from(*alice.to_bytes()).diffie_hellman(&PublicKey::from(twist));
+        assert_eq!(&*alice.agree(&twist, 3).unwrap(), ladder.as_bytes());
         // Points of small order give zero, which is refused.
         for t in curve25519_dalek::constants::EIGHT_TORSION {
             let u = t.to_montgomery().to_bytes();
-            assert!(matches!(
+            assert_eq!(
                 alice.agree(&u, 4).unwrap_err(),
-                CryptoError::NonContributory { peer: 4 } | CryptoError::NotOnCurve { peer: 4 }
-            ));
+                CryptoError::NonContributory { peer: 4 }
+            );
         }
     }
 
@@ -740,10 +737,10 @@ mod tests {
             CryptoError::NonContributory { peer: 14 }
         );
         bad[2].1 = [0; 32];
-        bad[2].1[0] = 2;
+        bad[2].1[0] = 1;
         assert_eq!(
             a.share_keys(&bad, &ctx(1), 3).err().map(|e| e.to_string()),
-            Some(CryptoError::NotOnCurve { peer: 12 }.to_string())
+            Some(CryptoError::NonContributory { peer: 12 }.to_string())
         );
     }
 

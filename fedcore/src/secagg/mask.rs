@@ -25,8 +25,11 @@ use zeroize::{Zeroize, Zeroizing};
 /// cheaper (about a tenth of the keystream's cost here). A test checks the two agree.
 type MaskCipher = ctr::Ctr64BE<Aes128>;
 
-/// Words expanded per keystream call: 16 KiB stays in L1 while it is added.
-const CHUNK_WORDS: usize = 4096;
+/// Words expanded per keystream call: 15 KiB stays in L1 while it is added. 960 blocks,
+/// a multiple of both `aes` backends' parallel widths (8 blocks with AES-NI, 30 with VAES):
+/// blocks left over from a call are encrypted one at a time, which costs several times
+/// more per block.
+const CHUNK_WORDS: usize = 3840;
 
 /// Whether a mask is added to or subtracted from the accumulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +42,17 @@ pub enum MaskSign {
 pub fn expand(seed: &[u8; 16], out: &mut [u32]) {
     out.fill(0);
     apply(seed, out, MaskSign::Add);
+}
+
+/// Writes the seed's raw AES-128-CTR keystream into `out` (the bytes whose little-endian
+/// words are the mask), drawn in the same calls as [`apply`] draws it. For other
+/// implementations to compare against, and for the benchmark of the keystream's speed, the
+/// floor that masking is measured against.
+pub fn keystream(seed: &[u8; 16], out: &mut [u8]) {
+    let mut cipher = MaskCipher::new(seed.into(), &[0u8; 16].into());
+    for chunk in out.chunks_mut(CHUNK_WORDS * 4) {
+        cipher.write_keystream(chunk);
+    }
 }
 
 /// Adds (or subtracts) the seed's mask stream to `acc`, modulo 2^32, word by word.
@@ -93,10 +107,13 @@ pub fn apply_many(masks: &[(Zeroizing<[u8; 16]>, MaskSign)], acc: &mut [u32]) {
 }
 
 /// Words per chunk in [`apply_many`], and how many masks' keystreams are summed together.
-/// Measured on the 2-core Zen 3 machine of docs/benchmarks.md: 1024-word (4 KiB) keystream
-/// calls keep the stream cipher's per-call cost small, and six keystreams (24 KiB) plus the
-/// chunk stay close to the 32 KiB L1 data cache; 512 × 13 was as fast, larger groups slower.
-const MANY_CHUNK_WORDS: usize = 1024;
+/// Measured on the 2-core Zen 3 machine of docs/benchmarks.md: 960-word (3.75 KiB)
+/// keystream calls keep the stream cipher's per-call cost small, and six keystreams
+/// (22.5 KiB) plus the chunk stay close to the 32 KiB L1 data cache; 512 × 13 was as fast,
+/// larger groups slower. 960 words are 240 blocks, a multiple of both `aes` backends'
+/// parallel widths (see [`CHUNK_WORDS`]); with 1024 words the VAES backend encrypted 16
+/// blocks of every call one at a time.
+const MANY_CHUNK_WORDS: usize = 960;
 const GROUP: usize = 6;
 const STREAM_BYTES: usize = MANY_CHUNK_WORDS * 4;
 
@@ -179,6 +196,26 @@ mod tests {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
+    }
+
+    /// The raw keystream, drawn in chunks, read as little-endian words is the mask, across
+    /// chunk boundaries and for a length that is not a whole number of blocks.
+    #[test]
+    fn keystream_words_are_the_mask() {
+        let seed = [5u8; 16];
+        let len = 2 * CHUNK_WORDS + 77;
+        let mut bytes = vec![0u8; len * 4];
+        keystream(&seed, &mut bytes);
+        let mut mask = vec![0u32; len];
+        expand(&seed, &mut mask);
+        let from_bytes: Vec<u32> = bytes
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect();
+        assert_eq!(from_bytes, mask);
+        let mut whole = vec![0u8; len * 4];
+        ctr::Ctr128BE::<Aes128>::new(&seed.into(), &[0u8; 16].into()).apply_keystream(&mut whole);
+        assert_eq!(whole, bytes);
     }
 
     /// NIST SP 800-38A F.5.1 (CTR-AES128.Encrypt), block 1: checks the cipher and the
