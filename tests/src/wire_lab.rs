@@ -201,25 +201,14 @@ impl WireLab {
     /// refuse the vector with DATA_LOSS and take every folded word back out.
     async fn refused_whole(&mut self, round: u64, attempt: u32, words: &[u32]) {
         let count = words.len().div_ceil(WIRE_CHUNK_WORDS);
+        let wrong = sha2::Sha256::digest(b"not this vector").to_vec();
         let chunks: Vec<pb::MaskedChunk> = words
             .chunks(WIRE_CHUNK_WORDS)
             .enumerate()
             .map(|(k, c)| {
-                let words_u32_le = encode_words(c);
-                pb::MaskedChunk {
-                    participant_id: self.id.clone(),
-                    round,
-                    attempt,
-                    offset: (k * WIRE_CHUNK_WORDS) as u64,
-                    sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
-                    words_u32_le,
-                    last: k + 1 == count,
-                    vector_sha256: if k + 1 == count {
-                        sha2::Sha256::digest(b"not this vector").to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                }
+                let last = k + 1 == count;
+                let whole = last.then(|| wrong.clone());
+                self.masked_chunk(round, attempt, k, encode_words(c), last, whole)
             })
             .collect();
         let status = self
@@ -246,6 +235,29 @@ impl WireLab {
         );
     }
 
+    /// Chunk `k` of this lab's masked upload, carrying its own hash and, when given, the
+    /// whole vector's (sent on the last chunk).
+    fn masked_chunk(
+        &self,
+        round: u64,
+        attempt: u32,
+        k: usize,
+        words_u32_le: Vec<u8>,
+        last: bool,
+        vector_sha256: Option<Vec<u8>>,
+    ) -> pb::MaskedChunk {
+        pb::MaskedChunk {
+            participant_id: self.id.clone(),
+            round,
+            attempt,
+            offset: (k * WIRE_CHUNK_WORDS) as u64,
+            sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
+            words_u32_le,
+            last,
+            vector_sha256: vector_sha256.unwrap_or_default(),
+        }
+    }
+
     async fn stream(&mut self, round: u64, attempt: u32, words: &[u32], die_after_first: bool) {
         let count = words.len().div_ceil(WIRE_CHUNK_WORDS);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -261,20 +273,15 @@ impl WireLab {
                 c
             });
             whole.update(&words_u32_le);
-            let chunk = pb::MaskedChunk {
-                participant_id: self.id.clone(),
+            let vector_sha256 = last.then(|| whole.clone().finalize().to_vec());
+            let chunk = self.masked_chunk(
                 round,
                 attempt,
-                offset: (k * WIRE_CHUNK_WORDS) as u64,
-                sha256: sha2::Sha256::digest(&words_u32_le).to_vec(),
+                k,
                 words_u32_le,
-                last: last && !die_after_first,
-                vector_sha256: if last {
-                    whole.clone().finalize().to_vec()
-                } else {
-                    Vec::new()
-                },
-            };
+                last && !die_after_first,
+                vector_sha256,
+            );
             if tx.send(chunk).await.is_err() {
                 break;
             }
