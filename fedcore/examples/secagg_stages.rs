@@ -116,5 +116,10 @@ fn main() -> Result<(), ProtocolError> {
         total += ms / rounds as f64;
     }
     println!("{:>32} {total:8.1} ms", "total (one thread)");
+    println!(
+        "{:>32} {}",
+        "masks drawn by",
+        fedcore::secagg::mask::kernel_name()
+    );
     Ok(())
 }

@@ -357,15 +357,22 @@ pub fn check_identity_key(public: &[u8; 32]) -> Result<(), CryptoError> {
 }
 
 /// A participant's identity public key, decoded once (decompressing an Ed25519 point costs
-/// about a tenth of a verification) and reused for every signature it makes.
+/// about a tenth of a verification) and reused for every signature it makes. Whether it is
+/// of small order is also found once, not at every batch it enters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdentityKey(VerifyingKey);
+pub struct IdentityKey {
+    key: VerifyingKey,
+    weak: bool,
+}
 
 impl IdentityKey {
     /// Decodes participant `signer`'s 32-byte identity key.
     pub fn from_bytes(signer: u32, public: &[u8; 32]) -> Result<Self, CryptoError> {
         VerifyingKey::from_bytes(public)
-            .map(IdentityKey)
+            .map(|key| IdentityKey {
+                weak: key.is_weak(),
+                key,
+            })
             .map_err(|_| CryptoError::BadIdentityKey(signer))
     }
 
@@ -373,7 +380,7 @@ impl IdentityKey {
     /// ([`check_identity_key`]).
     pub fn from_roster_bytes(signer: u32, public: &[u8; 32]) -> Result<Self, CryptoError> {
         match Self::from_bytes(signer, public) {
-            Ok(key) if !key.0.is_weak() => Ok(key),
+            Ok(key) if !key.weak => Ok(key),
             _ => Err(CryptoError::BadIdentityKey(signer)),
         }
     }
@@ -463,7 +470,7 @@ fn verify_signed_bytes(
     signed: &[u8],
     signature: &[u8; 64],
 ) -> Result<(), CryptoError> {
-    key.0
+    key.key
         .verify_strict(signed, &Signature::from_bytes(signature))
         .map_err(|_| CryptoError::BadSignature { signer, tag })
 }
@@ -511,7 +518,7 @@ pub fn verify_batch(tag: &'static str, items: &[SignedItem<'_>]) -> Result<(), C
             .iter()
             .map(|i| Signature::from_bytes(i.signature))
             .collect();
-        let keys: Vec<VerifyingKey> = items.iter().map(|i| i.key.0).collect();
+        let keys: Vec<VerifyingKey> = items.iter().map(|i| i.key.key).collect();
         if ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok() {
             return Ok(());
         }
@@ -526,7 +533,7 @@ pub fn verify_batch(tag: &'static str, items: &[SignedItem<'_>]) -> Result<(), C
 /// canonical encoding of a point that is not of small order (see [`verify_batch`]).
 fn batch_safe(key: &IdentityKey, signature: &[u8; 64]) -> bool {
     let r: [u8; 32] = core::array::from_fn(|i| signature[i]);
-    !key.0.is_weak() && canonical_y(&r) && !SMALL_ORDER_ENCODINGS.contains(&r)
+    !key.weak && canonical_y(&r) && !SMALL_ORDER_ENCODINGS.contains(&r)
 }
 
 /// Whether the y coordinate of an encoded point (the low 255 bits, little-endian) is below

@@ -10,32 +10,44 @@
 //!
 //! AES-128-CTR is chosen over ChaCha because AES-NI makes it the fastest cryptographic PRG
 //! on the servers and workstations labs run (about 0.75 ms per million words on one core
-//! here, against 1.3–1.4 ms for ChaCha8/12), and masks are the dominant cost of a round.
-//! Another implementation reproduces the stream from this paragraph alone;
+//! here with 128-bit AES-NI, against 1.3–1.4 ms for ChaCha8/12), and masks are the dominant
+//! cost of a round. Another implementation reproduces the stream from this paragraph alone;
 //! `scripts/secagg_vectors.py` does so with Python's `cryptography` and the vectors it
 //! printed are checked in the tests below.
+//!
+//! # Two implementations of the one stream
+//!
+//! - `vaes` (x86-64 with VAES and AVX2, detected at run time): AES-128-CTR written with
+//!   the processor's 256-bit AES instructions, eight blocks of each mask in flight, the
+//!   keystream added in registers. A participant's 50 masks of 100k words take 2.4 times
+//!   less time than through the `aes` crate on the Zen 3 machine of docs/benchmarks.md.
+//! - `portable`: the RustCrypto `aes` and `ctr` crates, everywhere else (AES-NI without
+//!   VAES, ARMv8, or constant-time software).
+//!
+//! Both give the same words; the tests check `vaes` against `portable` over many lengths,
+//! signs and mask counts, and both against the vectors.
 
-use aes::Aes128;
-use aes::cipher::{KeyIvInit, StreamCipher};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
-/// The specified stream uses a 128-bit big-endian counter from zero. Its high 64 bits stay
-/// zero for the first 2^64 blocks (2^68 bytes, far beyond any vector), so the 64-bit counter
-/// mode gives exactly the same keystream; it is used because its counter arithmetic is
-/// cheaper (about a tenth of the keystream's cost here). A test checks the two agree.
-type MaskCipher = ctr::Ctr64BE<Aes128>;
-
-/// Words expanded per keystream call: 15 KiB stays in L1 while it is added. 960 blocks,
-/// a multiple of both `aes` backends' parallel widths (8 blocks with AES-NI, 30 with VAES):
-/// blocks left over from a call are encrypted one at a time, which costs several times
-/// more per block.
-const CHUNK_WORDS: usize = 3840;
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 
 /// Whether a mask is added to or subtracted from the accumulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MaskSign {
     Add,
     Subtract,
+}
+
+/// Which implementation draws the masks on this CPU: `"vaes-avx2"` or `"aes-crate"`
+/// (see the module docs). For logs and benchmark reports.
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if vaes::Vaes::detect().is_some() {
+        return "vaes-avx2";
+    }
+    "aes-crate"
 }
 
 /// Fills `out` with the first `out.len()` words of the seed's mask stream.
@@ -45,150 +57,176 @@ pub fn expand(seed: &[u8; 16], out: &mut [u32]) {
 }
 
 /// Writes the seed's raw AES-128-CTR keystream into `out` (the bytes whose little-endian
-/// words are the mask), drawn in the same calls as [`apply`] draws it. For other
+/// words are the mask), with the same implementation the masks use. For other
 /// implementations to compare against, and for the benchmark of the keystream's speed, the
 /// floor that masking is measured against.
 pub fn keystream(seed: &[u8; 16], out: &mut [u8]) {
-    let mut cipher = MaskCipher::new(seed.into(), &[0u8; 16].into());
-    for chunk in out.chunks_mut(CHUNK_WORDS * 4) {
-        cipher.write_keystream(chunk);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kernel) = vaes::Vaes::detect() {
+        return kernel.keystream(seed, out);
     }
+    portable::keystream(seed, out)
 }
 
 /// Adds (or subtracts) the seed's mask stream to `acc`, modulo 2^32, word by word.
-/// The keystream is expanded into a small buffer and folded in as it is produced, so memory
-/// stays O(chunk) whatever the vector length.
+/// The keystream is folded in as it is produced, so memory stays O(1) whatever the vector
+/// length.
 pub fn apply(seed: &[u8; 16], acc: &mut [u32], sign: MaskSign) {
-    let mut cipher = MaskCipher::new(seed.into(), &[0u8; 16].into());
-    let mut bytes = [0u8; CHUNK_WORDS * 4];
-    for chunk in acc.chunks_mut(CHUNK_WORDS) {
-        fold(&mut cipher, chunk, &mut bytes, sign);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kernel) = vaes::Vaes::detect() {
+        return kernel.apply_many(&[(seed, sign)], acc);
     }
-    bytes.zeroize();
+    portable::apply(seed, acc, sign)
 }
 
 /// Adds or subtracts several mask streams to `acc` at once; the same result as calling
-/// [`apply`] for each in turn. Why: a participant folds one mask per neighbour (plus its
-/// self mask) into the same vector, and a server removes many. The vector goes chunk by
-/// chunk. For each chunk the keystreams of up to `GROUP` masks of the same sign are
-/// written side by side into one buffer that stays in the L1/L2 caches, summed word by word
-/// in registers, and the sum is added to (or subtracted from) the chunk once
-/// (`fold_group`). So each word of `acc` is loaded and stored once per group instead of
-/// once per mask, and the keystream is only loaded and added. Masks are grouped by sign,
-/// which the result does not depend on (addition modulo 2^32 commutes).
+/// [`apply`] for each in turn, in a single pass over `acc`. Why: a participant folds one
+/// mask per neighbour (plus its self mask) into the same vector, and a server removes many.
 pub fn apply_many(masks: &[(Zeroizing<[u8; 16]>, MaskSign)], acc: &mut [u32]) {
-    let (mut adds, mut subtracts) = (Vec::new(), Vec::new());
-    for (seed, sign) in masks {
-        let seed: &[u8; 16] = seed;
-        let cipher = MaskCipher::new(seed.into(), &[0u8; 16].into());
-        match sign {
-            MaskSign::Add => adds.push(cipher),
-            MaskSign::Subtract => subtracts.push(cipher),
-        }
+    let masks: Vec<(&[u8; 16], MaskSign)> = masks.iter().map(|(s, sign)| (&**s, *sign)).collect();
+    #[cfg(target_arch = "x86_64")]
+    if let Some(kernel) = vaes::Vaes::detect() {
+        return kernel.apply_many(&masks, acc);
     }
-    let mut keystreams = Zeroizing::new(vec![0u8; GROUP * STREAM_BYTES]);
-    for chunk in acc.chunks_mut(MANY_CHUNK_WORDS) {
-        let bytes = chunk.len() * 4;
-        for (ciphers, sign) in [
-            (&mut adds, MaskSign::Add),
-            (&mut subtracts, MaskSign::Subtract),
-        ] {
-            for group in ciphers.chunks_mut(GROUP) {
-                for (cipher, stream) in group
-                    .iter_mut()
-                    .zip(keystreams.chunks_exact_mut(STREAM_BYTES))
-                {
-                    cipher.write_keystream(&mut stream[..bytes]);
-                }
-                fold_group(chunk, &keystreams[..group.len() * STREAM_BYTES], sign);
-            }
-        }
-    }
-}
-
-/// Words per chunk in [`apply_many`], and how many masks' keystreams are summed together.
-/// Measured on the 2-core Zen 3 machine of docs/benchmarks.md: 960-word (3.75 KiB)
-/// keystream calls keep the stream cipher's per-call cost small, and six keystreams
-/// (22.5 KiB) plus the chunk stay close to the 32 KiB L1 data cache; 512 × 13 was as fast,
-/// larger groups slower. 960 words are 240 blocks, a multiple of both `aes` backends'
-/// parallel widths (see [`CHUNK_WORDS`]); with 1024 words the VAES backend encrypted 16
-/// blocks of every call one at a time.
-const MANY_CHUNK_WORDS: usize = 960;
-const GROUP: usize = 6;
-const STREAM_BYTES: usize = MANY_CHUNK_WORDS * 4;
-
-/// Words summed at once in [`fold_group`]: eight 128-bit registers of partial sums.
-const LANES: usize = 32;
-
-/// Adds to (or subtracts from) `chunk`, word by word, the sum of the keystreams in
-/// `keystreams` (stream `g` at byte `g * STREAM_BYTES`, little-endian words, at least
-/// `chunk.len()` words each). Partial sums of [`LANES`] words stay in registers while every
-/// stream is added to them.
-fn fold_group(chunk: &mut [u32], keystreams: &[u8], sign: MaskSign) {
-    let streams = keystreams.len() / STREAM_BYTES;
-    let full = chunk.len() - chunk.len() % LANES;
-    let (head, tail) = chunk.split_at_mut(full);
-    for (block, out) in head.chunks_exact_mut(LANES).enumerate() {
-        let mut sums = [0u32; LANES];
-        for g in 0..streams {
-            let stream: &[u8; 4 * LANES] = keystreams[g * STREAM_BYTES + 4 * LANES * block..]
-                [..4 * LANES]
-                .try_into()
-                .expect("LANES words");
-            for (s, w) in sums.iter_mut().zip(stream.chunks_exact(4)) {
-                *s = s.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
-            }
-        }
-        add_signed(out, &sums, sign);
-    }
-    for (i, out) in tail.iter_mut().enumerate() {
-        let mut sum = 0u32;
-        for g in 0..streams {
-            let w = &keystreams[g * STREAM_BYTES + 4 * (full + i)..][..4];
-            sum = sum.wrapping_add(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
-        }
-        add_signed(std::slice::from_mut(out), &[sum], sign);
-    }
-}
-
-/// `out[i] ± sums[i]` modulo 2^32; separate loops per sign so each one vectorises.
-fn add_signed(out: &mut [u32], sums: &[u32], sign: MaskSign) {
-    match sign {
-        MaskSign::Add => out
-            .iter_mut()
-            .zip(sums)
-            .for_each(|(o, s)| *o = o.wrapping_add(*s)),
-        MaskSign::Subtract => out
-            .iter_mut()
-            .zip(sums)
-            .for_each(|(o, s)| *o = o.wrapping_sub(*s)),
-    }
-}
-
-/// Folds the next `chunk.len()` words of `cipher`'s stream into `chunk`, using `bytes` (at
-/// least `4 * chunk.len()` long) for the keystream.
-fn fold(cipher: &mut MaskCipher, chunk: &mut [u32], bytes: &mut [u8], sign: MaskSign) {
-    let buf = &mut bytes[..chunk.len() * 4];
-    cipher.write_keystream(buf);
-    // Separate loops per sign so each one vectorises.
-    let words = buf
-        .chunks_exact(4)
-        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
-    match sign {
-        MaskSign::Add => chunk
-            .iter_mut()
-            .zip(words)
-            .for_each(|(a, m)| *a = a.wrapping_add(m)),
-        MaskSign::Subtract => chunk
-            .iter_mut()
-            .zip(words)
-            .for_each(|(a, m)| *a = a.wrapping_sub(m)),
-    }
+    portable::apply_many(&masks, acc)
 }
 
 #[cfg(test)]
 mod tests {
+    use aes::Aes128;
+    use aes::cipher::{KeyIvInit, StreamCipher};
+
+    use super::portable::{CHUNK_WORDS, GROUP, LANES, MANY_CHUNK_WORDS};
     use super::*;
+
+    type ApplyMany = fn(&[(&[u8; 16], MaskSign)], &mut [u32]);
+    type Keystream = fn(&[u8; 16], &mut [u8]);
+
+    /// Every implementation this CPU runs, by name. The public functions use the last.
+    fn kernels() -> Vec<(&'static str, ApplyMany, Keystream)> {
+        #[allow(unused_mut)]
+        let mut all: Vec<(&'static str, ApplyMany, Keystream)> =
+            vec![("aes-crate", portable::apply_many, portable::keystream)];
+        #[cfg(target_arch = "x86_64")]
+        if vaes::Vaes::detect().is_some() {
+            all.push((
+                "vaes-avx2",
+                |masks, acc| vaes::Vaes::detect().unwrap().apply_many(masks, acc),
+                |seed, out| vaes::Vaes::detect().unwrap().keystream(seed, out),
+            ));
+        } else {
+            eprintln!("this CPU lacks VAES or AVX2: only the portable masks are tested");
+        }
+        all
+    }
+
+    /// The specified stream (128-bit big-endian counter from zero), by the `ctr` crate.
+    fn specified_stream(seed: &[u8; 16], len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        ctr::Ctr128BE::<Aes128>::new(seed.into(), &[0u8; 16].into()).apply_keystream(&mut bytes);
+        bytes
+    }
+
+    /// Each implementation's keystream is the specified stream, for lengths around block,
+    /// chunk and call borders of both.
+    #[test]
+    fn every_kernel_draws_the_specified_stream() {
+        let seed: [u8; 16] = core::array::from_fn(|i| (i as u8).wrapping_mul(29) ^ 0x5a);
+        for (name, _, keystream) in kernels() {
+            for len in [
+                0,
+                1,
+                15,
+                16,
+                17,
+                255,
+                256,
+                257,
+                4 * CHUNK_WORDS - 3,
+                4 * CHUNK_WORDS,
+                8 * CHUNK_WORDS + 100,
+            ] {
+                let mut ours = vec![0u8; len];
+                keystream(&seed, &mut ours);
+                assert_eq!(ours, specified_stream(&seed, len), "{name}, {len} bytes");
+            }
+        }
+    }
+
+    /// AES-128 of the all-zero block under the all-zero key (the first block of seed 0's
+    /// stream) is the well-known 66e94bd4…: checks each implementation's cipher against the
+    /// standard rather than against another implementation.
+    #[test]
+    fn every_kernel_encrypts_the_zero_block_as_aes_128_does() {
+        for (name, _, keystream) in kernels() {
+            let mut block = [0u8; 16];
+            keystream(&[0u8; 16], &mut block);
+            assert_eq!(
+                hex::encode(block),
+                "66e94bd4ef8a2c3b884cfa59ca342b2e",
+                "{name}"
+            );
+        }
+    }
+
+    /// Every implementation folds the same words into the accumulator, for mask counts and
+    /// signs mixed, and lengths around the chunk borders of each.
+    #[test]
+    fn every_kernel_folds_the_same_masks() {
+        let seeds: Vec<[u8; 16]> = (0..50u8)
+            .map(|i| core::array::from_fn(|j| i.wrapping_mul(97) ^ (j as u8).wrapping_mul(13)))
+            .collect();
+        let masks: Vec<(&[u8; 16], MaskSign)> = seeds
+            .iter()
+            .enumerate()
+            .map(|(i, seed)| {
+                let sign = if i % 3 == 2 {
+                    MaskSign::Subtract
+                } else {
+                    MaskSign::Add
+                };
+                (seed, sign)
+            })
+            .collect();
+        let kernels = kernels();
+        for len in [
+            0,
+            1,
+            31,
+            32,
+            33,
+            63,
+            64,
+            65,
+            1000,
+            MANY_CHUNK_WORDS + 1,
+            10_007,
+        ] {
+            let original: Vec<u32> = (0..len as u32)
+                .map(|i| i.wrapping_mul(0x9e37_79b9))
+                .collect();
+            for count in [0, 1, 2, 7, 50] {
+                let mut expected = original.clone();
+                for (seed, sign) in &masks[..count] {
+                    let mut mask = specified_stream(seed, 4 * len)
+                        .chunks_exact(4)
+                        .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                        .collect::<Vec<_>>();
+                    for (e, m) in expected.iter_mut().zip(&mut mask) {
+                        *e = match sign {
+                            MaskSign::Add => e.wrapping_add(*m),
+                            MaskSign::Subtract => e.wrapping_sub(*m),
+                        };
+                    }
+                }
+                for (name, apply_many, _) in &kernels {
+                    let mut acc = original.clone();
+                    apply_many(&masks[..count], &mut acc);
+                    assert_eq!(acc, expected, "{name}: {len} words, {count} masks");
+                }
+            }
+        }
+    }
 
     fn words(hex_str: &str) -> Vec<u32> {
         hex::decode(hex_str)
@@ -308,7 +346,7 @@ mod tests {
     }
 
     /// More masks than one group, mixed signs, and lengths around every block and chunk
-    /// border of the grouped fold.
+    /// border of the portable grouped fold, in each implementation.
     #[test]
     fn apply_many_equals_one_by_one_across_groups_and_borders() {
         let masks: Vec<(Zeroizing<[u8; 16]>, MaskSign)> = (0..(2 * GROUP as u8 + 3))
@@ -335,13 +373,19 @@ mod tests {
                 .map(|i| i.wrapping_mul(0x9e37_79b9))
                 .collect();
             for count in [1, GROUP - 1, GROUP, GROUP + 1, masks.len()] {
-                let mut one_by_one = original.clone();
-                for (seed, sign) in &masks[..count] {
-                    apply(seed, &mut one_by_one, *sign);
+                let masks: Vec<(&[u8; 16], MaskSign)> = masks[..count]
+                    .iter()
+                    .map(|(s, sign)| (&**s, *sign))
+                    .collect();
+                for (name, apply_many, _) in kernels() {
+                    let mut one_by_one = original.clone();
+                    for mask in &masks {
+                        apply_many(std::slice::from_ref(mask), &mut one_by_one);
+                    }
+                    let mut together = original.clone();
+                    apply_many(&masks, &mut together);
+                    assert_eq!(together, one_by_one, "{name}: {len} words, {count} masks");
                 }
-                let mut together = original.clone();
-                apply_many(&masks[..count], &mut together);
-                assert_eq!(together, one_by_one, "{len} words, {count} masks");
             }
         }
     }
