@@ -83,6 +83,9 @@ pub fn apply(seed: &[u8; 16], acc: &mut [u32], sign: MaskSign) {
 /// [`apply`] for each in turn, in a single pass over `acc`. Why: a participant folds one
 /// mask per neighbour (plus its self mask) into the same vector, and a server removes many.
 pub fn apply_many(masks: &[(Zeroizing<[u8; 16]>, MaskSign)], acc: &mut [u32]) {
+    if masks.is_empty() {
+        return;
+    }
     let masks: Vec<(&[u8; 16], MaskSign)> = masks.iter().map(|(s, sign)| (&**s, *sign)).collect();
     #[cfg(target_arch = "x86_64")]
     if let Some(kernel) = vaes::Vaes::detect() {
