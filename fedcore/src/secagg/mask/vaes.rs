@@ -2,13 +2,14 @@
 //! processor's AES instructions, each 256-bit instruction running one round on two blocks,
 //! and the keystream added into the accumulator in registers, never stored.
 //!
-//! Why not the `aes` crate's VAES backend, which [`super::portable`] uses: its generic code
-//! compiles to two 256-bit blocks in flight at a time, with the round keys spilled to the
-//! stack, and writes the keystream to memory for the fold to read back. One mask word cost
-//! about 1.9 cycles there; the AES units of a Zen 3 core finish four block-rounds per cycle,
-//! which is 0.6 cycles per word. Here eight blocks (32 words) are in flight per mask, the
-//! counter blocks of a chunk are built once for every mask (all streams count from block 0),
-//! and each word of the accumulator is loaded and stored once for all the masks.
+//! Why not the `aes` crate, which [`super::portable`] wraps: its generic VAES code compiles to
+//! two 256-bit blocks in flight at a time, with the round keys spilled to the stack, and
+//! writes the keystream to memory for the fold to read back. A Zen 3 core's AES units finish
+//! four block-rounds per cycle, at best 0.6 cycles per mask word; on the machine of
+//! docs/benchmarks.md a participant's masks took 0.6 ns per word through the crate and take
+//! 0.26 ns here. Here eight blocks (32 words) of each mask are in flight, the counter blocks
+//! of a chunk are built once for every mask (all streams count from block 0), and each word
+//! of the accumulator is loaded and stored once for all the masks.
 //!
 //! The stream is the one [`super`] specifies; the tests compare it with the `aes` crate's
 //! (`portable`), with FIPS-197's AES-128 of the zero block and with the committed vectors.
