@@ -44,9 +44,9 @@ fn masks(c: &mut Criterion) {
         b.iter(|| apply_many(&seeds, &mut small))
     });
     g.throughput(Throughput::Elements(WORDS as u64));
-    // The floor: the same 4 MiB of keystream drawn as the masks draw it (`keystream`: 15 KiB
-    // calls, nothing added). Measured through fedcore so that the generic cipher code is the
-    // same instantiation the masks run (instantiated in this bench crate, it was 30% slower).
+    // The floor: the same 4 MiB of keystream drawn by the implementation the masks use
+    // (`keystream`: the VAES kernel where the CPU has it, the `aes` crate in fedcore's own
+    // instantiation elsewhere), with nothing added.
     let mut bytes = vec![0u8; WORDS * 4];
     g.bench_function("raw_aes128ctr64_keystream_4MiB", |b| {
         b.iter(|| keystream(&seed, &mut bytes))
@@ -62,9 +62,8 @@ fn masks(c: &mut Criterion) {
     g.finish();
 }
 
-/// One round. The simulation (fifty labs' state in one
-/// process) is handed back so that criterion frees it after the clock stops: tearing down
-/// the harness is not part of a round.
+/// One round. The simulation (fifty labs' state in one process) is handed back so that
+/// criterion frees it after the clock stops: tearing down the harness is not part of a round.
 fn run(mut round: SimulatedRound, drops: &Dropouts) -> (SimulatedRound, Vec<u32>) {
     let (sum, _) = round.run(drops).unwrap();
     (round, sum)

@@ -131,18 +131,6 @@ impl AgreementSecret {
         Ok(shared)
     }
 
-    /// [`Self::agree`] with every `(peer, public key)` in `peers`, in order; on failure
-    /// names the first peer refused.
-    fn agree_many(
-        &self,
-        peers: &[(u32, [u8; 32])],
-    ) -> Result<Vec<Zeroizing<[u8; 32]>>, CryptoError> {
-        peers
-            .iter()
-            .map(|(peer, public)| self.agree(public, *peer))
-            .collect()
-    }
-
     /// HKDF-SHA256 of an agreement into `out` (see the module docs).
     fn derive(
         shared: &[u8; 32],
@@ -183,16 +171,10 @@ impl AgreementSecret {
         ctx: &SessionContext,
         me: u32,
     ) -> Result<Vec<Zeroizing<[u8; 16]>>, CryptoError> {
-        let shared = self.agree_many(peers)?;
-        Ok(peers
+        peers
             .iter()
-            .zip(&shared)
-            .map(|((peer, _), shared)| {
-                let mut seed = Zeroizing::new([0u8; 16]);
-                Self::derive(shared, ctx, b"mask", me, *peer, seed.as_mut());
-                seed
-            })
-            .collect())
+            .map(|(peer, public)| self.pairwise_mask_seed(public, ctx, me, *peer))
+            .collect()
     }
 
     /// The key that encrypts shares between `me` and `peer`, in both directions; derive it
@@ -205,7 +187,10 @@ impl AgreementSecret {
         peer: u32,
     ) -> Result<ShareKey, CryptoError> {
         let shared = self.agree(peer_public, peer)?;
-        Ok(Self::share_key_from(&shared, ctx, me, peer))
+        let mut key = Zeroizing::new([0u8; 32]);
+        Self::derive(&shared, ctx, b"share-key", me, peer, key.as_mut());
+        let key: &[u8; 32] = &key;
+        Ok(ShareKey(ChaCha20Poly1305::new(key.into())))
     }
 
     /// [`Self::share_key`] with every `(peer, public key)` in `peers`, in order; on failure
@@ -216,19 +201,10 @@ impl AgreementSecret {
         ctx: &SessionContext,
         me: u32,
     ) -> Result<Vec<ShareKey>, CryptoError> {
-        let shared = self.agree_many(peers)?;
-        Ok(peers
+        peers
             .iter()
-            .zip(&shared)
-            .map(|((peer, _), shared)| Self::share_key_from(shared, ctx, me, *peer))
-            .collect())
-    }
-
-    fn share_key_from(shared: &[u8; 32], ctx: &SessionContext, me: u32, peer: u32) -> ShareKey {
-        let mut key = Zeroizing::new([0u8; 32]);
-        Self::derive(shared, ctx, b"share-key", me, peer, key.as_mut());
-        let key: &[u8; 32] = &key;
-        ShareKey(ChaCha20Poly1305::new(key.into()))
+            .map(|(peer, public)| self.share_key(public, ctx, me, *peer))
+            .collect()
     }
 
     /// Encrypts this participant's (`sender`) shares for `receiver`.
