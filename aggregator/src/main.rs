@@ -168,12 +168,24 @@ async fn main() -> Result<()> {
                 ),
             }
             if c.plan.secure_aggregation.enabled {
+                let sa = &c.plan.secure_aggregation;
+                let n = c.plan.roster.len();
                 println!(
-                    "secure aggregation: on, {} labs on the roster, threshold {}, {}-bit quantisation clipped at ±{}",
-                    c.plan.roster.len(),
-                    c.plan.secure_aggregation.threshold_for(c.plan.roster.len()),
-                    c.plan.secure_aggregation.bits,
-                    c.plan.secure_aggregation.clip
+                    "secure aggregation: on, {n} labs on the roster, threshold {}, {}-bit quantisation clipped at ±{}",
+                    sa.threshold_for(n),
+                    sa.bits,
+                    sa.clip
+                );
+                println!(
+                    "  tolerates {} colluding lab(s) (secure_aggregation.max_colluding) and {} dropout(s) per {}; each lab refuses a threshold below {}",
+                    sa.max_colluding,
+                    sa.dropout_tolerance(n),
+                    match sa.neighbourhood(n) {
+                        fedcore::secagg::protocol::Neighbourhood::Complete => "round".to_string(),
+                        fedcore::secagg::protocol::Neighbourhood::Harary { degree } =>
+                            format!("neighbourhood of {}", degree + 1),
+                    },
+                    sa.collusion_bound(n)
                 );
             } else {
                 println!(

@@ -86,6 +86,11 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
                 .secure_aggregation
                 .threshold_for(config.plan.roster.len()),
             roster = config.plan.roster.len(),
+            max_colluding = config.plan.secure_aggregation.max_colluding,
+            dropouts_tolerated = config
+                .plan
+                .secure_aggregation
+                .dropout_tolerance(config.plan.roster.len()),
             "secure aggregation on: the aggregator learns only the sum of each round's updates"
         );
     } else {

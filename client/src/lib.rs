@@ -29,5 +29,6 @@ pub mod local_train;
 pub mod model;
 pub mod participant;
 pub mod progress;
+pub mod reveal_record;
 pub mod train;
 pub mod upload;

@@ -78,6 +78,16 @@ enum Command {
         /// any other plan is refused [default: the config's `policy.plan_sha256`].
         #[arg(long)]
         plan_sha256: Option<String>,
+        /// Without a pinned plan fingerprint, follow whatever plan the aggregator sends,
+        /// including one without secure aggregation. Unsafe: a cheating center could then
+        /// read this lab's update. Without this flag an unpinned lab refuses to join.
+        #[arg(long)]
+        trust_aggregator_plan: bool,
+        /// Where this lab keeps its durable state, such as the record of what it unmasked
+        /// (so that a restarted lab never unmasks an update twice) [default: `state/`
+        /// beside the config file].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Fewest peers this lab accepts in a secure-aggregation round, at least 3
         /// [default: the config's `policy.min_peers`, else 3].
         #[arg(long)]
@@ -178,10 +188,22 @@ async fn main() -> Result<()> {
             patience,
             identity,
             plan_sha256,
+            trust_aggregator_plan,
+            state_dir,
             min_peers,
             max_rounds,
             share_metrics,
         } => {
+            let state_dir = state_dir.or_else(|| {
+                config.as_ref().map(|p| {
+                    let dir = if p.is_dir() {
+                        p.as_path()
+                    } else {
+                        p.parent().unwrap_or(std::path::Path::new("."))
+                    };
+                    dir.join("state")
+                })
+            });
             let kit = config
                 .map(|p| {
                     ParticipantKit::load(&p)
@@ -289,6 +311,8 @@ async fn main() -> Result<()> {
                 connect_patience: Duration::from_secs(patience),
                 identity,
                 base: base.map(Arc::new),
+                trust_aggregator_plan,
+                state_dir,
                 ..ParticipantOptions::new("", "", "")
             }
             .with_policy(&policy);

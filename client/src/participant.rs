@@ -16,11 +16,16 @@
 //! language label and the messages of the protocol: signed public keys, encrypted shares,
 //! the masked update (streamed in chunks), a signature over the survivors, and revealed
 //! shares. The update itself, its sample weight and the training losses never leave in the
-//! clear. The participant checks the plan against the fingerprint it was given, derives every
-//! protocol parameter from it, and takes part in at most one unmasking per round and update,
-//! so a server that restarts an attempt after learning a sum cannot difference two sums.
-//! Without secure aggregation the update, its sample weight and aggregate losses are sent in
-//! plaintext through [`crate::upload`].
+//! clear. The participant checks the plan against the fingerprint it was given (and refuses
+//! to follow an unpinned plan unless its operator explicitly trusts the aggregator), derives
+//! every protocol parameter from it, and decides from the pinned plan alone whether an
+//! update is masked: a task that asks for it in plaintext under a secure plan is refused.
+//! It reveals shares at most once per starting global model and only for strictly
+//! increasing rounds within the plan, recorded durably before the shares leave
+//! ([`crate::reveal_record`]), so a server that restarts an attempt, replays a round or
+//! resends a global under a new round number cannot difference two sums.
+//! Without secure aggregation (a plan that says so, pinned) the update, its sample weight
+//! and aggregate losses are sent in plaintext through [`crate::upload`].
 //!
 //! One more message leaves only if the lab's local policy allows it
 //! ([`ParticipantOptions::share_metrics`], from `share_metrics` in its participant.toml;
@@ -56,8 +61,10 @@ use crate::error::ModelError;
 use crate::eval::{EvalStats, evaluate};
 use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
+use crate::reveal_record::RevealRecord;
 use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
+use fedcore::round::guard::Verdict;
 
 /// Words per masked-input chunk (1 MiB).
 const MASKED_CHUNK_WORDS: usize = 256 * 1024;
@@ -122,6 +129,30 @@ pub enum ParticipantError {
     #[error("aggregation strategy: {0}")]
     Strategy(#[from] StrategyError),
     #[error(
+        "no plan fingerprint pinned: refusing to follow the aggregator's plan (fingerprint {fingerprint}) unchecked, since it could turn secure aggregation off or change the roster and threshold; pin the fingerprint agreed with the other labs (policy.plan_sha256 in participant.toml, or --plan-sha256), or pass --trust-aggregator-plan to accept whatever the aggregator sends"
+    )]
+    NoPlanPin { fingerprint: String },
+    #[error(
+        "round {round}: the aggregator asked for this lab's update in plaintext, but the pinned plan uses secure aggregation; refusing (a center that drops the secure session would read the update)"
+    )]
+    PlaintextRequested { round: u64 },
+    #[error(
+        "round {round}: the aggregator opened a secure-aggregation session, but the pinned plan runs without secure aggregation; refusing the inconsistent task"
+    )]
+    SecureUnplanned { round: u64 },
+    #[error("the aggregator's task numbers are out of bounds: {0}")]
+    RoundNumbers(#[from] fedcore::secagg::spec::RoundNumberError),
+    #[error("unmask guard: {0}")]
+    Guard(#[from] fedcore::round::guard::GuardError),
+    #[error(
+        "round {round}: the aggregator refused this lab's update {tries} times ({status}); giving up"
+    )]
+    UpdateRefused {
+        round: u64,
+        tries: u32,
+        status: tonic::Status,
+    },
+    #[error(
         "round {round}: the aggregator's task asks for {got}, but the pinned plan's strategy gives {expected}: refusing to train"
     )]
     WorkMismatch {
@@ -172,9 +203,16 @@ pub struct ParticipantOptions {
     /// The lab's identity (required when the federation uses secure aggregation).
     pub identity: Option<Arc<IdentitySeed>>,
     /// The plan fingerprint agreed out of band (`fedaggregator check-config` prints it).
-    /// When set, a different plan is refused; when not, the plan is trusted on first use
-    /// and a warning is logged.
+    /// When set, a different plan is refused; when not, the participant refuses to take
+    /// part unless [`Self::trust_aggregator_plan`] is set.
     pub plan_sha256: Option<String>,
+    /// Follow whatever plan the aggregator sends when no fingerprint is pinned (logged
+    /// loudly). Off by default: an unpinned plan lets a cheating center turn secure
+    /// aggregation off, or change the roster or threshold, and read this lab's update.
+    pub trust_aggregator_plan: bool,
+    /// Where the lab keeps its durable state between processes (the record of what it
+    /// unmasked, see [`crate::reveal_record`]). `None`: in memory only (warned at start).
+    pub state_dir: Option<std::path::PathBuf>,
     /// Fewest peers this lab accepts in a secure round (never below 3).
     pub min_peers: usize,
     /// The pretrained base model, when the plan pins one (`model.weights_sha256`); checked
@@ -210,6 +248,8 @@ impl ParticipantOptions {
             connect_patience: Duration::from_secs(120),
             identity: None,
             plan_sha256: None,
+            trust_aggregator_plan: false,
+            state_dir: None,
             min_peers: MIN_PEERS_FLOOR,
             base: None,
             share_metrics: BTreeSet::new(),
@@ -330,6 +370,11 @@ pub async fn run(
     .await?;
     let plan = FederationPlan::from_json(&joined.plan_json)?;
     check_plan(&options, &plan)?;
+    let mut reveals = RevealRecord::open(
+        options.state_dir.as_deref(),
+        &plan.fingerprint(),
+        &options.name,
+    )?;
     let template = plan.initial_model();
     let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
     // The open round's layout: one of the first two rounds' (RoLoRA alternates).
@@ -365,6 +410,8 @@ pub async fn run(
     };
     let mut rounds = Vec::new();
     let mut secure = SecureState::default();
+    // Refusals of this lab's plaintext update in the current round.
+    let mut refusals: Option<Refusals> = None;
 
     // The last global this lab received: what it ends with if it leaves while waiting.
     let mut last_global: Option<GlobalModel> = None;
@@ -424,11 +471,31 @@ pub async fn run(
                 }
                 let global: &GlobalModel = last_global.insert(global);
                 let global_hash = global.content_hash();
-                if secure.revealed.contains(&(t.round, global_hash.clone())) {
-                    // Never a second unmasking of the same update (see module docs).
-                    error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    continue;
+                // Secure or plaintext is the pinned plan's choice, never the task's.
+                match (&t.secure, plan.secure_aggregation.enabled) {
+                    (None, true) => {
+                        error!(participant = %options.name, round = t.round, "the aggregator asked for this lab's update in plaintext under a secure plan; refusing");
+                        return Err(ParticipantError::PlaintextRequested { round: t.round });
+                    }
+                    (Some(_), false) => {
+                        return Err(ParticipantError::SecureUnplanned { round: t.round });
+                    }
+                    _ => {}
+                }
+                let attempt = t.secure.as_ref().map_or(0, |s| s.attempt);
+                fedcore::secagg::spec::check_round_numbers(t.round, attempt, plan.rounds.rounds)?;
+                if let Some(session) = &t.secure {
+                    let session = session_id(&session.session)?;
+                    // Never a second unmasking from the same model, never an old round
+                    // (see module docs); a named deviation stops the lab.
+                    let verdict = reveals.check(t.round, &global_hash, &session).inspect_err(|e| {
+                        error!(participant = %options.name, round = t.round, error = %e, "refusing the aggregator's task");
+                    })?;
+                    if verdict == Verdict::AlreadyRevealed {
+                        error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        continue;
+                    }
                 }
                 let fresh = secure
                     .trained
@@ -521,13 +588,7 @@ pub async fn run(
                 match &t.secure {
                     Some(session) => {
                         let session = SecureTrain {
-                            session: session.session.as_slice().try_into().map_err(|_| {
-                                WireError::Bytes {
-                                    field: "session",
-                                    got: session.session.len(),
-                                    expected: 32,
-                                }
-                            })?,
+                            session: session_id(&session.session)?,
                             attempt: session.attempt,
                             index: session.index,
                         };
@@ -568,7 +629,7 @@ pub async fn run(
                     }
                     None => {
                         let layout_hash = work.layout.manifest().hash_hex();
-                        if let Some(report) = submit_plaintext(
+                        match submit_plaintext(
                             &client,
                             &options,
                             &id,
@@ -579,7 +640,29 @@ pub async fn run(
                         )
                         .await?
                         {
-                            rounds.push(report);
+                            Submitted::Taken(report) => {
+                                refusals = None;
+                                rounds.push(report);
+                            }
+                            Submitted::Refused(status) => {
+                                // Usually the round closed without us and the next task
+                                // moves on; a center that keeps refusing the same round
+                                // is not answered at full speed, nor forever.
+                                let r = refusals.get_or_insert_with(|| Refusals::new(t.round));
+                                if r.round != t.round {
+                                    *r = Refusals::new(t.round);
+                                }
+                                r.tries += 1;
+                                if r.tries >= MAX_REFUSED_UPLOADS {
+                                    return Err(ParticipantError::UpdateRefused {
+                                        round: t.round,
+                                        tries: r.tries,
+                                        status,
+                                    });
+                                }
+                                tokio::time::sleep(r.backoff).await;
+                                r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+                            }
                         }
                     }
                 }
@@ -612,6 +695,14 @@ pub async fn run(
                     }
                 };
                 let revealed = upload.revealed();
+                if revealed {
+                    // Recorded (on disk, synced) before a single share leaves.
+                    let Some(trained) = secure.trained.as_ref() else {
+                        secure.upload = None;
+                        continue;
+                    };
+                    reveals.record(trained.round, &trained.global_hash, &upload.session())?;
+                }
                 let accepted = match reply {
                     Reply::Message(msg) => {
                         send_secure(&client, &options, &id, step.round, step.attempt, msg).await?
@@ -629,16 +720,15 @@ pub async fn run(
                     }
                 };
                 if revealed {
-                    if let Some(trained) = secure.trained.take() {
-                        secure.revealed.insert((trained.round, trained.global_hash));
-                        if accepted {
-                            info!(participant = %options.name, round = step.round, "shares revealed; secure aggregation of this round is done on our side");
-                            observer.update_accepted(&options.name, step.round, false);
-                            rounds.push(RoundReport {
-                                round: step.round,
-                                train: trained.stats,
-                            });
-                        }
+                    if let Some(trained) = secure.trained.take()
+                        && accepted
+                    {
+                        info!(participant = %options.name, round = step.round, "shares revealed; secure aggregation of this round is done on our side");
+                        observer.update_accepted(&options.name, step.round, false);
+                        rounds.push(RoundReport {
+                            round: step.round,
+                            train: trained.stats,
+                        });
                     }
                     secure.upload = None;
                 }
@@ -1029,8 +1119,6 @@ struct TrainedUpdate {
 struct SecureState {
     trained: Option<TrainedUpdate>,
     upload: Option<SecureUpload>,
-    /// (round, global hash) pairs whose update this lab has unmasked.
-    revealed: BTreeSet<(u64, String)>,
     /// Set by the observer to simulate a lab that died mid-protocol.
     silent: bool,
 }
@@ -1046,11 +1134,12 @@ fn check_plan(options: &ParticipantOptions, plan: &FederationPlan) -> Result<(),
             });
         }
         Some(_) => {}
-        None => warn!(
+        None if options.trust_aggregator_plan => warn!(
             participant = %options.name,
             plan_sha256 = %fingerprint,
-            "no plan fingerprint pinned (--plan-sha256): trusting the aggregator's plan, roster and threshold as sent"
+            "NO PLAN FINGERPRINT PINNED and the operator chose to trust the aggregator: following its plan, roster, threshold and secure-aggregation setting as sent; a cheating center could read this lab's update"
         ),
+        None => return Err(ParticipantError::NoPlanPin { fingerprint }),
     }
     if !plan.secure_aggregation.enabled {
         warn!(participant = %options.name, "this federation does NOT use secure aggregation: the aggregator will see this lab's update");
@@ -1074,6 +1163,15 @@ fn check_plan(options: &ParticipantOptions, plan: &FederationPlan) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// The 32-byte session id of a secure task.
+fn session_id(bytes: &[u8]) -> Result<[u8; 32], WireError> {
+    bytes.try_into().map_err(|_| WireError::Bytes {
+        field: "session",
+        got: bytes.len(),
+        expected: 32,
+    })
 }
 
 /// Opens this attempt's protocol session with fresh randomness from the OS.
@@ -1420,7 +1518,35 @@ fn late_is_not_fatal(
     }
 }
 
-/// Hands in a plaintext update (secure aggregation off); the report when it was taken.
+/// How many times one round's plaintext update may be refused before the lab stops.
+const MAX_REFUSED_UPLOADS: u32 = 8;
+
+/// Refusals of one round's plaintext update: how many, and how long to wait next
+/// (doubling from 500 ms to 30 s).
+struct Refusals {
+    round: u64,
+    tries: u32,
+    backoff: Duration,
+}
+
+impl Refusals {
+    fn new(round: u64) -> Self {
+        Refusals {
+            round,
+            tries: 0,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What became of a plaintext update.
+enum Submitted {
+    Taken(RoundReport),
+    /// Refused (the round closed without it, or the aggregator would not take it).
+    Refused(tonic::Status),
+}
+
+/// Hands in a plaintext update (secure aggregation off).
 async fn submit_plaintext(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,
@@ -1429,7 +1555,7 @@ async fn submit_plaintext(
     (layout_hash, global_hash): (String, String),
     trained: &TrainedUpdate,
     observer: &dyn ParticipantObserver,
-) -> Result<Option<RoundReport>, ParticipantError> {
+) -> Result<Submitted, ParticipantError> {
     let stats = &trained.stats;
     let request = pb::SubmitUpdateRequest {
         participant_id: id.to_string(),
@@ -1465,7 +1591,7 @@ async fn submit_plaintext(
             observer.upload_progress(&options.name, t.round, bytes, bytes);
             info!(participant = %options.name, round = t.round, "update accepted (its answer was lost with the connection)");
             observer.update_accepted(&options.name, t.round, false);
-            Ok(Some(RoundReport {
+            Ok(Submitted::Taken(RoundReport {
                 round: t.round,
                 train: stats.clone(),
             }))
@@ -1483,7 +1609,7 @@ async fn submit_plaintext(
                 "update accepted"
             );
             observer.update_accepted(&options.name, t.round, r.round_closed);
-            Ok(Some(RoundReport {
+            Ok(Submitted::Taken(RoundReport {
                 round: t.round,
                 train: stats.clone(),
             }))
@@ -1493,7 +1619,7 @@ async fn submit_plaintext(
             if status.code() == tonic::Code::FailedPrecondition =>
         {
             warn!(participant = %options.name, round = t.round, %status, "update not taken");
-            Ok(None)
+            Ok(Submitted::Refused(status))
         }
         Err(e) => Err(e),
     }

@@ -405,6 +405,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         .with_policy(&policy);
         let participant_options = ParticipantOptions {
             plan_sha256: Some(plan.fingerprint()),
+            // The record of what the lab unmasked, kept as a lab keeps it.
+            state_dir: Some(kit_dir.join("state")),
             ..participant_options
         };
         labs.push(tokio::spawn(participant::run(

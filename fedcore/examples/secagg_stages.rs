@@ -46,6 +46,7 @@ fn main() -> Result<(), ProtocolError> {
             0 => Neighbourhood::Complete,
             degree => Neighbourhood::Harary { degree },
         },
+        graph_seed: [3; 32],
     };
     let inputs: BTreeMap<u32, Vec<u32>> = (1..=n).map(|i| (i, vec![i; words])).collect();
     let rounds = 5;

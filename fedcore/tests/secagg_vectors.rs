@@ -307,6 +307,7 @@ fn participant_state_machine_signs_and_encrypts_the_vector_bytes() {
         vector_len: 4,
         model_hash: array(&v, "/ed25519/consistency/model_hash"),
         neighbourhood: Default::default(),
+        graph_seed: [3; 32],
     };
     let seeds: BTreeMap<Index, [u8; 32]> = [
         (u, array(&v, "/ed25519/seed")),

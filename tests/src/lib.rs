@@ -2,6 +2,7 @@
 //! participants training real burn models on the embedded UDHR text.
 
 pub mod capture;
+pub mod cheating_center;
 pub mod wire_lab;
 
 use std::path::Path;
@@ -155,10 +156,14 @@ pub fn corpus(code: &str) -> LocalCorpus {
     LocalCorpus::from_text(code, text, 0.1, &ByteTokenizer).expect("UDHR text is long enough")
 }
 
-/// Participant options for `name` against `url`.
+/// Participant options for `name` against `url`. They trust the aggregator's plan
+/// (`trust_aggregator_plan`), as these tests run their own honest aggregator and most test
+/// something else; the secure federations pin the plan (`plan_sha256`) as labs must, and
+/// `cheating_center.rs` tests what an unpinned lab does.
 pub fn participant_options(url: &str, name: &str, language: &str) -> ParticipantOptions {
     ParticipantOptions {
         connect_patience: Duration::from_secs(20),
+        trust_aggregator_plan: true,
         ..ParticipantOptions::new(url, name, language)
     }
 }

@@ -86,6 +86,7 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
         let policy = kit.policy.clone();
         let options = ParticipantOptions {
             identity: Some(Arc::new(identity)),
+            plan_sha256: Some(plan.fingerprint()),
             connect_patience: Duration::from_secs(30),
             kit: Some(Arc::new(kit.clone())),
             ..ParticipantOptions::new("", &kit.name, &kit.language)

@@ -22,6 +22,7 @@
 mod control;
 #[cfg(test)]
 mod control_tests;
+pub mod guard;
 mod leave;
 #[cfg(test)]
 mod leave_tests;
@@ -1114,6 +1115,7 @@ impl Coordinator {
         let spec = &self.plan.secure_aggregation;
         let len = self.layout.len();
         let cfg = spec.round_config(
+            &self.plan.fingerprint(),
             self.roster.len(),
             self.session,
             round,

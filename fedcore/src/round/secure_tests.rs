@@ -259,7 +259,10 @@ fn honest_secure_round_gives_the_weighted_mean_within_the_bound() {
 
 #[test]
 fn dropouts_during_key_sharing_and_masked_input_leave_the_survivors_mean() {
-    let mut c = Coordinator::new(secure_plan(5, None, 1), [4; 32]).unwrap();
+    // Two dropouts of five need t = 3: a plan that tolerates no colluding lab.
+    let mut plan = secure_plan(5, None, 1);
+    plan.secure_aggregation.max_colluding = 0;
+    let mut c = Coordinator::new(plan, [4; 32]).unwrap();
     let mut labs = labs(&mut c, 5, 2);
     labs[3].silent_from = Some(S::ShareKeys);
     labs[1].silent_from = Some(S::MaskedInput);

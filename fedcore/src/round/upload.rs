@@ -72,6 +72,7 @@ pub fn rounding_seed(identity_seed: &[u8; 32], round: u64, global_hash: &str) ->
 pub struct SecureUpload {
     round: u64,
     attempt: u32,
+    session_id: [u8; 32],
     session: ParticipantSession,
     /// The quantised, still unmasked update: wiped when dropped.
     words: Zeroizing<Vec<u32>>,
@@ -114,6 +115,7 @@ impl SecureUpload {
         }
         let spec = &plan.secure_aggregation;
         let cfg = spec.round_config(
+            &plan.fingerprint(),
             roster.len(),
             task.session,
             round,
@@ -140,6 +142,7 @@ impl SecureUpload {
             SecureUpload {
                 round,
                 attempt: task.attempt,
+                session_id: task.session,
                 session,
                 words: Zeroizing::new(words),
                 encoded: EncodedSummary { clipped, weight },
@@ -155,6 +158,11 @@ impl SecureUpload {
 
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+
+    /// The session (run) this upload belongs to.
+    pub fn session(&self) -> [u8; 32] {
+        self.session_id
     }
 
     pub fn encoded(&self) -> EncodedSummary {

@@ -6,19 +6,23 @@
 //! a k-regular graph each participant deals only with its k neighbours, so a round costs
 //! O(k) per participant whatever n is; Bell et al. show that k = O(log n) keeps both privacy
 //! and dropout tolerance when the graph is random and unknown to the adversary before the
-//! round (here: before the session and round are fixed).
+//! round (here: fixed by the pinned plan and the round number alone, so that a server
+//! restarting attempts cannot draw graph after graph until its colluders surround a target).
 //!
 //! # Specification (version 1)
 //!
 //! Every participant and the server compute the same graph from public data only: the
-//! round's [`SessionContext`] and the roster (the sorted, deduplicated participant indices of
+//! round's graph seed and the roster (the sorted, deduplicated participant indices of
 //! the round, from provisioning, *not* the members that advertised keys, so that dropouts
 //! cannot move the edges).
 //!
 //! For [`Neighbourhood::Complete`], or [`Neighbourhood::Harary`] with `degree >= n - 1`
 //! (n = roster size), every two members are neighbours. Otherwise, with k = `degree`:
 //!
-//! 1. Seed: `seed = SHA-256("mekong/secagg/v1/graph" ‖ session (32 bytes) ‖ round (u64 LE))`.
+//! 1. Seed: the round's 32-byte graph seed (`RoundConfig::graph_seed`, made by
+//!    [`crate::secagg::spec::graph_seed`] from the plan's fingerprint and the round, never
+//!    from the session or the attempt, which the server picks), then
+//!    `seed = SHA-256("mekong/secagg/v1/graph" ‖ graph seed)`.
 //! 2. Stream: the ChaCha20 keystream (20 rounds, RFC 8439 block function) with key = `seed`,
 //!    nonce = 12 zero bytes and block counter starting at 0 (identical to the original
 //!    64-bit-nonce ChaCha20 with a zero nonce, and to `rand_chacha::ChaCha20Rng::from_seed`).
@@ -48,7 +52,6 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use sha2::{Digest, Sha256};
 
-use crate::secagg::crypto::SessionContext;
 use crate::secagg::messages::Index;
 use crate::secagg::protocol::{Neighbourhood, ProtocolError};
 
@@ -77,11 +80,11 @@ enum Shape {
 }
 
 impl Graph {
-    /// The graph of the round with context `ctx` over `roster` (any order; duplicates are
-    /// ignored). Refuses an odd degree on an odd roster (see the module docs).
+    /// The graph of the round with graph seed `seed` over `roster` (any order; duplicates
+    /// are ignored). Refuses an odd degree on an odd roster (see the module docs).
     pub fn new(
         neighbourhood: Neighbourhood,
-        ctx: &SessionContext,
+        seed: &[u8; 32],
         roster: &[Index],
     ) -> Result<Self, ProtocolError> {
         let mut members = roster.to_vec();
@@ -103,7 +106,7 @@ impl Graph {
         };
         let order = match shape {
             Shape::Complete => members,
-            Shape::Harary { .. } => permutation(ctx, members),
+            Shape::Harary { .. } => permutation(seed, members),
         };
         let position = order.iter().enumerate().map(|(p, &m)| (m, p)).collect();
         Ok(Graph {
@@ -186,11 +189,10 @@ impl Graph {
 
 /// The ring order of a sparse graph: `members` (ascending) shuffled by the keyed
 /// Fisher–Yates of the module docs.
-fn permutation(ctx: &SessionContext, mut members: Vec<Index>) -> Vec<Index> {
+fn permutation(graph_seed: &[u8; 32], mut members: Vec<Index>) -> Vec<Index> {
     let mut h = Sha256::new();
     h.update(GRAPH_DOMAIN);
-    h.update(ctx.session);
-    h.update(ctx.round.to_le_bytes());
+    h.update(graph_seed);
     let seed: [u8; 32] = h.finalize().into();
     let mut rng = ChaCha20Rng::from_seed(seed);
     for i in (1..members.len()).rev() {
@@ -212,11 +214,9 @@ fn permutation(ctx: &SessionContext, mut members: Vec<Index>) -> Vec<Index> {
 mod tests {
     use super::*;
 
-    fn ctx(round: u64) -> SessionContext {
-        SessionContext {
-            session: [4; 32],
-            round,
-        }
+    /// A round's graph seed, as the plan with fingerprint "ab" derives it.
+    fn ctx(round: u64) -> [u8; 32] {
+        crate::secagg::spec::graph_seed("ab", round)
     }
 
     fn roster(n: u32) -> Vec<Index> {
@@ -265,8 +265,8 @@ mod tests {
     }
 
     #[test]
-    fn rounds_and_sessions_draw_different_graphs() {
-        let g = |c: SessionContext| {
+    fn rounds_and_plans_draw_different_graphs() {
+        let g = |c: [u8; 32]| {
             Graph::new(Neighbourhood::Harary { degree: 4 }, &c, &roster(40))
                 .unwrap()
                 .ring()
@@ -274,13 +274,7 @@ mod tests {
         };
         let base = g(ctx(1));
         assert_ne!(base, g(ctx(2)));
-        assert_ne!(
-            base,
-            g(SessionContext {
-                session: [5; 32],
-                round: 1
-            })
-        );
+        assert_ne!(base, g(crate::secagg::spec::graph_seed("cd", 1)));
         let mut sorted = base.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, roster(40));
@@ -309,7 +303,7 @@ mod tests {
     /// `cryptography` package's ChaCha20 for the stream), following the module docs only:
     ///
     /// ```text
-    /// seed = sha256(b"mekong/secagg/v1/graph" + bytes([4]) * 32 + (7).to_bytes(8, "little")).digest()
+    /// seed = sha256(b"mekong/secagg/v1/graph" + bytes([4]) * 32).digest()
     /// ks = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(32000))
     /// words = iter(int.from_bytes(ks[8 * i:8 * i + 8], "little") for i in range(4000))
     /// a = list(range(1, 21))
@@ -321,19 +315,11 @@ mod tests {
     /// ```
     #[test]
     fn ring_order_matches_an_independent_implementation() {
-        let g = Graph::new(
-            Neighbourhood::Harary { degree: 4 },
-            &SessionContext {
-                session: [4; 32],
-                round: 7,
-            },
-            &roster(20),
-        )
-        .unwrap();
-        assert_eq!(g.ring(), &KNOWN_RING_N20_ROUND7[..]);
+        let g = Graph::new(Neighbourhood::Harary { degree: 4 }, &[4; 32], &roster(20)).unwrap();
+        assert_eq!(g.ring(), &KNOWN_RING_N20[..]);
     }
 
-    const KNOWN_RING_N20_ROUND7: [Index; 20] = [
-        1, 4, 20, 16, 15, 7, 19, 3, 8, 6, 9, 2, 5, 11, 17, 12, 14, 18, 10, 13,
+    const KNOWN_RING_N20: [Index; 20] = [
+        10, 11, 13, 8, 7, 9, 20, 18, 12, 19, 17, 3, 2, 5, 6, 1, 14, 16, 15, 4,
     ];
 }

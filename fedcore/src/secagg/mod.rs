@@ -35,4 +35,6 @@ pub mod simulation;
 pub mod spec;
 
 #[cfg(test)]
+mod split_view_tests;
+#[cfg(test)]
 mod tests;

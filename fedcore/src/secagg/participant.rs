@@ -41,6 +41,8 @@ use crate::secagg::protocol::{
 use crate::secagg::shamir::{Share, split};
 
 /// Fresh secret randomness for one round, drawn by the caller (from the OS in production).
+/// Wiped from memory when dropped: the session copies what it keeps into wiped storage.
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
 pub struct RoundRandomness {
     pub c_secret: [u8; 32],
     pub s_secret: [u8; 32],
@@ -122,7 +124,7 @@ impl ParticipantSession {
             return Err(ProtocolError::MissingSelf(me));
         }
         let roster: Vec<Index> = identities.indices().collect();
-        let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
+        let graph = Graph::new(cfg.neighbourhood, &cfg.graph_seed, &roster)?;
         let mut neighbourhood: BTreeSet<Index> = graph.neighbours(me).into_iter().collect();
         neighbourhood.insert(me);
         if neighbourhood.len() < cfg.quorum() {
@@ -431,6 +433,15 @@ impl ParticipantSession {
             from: self.me,
             signature,
         })
+    }
+
+    /// The shares this participant holds of `owner`'s mask key and self-mask seed, as a
+    /// colluding lab would hand them to a cheating server (attack tests only).
+    #[cfg(test)]
+    pub(crate) fn held_shares_of(&self, owner: Index) -> Option<(Share, Share)> {
+        self.held
+            .get(&owner)
+            .map(|h| (h.key_share.clone(), h.self_mask_share.clone()))
     }
 
     /// Stage 4: checks that at least a quorum of its neighbourhood signed the very list this

@@ -42,6 +42,9 @@ pub struct RoundConfig {
     pub model_hash: [u8; 32],
     /// Who shares keys and masks with whom.
     pub neighbourhood: Neighbourhood,
+    /// Seed of the sparse graph ([`crate::secagg::spec::graph_seed`]): fixed by the plan
+    /// and the round, the same in every attempt.
+    pub graph_seed: [u8; 32],
 }
 
 impl RoundConfig {

@@ -53,7 +53,7 @@ impl ServerSession {
     /// smaller than the quorum (every participant would refuse it).
     pub fn new(cfg: RoundConfig, identities: IdentityKeys) -> Result<Self, ProtocolError> {
         let roster: Vec<Index> = identities.indices().collect();
-        let graph = Graph::new(cfg.neighbourhood, &cfg.context, &roster)?;
+        let graph = Graph::new(cfg.neighbourhood, &cfg.graph_seed, &roster)?;
         if graph.degree() + 1 < cfg.quorum() {
             return Err(ProtocolError::TooFew {
                 stage: Stage::AdvertiseKeys,

@@ -32,9 +32,18 @@ pub struct SecureAggregationSpec {
     /// Mask every update so the aggregator learns only the sum (default `true`). With
     /// `false` updates travel in plaintext and the aggregator sees each one.
     pub enabled: bool,
-    /// Shares needed to unmask, and fewest survivors of every stage. Default: a strict
-    /// majority of the roster. Must be a strict majority (see `fedcore::secagg::protocol`).
+    /// Shares needed to unmask, and fewest survivors of every stage. Default: the smallest
+    /// threshold that is safe against `max_colluding` labs ([`Self::collusion_bound`]); an
+    /// explicit value must be at least that and at most a neighbourhood's size.
     pub threshold: Option<usize>,
+    /// How many member labs may collude with a cheating aggregator without it learning any
+    /// single honest lab's update (default 1: a center working with one member lab is the
+    /// realistic threat in a regional federation; 0 protects only against a center acting
+    /// alone). The threshold follows from it: `t > (k + c) / 2` for a neighbourhood of `k`
+    /// labs and `c` colluders, so that two disjoint groups of honest labs can never each
+    /// be shown a different survivor list and both reach `t` signatures (Bonawitz et al.
+    /// 2017, active security). Each lab checks the bound itself.
+    pub max_colluding: usize,
     /// Updates are clipped to `[-clip, clip]` per value before quantisation.
     pub clip: f32,
     /// Quantisation levels are `2^bits`; `roster × (2^bits − 1)` must stay below `2^32`.
@@ -54,6 +63,7 @@ impl Default for SecureAggregationSpec {
         SecureAggregationSpec {
             enabled: true,
             threshold: None,
+            max_colluding: 1,
             clip: 1.0,
             bits: 24,
             weight_cap: 1 << 20,
@@ -80,11 +90,36 @@ impl SecureAggregationSpec {
         }
     }
 
-    /// The threshold for a roster of `members` labs: by default a strict majority of a
-    /// neighbourhood.
+    /// The threshold for a roster of `members` labs: by default the smallest one safe
+    /// against `max_colluding` colluders ([`Self::collusion_bound`]).
     pub fn threshold_for(&self, members: usize) -> usize {
         self.threshold
-            .unwrap_or(self.neighbourhood_size(members) / 2 + 1)
+            .unwrap_or_else(|| self.collusion_bound(members))
+    }
+
+    /// The smallest safe threshold against `max_colluding` colluding labs: the least `t`
+    /// with `2t > k + c'`, where `k` is a neighbourhood's size and `c' = min(c, k − 1)`
+    /// the colluders that can sit in one lab's neighbourhood besides the lab itself.
+    ///
+    /// Why: in the consistency check every honest lab signs one survivor list per
+    /// attempt, and reveals shares only for a list carrying `t` valid signatures. A
+    /// center that shows one group a list where the target survived (to get shares of its
+    /// self mask) and another a list where it dropped (to get shares of its mask key) needs
+    /// `t` signatures on each; the colluders sign both, so it needs `2(t − c')` honest
+    /// signers of `k − c'`, which `2t > k + c'` rules out. On the sparse graph this is the
+    /// worst case of Bell et al. 2020 (every colluder in the target's neighbourhood), not
+    /// their probabilistic bound: larger thresholds, but nothing left to chance.
+    pub fn collusion_bound(&self, members: usize) -> usize {
+        let k = self.neighbourhood_size(members);
+        let c = self.max_colluding.min(k.saturating_sub(1));
+        (k + c) / 2 + 1
+    }
+
+    /// How many labs of one neighbourhood may drop out of a secure round (in any stage)
+    /// while it still unmasks: the neighbourhood's size minus the threshold.
+    pub fn dropout_tolerance(&self, members: usize) -> usize {
+        self.neighbourhood_size(members)
+            .saturating_sub(self.threshold_for(members))
     }
 
     /// Checks the section against the roster size; errors name the field.
@@ -103,11 +138,7 @@ impl SecureAggregationSpec {
         let size = self.neighbourhood_size(members);
         if let Neighbourhood::Harary { degree } = self.neighbourhood(members) {
             let roster: Vec<u32> = (1..=members as u32).collect();
-            let probe = SessionContext {
-                session: [0; 32],
-                round: 0,
-            };
-            Graph::new(Neighbourhood::Harary { degree }, &probe, &roster).map_err(|e| {
+            Graph::new(Neighbourhood::Harary { degree }, &[0; 32], &roster).map_err(|e| {
                 ConfigError::field("secure_aggregation.neighbourhood_degree", e.to_string())
             })?;
             if degree < 2 {
@@ -117,18 +148,28 @@ impl SecureAggregationSpec {
                 ));
             }
         }
+        let what = if size == members {
+            format!("the {members} labs")
+        } else {
+            format!("a neighbourhood of {size} labs")
+        };
+        let bound = self.collusion_bound(members);
+        if bound > size {
+            return Err(ConfigError::field(
+                "secure_aggregation.max_colluding",
+                format!(
+                    "{} colluding labs cannot be tolerated by {what}: the threshold would have to be {bound}, more than the {size} labs there are; lower max_colluding or add labs",
+                    self.max_colluding
+                ),
+            ));
+        }
         let t = self.threshold_for(members);
-        if 2 * t <= size || t > size {
-            let what = if size == members {
-                format!("the {members} labs")
-            } else {
-                format!("a neighbourhood of {size} labs")
-            };
+        if t < bound || t > size {
             return Err(ConfigError::field(
                 "secure_aggregation.threshold",
                 format!(
-                    "{t} must be a strict majority of {what} (between {} and {size})",
-                    size / 2 + 1
+                    "{t} must be between {bound} and {size} for {what}: below {bound}, a cheating aggregator with {} colluding lab(s) could show two groups different survivor lists and unmask one lab's update (t > (labs + colluders) / 2)",
+                    self.max_colluding
                 ),
             ));
         }
@@ -165,10 +206,13 @@ impl SecureAggregationSpec {
     /// The protocol parameters of attempt `attempt` of round `round`, for a roster of
     /// `members` labs, uploads of `upload_len` values, and a participant's own floor
     /// `min_peers`. Both sides derive it the same way; the participant from the plan it
-    /// pinned, so a server cannot lower the threshold.
+    /// pinned, so a server cannot lower the threshold. The neighbourhood graph's seed comes
+    /// from the plan's fingerprint and the round alone ([`graph_seed`]), never from the
+    /// session or the attempt, which the server picks.
     #[allow(clippy::too_many_arguments)]
     pub fn round_config(
         &self,
+        plan_fingerprint: &str,
         members: usize,
         session: [u8; 32],
         round: u64,
@@ -185,6 +229,7 @@ impl SecureAggregationSpec {
             threshold: self.threshold_for(members),
             min_peers,
             neighbourhood: self.neighbourhood(members),
+            graph_seed: graph_seed(plan_fingerprint, round),
             vector_len: upload_len + 1,
             model_hash: model_hash_bytes(global_hash),
         }
@@ -205,10 +250,56 @@ impl SecureAggregationSpec {
 /// Attempts per round are numbered below 2^16.
 pub const MAX_ATTEMPTS: u32 = 1 << 16;
 
+/// Round numbers stay below 2^48, so that `round · 2^16 + attempt` never wraps.
+pub const MAX_ROUND: u64 = (1 << 48) - 1;
+
+/// The seed of round `round`'s neighbourhood graph: SHA-256 of a domain separator, the
+/// plan's fingerprint (hex, as labs pin it) and the round (u64 little-endian).
+///
+/// Why these inputs: both are fixed before the round and neither is the server's free
+/// choice. The plan is pinned by every lab; the round must strictly increase at each lab
+/// and stay within the plan's rounds. The session and the attempt number, which the server
+/// picks, are left out, so restarting attempts or sessions cannot "grind" a graph in which
+/// its colluders surround a target: every attempt of a round has the same graph.
+pub fn graph_seed(plan_fingerprint: &str, round: u64) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"mekong/secagg/v2/graph-seed");
+    h.update((plan_fingerprint.len() as u64).to_le_bytes());
+    h.update(plan_fingerprint.to_ascii_lowercase().as_bytes());
+    h.update(round.to_le_bytes());
+    h.finalize().into()
+}
+
 /// The protocol's round number for attempt `attempt` of federation round `round`:
 /// `round · 2^16 + attempt`, so no two attempts ever share derived keys or signatures.
+/// Callers keep `round <= MAX_ROUND` and `attempt < MAX_ATTEMPTS` (labs refuse anything
+/// else, see [`check_round_numbers`]); debug builds assert it.
 pub fn context_round(round: u64, attempt: u32) -> u64 {
+    debug_assert!(round <= MAX_ROUND && attempt < MAX_ATTEMPTS);
     (round << 16) | u64::from(attempt % MAX_ATTEMPTS)
+}
+
+/// Why a round or attempt number sent by the server is refused.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RoundNumberError {
+    #[error("round {round} is outside the plan's rounds 1..={rounds}")]
+    Round { round: u64, rounds: u64 },
+    #[error("attempt {attempt} of round {round} is not below the limit of {MAX_ATTEMPTS} attempts")]
+    Attempt { round: u64, attempt: u32 },
+}
+
+/// Checks that a round and attempt number can be signed without aliasing another pair:
+/// the round within the plan's `rounds` (1-based, and never above [`MAX_ROUND`]), the
+/// attempt below [`MAX_ATTEMPTS`].
+pub fn check_round_numbers(round: u64, attempt: u32, rounds: u64) -> Result<(), RoundNumberError> {
+    if round == 0 || round > rounds.min(MAX_ROUND) {
+        return Err(RoundNumberError::Round { round, rounds });
+    }
+    if attempt >= MAX_ATTEMPTS {
+        return Err(RoundNumberError::Attempt { round, attempt });
+    }
+    Ok(())
 }
 
 /// The 32 bytes of a global adapter's hex content hash, as signed in the consistency check.
@@ -348,7 +439,11 @@ mod tests {
         let spec = SecureAggregationSpec::default();
         assert!(spec.validate(2).unwrap_err().to_string().contains("roster"));
         spec.validate(3).unwrap();
+        // One colluder (the default): 2t > 6 + 1.
         assert_eq!(spec.threshold_for(6), 4);
+        assert_eq!(spec.threshold_for(5), 4);
+        assert_eq!(spec.threshold_for(3), 3);
+        assert_eq!(spec.dropout_tolerance(6), 2);
         let half = SecureAggregationSpec {
             threshold: Some(3),
             ..spec.clone()
@@ -389,11 +484,12 @@ mod tests {
             ..Default::default()
         };
         spec.validate(40).unwrap();
-        assert_eq!(spec.threshold_for(40), 4);
+        // Neighbourhoods of 7, one colluder: 2t > 8.
+        assert_eq!(spec.threshold_for(40), 5);
         assert_eq!(spec.neighbourhood(40), Neighbourhood::Harary { degree: 6 });
         // A degree covering everyone is the complete graph.
         assert_eq!(spec.neighbourhood(7), Neighbourhood::Complete);
-        assert_eq!(spec.threshold_for(7), 4);
+        assert_eq!(spec.threshold_for(7), 5);
         let odd = SecureAggregationSpec {
             neighbourhood_degree: Some(5),
             ..Default::default()
@@ -406,6 +502,71 @@ mod tests {
         };
         let err = loose.validate(40).unwrap_err().to_string();
         assert!(err.contains("a neighbourhood of 7 labs"), "{err}");
+    }
+
+    #[test]
+    fn thresholds_follow_the_colluders_tolerated() {
+        for n in 3..40usize {
+            for c in 0..n {
+                let spec = SecureAggregationSpec {
+                    max_colluding: c,
+                    ..Default::default()
+                };
+                let t = spec.collusion_bound(n);
+                let c_eff = c.min(n - 1);
+                // The bound: 2t > n + c, and the least such t.
+                assert!(
+                    2 * t > n + c_eff && 2 * (t - 1) <= n + c_eff,
+                    "n {n} c {c} t {t}"
+                );
+                match spec.validate(n) {
+                    Ok(()) => assert!(t <= n),
+                    Err(e) => {
+                        assert!(t > n, "n {n} c {c}: {e}");
+                        assert!(e.to_string().contains("max_colluding"), "{e}");
+                    }
+                }
+            }
+        }
+        // No colluders: a strict majority, as before.
+        let alone = SecureAggregationSpec {
+            max_colluding: 0,
+            ..Default::default()
+        };
+        assert_eq!(alone.threshold_for(5), 3);
+        // An explicit threshold below the bound is refused, naming the reason.
+        let low = SecureAggregationSpec {
+            threshold: Some(3),
+            ..Default::default()
+        };
+        let err = low.validate(5).unwrap_err().to_string();
+        assert!(
+            err.contains("between 4 and 5") && err.contains("colluding"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_graph_seed_ignores_what_the_server_picks() {
+        let a = graph_seed("ab", 3);
+        assert_eq!(a, graph_seed("AB", 3));
+        assert_ne!(a, graph_seed("ab", 4));
+        assert_ne!(a, graph_seed("ac", 3));
+        let spec = SecureAggregationSpec::default();
+        let c1 = spec.round_config("ab", 5, [1; 32], 3, 0, "00", 10, 3);
+        let c2 = spec.round_config("ab", 5, [9; 32], 3, 700, "00", 10, 3);
+        assert_eq!(c1.graph_seed, c2.graph_seed);
+        assert_ne!(c1.context, c2.context);
+    }
+
+    #[test]
+    fn round_and_attempt_numbers_are_bounded() {
+        check_round_numbers(1, 0, 5).unwrap();
+        check_round_numbers(5, MAX_ATTEMPTS - 1, 5).unwrap();
+        assert!(check_round_numbers(0, 0, 5).is_err());
+        assert!(check_round_numbers(6, 0, 5).is_err());
+        assert!(check_round_numbers(1, MAX_ATTEMPTS, 5).is_err());
+        assert!(check_round_numbers(MAX_ROUND + 1, 0, u64::MAX).is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn config(threshold: usize, len: usize) -> RoundConfig {
         vector_len: len,
         model_hash: [1; 32],
         neighbourhood: Neighbourhood::Complete,
+        graph_seed: [3; 32],
     }
 }
 
@@ -126,7 +127,7 @@ proptest! {
         };
         let cfg = RoundConfig { neighbourhood, ..config(3, 24) };
         let roster: Vec<Index> = (1..=n).collect();
-        let graph = match Graph::new(neighbourhood, &cfg.context, &roster) {
+        let graph = match Graph::new(neighbourhood, &cfg.graph_seed, &roster) {
             Ok(g) => g,
             Err(e) => {
                 // Only an odd degree below n - 1 on an odd roster is refused.
