@@ -178,6 +178,10 @@ fn the_center_never_holds_a_lab_secret() {
         err.to_string().contains("another enrollment request"),
         "{err}"
     );
+    assert!(
+        !other.dir.join("participant.toml").exists(),
+        "a refused kit installs nothing"
+    );
 }
 
 /// Base64 (standard, padded) of `bytes`, in 64-character PEM lines.

@@ -180,9 +180,10 @@ fn write_public(path: &Path, bytes: &[u8]) -> Result<(), EnrollError> {
 }
 
 /// Copies a kit's files (`participant.toml`, `ca.pem`, `client.pem`) from `kit_dir` into
-/// the lab's enrollment directory `lab_dir`, never overwriting, and checks there that the
-/// kit works with the lab's own keys (its certificate is the CA's, names the lab and is
-/// for the lab's TLS key). Returns the installed `participant.toml`.
+/// the lab's enrollment directory `lab_dir`, never overwriting. Checks first, writing
+/// nothing if it fails, that the kit works with the lab's own keys there (its certificate
+/// is the CA's, names the lab and is for the lab's TLS key). Returns the installed
+/// `participant.toml`.
 pub fn install_kit(kit_dir: &Path, lab_dir: &Path) -> Result<PathBuf, EnrollError> {
     if let Some(existing) = KIT_FILES
         .iter()
@@ -193,18 +194,29 @@ pub fn install_kit(kit_dir: &Path, lab_dir: &Path) -> Result<PathBuf, EnrollErro
             path: existing.display().to_string(),
         });
     }
+    let source = kit_dir.join(KIT_FILE);
+    let kit_error = |kit: &Path, source| EnrollError::Kit {
+        kit: kit.display().to_string(),
+        source,
+    };
+    // The kit as it will read once installed: its keys (relative names) in the lab's
+    // directory, its certificates still where they are.
+    let mut kit = ParticipantKit::load(&source).map_err(|e| kit_error(&source, e))?;
+    for key in [&mut kit.private_key, &mut kit.identity] {
+        if let Ok(relative) = key.strip_prefix(kit_dir) {
+            *key = lab_dir.join(relative);
+        }
+    }
+    kit.client_config().map_err(|e| kit_error(&source, e))?;
     for file in KIT_FILES {
         let from = kit_dir.join(file);
         let bytes = std::fs::read(&from).map_err(io_err(&from))?;
         write_public(&lab_dir.join(file), &bytes)?;
     }
     let installed = lab_dir.join(KIT_FILE);
-    let kit_error = |source| EnrollError::Kit {
-        kit: installed.display().to_string(),
-        source,
-    };
-    let kit = ParticipantKit::load(&installed).map_err(kit_error)?;
-    kit.client_config().map_err(kit_error)?;
+    ParticipantKit::load(&installed)
+        .and_then(|k| k.client_config())
+        .map_err(|e| kit_error(&installed, e))?;
     Ok(installed)
 }
 
