@@ -237,7 +237,8 @@ impl Default for StateSection {
 }
 
 /// The placeholder identity of an example lab. Its secret is derivable by anyone, so
-/// `serve` refuses to run with it; replace it with the lab's `fedclient keygen` output.
+/// `serve` refuses to run with it; replace it with the lab's identity public key (from its
+/// `fedclient enroll` request, which `fedaggregator provision` lists; or `fedclient keygen`).
 fn example_public_key(name: &str) -> String {
     use sha2::{Digest, Sha256};
     let seed: [u8; 32] = Sha256::digest(format!("mekong example identity {name}")).into();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fedaggregator::AggregatorConfig;
-use fedaggregator::provision::{self, ParticipantSpec, ProvisionOptions};
+use fedaggregator::provision::{self, ProvisionOptions};
 use mekong_proto::policy::{SharedMetric, UnknownMetric};
 
 #[derive(Parser)]
@@ -35,9 +35,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Create a federation's CA, the aggregator's certificate and one kit per participant
-    /// (client certificate and key, Ed25519 identity, CA, participant.toml). Never
-    /// overwrites a file.
+    /// Create a federation's CA, the aggregator's certificate and one kit per lab from the
+    /// labs' enrollment requests (`fedclient enroll`): each request is checked, its CSR's
+    /// key certified under the lab's name, its identity key put in the roster. Kits hold
+    /// only public files (participant.toml pinning the plan's fingerprint, ca.pem,
+    /// client.pem); the center never holds a lab's key. Never overwrites a file.
     Provision {
         /// Directory to write into (created 0700 if missing).
         #[arg(long)]
@@ -51,9 +53,19 @@ enum Command {
         /// Another DNS name or IP address for the server certificate (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// A participant, `NAME` or `NAME:LANG` (repeatable; roster order).
-        #[arg(long = "participant", required = true, value_parser = parse_participant)]
-        participants: Vec<ParticipantSpec>,
+        /// A lab's enrollment request, the file `fedclient enroll` wrote (repeatable; roster
+        /// order: these first, then those of --requests).
+        #[arg(long = "request", required_unless_present = "requests_dir")]
+        requests: Vec<PathBuf>,
+        /// A directory of enrollment requests: its `*.toml` files, by file name.
+        #[arg(long = "requests")]
+        requests_dir: Option<PathBuf>,
+        /// The plan: a TOML file with the [plan] sections of aggregator.toml (model, lora,
+        /// training, rounds, secure_aggregation, strategy; no roster, which comes from the
+        /// requests). The kits pin its fingerprint. Default: the example plan of
+        /// `init-config`, its cohort cut to the roster.
+        #[arg(long)]
+        plan: Option<PathBuf>,
         /// Validity of the server and participant certificates, in days.
         #[arg(long, default_value_t = 365)]
         validity_days: u32,
@@ -114,11 +126,6 @@ fn parse_metric(name: &str) -> Result<SharedMetric, String> {
     name.parse().map_err(|e: UnknownMetric| e.to_string())
 }
 
-fn parse_participant(spec: &str) -> Result<ParticipantSpec, String> {
-    spec.parse()
-        .map_err(|e: provision::ProvisionError| e.to_string())
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
@@ -131,7 +138,7 @@ async fn main() -> Result<()> {
         Command::InitConfig => {
             print!("{}", AggregatorConfig::example().to_toml());
             eprintln!(
-                "note: replace each [[plan.roster]] public_key with the key the lab prints from `fedclient keygen` (or use the aggregator.toml `fedaggregator provision` writes); `serve` refuses the placeholders"
+                "note: replace each [[plan.roster]] public_key with the lab's identity public key (from its `fedclient enroll` request, or use the aggregator.toml `fedaggregator provision` writes); `serve` refuses the placeholders"
             );
             Ok(())
         }
@@ -223,39 +230,66 @@ async fn main() -> Result<()> {
             federation,
             aggregator_address,
             sans,
-            participants,
+            mut requests,
+            requests_dir,
+            plan,
             validity_days,
             ca_validity_days,
             share_metrics,
         } => {
+            if let Some(dir) = &requests_dir {
+                let found = provision::requests_in(dir)?;
+                if found.is_empty() {
+                    anyhow::bail!("{}: no *.toml enrollment requests in it", dir.display());
+                }
+                requests.extend(found);
+            }
+            let plan = plan
+                .map(|p| provision::read_plan_file(&p, &federation))
+                .transpose()?;
             let done = provision::provision(&ProvisionOptions {
                 out,
                 federation,
                 aggregator_address,
                 extra_sans: sans,
-                participants,
+                requests,
+                plan,
                 validity_days,
                 ca_validity_days,
                 share_metrics,
             })?;
             println!(
-                "provisioned {} participants in {}",
+                "provisioned {} participants in {} (no lab's private key was made or read here)",
                 done.roster.len(),
                 done.dir.display()
             );
-            for kit in &done.kits {
+            for ((entry, language), kit) in done.roster.iter().zip(&done.languages).zip(&done.kits)
+            {
                 println!(
-                    "  kit: {} (send it to the lab over a private channel)",
+                    "  {} ({language}): identity key {} — check it with the lab over another channel; kit {}",
+                    entry.name,
+                    entry.public_key,
                     kit.display()
                 );
             }
+            println!(
+                "  send each lab its kit directory (public: participant.toml, ca.pem, client.pem); it unpacks it where it ran `fedclient enroll`"
+            );
             println!(
                 "  keep {} private: whoever holds it can admit anyone (`revoke` needs it)",
                 done.dir.join("ca.key").display()
             );
             println!("  configuration: {}", done.config.display());
+            println!(
+                "  plan sha256 pinned in every kit: {} (change the plan and every lab must pin the new one, which `check-config` prints)",
+                done.plan_sha256
+            );
             if let Some(problem) = done.config_problem {
-                println!("  note: edit it before serving: {problem}");
+                eprintln!(
+                    "WARNING: {} does not validate: {problem}\nWARNING: the kits pin the fingerprint of the plan as written; fix the plan, then `fedaggregator check-config -c {}` prints its new fingerprint, which every lab must pin in participant.toml ([policy] plan_sha256)",
+                    done.config.display(),
+                    done.config.display()
+                );
             }
             Ok(())
         }
@@ -281,7 +315,7 @@ fn load(path: &std::path::Path) -> Result<AggregatorConfig> {
     let placeholders = config.placeholder_keys();
     if !placeholders.is_empty() {
         anyhow::bail!(
-            "{}: roster entries {placeholders:?} still carry the example's placeholder public keys, whose secrets anyone can derive; replace them with each lab's `fedclient keygen` output",
+            "{}: roster entries {placeholders:?} still carry the example's placeholder public keys, whose secrets anyone can derive; replace them with each lab's identity public key (its `fedclient enroll` request; `fedaggregator provision` fills them in)",
             path.display()
         );
     }

@@ -1,6 +1,16 @@
 //! Provisioning a federation (`fedaggregator provision`, `fedaggregator revoke`): its own
-//! certificate authority, the aggregator's server certificate, one kit per participant, the
-//! roster of their Ed25519 identity keys, and the revocation list the aggregator loads.
+//! certificate authority, the aggregator's server certificate, one kit per participant made
+//! from the lab's enrollment request, the roster of their Ed25519 identity keys, and the
+//! revocation list the aggregator loads.
+//!
+//! The center never creates or sees a lab's secret. Each lab runs `fedclient enroll`, which
+//! makes its identity and TLS keys at the lab and writes a public request
+//! (`mekong_proto::enroll`): name, language, identity public key, a CSR for the TLS key,
+//! and an identity signature over them. Provisioning checks each request (the identity
+//! signature, the CSR's own signature, no name or key twice), signs the CSR's public key
+//! into a certificate whose name it sets itself, and lists the identity key in the roster.
+//! Holding a lab's keys, a cheating center could pose as the lab and unmask its
+//! secure-aggregation update; holding only public halves it cannot.
 //!
 //! ```text
 //! DIR/
@@ -9,10 +19,14 @@
 //!   server.pem  server.key   the aggregator's certificate (key 0600)
 //!   crl.pem           the CA's revocation list
 //!   roster.toml       the [[plan.roster]] entries of the participants
-//!   aggregator.toml   a starting configuration: roster and [tls] filled in
-//!   participants/NAME/   one kit per participant (directory 0700), shipped to the lab:
-//!     participant.toml  ca.pem  client.pem  client.key (0600)  identity.key (0600)
+//!   aggregator.toml   a starting configuration: plan, roster and [tls] filled in
+//!   participants/NAME/   one kit per participant (directory 0700), shipped to the lab; all
+//!     participant.toml  ca.pem  client.pem        public: the lab unpacks it beside its keys
 //! ```
+//!
+//! Each kit's `participant.toml` pins (`[policy] plan_sha256`) the fingerprint of the plan
+//! in the `aggregator.toml` written beside it. A plan changed after provisioning has another
+//! fingerprint, which every lab must then pin anew (`fedaggregator check-config` prints it).
 //!
 //! A participant certificate names its participant with the URI SAN
 //! `urn:mekong:participant:NAME` (and CN = NAME) and carries the clientAuth usage only; the
@@ -21,13 +35,16 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use fedcore::FederationPlan;
 use fedcore::roster::RosterEntry;
+use mekong_proto::enroll::{self, CheckedRequest, EnrollRequest, RequestError, RequestProblem};
 use mekong_proto::tls::{self, ParticipantKit, Role};
 use rand::TryRngCore;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
-    RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod,
+    KeyPair, KeyUsagePurpose, PublicKeyData, RevocationReason, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -40,6 +57,8 @@ use crate::config::{AggregatorConfig, TlsSection};
 pub const LEDGER_FILE: &str = "federation.toml";
 /// Where the participants' kits go inside a provisioned directory.
 pub const KITS_DIR: &str = "participants";
+/// The files of a kit: all public.
+pub const KIT_FILES: [&str; 3] = [tls::KIT_FILE, "ca.pem", "client.pem"];
 
 /// Why provisioning or revocation failed.
 #[derive(Debug, Error)]
@@ -54,12 +73,19 @@ pub enum ProvisionError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid participant {spec:?}: {message}")]
-    Participant { spec: String, message: String },
-    #[error("participant {0:?} is listed twice")]
-    Duplicate(String),
-    #[error("no participants: give at least one --participant NAME[:LANG]")]
-    NoParticipants,
+    /// A lab's enrollment request is refused; names the file and what is wrong.
+    #[error("enrollment request refused: {0}")]
+    Request(#[from] RequestError),
+    #[error(
+        "no enrollment requests: give each lab's `fedclient enroll` request with --request FILE or --requests DIR"
+    )]
+    NoRequests,
+    #[error("{path}: {message}")]
+    PlanFile { path: String, message: String },
+    #[error(
+        "the plan names federation {plan:?}, provisioning is for {federation:?}: they must agree (the CA and the kits carry the federation's name)"
+    )]
+    PlanFederation { plan: String, federation: String },
     #[error("validity must be at least one day")]
     Validity,
     #[error("invalid federation name {0:?}: must not be empty")]
@@ -87,45 +113,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
     }
 }
 
-/// One participant to provision: `NAME[:LANG]` on the command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParticipantSpec {
-    pub name: String,
-    /// Language label of its data (`und` when not given).
-    pub language: String,
-}
-
-impl std::str::FromStr for ParticipantSpec {
-    type Err = ProvisionError;
-    fn from_str(spec: &str) -> Result<Self, ProvisionError> {
-        let (name, language) = match spec.split_once(':') {
-            Some((n, l)) => (n, l),
-            None => (spec, "und"),
-        };
-        if !fedcore::roster::valid_name(name) {
-            return Err(ProvisionError::Participant {
-                spec: spec.into(),
-                message: "the name must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
-            });
-        }
-        if language.is_empty()
-            || language.len() > 35
-            || !language
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            return Err(ProvisionError::Participant {
-                spec: spec.into(),
-                message: "the language must be a tag of letters, digits and '-'".into(),
-            });
-        }
-        Ok(ParticipantSpec {
-            name: name.into(),
-            language: language.into(),
-        })
-    }
-}
-
 /// What `fedaggregator provision` is asked for.
 #[derive(Debug, Clone)]
 pub struct ProvisionOptions {
@@ -137,7 +124,11 @@ pub struct ProvisionOptions {
     pub aggregator_address: String,
     /// More DNS names or IP addresses for the server certificate.
     pub extra_sans: Vec<String>,
-    pub participants: Vec<ParticipantSpec>,
+    /// The labs' enrollment requests (`fedclient enroll`), in roster order.
+    pub requests: Vec<PathBuf>,
+    /// The plan to write (its roster is replaced by the requests'; its federation must be
+    /// `federation`). `None`: the example plan, its cohort sizes cut to the roster.
+    pub plan: Option<FederationPlan>,
     /// Validity of the server and participant certificates, in days from now.
     pub validity_days: u32,
     /// Validity of the CA (and of its revocation lists), in days from now.
@@ -153,12 +144,16 @@ pub struct Provisioned {
     pub dir: PathBuf,
     /// The participants' identity keys, in the order given (their protocol order).
     pub roster: Vec<RosterEntry>,
-    /// Each participant's kit directory.
+    /// Each participant's language, in roster order.
+    pub languages: Vec<String>,
+    /// Each participant's kit directory (public files only).
     pub kits: Vec<PathBuf>,
     /// The starting aggregator configuration.
     pub config: PathBuf,
-    /// Why that configuration does not validate yet, if it does not (e.g. too few
-    /// participants for the example plan's rounds).
+    /// The fingerprint of the plan in that configuration, which every kit pins.
+    pub plan_sha256: String,
+    /// Why that configuration does not validate, if it does not (e.g. too few
+    /// participants for the example plan's rounds): the kits still pin what was written.
     pub config_problem: Option<String>,
 }
 
@@ -197,10 +192,10 @@ struct RevokedEntry {
     revoked_at: i64,
 }
 
-/// A certificate just issued, with its private key.
+/// A certificate just issued (for a public key the CA was given: the CA makes no key but
+/// the aggregator's own).
 pub struct Issued {
     pub cert_pem: String,
-    pub key_pem: Zeroizing<String>,
     /// Hex of the serial number.
     pub serial: String,
     pub not_after: OffsetDateTime,
@@ -295,8 +290,9 @@ impl FederationCa {
             key,
             cert_pem,
         };
-        // The loaded key and name must sign certificates that chain to ca.pem.
-        let probe = ca.issue_participant("probe", 1)?;
+        // The loaded key and name must sign certificates that chain to ca.pem (the probe's
+        // key is thrown away with it).
+        let probe = ca.issue_participant("probe", &KeyPair::generate()?, 1)?;
         let ca_der = tls::load_certs(&cert_path).map_err(|e| ProvisionError::Ca {
             path: cert_path.display().to_string(),
             message: e.to_string(),
@@ -326,27 +322,31 @@ impl FederationCa {
     fn issue(
         &self,
         mut params: CertificateParams,
+        public_key: &impl PublicKeyData,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, ProvisionError> {
-        let key = KeyPair::generate()?;
         let (serial, serial_hex) = random_serial()?;
         params.serial_number = Some(serial);
         params.not_before = not_before;
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = params.signed_by(&key, &self.issuer())?;
+        let cert = params.signed_by(public_key, &self.issuer())?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
             serial: serial_hex,
             not_after,
         })
     }
 
-    /// The aggregator's certificate for `names` (DNS names or IP addresses).
-    pub fn issue_server(&self, names: &[String], days: u32) -> Result<Issued, ProvisionError> {
+    /// The aggregator's certificate for `names` (DNS names or IP addresses), with its new
+    /// private key (PEM): the one key the center makes, as it is the center's own.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        days: u32,
+    ) -> Result<(Issued, Zeroizing<String>), ProvisionError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -360,28 +360,40 @@ impl FederationCa {
             })
             .collect::<Result<_, rcgen::Error>>()?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
         let now = OffsetDateTime::now_utc();
-        self.issue(
+        let issued = self.issue(
             params,
+            &key,
             now - BACKDATE,
             now + time::Duration::days(days.into()),
-        )
+        )?;
+        Ok((issued, Zeroizing::new(key.serialize_pem())))
     }
 
-    /// A participant's certificate, valid from now for `days` days.
-    pub fn issue_participant(&self, name: &str, days: u32) -> Result<Issued, ProvisionError> {
+    /// A participant's certificate for the lab's `public_key` (from its CSR), valid from
+    /// now for `days` days.
+    pub fn issue_participant(
+        &self,
+        name: &str,
+        public_key: &impl PublicKeyData,
+        days: u32,
+    ) -> Result<Issued, ProvisionError> {
         let now = OffsetDateTime::now_utc();
         self.issue_participant_between(
             name,
+            public_key,
             now - BACKDATE,
             now + time::Duration::days(days.into()),
         )
     }
 
     /// A participant's certificate valid between two instants (tests issue expired ones).
+    /// The name is the CA's to set: whatever a CSR's subject says is never copied.
     pub fn issue_participant_between(
         &self,
         name: &str,
+        public_key: &impl PublicKeyData,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Issued, ProvisionError> {
@@ -396,7 +408,7 @@ impl FederationCa {
             format!("{}{name}", tls::PARTICIPANT_URI_PREFIX).try_into()?,
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params, not_before, not_after)
+        self.issue(params, public_key, not_before, not_after)
     }
 
     /// A revocation list naming `revoked` (hex serials with their revocation times).
@@ -506,24 +518,6 @@ fn private_dir(path: &Path) -> Result<(), ProvisionError> {
     builder.create(path).map_err(io_err(path))
 }
 
-/// A fresh Ed25519 identity seed in the format of `fedclient keygen`
-/// (`client/src/identity.rs`): 64 hex characters and a newline. Returns the file text and
-/// the public key's hex.
-fn identity_file() -> Result<(Zeroizing<String>, String), ProvisionError> {
-    let mut seed = Zeroizing::new([0u8; 32]);
-    rand::rngs::OsRng
-        .try_fill_bytes(seed.as_mut())
-        .map_err(|e| ProvisionError::Io {
-            path: "operating system randomness".into(),
-            source: std::io::Error::other(e),
-        })?;
-    let public = hex::encode(fedcore::secagg::crypto::Identity::from_seed(*seed).public());
-    Ok((
-        Zeroizing::new(format!("{}\n", hex::encode(seed.as_ref()))),
-        public,
-    ))
-}
-
 fn read_ledger(dir: &Path) -> Result<Ledger, ProvisionError> {
     let path = dir.join(LEDGER_FILE);
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
@@ -540,22 +534,129 @@ fn ledger_text(ledger: &Ledger) -> String {
     )
 }
 
-/// Provisions a federation into `options.out`. Nothing is written unless every file it
-/// would write is new.
+/// One lab's request, checked: its identity signature verified, its CSR parsed and its
+/// self-signature verified.
+struct Admitted {
+    path: PathBuf,
+    request: CheckedRequest,
+    csr: CertificateSigningRequestParams,
+}
+
+/// Reads and checks every request, refusing a name, identity key or TLS key that two of
+/// them carry. The error names the file and the problem.
+fn admit(paths: &[PathBuf]) -> Result<Vec<Admitted>, ProvisionError> {
+    let mut admitted: Vec<Admitted> = Vec::new();
+    for path in paths {
+        let refuse = |problem| ProvisionError::Request(RequestError::new(path, problem));
+        let request = EnrollRequest::load(path)?;
+        let csr = CertificateSigningRequestParams::from_der(&request.csr_der.as_slice().into())
+            .map_err(|e| {
+                refuse(match e {
+                    rcgen::Error::InvalidCertificationRequestSignature => {
+                        RequestProblem::CsrSignature
+                    }
+                    other => RequestProblem::CsrUnparsable(other.to_string()),
+                })
+            })?;
+        for other in &admitted {
+            let shown = other.path.display().to_string();
+            if other.request.name == request.name {
+                return Err(refuse(RequestProblem::DuplicateName {
+                    name: request.name.clone(),
+                    other: shown,
+                }));
+            }
+            if other.request.identity_public_key == request.identity_public_key {
+                return Err(refuse(RequestProblem::DuplicateIdentity { other: shown }));
+            }
+            if other.csr.public_key.der_bytes() == csr.public_key.der_bytes() {
+                return Err(refuse(RequestProblem::DuplicateTlsKey { other: shown }));
+            }
+        }
+        admitted.push(Admitted {
+            path: path.clone(),
+            request,
+            csr,
+        });
+    }
+    Ok(admitted)
+}
+
+/// The `*.toml` files of a directory of requests, by file name (the roster order).
+pub fn requests_in(dir: &Path) -> Result<Vec<PathBuf>, ProvisionError> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "toml") {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Reads `provision --plan FILE`: the `[plan]` sections of an aggregator.toml (`[plan]`,
+/// `[plan.model]`, `[plan.lora]`, `[plan.training]`, `[plan.rounds]`,
+/// `[plan.secure_aggregation]`, `[plan.strategy]`). The roster is the requests' and the
+/// federation is provisioning's, so a file that sets a roster, or another federation, is
+/// refused; so is any other top-level section (provisioning writes `[server]`, `[tls]`,
+/// `[admin]` and `[state]` itself; edit them afterwards, they are not in the fingerprint).
+/// Whether the plan is valid is checked once the roster is in ([`provision`]).
+pub fn read_plan_file(path: &Path, federation: &str) -> Result<FederationPlan, ProvisionError> {
+    let bad = |message: String| ProvisionError::PlanFile {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(other) = table.keys().find(|k| k.as_str() != "plan") {
+        return Err(bad(format!(
+            "[{other}] is not read by --plan: only the [plan] sections are; provisioning writes [server], [tls], [admin] and [state] into aggregator.toml, which you may edit afterwards"
+        )));
+    }
+    let Some(toml::Value::Table(mut plan)) = table.remove("plan") else {
+        return Err(bad("no [plan] section".into()));
+    };
+    if plan.contains_key("roster") {
+        return Err(bad(
+            "plan.roster is not read from --plan: the roster is made from the enrollment requests"
+                .into(),
+        ));
+    }
+    match plan.get("federation") {
+        Some(toml::Value::String(named)) if named != federation => {
+            return Err(ProvisionError::PlanFederation {
+                plan: named.clone(),
+                federation: federation.into(),
+            });
+        }
+        _ => {}
+    }
+    plan.insert("federation".into(), federation.into());
+    toml::Value::Table(plan)
+        .try_into()
+        .map_err(|e: toml::de::Error| bad(format!("[plan]: {}", e.to_string().trim_end())))
+}
+
+/// Provisions a federation into `options.out` from the labs' enrollment requests. Nothing
+/// is written unless every request checks and every file it would write is new.
 pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionError> {
     if options.federation.trim().is_empty() {
         return Err(ProvisionError::Federation(options.federation.clone()));
     }
-    if options.participants.is_empty() {
-        return Err(ProvisionError::NoParticipants);
+    if options.requests.is_empty() {
+        return Err(ProvisionError::NoRequests);
     }
     if options.validity_days == 0 || options.ca_validity_days == 0 {
         return Err(ProvisionError::Validity);
     }
-    for (i, p) in options.participants.iter().enumerate() {
-        if options.participants[..i].iter().any(|q| q.name == p.name) {
-            return Err(ProvisionError::Duplicate(p.name.clone()));
-        }
+    if let Some(plan) = &options.plan
+        && plan.federation != options.federation
+    {
+        return Err(ProvisionError::PlanFederation {
+            plan: plan.federation.clone(),
+            federation: options.federation.clone(),
+        });
     }
     let (host, port) = split_address(&options.aggregator_address)?;
     let mut names = vec![host.clone()];
@@ -567,6 +668,7 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
     for name in &names {
         check_server_name(name)?;
     }
+    let labs = admit(&options.requests)?;
 
     let dir = &options.out;
     let kits_dir = dir.join(KITS_DIR);
@@ -580,16 +682,13 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
         "roster.toml",
         "aggregator.toml",
     ];
-    let kit_files = [
-        tls::KIT_FILE,
-        "ca.pem",
-        "client.pem",
-        "client.key",
-        "identity.key",
-    ];
     let mut planned: Vec<PathBuf> = top.iter().map(|f| dir.join(f)).collect();
-    for p in &options.participants {
-        planned.extend(kit_files.iter().map(|f| kits_dir.join(&p.name).join(f)));
+    for lab in &labs {
+        planned.extend(
+            KIT_FILES
+                .iter()
+                .map(|f| kits_dir.join(&lab.request.name).join(f)),
+        );
     }
     if let Some(existing) = planned.iter().find(|p| p.exists()) {
         return Err(ProvisionError::Exists {
@@ -599,7 +698,7 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
 
     // Everything is made in memory first, then written.
     let ca = FederationCa::generate(&options.federation, options.ca_validity_days)?;
-    let server = ca.issue_server(&names, options.validity_days)?;
+    let (server, server_key) = ca.issue_server(&names, options.validity_days)?;
     let crl = ca.crl(&[], 1, options.ca_validity_days)?;
     let mut ledger = Ledger {
         federation: options.federation.clone(),
@@ -615,34 +714,27 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
         }],
         revoked: Vec::new(),
     };
-    struct Kit {
-        spec: ParticipantSpec,
-        cert: Issued,
-        identity: Zeroizing<String>,
-        public_key: String,
-    }
-    let mut kits = Vec::new();
-    for spec in &options.participants {
-        let cert = ca.issue_participant(&spec.name, options.validity_days)?;
-        let (identity, public_key) = identity_file()?;
+    let mut certs = Vec::new();
+    for lab in &labs {
+        // The CSR contributes its public key alone: name, usages and validity are the CA's.
+        let cert = ca.issue_participant(
+            &lab.request.name,
+            &lab.csr.public_key,
+            options.validity_days,
+        )?;
         ledger.issued.push(IssuedEntry {
-            name: spec.name.clone(),
+            name: lab.request.name.clone(),
             role: "participant".into(),
             serial: cert.serial.clone(),
             not_after: cert.not_after.unix_timestamp(),
         });
-        kits.push(Kit {
-            spec: spec.clone(),
-            cert,
-            identity,
-            public_key,
-        });
+        certs.push(cert);
     }
-    let roster: Vec<RosterEntry> = kits
+    let roster: Vec<RosterEntry> = labs
         .iter()
-        .map(|k| RosterEntry {
-            name: k.spec.name.clone(),
-            public_key: k.public_key.clone(),
+        .map(|lab| RosterEntry {
+            name: lab.request.name.clone(),
+            public_key: lab.request.identity_hex(),
         })
         .collect();
 
@@ -650,20 +742,33 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
     config.server.listen = format!("0.0.0.0:{port}").parse().expect("valid address");
     config.server.output_dir = PathBuf::from(format!("runs/{}", options.federation));
     config.tls = TlsSection::provisioned(Path::new(""));
+    let n = roster.len();
+    config.plan = match &options.plan {
+        Some(plan) => plan.clone(),
+        None => {
+            let mut plan = config.plan;
+            plan.rounds.participants = plan.rounds.participants.min(n);
+            plan.rounds.min_updates = plan.rounds.min_updates.min(n);
+            plan
+        }
+    };
     config.plan.federation = options.federation.clone();
     config.plan.roster = roster.clone();
-    let n = roster.len();
-    config.plan.rounds.participants = config.plan.rounds.participants.min(n);
-    config.plan.rounds.min_updates = config.plan.rounds.min_updates.min(n);
     let config_text = format!(
-        "# Written by `fedaggregator provision`: roster and [tls] are filled in; set the model,\n\
-         # training and rounds, then `fedaggregator check-config -c` this file.\n\
+        "# Written by `fedaggregator provision`: plan, roster and [tls] are filled in. Every kit\n\
+         # pins this plan's fingerprint (participant.toml [policy] plan_sha256); changing the\n\
+         # plan changes it, and each lab must then pin the new one (`fedaggregator\n\
+         # check-config -c` this file prints it). [server], [admin] and [state] are not in it.\n\
          # [tls] paths are relative to this file's directory.\n{}",
         config.to_toml()
     );
     let config_problem = AggregatorConfig::from_toml(&config_text, "aggregator.toml")
         .err()
         .map(|e| e.to_string());
+    // The fingerprint of the plan as a server will read it back from the file.
+    let plan_sha256 = toml::from_str::<AggregatorConfig>(&config_text)
+        .map(|c| c.plan.fingerprint())
+        .unwrap_or_else(|_| config.plan.fingerprint());
     let mut roster_text = String::from(
         "# The participants' Ed25519 identity keys: the [[plan.roster]] entries of aggregator.toml.\n",
     );
@@ -681,50 +786,47 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
         true,
     )?;
     write_new(&dir.join("ca.pem"), ca.cert_pem.as_bytes(), false)?;
-    write_new(&dir.join("server.key"), server.key_pem.as_bytes(), true)?;
+    write_new(&dir.join("server.key"), server_key.as_bytes(), true)?;
     write_new(&dir.join("server.pem"), server.cert_pem.as_bytes(), false)?;
     write_new(&dir.join("crl.pem"), crl.as_bytes(), false)?;
     write_new(&dir.join("roster.toml"), roster_text.as_bytes(), false)?;
     write_new(&dir.join("aggregator.toml"), config_text.as_bytes(), false)?;
     let mut kit_dirs = Vec::new();
-    for kit in &kits {
-        let kit_dir = kits_dir.join(&kit.spec.name);
+    for (lab, cert) in labs.iter().zip(&certs) {
+        let kit_dir = kits_dir.join(&lab.request.name);
         private_dir(&kit_dir)?;
         let description = ParticipantKit {
             federation: options.federation.clone(),
-            name: kit.spec.name.clone(),
-            language: kit.spec.language.clone(),
+            name: lab.request.name.clone(),
+            language: lab.request.language.clone(),
             aggregator: options.aggregator_address.clone(),
             server_name: host.clone(),
             ca: "ca.pem".into(),
             certificate: "client.pem".into(),
-            private_key: "client.key".into(),
-            identity: "identity.key".into(),
-            // The plan fingerprint is left out: the plan may still change before the run
-            // (the written configuration need not validate yet); labs pin it when agreed.
+            // The lab's own files, made by `fedclient enroll` and never seen here: the lab
+            // unpacks this kit into its enrollment directory, beside them.
+            private_key: enroll::TLS_KEY_FILE.into(),
+            identity: enroll::IDENTITY_FILE.into(),
             policy: mekong_proto::policy::LocalPolicy {
                 share_metrics: options.share_metrics.clone(),
+                plan_sha256: Some(plan_sha256.clone()),
                 ..Default::default()
             },
             local: None,
         };
-        write_new(
-            &kit_dir.join("client.key"),
-            kit.cert.key_pem.as_bytes(),
-            true,
-        )?;
-        write_new(&kit_dir.join("identity.key"), kit.identity.as_bytes(), true)?;
-        write_new(
-            &kit_dir.join("client.pem"),
-            kit.cert.cert_pem.as_bytes(),
-            false,
-        )?;
+        write_new(&kit_dir.join("client.pem"), cert.cert_pem.as_bytes(), false)?;
         write_new(&kit_dir.join("ca.pem"), ca.cert_pem.as_bytes(), false)?;
         write_new(
             &kit_dir.join(tls::KIT_FILE),
             format!(
-                "# Participant kit of federation {:?}; paths are relative to this file.\n{}",
+                "# Participant kit of federation {:?} for {:?}; paths are relative to this file.\n\
+                 # Unpack it into the directory where this lab ran `fedclient enroll`: {} and {}\n\
+                 # are the lab's own keys, which never left it. plan_sha256 is the plan the center\n\
+                 # provisioned; check it with the other labs before you join.\n{}",
                 options.federation,
+                lab.request.name,
+                enroll::TLS_KEY_FILE,
+                enroll::IDENTITY_FILE,
                 description.to_toml()
             )
             .as_bytes(),
@@ -741,8 +843,10 @@ pub fn provision(options: &ProvisionOptions) -> Result<Provisioned, ProvisionErr
     Ok(Provisioned {
         dir: dir.clone(),
         roster,
+        languages: labs.iter().map(|l| l.request.language.clone()).collect(),
         kits: kit_dirs,
         config: dir.join("aggregator.toml"),
+        plan_sha256,
         config_problem,
     })
 }

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
 use common::{
-    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
+    Aggregator, EVENT_TIMEOUT, Enrolled, LABS, config, corpus, enroll_and_provision, free_port,
+    lab_options, plan, write_config,
 };
 use fedaggregator::config::TlsSection;
-use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, Provisioned, provision};
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, Quiet};
 use mekong_proto::tls::ParticipantKit;
@@ -140,30 +140,25 @@ struct Outcome {
 #[derive(Clone)]
 enum Transport {
     Plaintext,
-    /// Mutual TLS with the kits `fedaggregator provision` wrote into this directory
-    /// (provisioned once per test, so that both runs have the same identities).
-    Tls(Arc<Provisioned>),
+    /// Mutual TLS with kits made by the enrollment flow: the labs enroll, the center
+    /// provisions from their requests (once per test, so that both runs have the same
+    /// identities), each lab installs its kit beside its keys.
+    Tls(Arc<Enrolled>),
 }
 
-/// A federation of [`LABS`] provisioned in `dir` (CA, server certificate, kits).
-fn provision_labs(dir: &Path) -> Provisioned {
-    provision(&ProvisionOptions {
-        out: dir.to_path_buf(),
-        federation: "crash".into(),
-        aggregator_address: "127.0.0.1:0".into(),
-        extra_sans: Vec::new(),
-        participants: LABS
-            .iter()
-            .map(|n| ParticipantSpec {
-                name: n.to_string(),
-                language: n[4..].to_string(),
-            })
-            .collect(),
-        validity_days: 1,
-        ca_validity_days: 1,
-        share_metrics: Vec::new(),
-    })
-    .unwrap()
+/// A federation of [`LABS`]: each enrolls in `dir/labs/NAME`, the center provisions
+/// `dir/fed` (CA, server certificate, kits) from their requests.
+fn provision_labs(dir: &Path) -> Enrolled {
+    let names: Vec<(&str, &str)> = LABS.iter().map(|n| (*n, &n[4..])).collect();
+    enroll_and_provision(
+        &dir.join("fed"),
+        &dir.join("labs"),
+        "crash",
+        "127.0.0.1:0",
+        &[],
+        &names,
+        1,
+    )
 }
 
 async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec<String>) {
@@ -173,8 +168,8 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
     let tls = match &transport {
         Transport::Plaintext => TlsSection::plaintext(),
         Transport::Tls(fed) => {
-            plan.roster = fed.roster.clone();
-            TlsSection::provisioned(&fed.dir)
+            plan.roster = fed.provisioned.roster.clone();
+            TlsSection::provisioned(&fed.provisioned.dir)
         }
     };
     let mut config = config(dir.path(), port, plan.clone());
@@ -189,7 +184,7 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
         .map(|i| {
             let mut options = lab_options(&url, i, &plan, Duration::from_secs(60));
             if let Transport::Tls(fed) = &transport {
-                let mut kit = ParticipantKit::load(&fed.kits[i]).unwrap();
+                let mut kit = ParticipantKit::load(&fed.labs[i]).unwrap();
                 assert_eq!(kit.name, LABS[i]);
                 kit.aggregator = format!("127.0.0.1:{port}");
                 options.identity = Some(Arc::new(IdentitySeed::load(&kit.identity).unwrap()));

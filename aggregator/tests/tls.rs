@@ -1,5 +1,5 @@
 //! Mutual TLS end to end: a real aggregator on loopback, real certificates from
-//! `provision`, real tonic clients. Participants from another CA, with an expired or a
+//! `provision` made from the labs' own enrollment requests, real tonic clients. Participants from another CA, with an expired or a
 //! revoked certificate, or claiming another participant's name are refused, and the
 //! aggregator keeps serving the others.
 
@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedaggregator::config::{AggregatorConfig, TlsSection};
-use fedaggregator::provision::{
-    self, FederationCa, ParticipantSpec, ProvisionError, ProvisionOptions, Provisioned,
-};
+mod common;
+
+use common::{Enrolled, enroll_and_provision};
+use fedaggregator::provision::{self, FederationCa, ProvisionError, ProvisionOptions};
 use fedaggregator::{RunningServer, start};
 use mekong_proto::tls::{self, ParticipantKit, TlsError};
 use mekong_proto::v1 as pb;
@@ -19,21 +20,25 @@ use tonic::transport::Channel;
 
 const LABS: [&str; 3] = ["lab-a", "lab-b", "lab-c"];
 
-fn provision_into(dir: &Path, federation: &str) -> Provisioned {
-    provision::provision(&ProvisionOptions {
-        out: dir.to_path_buf(),
-        federation: federation.into(),
-        aggregator_address: "localhost:50051".into(),
-        extra_sans: vec!["127.0.0.1".into()],
-        participants: LABS
-            .iter()
-            .map(|n| format!("{n}:lo").parse::<ParticipantSpec>().unwrap())
-            .collect(),
-        validity_days: 30,
-        ca_validity_days: 365,
-        share_metrics: Vec::new(),
-    })
-    .expect("provisioning")
+/// The labs enroll in `dir/labs/NAME`, the center provisions `dir` from their requests,
+/// each lab installs its kit beside its keys.
+fn provision_into(dir: &Path, federation: &str) -> Enrolled {
+    let labs: Vec<(&str, &str)> = LABS.iter().map(|n| (*n, "lo")).collect();
+    enroll_and_provision(
+        dir,
+        &dir.join("labs"),
+        federation,
+        "localhost:50051",
+        &["127.0.0.1"],
+        &labs,
+        30,
+    )
+}
+
+/// A lab's TLS key, as the lab holds it (to have the CA certify it once more).
+fn lab_key(dir: &Path, name: &str) -> (rcgen::KeyPair, String) {
+    let pem = std::fs::read_to_string(kit(dir, name).private_key).unwrap();
+    (rcgen::KeyPair::from_pem(&pem).unwrap(), pem)
 }
 
 /// The aggregator.toml provisioning wrote, served on a free loopback port.
@@ -47,8 +52,9 @@ async fn serve(dir: &Path) -> RunningServer {
     start(&config).await.expect("aggregator starts")
 }
 
+/// Lab `name`'s installed kit (in its enrollment directory, beside its keys).
 fn kit(dir: &Path, name: &str) -> ParticipantKit {
-    ParticipantKit::load(&dir.join(provision::KITS_DIR).join(name)).expect("kit loads")
+    ParticipantKit::load(&dir.join("labs").join(name)).expect("kit loads")
 }
 
 fn client(server: &RunningServer, config: Arc<rustls::ClientConfig>) -> FederationClient<Channel> {
@@ -144,6 +150,7 @@ fn assert_alert<T: std::fmt::Debug>(
 async fn provisioned_participant_joins_under_its_certificate_name() {
     let dir = tempfile::tempdir().unwrap();
     let made = provision_into(dir.path(), "pilot");
+    let made = &made.provisioned;
     assert!(made.config_problem.is_none(), "{:?}", made.config_problem);
     let server = serve(dir.path()).await;
 
@@ -272,19 +279,21 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
     );
     still_serves(&server, dir.path()).await;
 
-    // Our CA, but expired yesterday.
+    // Our CA, lab-a's own key, but expired yesterday.
     let ca = FederationCa::load(dir.path()).unwrap();
+    let (key, key_pem) = lab_key(dir.path(), "lab-a");
     let now = time::OffsetDateTime::now_utc();
     let expired = ca
         .issue_participant_between(
             "lab-a",
+            &key,
             now - time::Duration::days(30),
             now - time::Duration::days(1),
         )
         .unwrap();
     let mut c = client(
         &server,
-        raw_config(scratch.path(), &ca_pem, &expired.cert_pem, &expired.key_pem),
+        raw_config(scratch.path(), &ca_pem, &expired.cert_pem, &key_pem),
     );
     assert_alert(
         "expired certificate",
@@ -298,13 +307,14 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
     let early = ca
         .issue_participant_between(
             "lab-a",
+            &key,
             now + time::Duration::days(1),
             now + time::Duration::days(30),
         )
         .unwrap();
     let mut c = client(
         &server,
-        raw_config(scratch.path(), &ca_pem, &early.cert_pem, &early.key_pem),
+        raw_config(scratch.path(), &ca_pem, &early.cert_pem, &key_pem),
     );
     assert_alert(
         "certificate not valid yet",
@@ -387,7 +397,7 @@ async fn bad_certificates_are_refused_at_the_handshake_and_the_others_served() {
     still_serves(&server, dir.path()).await;
 
     // Many refused handshakes at once, beside good calls.
-    let bad = raw_config(scratch.path(), &ca_pem, &expired.cert_pem, &expired.key_pem);
+    let bad = raw_config(scratch.path(), &ca_pem, &expired.cert_pem, &key_pem);
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..24 {
         let mut c = if i % 4 == 0 {
@@ -461,10 +471,11 @@ async fn revoked_certificates_are_refused_live_and_at_start() {
 }
 
 #[tokio::test]
-async fn provision_writes_private_keys_0600_and_kits_the_client_can_read() {
+async fn provision_writes_public_kits_and_the_lab_keeps_its_keys_0600() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("fed");
-    let made = provision_into(&out, "pilot");
+    let enrolled = provision_into(&out, "pilot");
+    let made = &enrolled.provisioned;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -475,31 +486,41 @@ async fn provision_writes_private_keys_0600_and_kits_the_client_can_read() {
         assert_eq!(mode(out.clone()), 0o700);
         for name in LABS {
             let k = kit(&out, name);
+            // The lab's keys, made by `enroll` at the lab.
             assert_eq!(mode(k.private_key.clone()), 0o600, "{name}");
             assert_eq!(mode(k.identity.clone()), 0o600, "{name}");
             assert_eq!(mode(k.certificate.clone()), 0o644, "{name}");
             assert_eq!(mode(out.join(provision::KITS_DIR).join(name)), 0o700);
         }
     }
-    // The identity file is in `fedclient keygen`'s format: 64 hex characters and a newline,
-    // and its public key is the roster's.
-    for (entry, kit_dir) in made.roster.iter().zip(&made.kits) {
-        let k = ParticipantKit::load(kit_dir).unwrap();
+    // A kit is the three public files, nothing else.
+    for kit_dir in &made.kits {
+        let mut files: Vec<String> = std::fs::read_dir(kit_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["ca.pem", "client.pem", "participant.toml"]);
+    }
+    // The identity the lab made is the roster's, and the kit pins the plan written.
+    let config = AggregatorConfig::load(&made.config).unwrap();
+    assert_eq!(made.plan_sha256, config.plan.fingerprint());
+    for (entry, lab_dir) in made.roster.iter().zip(&enrolled.labs) {
+        let k = ParticipantKit::load(lab_dir).unwrap();
         assert_eq!(k.name, entry.name);
         assert_eq!(k.language, "lo");
         assert_eq!(k.aggregator, "localhost:50051");
         assert_eq!(k.server_name, "localhost");
-        let text = std::fs::read_to_string(&k.identity).unwrap();
-        assert_eq!(text.len(), 65);
-        assert!(text.ends_with('\n'));
-        let seed: [u8; 32] = hex::decode(text.trim()).unwrap().try_into().unwrap();
-        let public = hex::encode(fedcore::secagg::crypto::Identity::from_seed(seed).public());
-        assert_eq!(public, entry.public_key);
-        k.client_config().expect("a fresh kit is valid");
+        assert_eq!(
+            k.policy.plan_sha256.as_deref(),
+            Some(made.plan_sha256.as_str())
+        );
+        let seed = fedclient::identity::IdentitySeed::load(&k.identity).unwrap();
+        assert_eq!(seed.public_key_hex(), entry.public_key);
+        k.client_config().expect("an installed kit is valid");
         k.channel().expect("a channel can be made from the kit");
     }
     // The roster file and the configuration carry the same keys.
-    let config = AggregatorConfig::load(&made.config).unwrap();
     assert_eq!(config.plan.roster, made.roster);
     assert_eq!(config.plan.federation, "pilot");
     assert_eq!(config.tls.files().unwrap().ca, out.join("ca.pem"));
@@ -507,13 +528,22 @@ async fn provision_writes_private_keys_0600_and_kits_the_client_can_read() {
     for e in &made.roster {
         assert!(roster_text.contains(&e.public_key));
     }
+
+    // A kit used where the lab's keys are not (unpacked elsewhere than the enrollment
+    // directory) names the missing key and says where it comes from.
+    let k = ParticipantKit::load(&made.kits[0]).unwrap();
+    let err = k.client_config().unwrap_err();
+    assert!(matches!(err, TlsError::MissingLabKey { .. }), "{err}");
+    let shown = err.to_string();
+    assert!(shown.contains("client.key"), "{shown}");
+    assert!(shown.contains("fedclient enroll"), "{shown}");
 }
 
 #[tokio::test]
 async fn plaintext_when_configured_so() {
     let dir = tempfile::tempdir().unwrap();
     let made = provision_into(dir.path(), "pilot");
-    let mut config = AggregatorConfig::load(&made.config).unwrap();
+    let mut config = AggregatorConfig::load(&made.provisioned.config).unwrap();
     config.server.listen = "127.0.0.1:0".parse().unwrap();
     config.server.output_dir = dir.path().join("out");
     config.tls = TlsSection::plaintext();
@@ -532,19 +562,25 @@ async fn plaintext_when_configured_so() {
 #[test]
 fn provision_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
-    provision_into(dir.path(), "pilot");
-    let before = std::fs::read(dir.path().join("ca.key")).unwrap();
-    let err = provision::provision(&ProvisionOptions {
-        out: dir.path().to_path_buf(),
+    let made = provision_into(dir.path(), "pilot");
+    let requests: Vec<PathBuf> = made
+        .labs
+        .iter()
+        .map(|l| l.join(mekong_proto::enroll::REQUEST_FILE))
+        .collect();
+    let options = |out: &Path| ProvisionOptions {
+        out: out.to_path_buf(),
         federation: "pilot".into(),
         aggregator_address: "localhost:50051".into(),
         extra_sans: vec![],
-        participants: vec!["lab-a".parse().unwrap()],
+        requests: requests.clone(),
+        plan: None,
         validity_days: 30,
         ca_validity_days: 365,
         share_metrics: Vec::new(),
-    })
-    .unwrap_err();
+    };
+    let before = std::fs::read(dir.path().join("ca.key")).unwrap();
+    let err = provision::provision(&options(dir.path())).unwrap_err();
     assert!(matches!(err, ProvisionError::Exists { .. }), "{err}");
     assert!(err.to_string().contains("refusing to overwrite"), "{err}");
     assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), before);
@@ -553,22 +589,12 @@ fn provision_never_overwrites() {
     let fresh = tempfile::tempdir().unwrap();
     let kit_dir = fresh.path().join(provision::KITS_DIR).join("lab-b");
     std::fs::create_dir_all(&kit_dir).unwrap();
-    std::fs::write(kit_dir.join("identity.key"), "x").unwrap();
-    let err = provision::provision(&ProvisionOptions {
-        out: fresh.path().to_path_buf(),
-        federation: "pilot".into(),
-        aggregator_address: "localhost:50051".into(),
-        extra_sans: vec![],
-        participants: vec!["lab-a".parse().unwrap(), "lab-b".parse().unwrap()],
-        validity_days: 30,
-        ca_validity_days: 365,
-        share_metrics: Vec::new(),
-    })
-    .unwrap_err();
-    assert!(err.to_string().contains("identity.key"), "{err}");
+    std::fs::write(kit_dir.join("client.pem"), "x").unwrap();
+    let err = provision::provision(&options(fresh.path())).unwrap_err();
+    assert!(err.to_string().contains("client.pem"), "{err}");
     assert!(!fresh.path().join("ca.key").exists());
     assert_eq!(
-        std::fs::read_to_string(kit_dir.join("identity.key")).unwrap(),
+        std::fs::read_to_string(kit_dir.join("client.pem")).unwrap(),
         "x"
     );
 }
@@ -617,11 +643,12 @@ fn bad_material_gets_clear_errors_naming_the_file() {
         "{err}"
     );
 
-    // Another participant's key.
+    // Another participant's key: the kit's certificate is not for it.
     let mut k = good.clone();
     k.private_key = kit(dir.path(), "lab-b").private_key;
     let err = k.client_config().unwrap_err();
-    assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+    assert!(matches!(err, TlsError::KitKeyMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("fedclient enroll"), "{err}");
 
     // A certificate from another CA, an expired one, one naming someone else.
     let other = tempfile::tempdir().unwrap();
@@ -633,19 +660,19 @@ fn bad_material_gets_clear_errors_naming_the_file() {
     assert!(err.to_string().contains("not issued by this CA"), "{err}");
 
     let ca = FederationCa::load(dir.path()).unwrap();
+    let (key, _) = lab_key(dir.path(), "lab-a");
     let now = time::OffsetDateTime::now_utc();
     let expired = ca
         .issue_participant_between(
             "lab-a",
+            &key,
             now - time::Duration::days(30),
             now - time::Duration::days(1),
         )
         .unwrap();
     let mut k = good.clone();
     k.certificate = scratch.path().join("expired.pem");
-    k.private_key = scratch.path().join("expired.key");
     std::fs::write(&k.certificate, &expired.cert_pem).unwrap();
-    std::fs::write(&k.private_key, expired.key_pem.as_bytes()).unwrap();
     let err = k.client_config().unwrap_err();
     assert!(err.to_string().contains("expired"), "{err}");
 

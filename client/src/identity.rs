@@ -1,6 +1,8 @@
-//! A lab's long-term Ed25519 identity: generated once (`fedclient keygen`), kept in a file
-//! only the lab can read, and listed by public key in the aggregator's roster. Every secure
-//! aggregation stage message is signed with it.
+//! A lab's long-term Ed25519 identity: generated once at the lab (`fedclient enroll`, or
+//! `fedclient keygen` for a federation without TLS), kept in a file only the lab can read,
+//! and listed by public key in the aggregator's roster. Every secure aggregation stage
+//! message is signed with it. The center never sees the secret: with it, the center could
+//! sign as the lab and unmask its update.
 
 use std::path::Path;
 
@@ -48,23 +50,48 @@ impl IdentitySeed {
     /// Draws a fresh seed from the operating system's randomness and writes it to `path`
     /// (readable by its owner only), refusing to overwrite an existing file.
     pub fn generate(path: &Path) -> Result<Self, IdentityError> {
-        let shown = path.display().to_string();
         if path.exists() {
-            return Err(IdentityError::Exists { path: shown });
+            return Err(IdentityError::Exists {
+                path: path.display().to_string(),
+            });
         }
+        let seed = Self::random().map_err(|source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        seed.save(path)?;
+        Ok(seed)
+    }
+
+    /// A fresh seed from the operating system's randomness, in memory only.
+    pub fn random() -> std::io::Result<Self> {
         let mut seed = Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng
             .try_fill_bytes(seed.as_mut())
-            .map_err(|e| IdentityError::Io {
-                path: shown.clone(),
-                source: std::io::Error::other(e),
-            })?;
-        let text = Zeroizing::new(format!("{}\n", hex::encode(seed.as_ref())));
-        write_private(path, text.as_bytes()).map_err(|source| IdentityError::Io {
-            path: shown,
-            source,
-        })?;
+            .map_err(std::io::Error::other)?;
         Ok(IdentitySeed(seed))
+    }
+
+    /// Writes the seed to `path` (64 hex characters and a newline, readable by its owner
+    /// only), refusing to overwrite an existing file.
+    pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
+        let shown = path.display().to_string();
+        let text = Zeroizing::new(format!("{}\n", hex::encode(self.0.as_ref())));
+        write_private(path, text.as_bytes()).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                IdentityError::Exists { path: shown }
+            } else {
+                IdentityError::Io {
+                    path: shown,
+                    source,
+                }
+            }
+        })
+    }
+
+    /// The signing identity of this seed.
+    pub fn identity(&self) -> Identity {
+        Identity::from_seed(*self.0)
     }
 
     /// Reads an identity file.
@@ -96,8 +123,10 @@ impl IdentitySeed {
     }
 }
 
+/// Creates `path` readable by its owner only (0600) and writes `bytes`, refusing to
+/// overwrite an existing file.
 #[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -110,7 +139,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -16,12 +16,15 @@
 //! - [`download`]: receiving a global adapter (inline, or in resumable checksummed chunks).
 //! - [`local_train`]: fine-tuning on local data alone (`fedclient train`).
 //! - [`identity`]: the lab's long-term Ed25519 identity file.
+//! - [`enroll`]: the lab's own keys and its public enrollment request (`fedclient enroll`),
+//!   and installing the kit the center returns.
 //! - [`error`]: typed errors.
 
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod download;
+pub mod enroll;
 pub mod error;
 pub mod eval;
 pub mod identity;

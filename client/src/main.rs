@@ -33,9 +33,10 @@ enum Command {
     /// Join a federation and train every round until it finishes (or this lab's policy
     /// says stop).
     Join {
-        /// This lab's participant.toml (or the kit directory holding it), from `fedaggregator
-        /// provision`: the aggregator's address, this lab's name, language, TLS certificate
-        /// and identity key; its `[policy]` (min_peers, max_rounds, share_metrics,
+        /// This lab's participant.toml (or the directory holding it): the kit `fedaggregator
+        /// provision` made from this lab's `fedclient enroll` request, unpacked into the
+        /// enrollment directory beside the lab's own client.key and identity.key: the
+        /// aggregator's address, this lab's name, language, certificate and keys; its `[policy]` (min_peers, max_rounds, share_metrics,
         /// plan_sha256) and `[local]` (data, model, heldout, device) sections supply the
         /// rest. Connections are then mutual TLS. The options below override the file.
         #[arg(long, visible_alias = "kit")]
@@ -70,8 +71,8 @@ enum Command {
         /// Seconds to keep retrying an unreachable aggregator.
         #[arg(long, default_value_t = 120)]
         patience: u64,
-        /// This lab's identity file (from `fedclient keygen`) [default: the config's]; needed
-        /// for secure aggregation.
+        /// This lab's identity file (from `fedclient enroll` or `keygen`) [default: the
+        /// config's]; needed for secure aggregation.
         #[arg(long)]
         identity: Option<PathBuf>,
         /// The plan fingerprint the labs agreed on (`fedaggregator check-config` prints it);
@@ -156,7 +157,36 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Create this lab's long-term identity key and print the public key for the roster.
+    /// Enroll this lab: create its identity key and TLS key (both stay here, 0600) and the
+    /// public request to send the center for `fedaggregator provision --request`. Never
+    /// overwrites a file.
+    Enroll {
+        /// This lab's participant name (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        name: String,
+        /// Language label of the lab's data.
+        #[arg(long)]
+        language: String,
+        /// The enrollment directory (created 0700 if missing); later, unpack the kit the
+        /// center sends back into it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Install the kit the center sent back (participant.toml, ca.pem, client.pem) into this
+    /// lab's enrollment directory, after checking that its certificate is the federation
+    /// CA's, names this lab and is for this lab's own TLS key. Writes nothing if a check
+    /// fails, and never overwrites.
+    InstallKit {
+        /// The kit's directory, as received from the center.
+        #[arg(long)]
+        kit: PathBuf,
+        /// The lab's enrollment directory (where `enroll` wrote its keys).
+        #[arg(long)]
+        into: PathBuf,
+    },
+    /// Create a long-term identity key alone and print the public key for the roster: for a
+    /// federation that runs without TLS (`tls.enabled = false`), which has no certificates
+    /// to request. With TLS (the default) use `enroll`, which makes this key too.
     Keygen {
         /// Where to write the secret key (readable by its owner only; never overwritten).
         #[arg(long)]
@@ -292,6 +322,16 @@ async fn main() -> Result<()> {
                 }
             }
             .with_context(|| format!("loading local data from {}", data.display()))?;
+            let mut kit = kit;
+            if let Some(k) = &mut kit {
+                if let Some(p) = &identity {
+                    k.identity = p.clone();
+                }
+                // The lab's own keys never come in the kit: a kit unpacked elsewhere than the
+                // enrollment directory is told so, naming the file.
+                k.check_lab_keys()
+                    .context("this lab's participant.toml names keys that are not there")?;
+            }
             let identity = identity
                 .or_else(|| kit.as_ref().map(|k| k.identity.clone()))
                 .map(|p| {
@@ -446,6 +486,61 @@ async fn main() -> Result<()> {
             fedcore::peft::write_dir(&out, &model.export_adapter())
                 .with_context(|| format!("writing the adapter to {}", out.display()))?;
             println!("adapter (PEFT) written to {}", out.display());
+            Ok(())
+        }
+        Command::Enroll {
+            name,
+            language,
+            out,
+        } => {
+            let made = fedclient::enroll::enroll(&fedclient::enroll::EnrollOptions {
+                name: name.clone(),
+                language,
+                out,
+            })
+            .context("enrolling this lab")?;
+            println!("enrolled {name} in {}", made.dir.display());
+            println!(
+                "  send to the center (public, and the only file that leaves this lab): {}",
+                made.request.display()
+            );
+            println!(
+                "  keep private (0600, never sent anywhere): {} and {}",
+                made.identity.display(),
+                made.tls_key.display()
+            );
+            println!(
+                "  identity public key: {} (read it to the center over another channel, so it can tell your request from a forged one)",
+                made.identity_public_key
+            );
+            println!(
+                "  then install the kit the center sends back: `fedclient install-kit --kit KIT_DIR --into {}`, and run `fedclient join --config {}`",
+                made.dir.display(),
+                made.dir.join(mekong_proto::tls::KIT_FILE).display()
+            );
+            Ok(())
+        }
+        Command::InstallKit { kit, into } => {
+            let installed = fedclient::enroll::install_kit(&kit, &into).with_context(|| {
+                format!(
+                    "installing the kit {} into {}",
+                    kit.display(),
+                    into.display()
+                )
+            })?;
+            let policy = mekong_proto::tls::ParticipantKit::load(&installed)
+                .with_context(|| format!("reading {}", installed.display()))?
+                .policy;
+            println!("kit installed: {}", installed.display());
+            match policy.plan_sha256 {
+                Some(pin) => println!(
+                    "  it pins the plan {pin}: compare it with the other labs over a channel the center does not control before you join"
+                ),
+                None => println!(
+                    "  it pins no plan: set policy.plan_sha256 to the fingerprint the labs agreed on, or `join` refuses"
+                ),
+            }
+            println!("  then: fedclient join --config {}", installed.display());
             Ok(())
         }
         Command::Keygen { out, name } => {

@@ -111,7 +111,7 @@ pub enum ParticipantError {
     )]
     PlanMismatch { got: String, expected: String },
     #[error(
-        "this federation uses secure aggregation, which needs this lab's identity key (--identity, from `fedclient keygen`)"
+        "this federation uses secure aggregation, which needs this lab's identity key (identity.key from `fedclient enroll`, named by participant.toml or --identity)"
     )]
     NoIdentity,
     #[error(

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// The connection part of a kit, as `fedaggregator provision` writes it (the files it names
-/// need not exist for these checks, which fail before they are read).
+/// need not exist for most checks here, which fail before they are read).
 const KIT: &str = r#"federation = "pilot"
 name = "lab-lo"
 language = "lo"
@@ -80,4 +80,55 @@ fn bad_policy_and_local_fields_are_named() {
         ),
         &["missing/lo.txt"],
     );
+}
+
+/// A kit unpacked away from the lab's enrollment directory: the error names the missing key
+/// and says it comes from `fedclient enroll`, before anything connects.
+#[test]
+fn a_missing_lab_key_is_named_with_where_it_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let text: String = (0..200)
+        .map(|i| format!("ສິດທິມະນຸດ {i} ທຸກຄົນເກີດມາມີອິດສະຫຼະ\n"))
+        .collect();
+    std::fs::write(d.join("lo.txt"), text).unwrap();
+    refused(
+        &join(d, "[local]\ndata = \"lo.txt\"\ndevice = \"cpu\"\n", &[]),
+        &[
+            "client.key",
+            "TLS private key is missing",
+            "fedclient enroll",
+        ],
+    );
+}
+
+/// `fedclient enroll` writes the lab's keys and its request, prints which file to send,
+/// and never overwrites them.
+#[test]
+fn enroll_writes_keys_and_a_request_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lab-lo");
+    let enroll = || {
+        Command::new(env!("CARGO_BIN_EXE_fedclient"))
+            .args(["enroll", "--name", "lab-lo", "--language", "lo", "--out"])
+            .arg(&out)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("fedclient runs")
+    };
+    let first = enroll();
+    let shown = String::from_utf8_lossy(&first.stdout).into_owned();
+    assert!(
+        first.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(shown.contains("enroll-request.toml"), "{shown}");
+    assert!(shown.contains("keep private"), "{shown}");
+    for file in ["identity.key", "client.key", "enroll-request.toml"] {
+        assert!(out.join(file).exists(), "{file}");
+    }
+    let before = std::fs::read(out.join("identity.key")).unwrap();
+    refused(&enroll(), &["already exists", "refusing to overwrite"]);
+    assert_eq!(std::fs::read(out.join("identity.key")).unwrap(), before);
 }

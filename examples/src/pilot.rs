@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use fedaggregator::AggregatorConfig;
 use fedaggregator::config::{AdminSection, ServerSection, TlsSection};
-use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
+use fedaggregator::provision::{ProvisionOptions, provision};
 use fedclient::checkpoint::{self, Checkpoint};
 use fedclient::data::{ByteTokenizer, HfTokenizer, LocalCorpus, TextTokenizer};
 use fedclient::device::{DeviceChoice, select_device};
+use fedclient::enroll::{EnrollOptions, enroll, install_kit};
 use fedclient::eval::{EvalStats, evaluate};
 use fedclient::identity::IdentitySeed;
 use fedclient::model::LoraLlama;
@@ -294,28 +295,31 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             "secure aggregation needs at least 3 labs (with two, each learns the other's update from the sum); give --languages three or more, or pass --insecure-plaintext"
         ));
     }
-    // The center provisions the federation as `fedaggregator provision` does: a CA, the
-    // aggregator's certificate and one kit per lab (certificate, TLS key, identity key).
+    // Each lab enrolls as `fedclient enroll` does: its identity and TLS keys are made in its
+    // own directory and never leave it; only its request goes to the center.
     let dir = fresh_dir(&options.out_dir)?;
-    let provisioned = provision(&ProvisionOptions {
-        out: dir.clone(),
-        federation: FEDERATION.into(),
-        aggregator_address: "127.0.0.1:0".into(),
-        extra_sans: Vec::new(),
-        participants: options
-            .languages
-            .iter()
-            .map(|code| ParticipantSpec {
-                name: PilotOptions::lab_name(code),
+    let center = dir.join("center");
+    let mut labs = Vec::new();
+    for code in &options.languages {
+        let name = PilotOptions::lab_name(code);
+        labs.push(
+            enroll(&EnrollOptions {
+                out: dir.join("labs").join(&name),
+                name,
                 language: code.clone(),
             })
-            .collect(),
-        validity_days: 2,
-        ca_validity_days: 2,
-        // The pilot's labs opt in, so its status page draws per-language loss curves.
-        share_metrics: vec![mekong_proto::policy::SharedMetric::HeldoutLoss],
-    })
-    .context("provisioning the pilot federation")?;
+            .context("enrolling a pilot lab")?,
+        );
+    }
+    let roster: Vec<RosterEntry> = options
+        .languages
+        .iter()
+        .zip(&labs)
+        .map(|(code, lab)| RosterEntry {
+            name: PilotOptions::lab_name(code),
+            public_key: lab.identity_public_key.clone(),
+        })
+        .collect();
     let base = match &options.model {
         PilotModel::Preset(_) => None,
         PilotModel::Checkpoint(path) => {
@@ -331,8 +335,34 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         (_, Some(checkpoint)) => checkpoint.spec.clone(),
         (PilotModel::Checkpoint(_), None) => unreachable!("opened above"),
     };
-    let plan = options.plan(model_spec, provisioned.roster.clone());
+    let plan = options.plan(model_spec, roster);
     plan.validate().context("pilot options")?;
+    // The center provisions the federation from the labs' requests as `fedaggregator
+    // provision --plan` does: a CA, the aggregator's certificate, one kit per lab (public
+    // files only) pinning this plan's fingerprint. Each lab installs its kit beside its keys.
+    let provisioned = provision(&ProvisionOptions {
+        out: center.clone(),
+        federation: FEDERATION.into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        requests: labs.iter().map(|lab| lab.request.clone()).collect(),
+        plan: Some(plan.clone()),
+        validity_days: 2,
+        ca_validity_days: 2,
+        // The pilot's labs opt in, so its status page draws per-language loss curves.
+        share_metrics: vec![mekong_proto::policy::SharedMetric::HeldoutLoss],
+    })
+    .context("provisioning the pilot federation")?;
+    if provisioned.plan_sha256 != plan.fingerprint() {
+        return Err(anyhow!(
+            "the kits pin plan {}, the pilot runs {}",
+            provisioned.plan_sha256,
+            plan.fingerprint()
+        ));
+    }
+    for (kit, lab) in provisioned.kits.iter().zip(&labs) {
+        install_kit(kit, &lab.dir).context("installing a pilot lab's kit")?;
+    }
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
 
@@ -358,11 +388,11 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             linger_after_finish_ms: 10_000,
             inline_adapter_max_bytes: mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES,
         },
-        tls: TlsSection::provisioned(&dir),
+        tls: TlsSection::provisioned(&center),
         admin: Some(AdminSection::loopback(options.admin_port)),
         // The pilot's federation is new every run: its state lives and dies with it.
         state: fedaggregator::config::StateSection {
-            database: Some(dir.join("state.sqlite")),
+            database: Some(center.join("state.sqlite")),
             ..Default::default()
         },
         plan: plan.clone(),
@@ -385,14 +415,14 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
 
     let started = Instant::now();
     let observer: Arc<dyn ParticipantObserver> = Arc::new(Progress);
-    let mut labs = Vec::new();
-    for ((code, _, corpus), kit_dir) in corpora.iter().zip(&provisioned.kits) {
-        let mut kit = ParticipantKit::load(kit_dir).context("reading a lab's kit")?;
+    let mut tasks = Vec::new();
+    for ((code, _, corpus), lab) in corpora.iter().zip(&labs) {
+        let mut kit = ParticipantKit::load(&lab.dir).context("reading a lab's kit")?;
         // The kit was made before the aggregator had its (ephemeral) port.
         kit.aggregator = server.local_addr().to_string();
         let identity = IdentitySeed::load(&kit.identity).context("reading a lab's identity")?;
-        // The lab's policy, as its kit says (the pilot provisions kits that opt in to
-        // sharing held-out losses), with the plan the pilot itself wrote pinned.
+        // The lab's policy, as its kit says: the plan's fingerprint pinned, and (the pilot
+        // provisions kits that opt in) sharing held-out losses.
         let policy = kit.policy.clone();
         let participant_options = ParticipantOptions {
             kit: Some(Arc::new(kit)),
@@ -403,13 +433,13 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             ..ParticipantOptions::new("", &PilotOptions::lab_name(code), code)
         }
         .with_policy(&policy);
+        // The record of what the lab unmasked, kept where a lab keeps it: `state/` in its
+        // own directory, beside its keys.
         let participant_options = ParticipantOptions {
-            plan_sha256: Some(plan.fingerprint()),
-            // The record of what the lab unmasked, kept as a lab keeps it.
-            state_dir: Some(kit_dir.join("state")),
+            state_dir: Some(lab.dir.join("state")),
             ..participant_options
         };
-        labs.push(tokio::spawn(participant::run(
+        tasks.push(tokio::spawn(participant::run(
             participant_options,
             corpus.clone(),
             device.clone(),
@@ -417,8 +447,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         )));
     }
     let mut reports = Vec::new();
-    for lab in labs {
-        reports.push(lab.await.context("participant task")??);
+    for task in tasks {
+        reports.push(task.await.context("participant task")??);
     }
     server.finished().await;
     let max_error_bound = server

@@ -46,7 +46,7 @@ pub fn render(report: &PilotReport) -> String {
     );
     let _ = writeln!(
         out,
-        "transport: mutual TLS (a federation CA, a certificate per lab, provisioned for this run)"
+        "transport: mutual TLS (a federation CA, a certificate per lab for the key it enrolled, provisioned for this run)"
     );
     if report.secure {
         let _ = writeln!(

@@ -23,6 +23,7 @@ pub const ADAPTER_CHUNK_BYTES: usize = 256 * 1024;
 pub const DEFAULT_INLINE_ADAPTER_BYTES: u64 = 4 * 1024 * 1024;
 
 pub mod convert;
+pub mod enroll;
 pub mod policy;
 pub mod secure;
 pub mod tls;

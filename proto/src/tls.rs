@@ -1,7 +1,9 @@
 //! Mutual TLS between labs and the aggregator, one code path for both sides.
 //!
 //! Every certificate of a federation is issued by the federation's own CA
-//! (`fedaggregator provision`). The aggregator accepts only client certificates that chain
+//! (`fedaggregator provision`), a participant's for the key in the CSR of its lab's
+//! enrollment request ([`crate::enroll`]): the lab's private key never leaves the lab. The
+//! aggregator accepts only client certificates that chain
 //! to that CA, are within their validity and are not on the CA's revocation list; the
 //! participant trusts that CA alone (no system roots) for the aggregator's certificate. A
 //! participant's certificate names it with a URI subject alternative name
@@ -53,6 +55,19 @@ pub enum TlsError {
     Key { path: String, message: String },
     #[error("{key} is not the private key of the certificate in {cert}")]
     KeyMismatch { cert: String, key: String },
+    #[error(
+        "{key} is not the private key of the certificate in {cert}: the kit was issued for another enrollment request; put the kit's files in the directory where `fedclient enroll` wrote the request it was made from"
+    )]
+    KitKeyMismatch { cert: String, key: String },
+    #[error(
+        "{path}: this lab's {what} is missing; it is made at the lab by `fedclient enroll` (never by the center, never in the kit): run `fedclient enroll`, send its request to the center, and put the kit you get back in the same directory (or point {field} in {kit} at the key)"
+    )]
+    MissingLabKey {
+        path: String,
+        what: &'static str,
+        field: &'static str,
+        kit: String,
+    },
     #[error("{path}: not a usable CA certificate: {message}")]
     Ca { path: String, message: String },
     #[error("{path}: certificate not accepted under the federation CA {ca}: {message}")]
@@ -389,9 +404,12 @@ pub struct ParticipantKit {
     pub ca: PathBuf,
     /// The participant's certificate (PEM).
     pub certificate: PathBuf,
-    /// Its TLS private key (PEM, 0600).
+    /// Its TLS private key (PEM, 0600): made by the lab (`fedclient enroll`), never by the
+    /// center, so it is not in the kit the center ships; the kit names it relative to the
+    /// directory the lab unpacks the kit into (its enrollment directory).
     pub private_key: PathBuf,
-    /// Its Ed25519 secure-aggregation identity (`fedclient keygen` format, 0600).
+    /// Its Ed25519 secure-aggregation identity (`fedclient enroll`/`keygen` format, 0600),
+    /// the lab's own as well.
     pub identity: PathBuf,
     /// `[policy]`: the lab's own rules (fewest peers, most rounds, which aggregate metrics
     /// it reports, the agreed plan fingerprint). Provisioning writes a starting point; the
@@ -454,10 +472,32 @@ impl ParticipantKit {
         toml::to_string_pretty(self).expect("kit always serialises")
     }
 
-    /// The participant's rustls configuration. Checks first that the kit's certificate is
-    /// issued by the kit's CA, is unexpired, is a client certificate, names this participant
-    /// and matches the private key.
+    /// Checks that the lab's own private files (TLS key and identity) are where the kit
+    /// says: the center never ships them, so a kit unpacked away from the lab's enrollment
+    /// directory is told so, naming the file, rather than failing with a bare "not found".
+    pub fn check_lab_keys(&self) -> Result<(), TlsError> {
+        for (path, what, field) in [
+            (&self.private_key, "TLS private key", "private_key"),
+            (&self.identity, "identity key", "identity"),
+        ] {
+            if !path.exists() {
+                return Err(TlsError::MissingLabKey {
+                    path: shown(path),
+                    what,
+                    field,
+                    kit: KIT_FILE.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The participant's rustls configuration. Checks first that the lab's keys are present
+    /// ([`Self::check_lab_keys`]) and that the kit's certificate is issued by the kit's CA,
+    /// is unexpired, is a client certificate, names this participant and matches the lab's
+    /// private key.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        self.check_lab_keys()?;
         let (ca, _) = load_ca(&self.ca)?;
         let chain = load_certs(&self.certificate)?;
         let key = load_key(&self.private_key)?;
@@ -484,7 +524,10 @@ impl ParticipantKit {
             }
         }
         client_config(ca, chain, key).map_err(|e| match e {
-            TlsError::Rustls(e) => key_error(e, &self.certificate, &self.private_key),
+            TlsError::Rustls(e) => match key_error(e, &self.certificate, &self.private_key) {
+                TlsError::KeyMismatch { cert, key } => TlsError::KitKeyMismatch { cert, key },
+                other => other,
+            },
             other => other,
         })
     }

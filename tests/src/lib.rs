@@ -232,3 +232,60 @@ pub fn weighted_mean(uploads: &[RecordedUpload]) -> Vec<f32> {
         .map(|v| v as f32)
         .collect()
 }
+
+/// A federation made the way a real one is: each lab runs `fedclient enroll` (its library
+/// call) in its own directory under `labs`, the center provisions `fed` from the labs'
+/// requests alone, and each lab installs its kit beside its keys.
+pub struct Enrolled {
+    pub provisioned: fedaggregator::provision::Provisioned,
+    /// Each lab's directory (keys, request, installed kit), in roster order: what
+    /// `ParticipantKit::load` and `fedclient join --config` take.
+    pub labs: Vec<std::path::PathBuf>,
+}
+
+/// [`Enrolled`] for `(name, language)` labs, provisioned with `options` (whose `out` is the
+/// center's directory and whose `requests` are filled in here).
+pub fn enroll_and_provision(
+    labs: &Path,
+    names: &[(&str, &str)],
+    mut options: fedaggregator::provision::ProvisionOptions,
+) -> Enrolled {
+    let mut lab_dirs = Vec::new();
+    for (name, language) in names {
+        let made = fedclient::enroll::enroll(&fedclient::enroll::EnrollOptions {
+            name: name.to_string(),
+            language: language.to_string(),
+            out: labs.join(name),
+        })
+        .expect("enroll");
+        options.requests.push(made.request);
+        lab_dirs.push(made.dir);
+    }
+    let provisioned = fedaggregator::provision::provision(&options).expect("provisioning");
+    for (kit, lab) in provisioned.kits.iter().zip(&lab_dirs) {
+        fedclient::enroll::install_kit(kit, lab).expect("the kit installs beside the lab's keys");
+    }
+    Enrolled {
+        provisioned,
+        labs: lab_dirs,
+    }
+}
+
+/// Provisioning options for a loopback federation of short-lived certificates, before
+/// the requests are added.
+pub fn loopback_provision(
+    fed: &Path,
+    federation: &str,
+) -> fedaggregator::provision::ProvisionOptions {
+    fedaggregator::provision::ProvisionOptions {
+        out: fed.to_path_buf(),
+        federation: federation.into(),
+        aggregator_address: "127.0.0.1:0".into(),
+        extra_sans: Vec::new(),
+        requests: Vec::new(),
+        plan: None,
+        validity_days: 1,
+        ca_validity_days: 1,
+        share_metrics: Vec::new(),
+    }
+}

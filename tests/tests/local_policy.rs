@@ -12,11 +12,10 @@ use std::time::{Duration, Instant};
 use burn::prelude::Device;
 use fedaggregator::admin::client::fetch_status;
 use fedaggregator::config::{AdminSection, TlsSection};
-use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, provision};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, ParticipantOptions, Quiet, RunEnd};
-use mekong_e2e::{aggregator_config, corpus, test_plan};
+use mekong_e2e::{aggregator_config, corpus, enroll_and_provision, loopback_provision, test_plan};
 use mekong_proto::tls::ParticipantKit;
 
 const CODES: [&str; 4] = ["lo", "km", "th", "vi"];
@@ -38,32 +37,34 @@ fn edit_policy(kit_dir: &Path) {
 async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let fed = dir.path().join("fed");
-    let provisioned = provision(&ProvisionOptions {
-        out: fed.clone(),
-        federation: "e2e".into(),
-        aggregator_address: "127.0.0.1:0".into(),
-        extra_sans: Vec::new(),
-        participants: CODES
-            .iter()
-            .map(|c| ParticipantSpec {
-                name: format!("lab-{c}"),
-                language: c.to_string(),
-            })
-            .collect(),
-        validity_days: 1,
-        ca_validity_days: 1,
-        share_metrics: Vec::new(),
-    })
-    .unwrap();
-    edit_policy(&provisioned.kits[1]);
 
     // Deadlines far longer than the run: a round that waited for lab-km would take a whole
     // minute (two of them would, before `Leave`, as straggler rounds).
     const ROUND_TIMEOUT_MS: u64 = 60_000;
     let mut plan = test_plan(4, 3, 1, ROUND_TIMEOUT_MS);
-    plan.roster = provisioned.roster.clone();
     plan.secure_aggregation.enabled = true;
     plan.secure_aggregation.stage_timeout_ms = ROUND_TIMEOUT_MS;
+    // The center provisions this plan, so every kit pins its fingerprint (`[policy]
+    // plan_sha256`), which the labs' own runtimes then enforce.
+    let names: Vec<String> = CODES.iter().map(|c| format!("lab-{c}")).collect();
+    let labs: Vec<(&str, &str)> = names.iter().map(String::as_str).zip(CODES).collect();
+    let enrolled = enroll_and_provision(
+        &dir.path().join("labs"),
+        &labs,
+        fedaggregator::provision::ProvisionOptions {
+            plan: Some(plan.clone()),
+            ..loopback_provision(&fed, "e2e")
+        },
+    );
+    let provisioned = &enrolled.provisioned;
+    edit_policy(&enrolled.labs[1]);
+    plan.roster = provisioned.roster.clone();
+    assert_eq!(provisioned.plan_sha256, plan.fingerprint());
+    assert!(
+        provisioned.config_problem.is_none(),
+        "{:?}",
+        provisioned.config_problem
+    );
     let mut config = aggregator_config(plan.clone(), &dir.path().join("out"));
     config.tls = TlsSection::provisioned(&fed);
     config.admin = Some(AdminSection::loopback(0));
@@ -71,7 +72,7 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
     let server = fedaggregator::start(&config).await.unwrap();
 
     let mut labs = Vec::new();
-    for (code, kit_dir) in CODES.iter().zip(&provisioned.kits) {
+    for (code, kit_dir) in CODES.iter().zip(&enrolled.labs) {
         let mut kit = ParticipantKit::load(kit_dir).unwrap();
         kit.aggregator = server.local_addr().to_string();
         let data = match &kit.local {
@@ -86,7 +87,6 @@ async fn a_lab_leaves_after_its_max_rounds_and_the_federation_goes_on() {
         let policy = kit.policy.clone();
         let options = ParticipantOptions {
             identity: Some(Arc::new(identity)),
-            plan_sha256: Some(plan.fingerprint()),
             connect_patience: Duration::from_secs(30),
             kit: Some(Arc::new(kit.clone())),
             ..ParticipantOptions::new("", &kit.name, &kit.language)

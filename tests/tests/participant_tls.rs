@@ -1,4 +1,5 @@
-//! The participant runtime over mutual TLS with provisioned kits: a good lab trains a round;
+//! The participant runtime over mutual TLS with kits made by the enrollment flow (labs
+//! `enroll`, the center provisions from their requests): a good lab trains a round;
 //! a revoked lab and a lab from another federation stop at once with the reason, and never
 //! fall into the retry loop meant for an unreachable aggregator.
 
@@ -7,33 +8,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedaggregator::config::TlsSection;
-use fedaggregator::provision::{ParticipantSpec, ProvisionOptions, Provisioned, provision, revoke};
+use fedaggregator::provision::revoke;
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, ParticipantError, ParticipantOptions, Quiet};
-use mekong_e2e::{aggregator_config, corpus, test_plan};
+use mekong_e2e::{
+    Enrolled, aggregator_config, corpus, enroll_and_provision, loopback_provision, test_plan,
+};
 use mekong_proto::tls::ParticipantKit;
 
-fn provision_into(dir: &Path, federation: &str, names: &[&str]) -> Provisioned {
-    provision(&ProvisionOptions {
-        out: dir.to_path_buf(),
-        federation: federation.into(),
-        aggregator_address: "127.0.0.1:0".into(),
-        extra_sans: Vec::new(),
-        participants: names
-            .iter()
-            .map(|n| ParticipantSpec {
-                name: n.to_string(),
-                language: "lo".into(),
-            })
-            .collect(),
-        validity_days: 1,
-        ca_validity_days: 1,
-        share_metrics: Vec::new(),
-    })
-    .unwrap()
+/// Labs `names` enroll under `dir/labs-FEDERATION`, the center provisions `dir/FEDERATION`.
+fn provision_into(dir: &Path, federation: &str, names: &[&str]) -> Enrolled {
+    let labs: Vec<(&str, &str)> = names.iter().map(|n| (*n, "lo")).collect();
+    enroll_and_provision(
+        &dir.join(format!("labs-{federation}")),
+        &labs,
+        loopback_provision(&dir.join(federation), federation),
+    )
 }
 
-/// Runs the lab whose kit is in `kit_dir` against the aggregator at `address`.
+/// Runs the lab whose directory (keys and installed kit) is `kit_dir` against the aggregator at `address`.
 async fn run_lab(
     kit_dir: &Path,
     address: std::net::SocketAddr,
@@ -65,9 +58,10 @@ fn options(kit_dir: &Path, address: std::net::SocketAddr) -> ParticipantOptions 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kits_connect_and_refused_certificates_stop_the_participant() {
     let dir = tempfile::tempdir().unwrap();
-    let fed = dir.path().join("fed");
-    let provisioned = provision_into(&fed, "e2e", &["lab-a", "lab-b"]);
-    let foreign = provision_into(&dir.path().join("other"), "other", &["lab-a"]);
+    let fed = dir.path().join("e2e");
+    let enrolled = provision_into(dir.path(), "e2e", &["lab-a", "lab-b"]);
+    let provisioned = &enrolled.provisioned;
+    let foreign = provision_into(dir.path(), "other", &["lab-a"]);
 
     // lab-b is revoked before the aggregator starts (a running one re-reads the CRL within
     // a second; the aggregator's own tests cover that).
@@ -80,7 +74,7 @@ async fn kits_connect_and_refused_certificates_stop_the_participant() {
     let address = server.local_addr();
 
     let started = std::time::Instant::now();
-    let err = run_lab(&provisioned.kits[1], address).await.unwrap_err();
+    let err = run_lab(&enrolled.labs[1], address).await.unwrap_err();
     // In TLS 1.3 the aggregator checks the client certificate after the client has finished
     // its side of the handshake, so the client may already have sent its first request when
     // the "revoked" alert comes back; hyper then reports only a cancelled request and the
@@ -92,7 +86,7 @@ async fn kits_connect_and_refused_certificates_stop_the_participant() {
         "{err}"
     );
     // A lab holding a kit from another federation: neither side accepts the other's CA.
-    let err = run_lab(&foreign.kits[0], address).await.unwrap_err();
+    let err = run_lab(&foreign.labs[0], address).await.unwrap_err();
     assert!(
         matches!(err, ParticipantError::Handshake { .. }),
         "a foreign kit must fail at the handshake: {err}"
@@ -104,7 +98,7 @@ async fn kits_connect_and_refused_certificates_stop_the_participant() {
     );
 
     // The good lab trains the federation's one round over TLS.
-    let report = run_lab(&provisioned.kits[0], address).await.unwrap();
+    let report = run_lab(&enrolled.labs[0], address).await.unwrap();
     assert_eq!(report.rounds.len(), 1);
     server.finished().await;
     server.shutdown().await.unwrap();

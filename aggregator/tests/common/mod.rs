@@ -275,3 +275,57 @@ impl Drop for Aggregator {
         let _ = self.child.wait();
     }
 }
+
+/// A federation made the way a real one is: each lab runs `fedclient enroll` (its library
+/// call) in its own directory under `labs`, the center provisions `fed` from the labs'
+/// requests alone, and each lab installs its kit beside its keys.
+pub struct Enrolled {
+    pub provisioned: fedaggregator::provision::Provisioned,
+    /// Each lab's directory (keys, request, installed kit), in roster order: what
+    /// `ParticipantKit::load` and `fedclient join --config` take.
+    pub labs: Vec<PathBuf>,
+}
+
+/// [`Enrolled`] for `(name, language)` labs, certificates valid for `validity_days`.
+pub fn enroll_and_provision(
+    fed: &Path,
+    labs: &Path,
+    federation: &str,
+    aggregator_address: &str,
+    sans: &[&str],
+    names: &[(&str, &str)],
+    validity_days: u32,
+) -> Enrolled {
+    let mut requests = Vec::new();
+    let mut lab_dirs = Vec::new();
+    for (name, language) in names {
+        let made = fedclient::enroll::enroll(&fedclient::enroll::EnrollOptions {
+            name: name.to_string(),
+            language: language.to_string(),
+            out: labs.join(name),
+        })
+        .expect("enroll");
+        requests.push(made.request);
+        lab_dirs.push(made.dir);
+    }
+    let provisioned =
+        fedaggregator::provision::provision(&fedaggregator::provision::ProvisionOptions {
+            out: fed.to_path_buf(),
+            federation: federation.into(),
+            aggregator_address: aggregator_address.into(),
+            extra_sans: sans.iter().map(|s| s.to_string()).collect(),
+            requests,
+            plan: None,
+            validity_days,
+            ca_validity_days: validity_days.max(1),
+            share_metrics: Vec::new(),
+        })
+        .expect("provisioning");
+    for (kit, lab) in provisioned.kits.iter().zip(&lab_dirs) {
+        fedclient::enroll::install_kit(kit, lab).expect("the kit installs beside the lab's keys");
+    }
+    Enrolled {
+        provisioned,
+        labs: lab_dirs,
+    }
+}
