@@ -7,6 +7,7 @@
 //! This is how a modified aggregator looks to a lab: the same service, the same messages,
 //! some of them changed. The labs under test are the real participant runtime.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,14 +25,19 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Rewrites the plan and roster a lab is sent at `Join`.
 pub type JoinTamper = Box<dyn Fn(&mut pb::JoinResponse) + Send + Sync>;
-/// Rewrites a task before the lab (named by its participant id) sees it.
+/// Rewrites a task before the lab sees it; called with the lab's name (its participant id
+/// if it never joined through this center).
 pub type TaskTamper = Box<dyn Fn(&str, &mut pb::FetchTaskResponse) + Send + Sync>;
+/// Decides whether a lab's secure-aggregation message reaches the aggregator (`true`) or is
+/// kept by the center, which answers it as accepted (`false`); called with the lab's name.
+pub type SecureTamper = Box<dyn Fn(&str, &pb::SecureAggregateRequest) -> bool + Send + Sync>;
 
 /// How the center deviates.
 #[derive(Default)]
 pub struct Deviation {
     pub join: Option<JoinTamper>,
     pub task: Option<TaskTamper>,
+    pub secure: Option<SecureTamper>,
 }
 
 /// One call a lab made to the center.
@@ -50,6 +56,12 @@ pub struct Received {
     /// Values of plaintext updates (`SubmitUpdate` payloads and update-stream chunks), as
     /// bytes: empty when no lab sent its update in the clear.
     pub plaintext_bytes: usize,
+    /// Participant ids by name, from the `Join` answers.
+    pub ids: BTreeMap<String, String>,
+    /// Every secure-aggregation message, forwarded or kept.
+    pub secure_messages: Vec<pb::SecureAggregateRequest>,
+    /// Masked inputs as streamed, by (participant id, round, attempt): little-endian words.
+    pub masked: BTreeMap<(String, u64, u32), Vec<u8>>,
 }
 
 impl Received {
@@ -84,6 +96,16 @@ impl Service {
 
     fn upstream(&self) -> FederationClient<Channel> {
         self.upstream.clone()
+    }
+
+    /// The name a participant id was given to at `Join`, else the id itself.
+    fn name_of(&self, id: &str) -> String {
+        let received = self.received.lock().unwrap();
+        received
+            .ids
+            .iter()
+            .find(|(_, i)| i.as_str() == id)
+            .map_or_else(|| id.to_string(), |(n, _)| n.clone())
     }
 }
 
@@ -163,8 +185,14 @@ impl Federation for Service {
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.into_inner();
-        self.record("Join", &req.participant_name, None);
+        let name = req.participant_name.clone();
+        self.record("Join", &name, None);
         let mut answer = self.upstream().join(req).await?.into_inner();
+        self.received
+            .lock()
+            .unwrap()
+            .ids
+            .insert(name, answer.participant_id.clone());
         if let Some(tamper) = &self.deviation.join {
             tamper(&mut answer);
         }
@@ -180,7 +208,7 @@ impl Federation for Service {
         self.record("FetchTask", &id, None);
         let mut answer = self.upstream().fetch_task(req).await?.into_inner();
         if let Some(tamper) = &self.deviation.task {
-            tamper(&id, &mut answer);
+            tamper(&self.name_of(&id), &mut answer);
         }
         Ok(Response::new(answer))
     }
@@ -242,6 +270,16 @@ impl Federation for Service {
     ) -> Result<Response<pb::SecureAggregateResponse>, Status> {
         let req = request.into_inner();
         self.record("SecureAggregate", &req.participant_id, Some(req.round));
+        self.received
+            .lock()
+            .unwrap()
+            .secure_messages
+            .push(req.clone());
+        if let Some(tamper) = &self.deviation.secure
+            && !tamper(&self.name_of(&req.participant_id), &req)
+        {
+            return Ok(Response::new(pb::SecureAggregateResponse {}));
+        }
         Ok(Response::new(
             self.upstream().secure_aggregate(req).await?.into_inner(),
         ))
@@ -252,15 +290,23 @@ impl Federation for Service {
         request: Request<Streaming<pb::MaskedChunk>>,
     ) -> Result<Response<pb::SubmitMaskedResponse>, Status> {
         let received = self.received.clone();
-        let mut first = true;
+        let mut first: Option<(String, u64, u32)> = None;
         let stream = forward(request.into_inner(), move |chunk: &pb::MaskedChunk| {
-            if std::mem::take(&mut first) {
-                received.lock().unwrap().calls.push(Call {
-                    method: "SubmitMasked",
-                    participant_id: chunk.participant_id.clone(),
-                    round: Some(chunk.round),
-                });
-            }
+            let mut r = received.lock().unwrap();
+            let key = first
+                .get_or_insert_with(|| {
+                    r.calls.push(Call {
+                        method: "SubmitMasked",
+                        participant_id: chunk.participant_id.clone(),
+                        round: Some(chunk.round),
+                    });
+                    (chunk.participant_id.clone(), chunk.round, chunk.attempt)
+                })
+                .clone();
+            let words = r.masked.entry(key).or_default();
+            let offset = 4 * chunk.offset as usize;
+            words.truncate(offset);
+            words.extend_from_slice(&chunk.words_u32_le);
         });
         Ok(Response::new(
             self.upstream().submit_masked(stream).await?.into_inner(),

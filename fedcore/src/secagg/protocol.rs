@@ -173,7 +173,9 @@ pub(crate) fn pair_mask_sign(me: Index, peer: Index) -> MaskSign {
 
 /// Signature stage tags.
 pub(crate) const ADVERTISE_TAG: &str = "advertise-keys";
-pub(crate) const CONSISTENCY_TAG: &str = "consistency-check";
+/// Public because it is part of the specification: tests that play a cheating server sign
+/// with it.
+pub const CONSISTENCY_TAG: &str = "consistency-check";
 
 /// The bytes a participant signs when advertising its keys.
 pub(crate) fn advertise_message(
@@ -192,8 +194,9 @@ pub(crate) fn advertise_message(
 }
 
 /// The bytes every survivor signs in the consistency check: session, round, the hash of
-/// the global model trained on, and the sorted survivor list.
-pub(crate) fn consistency_message(cfg: &RoundConfig, survivors: &[Index]) -> Vec<u8> {
+/// the global model trained on, and the sorted survivor list. Public because it is part of
+/// the specification (tests that play a cheating server use it).
+pub fn consistency_message(cfg: &RoundConfig, survivors: &[Index]) -> Vec<u8> {
     let mut m = Vec::with_capacity(32 + 8 + 32 + 8 + 4 * survivors.len());
     m.extend_from_slice(&cfg.context.session);
     m.extend_from_slice(&cfg.context.round.to_le_bytes());
