@@ -273,7 +273,7 @@ async fn main() -> Result<()> {
                 );
             }
             println!(
-                "  send each lab its kit directory (public: participant.toml, ca.pem, client.pem); it unpacks it where it ran `fedclient enroll`"
+                "  send each lab its kit directory (public: participant.toml, ca.pem, client.pem); it installs it beside its keys with `fedclient install-kit --kit KIT --into ENROLLMENT_DIR`"
             );
             println!(
                 "  keep {} private: whoever holds it can admit anyone (`revoke` needs it)",

@@ -167,8 +167,8 @@ enum Command {
         /// Language label of the lab's data.
         #[arg(long)]
         language: String,
-        /// The enrollment directory (created 0700 if missing); later, unpack the kit the
-        /// center sends back into it.
+        /// The enrollment directory (created 0700 if missing); later, install the kit the
+        /// center sends back into it (`fedclient install-kit`).
         #[arg(long)]
         out: PathBuf,
     },

@@ -9,7 +9,10 @@
 //! round (here: fixed by the pinned plan and the round number alone, so that a server
 //! restarting attempts cannot draw graph after graph until its colluders surround a target).
 //!
-//! # Specification (version 1)
+//! # Specification (version 2)
+//!
+//! Version 1 seeded the graph from the session and the context round (round and attempt),
+//! which the server picks; version 2 seeds it from the plan and the round alone.
 //!
 //! Every participant and the server compute the same graph from public data only: the
 //! round's graph seed and the roster (the sorted, deduplicated participant indices of
