@@ -81,16 +81,28 @@ fn on_train(f: impl Fn(&mut pb::TrainTask) + Send + Sync + 'static) -> TaskTampe
     })
 }
 
+/// An honest aggregator for `plan` writing into `dir`, and a cheating center in front of
+/// it that deviates as told.
+async fn honest_behind_cheating(
+    plan: &FederationPlan,
+    dir: &Path,
+    deviation: Deviation,
+) -> (fedaggregator::RunningServer, CheatingCenter) {
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir))
+        .await
+        .unwrap();
+    let center = CheatingCenter::start(&server.url(), deviation).await;
+    (server, center)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_center_that_drops_the_secure_session_gets_no_plaintext() {
     tracing();
     let dir = tempfile::tempdir().unwrap();
     let plan = plan(1);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
-    let center = CheatingCenter::start(
-        &server.url(),
+    let (_server, center) = honest_behind_cheating(
+        &plan,
+        dir.path(),
         Deviation {
             task: Some(on_train(|t| t.secure = None)),
             ..Default::default()
@@ -121,13 +133,11 @@ async fn a_center_that_substitutes_a_roster_key_is_refused() {
     tracing();
     let dir = tempfile::tempdir().unwrap();
     let plan = plan(1);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
     // The center lists its own key for lab-km, to pose as it towards the others.
     let center_key = test_identity(99).public_key_hex();
-    let center = CheatingCenter::start(
-        &server.url(),
+    let (_server, center) = honest_behind_cheating(
+        &plan,
+        dir.path(),
         Deviation {
             join: Some(Box::new(move |answer: &mut pb::JoinResponse| {
                 let mut plan = FederationPlan::from_json(&answer.plan_json).unwrap();
@@ -168,12 +178,10 @@ async fn a_threshold_below_the_collusion_bound_is_refused_even_by_a_trusting_lab
     tracing();
     let dir = tempfile::tempdir().unwrap();
     let plan = plan(1);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
     // Two of three: one colluding lab and the center could split the other two.
-    let center = CheatingCenter::start(
-        &server.url(),
+    let (_server, center) = honest_behind_cheating(
+        &plan,
+        dir.path(),
         Deviation {
             join: Some(Box::new(|answer: &mut pb::JoinResponse| {
                 let mut value: serde_json::Value = serde_json::from_str(&answer.plan_json).unwrap();
@@ -211,13 +219,11 @@ async fn a_center_that_resends_a_global_under_a_new_round_is_refused() {
     tracing();
     let dir = tempfile::tempdir().unwrap();
     let plan = plan(2);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
     // Round 1 honestly; round 2 with round 1's global model.
     let first: Arc<Mutex<Option<pb::AdapterPayload>>> = Arc::default();
-    let center = CheatingCenter::start(
-        &server.url(),
+    let (_server, center) = honest_behind_cheating(
+        &plan,
+        dir.path(),
         Deviation {
             task: Some(on_train(move |t| {
                 let mut first = first.lock().unwrap();
@@ -269,11 +275,9 @@ async fn a_center_grinding_attempts_or_rounds_is_refused() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let plan = plan(1);
-        let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-            .await
-            .unwrap();
-        let center = CheatingCenter::start(
-            &server.url(),
+        let (_server, center) = honest_behind_cheating(
+            &plan,
+            dir.path(),
             Deviation {
                 task: Some(tamper),
                 ..Default::default()
