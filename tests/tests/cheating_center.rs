@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use burn::prelude::Device;
-use fedclient::participant::{self, ParticipantError, ParticipantReport};
+use fedclient::participant::{self, ParticipantError, ParticipantOptions, ParticipantReport};
 use fedcore::FederationPlan;
 use fedcore::round::guard::GuardError;
 use fedcore::secagg::spec::RoundNumberError;
@@ -36,6 +36,28 @@ fn plan(rounds: u64) -> FederationPlan {
     secure_test_plan(&roster, rounds, 60_000, 10_000)
 }
 
+/// Lab `i`'s options against `url`: its identity, pinned to `plan` (`None`: unpinned),
+/// not trusting the center's plan unless a test says so.
+fn lab_options(url: &str, i: usize, plan: Option<&FederationPlan>) -> ParticipantOptions {
+    let mut options = participant_options(url, &name(i), CODES[i]);
+    options.trust_aggregator_plan = false;
+    options.identity = Some(Arc::new(test_identity(i as u8)));
+    options.plan_sha256 = plan.map(FederationPlan::fingerprint);
+    options
+}
+
+/// Runs lab 0 alone with `options` until it stops, which must be a refusal.
+async fn refusal(options: ParticipantOptions) -> ParticipantError {
+    participant::run(
+        options,
+        corpus(CODES[0]),
+        Device::flex(),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap_err()
+}
+
 /// Runs the three labs against `url`, pinned to `plan`, each with its state directory
 /// under `state`; returns each lab's result.
 async fn run_labs(
@@ -46,10 +68,7 @@ async fn run_labs(
     let recorder = Arc::new(Recorder::default());
     let mut labs = Vec::new();
     for (i, code) in CODES.iter().enumerate() {
-        let mut options = participant_options(url, &name(i), code);
-        options.trust_aggregator_plan = false;
-        options.identity = Some(Arc::new(test_identity(i as u8)));
-        options.plan_sha256 = Some(plan.fingerprint());
+        let mut options = lab_options(url, i, Some(plan));
         options.state_dir = Some(state.join(name(i)));
         labs.push(tokio::spawn(participant::run(
             options,
@@ -157,17 +176,7 @@ async fn a_center_that_substitutes_a_roster_key_is_refused() {
     }
     // A lab with no pinned plan refuses too, unless its operator explicitly trusts the
     // center.
-    let mut unpinned = participant_options(&center.url(), &name(0), CODES[0]);
-    unpinned.trust_aggregator_plan = false;
-    unpinned.identity = Some(Arc::new(test_identity(0)));
-    let err = participant::run(
-        unpinned,
-        corpus(CODES[0]),
-        Device::flex(),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
+    let err = refusal(lab_options(&center.url(), 0, None)).await;
     assert!(matches!(err, ParticipantError::NoPlanPin { .. }), "{err:?}");
     assert!(err.to_string().contains("--trust-aggregator-plan"), "{err}");
     assert_eq!(center.received().count("SecureAggregate"), 0);
@@ -193,17 +202,9 @@ async fn a_threshold_below_the_collusion_bound_is_refused_even_by_a_trusting_lab
     )
     .await;
     // Even a lab whose operator trusts whatever plan the center sends checks the bound.
-    let mut trusting = participant_options(&center.url(), &name(0), CODES[0]);
+    let mut trusting = lab_options(&center.url(), 0, None);
     trusting.trust_aggregator_plan = true;
-    trusting.identity = Some(Arc::new(test_identity(0)));
-    let err = participant::run(
-        trusting,
-        corpus(CODES[0]),
-        Device::flex(),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
+    let err = refusal(trusting).await;
     let message = err.to_string();
     assert!(
         matches!(err, ParticipantError::Plan(_))

@@ -19,36 +19,20 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use zeroize::Zeroizing;
 
-use super::crypto::{AgreementSecret, Identity, IdentityKeys, SessionContext};
+use super::crypto::{AgreementSecret, Identity, IdentityKeys};
 use super::mask::{MaskSign, apply_many};
 use super::messages::*;
 use super::participant::{ParticipantSession, RoundRandomness};
-use super::protocol::{
-    CONSISTENCY_TAG, Neighbourhood, ProtocolError, RoundConfig, consistency_message, pair_mask_sign,
-};
+use super::protocol::{CONSISTENCY_TAG, ProtocolError, consistency_message, pair_mask_sign};
 use super::shamir::{Share, combine};
 use super::simulation::identity_seed;
 use super::spec::SecureAggregationSpec;
+use super::tests::config;
 
 const N: Index = 5;
 const TARGET: Index = 1;
 const COLLUDER: Index = 5;
 const LEN: usize = 16;
-
-fn config(threshold: usize) -> RoundConfig {
-    RoundConfig {
-        context: SessionContext {
-            session: [8; 32],
-            round: 1 << 16,
-        },
-        threshold,
-        min_peers: 3,
-        vector_len: LEN,
-        model_hash: [2; 32],
-        neighbourhood: Neighbourhood::Complete,
-        graph_seed: [0; 32],
-    }
-}
 
 fn input(i: Index) -> Vec<u32> {
     (0..LEN as u32).map(|k| 1000 * i + 7 * k + 3).collect()
@@ -62,7 +46,7 @@ type Outcome = Result<Vec<u32>, String>;
 /// but the target); the others are shown nothing.
 fn attack(threshold: usize, group_a: &BTreeSet<Index>, group_b: &BTreeSet<Index>) -> Outcome {
     assert!(group_a.is_disjoint(group_b) && !group_b.contains(&TARGET));
-    let cfg = config(threshold);
+    let cfg = config(threshold, LEN);
     let identities: BTreeMap<Index, [u8; 32]> = (1..=N)
         .map(|i| (i, Identity::from_seed(identity_seed(i)).public()))
         .collect();

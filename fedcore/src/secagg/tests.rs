@@ -14,7 +14,8 @@ use super::protocol::{Neighbourhood, ProtocolError, RoundConfig, Stage};
 use super::shamir::ShamirError;
 use super::simulation::{Dropouts, SimulatedRound, identity_seed as simulation_identity_seed};
 
-fn config(threshold: usize, len: usize) -> RoundConfig {
+/// A complete-graph round of `len`-word inputs at `threshold` (also the split-view tests').
+pub(super) fn config(threshold: usize, len: usize) -> RoundConfig {
     RoundConfig {
         context: SessionContext {
             session: [4; 32],
