@@ -570,7 +570,8 @@ pub async fn run(
                     } else {
                         trained_full.clone()
                     };
-                    let values = strategy.upload(&work.layout, &download, &trained)?;
+                    let values =
+                        strategy.upload(&work.layout, &options.name, &download, &trained)?;
                     if strategy.mode() == AggregationMode::FedSaLora {
                         personal = Some(trained_full);
                     }
@@ -758,8 +759,12 @@ pub async fn run(
         }
     };
     let final_eval = if options.evaluate {
-        // FedSA-LoRA evaluates this lab's personalised model (global A, own B).
-        let own = if strategy.mode() == AggregationMode::FedSaLora {
+        // FedSA-LoRA evaluates this lab's personalised model (global A, own B); `group_b`
+        // its group's (global A, the group's B).
+        let own = if matches!(
+            strategy.mode(),
+            AggregationMode::FedSaLora | AggregationMode::GroupB
+        ) {
             strategy.download(&final_model, &options.name, personal.as_ref())?
         } else {
             final_model.adapter.clone()

@@ -113,7 +113,7 @@ fn federated(base: &LoraLlama, data: &[RowBatch], weight: impl Fn(&RowBatch) -> 
             )
             .unwrap();
             let upload = strategy
-                .upload(&layout, &download, &trained.export_adapter())
+                .upload(&layout, "p", &download, &trained.export_adapter())
                 .unwrap();
             sum.add(weight(batch), &upload).unwrap();
         }

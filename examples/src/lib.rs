@@ -7,5 +7,6 @@
 
 pub mod corpus;
 pub mod experiment;
+pub mod layout;
 pub mod pilot;
 pub mod table;

@@ -15,14 +15,16 @@ use fedclient::enroll::{EnrollOptions, enroll, install_kit};
 use fedclient::eval::{EvalStats, evaluate};
 use fedclient::identity::IdentitySeed;
 use fedclient::model::LoraLlama;
+use fedclient::model::RowBatch;
 use fedclient::participant::{self, ParticipantObserver, ParticipantOptions};
-use fedclient::train::{TrainStats, train_local};
+use fedclient::train::{BatchSource, RandomWindows, TrainStats, train, train_local};
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
-use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
+use fedcore::strategy::{GroupSpec, StrategySpec};
+use fedcore::{AggregationMode, FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
 use mekong_proto::tls::ParticipantKit;
 
-use crate::corpus::udhr;
+use crate::layout::{LabData, Layout};
 
 /// The pilot federation's name (its plan's `federation` and its CA's name).
 pub const FEDERATION: &str = "mekong-pilot-udhr";
@@ -131,8 +133,13 @@ impl PilotModel {
 /// What the pilot runs.
 #[derive(Debug, Clone)]
 pub struct PilotOptions {
-    /// Language codes, one lab each (see [`crate::corpus::UDHR`]).
+    /// Language codes (see [`crate::corpus::UDHR`]).
     pub languages: Vec<String>,
+    /// Who the labs are: one per language, or three per language with shards of its text.
+    pub layout: Layout,
+    /// The aggregation mode; `None` picks `group_b` (A shared by all, B by each language's
+    /// labs) when every language has enough labs for its own secure sum, FFA-LoRA otherwise.
+    pub strategy: Option<AggregationMode>,
     pub rounds: u64,
     /// Local optimizer steps per round.
     pub steps: usize,
@@ -146,7 +153,8 @@ pub struct PilotOptions {
     pub heldout_fraction: f64,
     /// Where the aggregator writes `round-NNNN/` and `final/`.
     pub out_dir: PathBuf,
-    /// Also train each language alone with the same number of steps.
+    /// Also train each lab alone, and each language's labs' pooled text in one place, with
+    /// the same number of steps: the two references the table judges the federation by.
     pub local_baseline: bool,
     /// Aggregate securely (default). Off only on request: the aggregator then sees every
     /// lab's update.
@@ -166,6 +174,8 @@ impl Default for PilotOptions {
             rounds: 5,
             steps: 30,
             model: PilotModel::Preset(ModelSize::Small),
+            layout: Layout::PerCountry,
+            strategy: None,
             device: DeviceChoice::Auto,
             batch_size: 8,
             seq_len: 64,
@@ -180,21 +190,53 @@ impl Default for PilotOptions {
     }
 }
 
-/// Held-out results of one language.
+/// Held-out results of one lab (on its language's held-out text).
 #[derive(Debug, Clone)]
-pub struct LanguageRow {
+pub struct LabRow {
+    /// Participant name.
+    pub lab: String,
+    /// Language code and English name.
     pub code: String,
     pub name: String,
     pub train_tokens: usize,
     pub before: EvalStats,
+    /// The model the lab ends up using after the federation (the global adapter, or under
+    /// `group_b` the global A with its language's B).
     pub federated: EvalStats,
+    /// The lab alone, the same rounds × steps on its own shard.
     pub local_only: Option<EvalStats>,
+    /// One model on the pooled text of the lab's language, the same rounds × steps, each
+    /// step one batch from every lab of the language.
+    pub centralised: Option<EvalStats>,
+}
+
+impl LabRow {
+    /// `federated < local_only`.
+    pub fn beats_local_only(&self) -> Option<bool> {
+        self.local_only
+            .as_ref()
+            .map(|l| self.federated.loss < l.loss)
+    }
+
+    /// `(before − federated) / (before − centralised)`: the share of the centralised
+    /// improvement the federation reached (`None` without the baseline, or when centralised
+    /// training did not improve).
+    pub fn share_of_centralised_gain(&self) -> Option<f64> {
+        let c = self.centralised.as_ref()?;
+        let gain = self.before.loss - c.loss;
+        (gain > 0.0).then(|| (self.before.loss - self.federated.loss) / gain)
+    }
 }
 
 /// The pilot's outcome.
 #[derive(Debug, Clone)]
 pub struct PilotReport {
-    pub rows: Vec<LanguageRow>,
+    pub rows: Vec<LabRow>,
+    pub layout: Layout,
+    /// The aggregation mode the federation ran.
+    pub strategy: AggregationMode,
+    /// The whole run: enrolment, federation, baselines.
+    pub total_time: Duration,
     /// The base model's name.
     pub model: String,
     /// What one token of the loss is: "byte" for the byte-level presets, "token" for a
@@ -236,6 +278,9 @@ impl PilotOptions {
             },
             PilotModel::Checkpoint(_) => PilotOptions {
                 model,
+                // Three languages of three labs: nine labs and three baselines fit the
+                // ~15-minute budget on two CPU cores.
+                languages: vec!["lo".into(), "km".into(), "th".into()],
                 rounds: 3,
                 steps: 4,
                 batch_size: 2,
@@ -246,15 +291,33 @@ impl PilotOptions {
         }
     }
 
-    /// The name of the lab for language `code`.
-    pub fn lab_name(code: &str) -> String {
-        format!("lab-{code}")
+    /// The aggregation mode this run uses (see [`Self::strategy`]).
+    pub fn aggregation_mode(&self) -> AggregationMode {
+        self.strategy
+            .unwrap_or(if self.layout.labs_per_language() >= 3 {
+                AggregationMode::GroupB
+            } else {
+                AggregationMode::FfaLora
+            })
     }
 
     /// The federation plan these options describe. `model` is the architecture every lab
-    /// builds (a preset's, or the checkpoint's with its fingerprint); `roster` lists one lab
-    /// per language, in order.
-    pub fn plan(&self, model: ModelSpec, roster: Vec<RosterEntry>) -> FederationPlan {
+    /// builds (a preset's, or the checkpoint's with its fingerprint); `roster` lists every
+    /// lab, `labs` gives each one's language (the groups of `group_b`).
+    pub fn plan(
+        &self,
+        model: ModelSpec,
+        roster: Vec<RosterEntry>,
+        labs: &[LabData],
+    ) -> FederationPlan {
+        let mode = self.aggregation_mode();
+        let groups = (mode == AggregationMode::GroupB).then(|| GroupSpec {
+            members: labs
+                .iter()
+                .map(|l| (l.name.clone(), l.language.clone()))
+                .collect(),
+            min_labs: self.layout.labs_per_language().min(3),
+        });
         FederationPlan {
             federation: FEDERATION.into(),
             model,
@@ -271,8 +334,8 @@ impl PilotOptions {
             },
             rounds: RoundSpec {
                 rounds: self.rounds,
-                participants: self.languages.len(),
-                min_updates: self.languages.len(),
+                participants: roster.len(),
+                min_updates: roster.len(),
                 round_timeout_ms: 3_600_000,
             },
             roster,
@@ -280,46 +343,28 @@ impl PilotOptions {
                 enabled: self.secure,
                 ..Default::default()
             },
-            strategy: Default::default(),
+            strategy: StrategySpec {
+                mode,
+                groups,
+                ..StrategySpec::default()
+            },
         }
     }
 }
 
-/// Runs the whole pilot: federation over gRPC on loopback, then the local-only baseline.
+/// Runs the whole pilot: federation over gRPC on loopback, then the baselines (each lab
+/// alone, each language's labs pooled).
 pub async fn run(options: PilotOptions) -> Result<PilotReport> {
+    let run_started = Instant::now();
     if options.languages.is_empty() {
         return Err(anyhow!("--languages must name at least one language"));
     }
-    if options.secure && options.languages.len() < 3 {
+    let lab_count = options.languages.len() * options.layout.labs_per_language();
+    if options.secure && lab_count < 3 {
         return Err(anyhow!(
-            "secure aggregation needs at least 3 labs (with two, each learns the other's update from the sum); give --languages three or more, or pass --insecure-plaintext"
+            "secure aggregation needs at least 3 labs (with two, each learns the other's update from the sum); give --languages three or more, use --layout per-country, or pass --insecure-plaintext"
         ));
     }
-    // Each lab enrolls as `fedclient enroll` does: its identity and TLS keys are made in its
-    // own directory and never leave it; only its request goes to the center.
-    let dir = fresh_dir(&options.out_dir)?;
-    let center = dir.join("center");
-    let mut labs = Vec::new();
-    for code in &options.languages {
-        let name = PilotOptions::lab_name(code);
-        labs.push(
-            enroll(&EnrollOptions {
-                out: dir.join("labs").join(&name),
-                name,
-                language: code.clone(),
-            })
-            .context("enrolling a pilot lab")?,
-        );
-    }
-    let roster: Vec<RosterEntry> = options
-        .languages
-        .iter()
-        .zip(&labs)
-        .map(|(code, lab)| RosterEntry {
-            name: PilotOptions::lab_name(code),
-            public_key: lab.identity_public_key.clone(),
-        })
-        .collect();
     let base = match &options.model {
         PilotModel::Preset(_) => None,
         PilotModel::Checkpoint(path) => {
@@ -330,12 +375,48 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             Some(Arc::new(checkpoint))
         }
     };
+    let tokenizer: Box<dyn TextTokenizer> = match &base {
+        None => Box::new(ByteTokenizer),
+        Some(checkpoint) => Box::new(pilot_tokenizer(checkpoint)?),
+    };
+    let lab_data = options
+        .layout
+        .labs(
+            &options.languages,
+            options.heldout_fraction,
+            tokenizer.as_ref(),
+        )
+        .context("preparing the labs' text")?;
+
+    // Each lab enrolls as `fedclient enroll` does: its identity and TLS keys are made in its
+    // own directory and never leave it; only its request goes to the center.
+    let dir = fresh_dir(&options.out_dir)?;
+    let center = dir.join("center");
+    let mut labs = Vec::new();
+    for lab in &lab_data {
+        labs.push(
+            enroll(&EnrollOptions {
+                out: dir.join("labs").join(&lab.name),
+                name: lab.name.clone(),
+                language: lab.language.clone(),
+            })
+            .context("enrolling a pilot lab")?,
+        );
+    }
+    let roster: Vec<RosterEntry> = lab_data
+        .iter()
+        .zip(&labs)
+        .map(|(data, lab)| RosterEntry {
+            name: data.name.clone(),
+            public_key: lab.identity_public_key.clone(),
+        })
+        .collect();
     let model_spec = match (&options.model, &base) {
         (PilotModel::Preset(size), _) => size.spec(),
         (_, Some(checkpoint)) => checkpoint.spec.clone(),
         (PilotModel::Checkpoint(_), None) => unreachable!("opened above"),
     };
-    let plan = options.plan(model_spec, roster);
+    let plan = options.plan(model_spec, roster, &lab_data);
     plan.validate().context("pilot options")?;
     // The center provisions the federation from the labs' requests as `fedaggregator
     // provision --plan` does: a CA, the aggregator's certificate, one kit per lab (public
@@ -366,21 +447,6 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
 
-    let tokenizer: Box<dyn TextTokenizer> = match &base {
-        None => Box::new(ByteTokenizer),
-        Some(checkpoint) => Box::new(pilot_tokenizer(checkpoint)?),
-    };
-    let mut corpora = Vec::new();
-    for code in &options.languages {
-        let (name, text) = udhr(code).ok_or_else(|| {
-            anyhow!("unknown language {code:?}; the pilot has lo, km, th, vi, my, id, ms, tl, en")
-        })?;
-        let corpus =
-            LocalCorpus::from_text(code, text, options.heldout_fraction, tokenizer.as_ref())
-                .with_context(|| format!("preparing the {name} text"))?;
-        corpora.push((code.clone(), name.to_string(), corpus));
-    }
-
     let config = AggregatorConfig {
         server: ServerSection {
             listen: "127.0.0.1:0".parse().expect("valid address"),
@@ -401,10 +467,12 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         .await
         .context("starting the aggregator")?;
     println!(
-        "aggregator on {} (mutual TLS) · {} labs · {} · {} rounds × {} local steps · device {}",
+        "aggregator on {} (mutual TLS) · {} labs ({}) · {} · {} · {} rounds × {} local steps · device {}",
         server.local_addr(),
-        corpora.len(),
+        lab_data.len(),
+        options.layout.name(),
         plan.model.name,
+        plan.strategy.mode.name(),
         options.rounds,
         options.steps,
         selected.label
@@ -416,7 +484,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let started = Instant::now();
     let observer: Arc<dyn ParticipantObserver> = Arc::new(Progress);
     let mut tasks = Vec::new();
-    for ((code, _, corpus), lab) in corpora.iter().zip(&labs) {
+    for (data, lab) in lab_data.iter().zip(&labs) {
         let mut kit = ParticipantKit::load(&lab.dir).context("reading a lab's kit")?;
         // The kit was made before the aggregator had its (ephemeral) port.
         kit.aggregator = server.local_addr().to_string();
@@ -430,7 +498,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
             base: base.clone(),
-            ..ParticipantOptions::new("", &PilotOptions::lab_name(code), code)
+            ..ParticipantOptions::new("", &data.name, &data.language)
         }
         .with_policy(&policy);
         // The record of what the lab unmasked, kept where a lab keeps it: `state/` in its
@@ -441,7 +509,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         };
         tasks.push(tokio::spawn(participant::run(
             participant_options,
-            corpus.clone(),
+            data.corpus.clone(),
             device.clone(),
             observer.clone(),
         )));
@@ -464,49 +532,42 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let federated_time = started.elapsed();
 
     let started = Instant::now();
-    let mut baselines = Vec::new();
-    if options.local_baseline {
-        println!("local-only baseline: each lab alone, same steps");
-        for (_, _, corpus) in &corpora {
-            let plan = plan.clone();
-            let corpus = corpus.clone();
-            let device = device.clone();
-            let name = PilotOptions::lab_name(&corpus.language);
-            let base = base.clone();
-            baselines.push(tokio::task::spawn_blocking(move || {
-                local_only(&plan, base.as_deref(), &corpus, &name, &device)
-            }));
-        }
-    }
-    let mut local_results = Vec::new();
-    for b in baselines {
-        local_results.push(Some(b.await??));
-    }
+    let (local_results, central_results) = if options.local_baseline {
+        println!(
+            "baselines: each lab alone, and each language's labs pooled in one place; same steps"
+        );
+        baselines(&plan, base.clone(), &lab_data, &device).await?
+    } else {
+        (vec![None; lab_data.len()], vec![None; lab_data.len()])
+    };
     let baseline_time = started.elapsed();
 
-    let rows = corpora
+    let rows = lab_data
         .into_iter()
-        .enumerate()
-        .map(|(i, (code, name, corpus))| {
-            let report = &reports[i];
-            Ok(LanguageRow {
-                code,
-                name,
-                train_tokens: corpus.train_samples(),
+        .zip(reports)
+        .zip(local_results.into_iter().zip(central_results))
+        .map(|((data, report), (local_only, centralised))| {
+            Ok(LabRow {
+                lab: data.name,
+                code: data.language,
+                name: data.language_name,
+                train_tokens: data.corpus.train_samples(),
                 before: report
                     .initial_eval
-                    .clone()
                     .ok_or_else(|| anyhow!("missing initial evaluation"))?,
                 federated: report
                     .final_eval
-                    .clone()
                     .ok_or_else(|| anyhow!("missing final evaluation"))?,
-                local_only: local_results.get(i).cloned().flatten(),
+                local_only,
+                centralised,
             })
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(PilotReport {
         rows,
+        layout: options.layout,
+        strategy: plan.strategy.mode,
+        total_time: run_started.elapsed(),
         model: plan.model.name.clone(),
         token_unit: if base.is_some() { "token" } else { "byte" },
         device: selected.label,
@@ -518,6 +579,56 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         secure: options.secure,
         max_error_bound,
     })
+}
+
+/// Both baselines, every lab and language at once (as the federation's labs train at once):
+/// per lab its local-only model's evaluation, and its language's centralised model's.
+async fn baselines(
+    plan: &FederationPlan,
+    base: Option<Arc<Checkpoint>>,
+    labs: &[LabData],
+    device: &burn::prelude::Device,
+) -> Result<(Vec<Option<EvalStats>>, Vec<Option<EvalStats>>)> {
+    let mut local = Vec::new();
+    for lab in labs {
+        let (plan, base, device) = (plan.clone(), base.clone(), device.clone());
+        let (corpus, name) = (lab.corpus.clone(), lab.name.clone());
+        local.push(tokio::task::spawn_blocking(move || {
+            local_only(&plan, base.as_deref(), &corpus, &name, &device)
+        }));
+    }
+    let mut languages: Vec<String> = labs.iter().map(|l| l.language.clone()).collect();
+    languages.dedup();
+    let mut central = Vec::new();
+    for language in &languages {
+        let members: Vec<(String, LocalCorpus)> = labs
+            .iter()
+            .filter(|l| l.language == *language)
+            .map(|l| (l.name.clone(), l.corpus.clone()))
+            .collect();
+        let (plan, base, device) = (plan.clone(), base.clone(), device.clone());
+        central.push(tokio::task::spawn_blocking(move || {
+            centralised(&plan, base.as_deref(), &members, &device)
+        }));
+    }
+    let mut local_results = Vec::new();
+    for task in local {
+        local_results.push(Some(task.await??));
+    }
+    let mut by_language = Vec::new();
+    for (language, task) in languages.iter().zip(central) {
+        by_language.push((language.clone(), task.await??));
+    }
+    let central_results = labs
+        .iter()
+        .map(|l| {
+            by_language
+                .iter()
+                .find(|(code, _)| *code == l.language)
+                .map(|(_, e)| e.clone())
+        })
+        .collect();
+    Ok((local_results, central_results))
 }
 
 /// The checkpoint's own tokenizer (every lab must tokenize as the model was trained).
@@ -543,6 +654,16 @@ fn fresh_dir(out_dir: &std::path::Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The baselines' model: standard LoRA (A and B trained), as a lab fine-tunes alone with
+/// PEFT; whatever the federation's mode trains, the baselines are the strongest version.
+fn alone(
+    plan: &FederationPlan,
+    base: Option<&Checkpoint>,
+    device: &burn::prelude::Device,
+) -> Result<LoraLlama> {
+    Ok(LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?.set_trainable(true, true))
+}
+
 /// One lab training alone: the same rounds × steps, the same seeds, no averaging.
 fn local_only(
     plan: &FederationPlan,
@@ -551,7 +672,7 @@ fn local_only(
     name: &str,
     device: &burn::prelude::Device,
 ) -> Result<EvalStats> {
-    let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?;
+    let mut model = alone(plan, base, device)?;
     for round in 1..=plan.rounds.rounds {
         let seed = plan.training.local_seed(name, round);
         model = train_local(model, &corpus.train, &plan.training, seed, device)?.0;
@@ -562,4 +683,48 @@ fn local_only(
         plan.training.seq_len,
         device,
     )?)
+}
+
+/// One batch of every source per step.
+struct Pooled<'a>(Vec<RandomWindows<'a>>);
+
+impl BatchSource for Pooled<'_> {
+    fn next_batch(&mut self) -> Result<RowBatch, fedclient::error::ModelError> {
+        let mut parts = self.0.iter_mut().map(|s| s.next_batch());
+        let mut out = parts.next().expect("a language has at least one lab")?;
+        for part in parts {
+            out.append(&part?);
+        }
+        Ok(out)
+    }
+}
+
+/// A language's labs' text pooled in one place (what the federation avoids): one model, the
+/// same rounds × steps, each step one batch from every lab's shard with that lab's seed.
+fn centralised(
+    plan: &FederationPlan,
+    base: Option<&Checkpoint>,
+    members: &[(String, LocalCorpus)],
+    device: &burn::prelude::Device,
+) -> Result<EvalStats> {
+    let mut model = alone(plan, base, device)?;
+    let spec = &plan.training;
+    for round in 1..=plan.rounds.rounds {
+        let sources = members
+            .iter()
+            .map(|(name, corpus)| {
+                RandomWindows::new(
+                    &corpus.train,
+                    spec.batch_size,
+                    spec.seq_len,
+                    spec.local_seed(name, round),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        model = train(model, spec, &mut Pooled(sources), device, &mut ())?.0;
+    }
+    let (_, corpus) = members
+        .first()
+        .ok_or_else(|| anyhow!("a language without labs"))?;
+    Ok(evaluate(&model, &corpus.heldout, spec.seq_len, device)?)
 }

@@ -4,45 +4,101 @@ use std::fmt::Write;
 
 use crate::pilot::PilotReport;
 
-/// Held-out loss per language, before / federated / local-only, as a text table.
+/// Held-out loss per lab: before, with the model the lab ends up using after the federation,
+/// alone with the same budget, and with its language's text pooled in one place; then the
+/// share of that centralised improvement the federation reached.
 pub fn render(report: &PilotReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}: held-out next-token loss (nats per {}; lower is better), {} rounds × {} steps, {}",
-        report.model, report.token_unit, report.rounds, report.steps, report.device
+        "{}: held-out next-token loss (nats per {}; lower is better), {} labs ({}), {}, {} rounds × {} steps, {}",
+        report.model,
+        report.token_unit,
+        report.rows.len(),
+        report.layout.name(),
+        report.strategy.name(),
+        report.rounds,
+        report.steps,
+        report.device
     );
+    let lab_width = report
+        .rows
+        .iter()
+        .map(|r| r.lab.len())
+        .max()
+        .unwrap_or(3)
+        .max(3);
     let _ = writeln!(
         out,
-        "{:<16} {:>8} {:>8} {:>10} {:>11} {:>13} {:>14}",
+        "{:<lab_width$} {:<16} {:>7} {:>7} {:>9} {:>10} {:>11} {:>8} {:>13}",
+        "lab",
         "language",
         "tokens",
         "before",
         "federated",
         "local-only",
+        "centralised",
+        "of gain",
         "bits/ch (fed)",
-        "bits/ch (local)"
     );
+    let fmt = |e: Option<&fedclient::eval::EvalStats>| {
+        e.map_or_else(|| "-".to_string(), |e| format!("{:.3}", e.loss))
+    };
     for row in &report.rows {
-        let (local_loss, local_bits) = row.local_only.as_ref().map_or_else(
-            || ("-".to_string(), "-".to_string()),
-            |e| (format!("{:.3}", e.loss), format!("{:.3}", e.bits_per_char)),
-        );
+        let verdict = match row.beats_local_only() {
+            Some(true) => " ",
+            Some(false) => "!",
+            None => " ",
+        };
+        let share = row
+            .share_of_centralised_gain()
+            .map_or_else(|| "-".to_string(), |s| format!("{:.0}%", 100.0 * s));
         let _ = writeln!(
             out,
-            "{:<16} {:>8} {:>8.3} {:>10.3} {:>11} {:>13.3} {:>14}",
+            "{:<lab_width$} {:<16} {:>7} {:>7.3} {:>8.3}{verdict} {:>10} {:>11} {:>8} {:>13.3}",
+            row.lab,
             format!("{} ({})", row.name, row.code),
             row.train_tokens,
             row.before.loss,
             row.federated.loss,
-            local_loss,
+            fmt(row.local_only.as_ref()),
+            fmt(row.centralised.as_ref()),
+            share,
             row.federated.bits_per_char,
-            local_bits
+        );
+    }
+    let judged: Vec<_> = report
+        .rows
+        .iter()
+        .filter_map(|r| r.beats_local_only())
+        .collect();
+    if !judged.is_empty() {
+        let better = judged.iter().filter(|b| **b).count();
+        let lowest = report
+            .rows
+            .iter()
+            .filter_map(|r| r.share_of_centralised_gain())
+            .fold(f64::INFINITY, f64::min);
+        let _ = writeln!(
+            out,
+            "federation beats training alone for {better} of {} labs (! marks the others); lowest share of the centralised gain: {}",
+            judged.len(),
+            if lowest.is_finite() {
+                format!("{:.0}%", 100.0 * lowest)
+            } else {
+                "-".into()
+            }
         );
     }
     let _ = writeln!(
         out,
-        "federated: the one global adapter all labs share; local-only: each lab's own adapter."
+        "federated: {}; local-only: the lab alone on its own text; centralised: its language's labs' text pooled in one place (what the federation avoids); of gain: (before − federated) / (before − centralised). Baselines train A and B.",
+        match report.strategy {
+            fedcore::AggregationMode::GroupB =>
+                "the global A with the lab's language's B (group_b: B averaged over the language's labs)",
+            fedcore::AggregationMode::FedSaLora => "the global A with the lab's own B (FedSA-LoRA)",
+            _ => "the one global adapter all labs share",
+        }
     );
     let _ = writeln!(
         out,
@@ -62,9 +118,10 @@ pub fn render(report: &PilotReport) -> String {
     }
     let _ = writeln!(
         out,
-        "federation {:.1} s, local-only baseline {:.1} s; final global adapter (PEFT): {}",
+        "federation {:.1} s, baselines {:.1} s, whole run {:.1} s; final global adapter (PEFT): {}",
         report.federated_time.as_secs_f64(),
         report.baseline_time.as_secs_f64(),
+        report.total_time.as_secs_f64(),
         report.final_adapter_dir.display()
     );
     out

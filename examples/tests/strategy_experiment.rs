@@ -4,13 +4,13 @@
 use burn::tensor::Device;
 use fedcore::{AdapterConfig, LoraAdapter, LoraModule, Matrix, TargetModule};
 use mekong_examples::experiment::arms::factor_averaging_error;
-use mekong_examples::experiment::{self, Arm, ExperimentOptions};
+use mekong_examples::experiment::{self, Arm, ExperimentModel, ExperimentOptions, Layout};
 use mekong_examples::pilot::ModelSize;
 
 fn toy_options(out: &std::path::Path) -> ExperimentOptions {
     ExperimentOptions {
         languages: vec!["lo".into(), "vi".into(), "id".into()],
-        model: ModelSize::Tiny,
+        model: ExperimentModel::Preset(ModelSize::Tiny),
         rounds: 2,
         local_steps: vec![1, 3],
         batch_size: 2,
@@ -63,7 +63,7 @@ fn every_arm_runs_and_the_report_is_written() {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("strategies.json")).unwrap())
             .unwrap();
-    assert_eq!(json["runs"].as_array().unwrap().len(), 12);
+    assert_eq!(json["runs"].as_array().unwrap().len(), 16);
     let tables = std::fs::read_to_string(dir.path().join("strategies-tables.md")).unwrap();
     for arm in Arm::ALL {
         assert!(tables.contains(arm.name()), "{tables}");
@@ -90,6 +90,62 @@ fn adapter(a: &[f32], b: &[f32]) -> LoraAdapter {
         )],
     )
     .unwrap()
+}
+
+/// The per-country layout at toy scale: three labs per language, each scored with the model
+/// it would use, and a verdict per lab against local-only and centralised training.
+#[test]
+fn per_country_labs_are_judged_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = ExperimentOptions {
+        languages: vec!["lo".into(), "id".into()],
+        layout: Layout::PerCountry,
+        rounds: 2,
+        local_steps: vec![2],
+        arms: vec![
+            Arm::GroupB,
+            Arm::FfaLora,
+            Arm::LocalOnly,
+            Arm::CentralisedLanguage,
+        ],
+        eval_every_round: false,
+        ..toy_options(dir.path())
+    };
+    let results = experiment::run(&options, &Device::flex(), |_| {}).unwrap();
+    let names: Vec<&str> = results.labs.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names[0], "lab-lo-ministry");
+    assert_eq!(names.len(), 6);
+    for run in &results.runs {
+        // Before and after the last round only.
+        assert_eq!(run.rounds.len(), 2, "{}", run.arm.name());
+        let last = &run.rounds[1];
+        // group_b and centralised_language: one model per language, so the language's labs
+        // score alike; local-only: each lab its own model.
+        match run.arm {
+            Arm::GroupB | Arm::CentralisedLanguage | Arm::FfaLora => {
+                assert_eq!(last.loss[0], last.loss[1]);
+                assert_eq!(last.loss[3], last.loss[5]);
+            }
+            Arm::LocalOnly => assert_ne!(last.loss[0], last.loss[2]),
+            _ => unreachable!(),
+        }
+        assert!(last.mean() < run.rounds[0].mean(), "{}", run.arm.name());
+    }
+    // A verdict per lab for each federated arm, with both references.
+    assert_eq!(results.verdicts.len(), 12);
+    for v in &results.verdicts {
+        assert!(v.local_only.is_some() && v.centralised_language.is_some());
+        assert_eq!(
+            v.beats_local_only,
+            Some(v.federated < v.local_only.unwrap())
+        );
+        let share = v.share_of_centralised_gain.unwrap();
+        let want = (v.before - v.federated) / (v.before - v.centralised_language.unwrap());
+        assert!((share - want).abs() < 1e-12);
+    }
+    experiment::write_outputs(&results, dir.path()).unwrap();
+    let tables = std::fs::read_to_string(dir.path().join("strategies-tables.md")).unwrap();
+    assert!(tables.contains("Does every lab gain?") && tables.contains("lab-id-hospital"));
 }
 
 /// Hand-computed: global zero; two equally weighted labs with rank-1 factors.

@@ -84,6 +84,7 @@ fn round(c: &mut Criterion) {
         model_hash: [0; 32],
         neighbourhood: Neighbourhood::Complete,
         graph_seed: [3; 32],
+        groups: None,
     };
     let inputs: BTreeMap<u32, Vec<u32>> = (1..=n).map(|i| (i, vec![i; WORDS])).collect();
     g.bench_function("10_participants_x_1M_words", |b| {

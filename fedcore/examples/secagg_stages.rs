@@ -47,6 +47,7 @@ fn main() -> Result<(), ProtocolError> {
             degree => Neighbourhood::Harary { degree },
         },
         graph_seed: [3; 32],
+        groups: None,
     };
     let inputs: BTreeMap<u32, Vec<u32>> = (1..=n).map(|i| (i, vec![i; words])).collect();
     let rounds = 5;

@@ -736,12 +736,37 @@ impl FederationPlan {
 
     /// The round-0 global model: [`Self::initial_adapter`], with a zero dense correction per
     /// adapted module under FedEx-LoRA (whose global model carries them every round).
+    /// Under `group_b` with secure aggregation: each roster index's group and the fewest
+    /// survivors a group may have in a sum ([`crate::secagg::protocol::SurvivorGroups`]).
+    pub fn survivor_groups(&self) -> Option<crate::secagg::protocol::SurvivorGroups> {
+        let groups = match (self.strategy.mode, &self.strategy.groups) {
+            (AggregationMode::GroupB, Some(g)) => g,
+            _ => return None,
+        };
+        let group_of = self
+            .roster
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                groups
+                    .group_of(&e.name)
+                    .map(|g| ((i + 1) as crate::secagg::messages::Index, g.to_string()))
+            })
+            .collect();
+        Some(crate::secagg::protocol::SurvivorGroups {
+            group_of,
+            min: groups.min_labs,
+        })
+    }
+
     pub fn initial_model(&self) -> GlobalModel {
         let adapter = self.initial_adapter();
-        if self.strategy.mode == AggregationMode::FedExLora {
-            GlobalModel::with_zero_corrections(adapter)
-        } else {
-            GlobalModel::new(adapter)
+        match (self.strategy.mode, &self.strategy.groups) {
+            (AggregationMode::FedExLora, _) => GlobalModel::with_zero_corrections(adapter),
+            (AggregationMode::GroupB, Some(groups)) => {
+                GlobalModel::with_groups(adapter, &groups.groups())
+            }
+            _ => GlobalModel::new(adapter),
         }
     }
 

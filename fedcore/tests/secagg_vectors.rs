@@ -308,6 +308,7 @@ fn participant_state_machine_signs_and_encrypts_the_vector_bytes() {
         model_hash: array(&v, "/ed25519/consistency/model_hash"),
         neighbourhood: Default::default(),
         graph_seed: [3; 32],
+        groups: None,
     };
     let seeds: BTreeMap<Index, [u8; 32]> = [
         (u, array(&v, "/ed25519/seed")),

@@ -1,13 +1,78 @@
-//! The pilot end to end with a small budget: aggregator, labs, local-only baseline, table,
-//! final adapter on disk.
+//! The pilot end to end with a small budget: aggregator, labs, baselines, table, final
+//! adapter on disk; in both layouts.
 
+use fedcore::AggregationMode;
+use mekong_examples::layout::Layout;
 use mekong_examples::pilot::{ModelSize, PilotModel, PilotOptions};
+
+/// The default layout and strategy at toy scale, through secure aggregation: three labs per
+/// language, A shared by all, B by each language's labs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_country_pilot_gives_each_language_its_own_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = PilotOptions {
+        languages: vec!["lo".into(), "id".into()],
+        rounds: 2,
+        steps: 4,
+        model: PilotModel::Preset(ModelSize::Tiny),
+        device: fedclient::device::DeviceChoice::Cpu,
+        batch_size: 4,
+        seq_len: 32,
+        out_dir: dir.path().join("pilot"),
+        ..PilotOptions::default()
+    };
+    assert_eq!(options.layout, Layout::PerCountry, "the default layout");
+    let report = mekong_examples::pilot::run(options).await.unwrap();
+    assert_eq!(report.strategy, AggregationMode::GroupB);
+    assert!(report.secure && report.max_error_bound > 0.0);
+    let labs: Vec<&str> = report.rows.iter().map(|r| r.lab.as_str()).collect();
+    assert_eq!(
+        labs,
+        [
+            "lab-lo-ministry",
+            "lab-lo-university",
+            "lab-lo-hospital",
+            "lab-id-ministry",
+            "lab-id-university",
+            "lab-id-hospital"
+        ]
+    );
+    for lang in report.rows.chunks(3) {
+        // The language's labs end with the same model (A and their language's B), judged on
+        // the same held-out text; alone, each has its own.
+        assert!(
+            lang.iter()
+                .all(|r| r.federated.loss == lang[0].federated.loss)
+        );
+        assert!(lang.iter().all(|r| r.centralised == lang[0].centralised));
+        for r in lang {
+            assert!(r.federated.loss < r.before.loss, "{r:?}");
+            assert!(r.share_of_centralised_gain().is_some(), "{r:?}");
+        }
+    }
+    // Lao and Indonesian end with different models.
+    assert_ne!(report.rows[0].federated.loss, report.rows[3].federated.loss);
+    let table = mekong_examples::table::render(&report);
+    assert!(
+        table.contains("lab-id-hospital")
+            && table.contains("group_b")
+            && table.contains("of gain")
+            && table.contains("federation beats training alone for"),
+        "{table}"
+    );
+    // The final directory holds the global adapter and one complete adapter per language.
+    let global = fedcore::strategy::global::read_dir(&report.final_adapter_dir).unwrap();
+    assert_eq!(global.group_b.keys().collect::<Vec<_>>(), ["id", "lo"]);
+    let lao = fedcore::peft::read_dir(&report.final_adapter_dir.join("groups/lo")).unwrap();
+    assert_eq!(lao, global.for_group("lo").unwrap());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pilot_runs_and_reports_every_language() {
     let dir = tempfile::tempdir().unwrap();
     let options = PilotOptions {
         languages: vec!["lo".into(), "km".into(), "id".into()],
+        layout: Layout::OnePerLanguage,
         rounds: 2,
         steps: 4,
         model: PilotModel::Preset(ModelSize::Tiny),
@@ -19,6 +84,7 @@ async fn pilot_runs_and_reports_every_language() {
     };
     let report = mekong_examples::pilot::run(options).await.unwrap();
     assert_eq!(report.rows.len(), 3);
+    assert_eq!(report.strategy, AggregationMode::FfaLora);
     assert!(report.secure, "the pilot aggregates securely by default");
     assert!(
         report.max_error_bound > 0.0 && report.max_error_bound < 1e-3,
@@ -30,6 +96,7 @@ async fn pilot_runs_and_reports_every_language() {
             &row.before,
             &row.federated,
             row.local_only.as_ref().unwrap(),
+            row.centralised.as_ref().unwrap(),
         ] {
             assert!(e.loss.is_finite() && e.loss > 0.0, "{row:?}");
             assert!(
@@ -56,6 +123,7 @@ async fn secure_pilot_refuses_two_labs_and_says_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let options = PilotOptions {
         languages: vec!["lo".into(), "id".into()],
+        layout: Layout::OnePerLanguage,
         out_dir: dir.path().join("pilot"),
         ..PilotOptions::default()
     };
@@ -92,9 +160,9 @@ async fn pilot_fine_tunes_the_cached_pretrained_model() {
     assert_eq!(model, PilotModel::Checkpoint(path.clone()), "{note}");
     let dir = tempfile::tempdir().unwrap();
     let options = PilotOptions {
-        languages: vec!["lo".into(), "th".into(), "id".into()],
+        languages: vec!["lo".into(), "th".into()],
         rounds: 1,
-        steps: 3,
+        steps: 2,
         seq_len: 64,
         device: fedclient::device::DeviceChoice::Cpu,
         out_dir: dir.path().join("pilot"),
@@ -114,7 +182,7 @@ async fn pilot_fine_tunes_the_cached_pretrained_model() {
         }
         assert!(local.loss < row.before.loss, "local training helps {row:?}");
     }
-    let mean = |f: &dyn Fn(&mekong_examples::pilot::LanguageRow) -> f64| {
+    let mean = |f: &dyn Fn(&mekong_examples::pilot::LabRow) -> f64| {
         report.rows.iter().map(f).sum::<f64>() / report.rows.len() as f64
     };
     assert!(

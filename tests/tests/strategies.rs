@@ -28,7 +28,8 @@ use burn::prelude::Device;
 use fedclient::participant;
 use fedcore::aggregate::WeightedSum;
 use fedcore::strategy::{
-    AggregatedUpload, AggregationMode, GlobalModel, HetLoraSpec, ServerState, StrategySpec, global,
+    AggregatedUpload, AggregationMode, GlobalModel, GroupSpec, HetLoraSpec, ServerState,
+    StrategySpec, global,
 };
 use fedcore::{FederationPlan, Strategy};
 use mekong_e2e::{
@@ -62,6 +63,15 @@ fn plan(mode: AggregationMode, secure: bool) -> FederationPlan {
         hetlora: (mode == AggregationMode::HetLora).then(|| HetLoraSpec {
             ranks: [("lab-lo".to_string(), 2), ("lab-km".to_string(), 3)].into(),
             default_rank: None,
+        }),
+        // One group of all three labs: with secure aggregation a group needs at least
+        // max_colluding + 2 = 3 (tests/tests/group_b.rs runs two groups).
+        groups: (mode == AggregationMode::GroupB).then(|| GroupSpec {
+            members: names
+                .iter()
+                .map(|n| (n.clone(), "sea".to_string()))
+                .collect(),
+            min_labs: 3,
         }),
         ..Default::default()
     };
@@ -344,6 +354,14 @@ async fn check_mode(mode: AggregationMode) {
             AggregationMode::FedSaLora => {
                 assert!(db1 == 0.0 && db2 == 0.0 && da1 > 0.0 && da2 > 0.0, "{name}")
             }
+            // A and the group's B both move; with one group, its B is the global's B.
+            AggregationMode::GroupB => {
+                assert!(da1 > 0.0 && db1 > 0.0 && da2 > 0.0 && db2 > 0.0, "{name}");
+                for r in 0..=2 {
+                    let g = &secure.globals[r];
+                    assert_eq!(g.group_b["sea"][name], g.adapter.module(name).unwrap().b);
+                }
+            }
             _ => unreachable!(),
         }
         if mode != AggregationMode::FedExLora {
@@ -363,6 +381,11 @@ async fn check_mode(mode: AggregationMode) {
             assert_eq!(coverage, expected.as_slice(), "{}", u.name);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_b_secure_equals_plaintext() {
+    check_mode(AggregationMode::GroupB).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

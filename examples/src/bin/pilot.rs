@@ -1,15 +1,18 @@
 //! `pilot`: run a federation of national-language labs on this machine.
 //!
-//! One aggregator on loopback, one participant per language (each with only its own UDHR
-//! text, 10% held out, its own identity key), a few rounds of FFA-LoRA with secure
-//! aggregation, then a table of held-out loss per language: before, federated, and
-//! local-only with the same budget.
+//! One aggregator on loopback and, by default, three labs per language (a ministry, a
+//! university and a hospital, each with its own shard of the UDHR text and its own keys), a
+//! few rounds with secure aggregation, then a table of held-out loss per lab: before, with
+//! the model the lab ends up using, alone with the same budget, and with its language's
+//! text pooled in one place.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use clap::Parser;
 use fedclient::device::DeviceChoice;
+use fedcore::AggregationMode;
+use mekong_examples::layout::Layout;
 use mekong_examples::pilot::{PilotModel, PilotOptions};
 
 #[derive(Parser)]
@@ -33,9 +36,18 @@ struct Args {
     /// Compute device: auto picks wgpu when a GPU is present, else the CPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
-    /// Comma-separated language codes (lo, km, th, vi, my, id, ms, tl, en).
-    #[arg(long, value_delimiter = ',', default_value = "lo,km,th,vi,my,id")]
-    languages: Vec<String>,
+    /// Comma-separated language codes (lo, km, th, vi, my, id, ms, tl, en) [default:
+    /// lo,km,th,vi,my,id, or lo,km,th for a pretrained model].
+    #[arg(long, value_delimiter = ',')]
+    languages: Option<Vec<String>>,
+    /// Who the labs are: `per-country` (a ministry, a university and a hospital per
+    /// language, each with a 3 : 2 : 1 shard of its text) or `one-per-language`.
+    #[arg(long, default_value = "per-country")]
+    layout: String,
+    /// Aggregation mode: `auto` (group_b when every language has three labs, else
+    /// ffa_lora), or ffa_lora, fedsvd, fedit, hetlora, fedsa_lora, rolora, fedex_lora, group_b.
+    #[arg(long, default_value = "auto")]
+    strategy: String,
     /// Sequences per batch [default: 8, or 2 for a pretrained model].
     #[arg(long)]
     batch_size: Option<usize>,
@@ -51,7 +63,7 @@ struct Args {
     /// Output directory for the aggregator's adapters.
     #[arg(long, default_value = "runs/pilot")]
     out: PathBuf,
-    /// Skip the local-only baseline.
+    /// Skip the baselines (local-only and centralised).
     #[arg(long)]
     no_local_baseline: bool,
     /// Turn secure aggregation off: the aggregator sees every lab's update in plaintext.
@@ -75,8 +87,25 @@ async fn main() -> Result<()> {
     let (model, note) = PilotModel::parse(&a.model)?;
     println!("{note}");
     let defaults = PilotOptions::for_model(model);
+    let layout = Layout::parse(&a.layout).ok_or_else(|| {
+        anyhow!(
+            "--layout must be per-country or one-per-language, got {:?}",
+            a.layout
+        )
+    })?;
+    let strategy = match a.strategy.as_str() {
+        "auto" => None,
+        name => Some(
+            AggregationMode::ALL
+                .into_iter()
+                .find(|m| m.name() == name)
+                .ok_or_else(|| anyhow!("--strategy: unknown mode {name:?}"))?,
+        ),
+    };
     let options = PilotOptions {
-        languages: a.languages,
+        languages: a.languages.unwrap_or(defaults.languages.clone()),
+        layout,
+        strategy,
         rounds: a.rounds.unwrap_or(defaults.rounds),
         steps: a.steps.unwrap_or(defaults.steps),
         device: a.device,

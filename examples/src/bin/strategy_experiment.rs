@@ -1,7 +1,10 @@
-//! `strategy-experiment`: regenerates docs/experiments/ (issue #5's strategy comparison).
+//! `strategy-experiment`: regenerates docs/experiments/ (issues #5 and #17: which
+//! aggregation mode leaves every lab better off than training alone).
 //!
 //! ```text
 //! cargo run --release -p mekong-examples --bin strategy-experiment
+//! cargo run --release -p mekong-examples --bin strategy-experiment -- \
+//!     --model auto --layout per-country --out docs/experiments/smollm2-per-country
 //! ```
 
 use std::path::PathBuf;
@@ -9,40 +12,54 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, anyhow};
 use clap::Parser;
 use fedclient::device::{DeviceChoice, select_device};
-use mekong_examples::experiment::{self, Arm, ExperimentOptions};
+use mekong_examples::experiment::{self, Arm, ExperimentModel, ExperimentOptions, Layout};
 use mekong_examples::pilot::ModelSize;
 
 #[derive(Parser)]
 #[command(
     name = "strategy-experiment",
-    about = "Compare FFA-LoRA, FedSVD, FedIT, FedSA-LoRA, local-only and centralised training on the pilot's languages"
+    about = "Compare aggregation modes, local-only and centralised training per lab, on one lab per language or several labs per language"
 )]
 struct Cli {
     /// Comma-separated language codes.
     #[arg(long, value_delimiter = ',', default_value = "lo,km,th,vi,my,id")]
     languages: Vec<String>,
-    /// Byte-level model preset: tiny or small.
+    /// tiny or small (byte-level presets from a seed), auto (the cached SmolLM2, see
+    /// scripts/fetch-model.sh), or the path of a GGUF file or Hugging Face directory.
     #[arg(long, default_value = "small")]
     model: String,
-    #[arg(long, default_value_t = 8)]
-    rounds: u64,
-    /// Local steps per round (comma-separated; one run of every arm each).
-    #[arg(long, value_delimiter = ',', default_value = "1,5,20")]
-    local_steps: Vec<usize>,
-    /// Arms to run (comma-separated): ffa_lora, fedsvd, fedit, fedsa_lora, local_only,
-    /// centralised.
+    /// one-per-language, or per-country (a ministry, a university and a hospital per
+    /// language with 3 : 2 : 1 shards of its text).
+    #[arg(long, default_value = "one-per-language")]
+    layout: String,
+    /// Rounds (default 8 on a preset, 3 on a pretrained model).
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Local steps per round, comma-separated; one run of every arm each (default 1,5,20
+    /// on a preset, 4 on a pretrained model).
+    #[arg(long, value_delimiter = ',')]
+    local_steps: Option<Vec<usize>>,
+    /// Arms to run (comma-separated): ffa_lora, fedsvd, fedit, fedsa_lora, group_b,
+    /// local_only, centralised_language, centralised.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ffa_lora,fedsvd,fedit,fedsa_lora,local_only,centralised"
+        default_value = "ffa_lora,fedsvd,fedit,fedsa_lora,group_b,local_only,centralised_language,centralised"
     )]
     arms: Vec<String>,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 64)]
-    seq_len: usize,
-    #[arg(long, default_value_t = 5e-3)]
-    learning_rate: f64,
+    /// Windows per batch (default 8 on a preset, 2 on a pretrained model).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per window (default 64 on a preset, 128 on a pretrained model).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// AdamW learning rate (default 5e-3 on a preset, 2e-3 on a pretrained model).
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    /// Score every lab after every round (default on a preset) or only after the last
+    /// (default on a pretrained model, where scoring costs minutes): every-round or last.
+    #[arg(long)]
+    eval: Option<String>,
     #[arg(long, default_value_t = 7)]
     seed: u64,
     /// Where strategies.json, strategies-tables.md and strategies.png go.
@@ -56,49 +73,90 @@ struct Cli {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let model = match cli.model.as_str() {
-        "tiny" => ModelSize::Tiny,
-        "small" => ModelSize::Small,
-        other => {
-            return Err(anyhow!(
-                "--model must be tiny or small (byte-level presets), got {other:?}"
-            ));
+        "tiny" => ExperimentModel::Preset(ModelSize::Tiny),
+        "small" => ExperimentModel::Preset(ModelSize::Small),
+        "auto" => {
+            let path = fedclient::checkpoint::default_model_path();
+            if !path.exists() {
+                return Err(anyhow!(
+                    "--model auto: {} is missing; `bash scripts/fetch-model.sh` caches SmolLM2-135M-Instruct",
+                    path.display()
+                ));
+            }
+            ExperimentModel::Checkpoint(path)
+        }
+        path => {
+            let path = PathBuf::from(path);
+            if !path.exists() {
+                return Err(anyhow!(
+                    "--model {}: no such file or directory (give tiny, small, auto, a .gguf file or a Hugging Face model directory)",
+                    path.display()
+                ));
+            }
+            ExperimentModel::Checkpoint(path)
         }
     };
+    let pretrained = matches!(model, ExperimentModel::Checkpoint(_));
+    let layout = Layout::parse(&cli.layout).ok_or_else(|| {
+        anyhow!(
+            "--layout must be one-per-language or per-country, got {:?}",
+            cli.layout
+        )
+    })?;
     let arms = cli
         .arms
         .iter()
         .map(|a| Arm::parse(a).ok_or_else(|| anyhow!("--arms: unknown arm {a:?}")))
         .collect::<Result<Vec<_>>>()?;
-    if cli.local_steps.contains(&0) {
+    let local_steps = cli
+        .local_steps
+        .unwrap_or_else(|| if pretrained { vec![4] } else { vec![1, 5, 20] });
+    if local_steps.is_empty() || local_steps.contains(&0) {
         return Err(anyhow!("--local-steps: every value must be at least 1"));
     }
+    let eval_every_round = match cli.eval.as_deref() {
+        None => !pretrained,
+        Some("every-round") => true,
+        Some("last") => false,
+        Some(other) => {
+            return Err(anyhow!("--eval must be every-round or last, got {other:?}"));
+        }
+    };
     let device: DeviceChoice = cli.device.parse().map_err(|e| anyhow!("--device: {e}"))?;
     let selected = select_device(device).context("selecting the device")?;
     let options = ExperimentOptions {
         languages: cli.languages,
         model,
-        rounds: cli.rounds,
-        local_steps: cli.local_steps,
-        batch_size: cli.batch_size,
-        seq_len: cli.seq_len,
-        learning_rate: cli.learning_rate,
+        layout,
+        rounds: cli.rounds.unwrap_or(if pretrained { 3 } else { 8 }),
+        local_steps,
+        batch_size: cli.batch_size.unwrap_or(if pretrained { 2 } else { 8 }),
+        seq_len: cli.seq_len.unwrap_or(if pretrained { 128 } else { 64 }),
+        learning_rate: cli
+            .learning_rate
+            .unwrap_or(if pretrained { 2e-3 } else { 5e-3 }),
+        eval_every_round,
         arms,
         seed: cli.seed,
         out_dir: cli.out.clone(),
         ..ExperimentOptions::default()
     };
     println!(
-        "strategy experiment: {} · {} languages · {} rounds · local steps {:?} · device {}",
-        options.model_spec().name,
+        "strategy experiment: {:?} · layout {} · {} languages · {} rounds · local steps {:?} · batch {} × {} · device {}",
+        options.model,
+        options.layout.name(),
         options.languages.len(),
         options.rounds,
         options.local_steps,
+        options.batch_size,
+        options.seq_len,
         selected.label
     );
+    let started = std::time::Instant::now();
     let results = experiment::run(&options, &selected.device, |run| {
         let last = run.rounds.last().expect("round 0 at least");
         println!(
-            "  {:<12} {:>2} local steps: mean held-out loss {:.3} -> {:.3} ({:.0} s)",
+            "  {:<21} {:>2} local steps: mean held-out loss {:.3} -> {:.3} ({:.0} s)",
             run.arm.name(),
             run.local_steps,
             run.rounds[0].mean(),
@@ -109,9 +167,11 @@ fn main() -> Result<()> {
     .context("running the experiment")?;
     experiment::write_outputs(&results, &cli.out)
         .with_context(|| format!("writing into {}", cli.out.display()))?;
+    print!("{}", experiment::report::tables(&results));
     println!(
-        "wrote {}/strategies.{{json,png}} and strategies-tables.md",
-        cli.out.display()
+        "\nwrote {}/strategies.{{json,png}} and strategies-tables.md in {:.0} s",
+        cli.out.display(),
+        started.elapsed().as_secs_f64()
     );
     Ok(())
 }

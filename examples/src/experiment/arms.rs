@@ -1,6 +1,7 @@
 //! Running one arm of the experiment: a federation under one mode, local-only training, or
-//! centralised training on every language at once.
+//! centralised training on a language's or every lab's data at once.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::tensor::Device;
@@ -9,34 +10,45 @@ use fedclient::eval::evaluate;
 use fedclient::model::{LoraLlama, RowBatch};
 use fedclient::train::{BatchSource, RandomWindows, train, train_local};
 use fedcore::aggregate::WeightedSum;
-use fedcore::strategy::{AggregatedUpload, GlobalModel, ServerState, StrategySpec};
+use fedcore::strategy::{AggregatedUpload, GlobalModel, GroupSpec, ServerState, StrategySpec};
 use fedcore::{AggregationMode, LoraAdapter, Matrix, Strategy};
 
 use super::{Arm, ArmRun, ExperimentError, ExperimentOptions, Lab, RoundScores};
 
 /// Runs `arm` with `steps` local steps per round from `base` (B = 0, A from the shared
-/// seed), scoring every language before training and after every round.
+/// seed); `before` is the base's score (round 0), the same for every arm.
 pub fn run_arm(
     arm: Arm,
     steps: usize,
     options: &ExperimentOptions,
     labs: &[Lab],
     base: &LoraLlama,
+    before: &RoundScores,
     device: &Device,
 ) -> Result<ArmRun, ExperimentError> {
     let started = Instant::now();
     let mut fedit_error = Vec::new();
-    let rounds = match arm {
-        Arm::LocalOnly => local_only(steps, options, labs, base, device)?,
-        Arm::Centralised => centralised(steps, options, labs, base, device)?,
-        Arm::FfaLora | Arm::FedSvd | Arm::FedIt | Arm::FedSaLora => {
+    let mut rounds = vec![before.clone()];
+    let run = Run {
+        steps,
+        options,
+        labs,
+        base,
+        device,
+    };
+    match arm {
+        Arm::LocalOnly => run.local_only(&mut rounds)?,
+        Arm::CentralisedLanguage => run.centralised(true, &mut rounds)?,
+        Arm::Centralised => run.centralised(false, &mut rounds)?,
+        Arm::FfaLora | Arm::FedSvd | Arm::FedIt | Arm::FedSaLora | Arm::GroupB => {
             let mode = match arm {
                 Arm::FfaLora => AggregationMode::FfaLora,
                 Arm::FedSvd => AggregationMode::FedSvd,
                 Arm::FedIt => AggregationMode::FedIt,
-                _ => AggregationMode::FedSaLora,
+                Arm::FedSaLora => AggregationMode::FedSaLora,
+                _ => AggregationMode::GroupB,
             };
-            federated(mode, steps, options, labs, base, device, &mut fedit_error)?
+            run.federated(mode, &mut rounds, &mut fedit_error)?
         }
     };
     Ok(ArmRun {
@@ -58,102 +70,241 @@ fn batch_seed(options: &ExperimentOptions, lab: usize, round: u64) -> u64 {
         .wrapping_add(round)
 }
 
-/// Held-out loss of every language under `model_for(lab index)`.
-fn score<'a>(
+/// Held-out loss of every lab under `models[model_of(lab index)]`. A model shared by several
+/// labs of one language is scored once.
+pub fn score(
     round: u64,
     labs: &[Lab],
     options: &ExperimentOptions,
     device: &Device,
-    model_for: impl Fn(usize) -> &'a LoraLlama,
+    models: &[&LoraLlama],
+    model_of: impl Fn(usize) -> usize,
 ) -> Result<RoundScores, ModelError> {
-    let loss = labs
-        .iter()
-        .enumerate()
-        .map(|(i, lab)| {
-            evaluate(model_for(i), &lab.corpus.heldout, options.seq_len, device).map(|s| s.loss)
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(RoundScores { round, loss })
+    let mut cache: BTreeMap<(usize, &str), (f64, f64)> = BTreeMap::new();
+    let mut loss = Vec::with_capacity(labs.len());
+    let mut bits_per_char = Vec::with_capacity(labs.len());
+    for (i, lab) in labs.iter().enumerate() {
+        let key = (model_of(i), lab.language.as_str());
+        let (l, b) = match cache.get(&key) {
+            Some(v) => *v,
+            None => {
+                let s = evaluate(models[key.0], &lab.corpus.heldout, options.seq_len, device)?;
+                cache.insert(key, (s.loss, s.bits_per_char));
+                (s.loss, s.bits_per_char)
+            }
+        };
+        loss.push(l);
+        bits_per_char.push(b);
+    }
+    Ok(RoundScores {
+        round,
+        loss,
+        bits_per_char,
+    })
 }
 
-/// A federation under `mode`: every lab every round, token-weighted mean of the uploads.
-fn federated(
-    mode: AggregationMode,
+/// One arm's run: the shared inputs.
+struct Run<'a> {
     steps: usize,
-    options: &ExperimentOptions,
-    labs: &[Lab],
-    base: &LoraLlama,
-    device: &Device,
-    fedit_error: &mut Vec<f64>,
-) -> Result<Vec<RoundScores>, ExperimentError> {
-    let spec = options.training(steps);
-    let (model_spec, lora) = (base.model_spec().clone(), base.lora_spec().clone());
-    let modules = model_spec.lora_modules(&lora.target_modules);
-    let strategy = Strategy::new(
-        StrategySpec {
-            mode,
-            ..StrategySpec::default()
-        },
-        &lora,
-        &modules,
-        false,
-    )?;
-    let mut global = GlobalModel::new(base.export_adapter());
-    let mut state = ServerState::default();
-    // FedSA-LoRA: each lab's own B, kept between rounds.
-    let mut personal: Vec<Option<LoraAdapter>> = vec![None; labs.len()];
-    let load = |adapter: &LoraAdapter| base.clone().load_adapter(adapter);
-    let mut scores = vec![score(0, labs, options, device, |_| base)?];
-    for round in 1..=options.rounds {
-        let layout = strategy.upload_layout(&global, &state);
-        let trains = strategy.trains(&state);
-        let mut sum = WeightedSum::new(layout.len());
-        let mut trained_adapters = Vec::new();
-        for (i, lab) in labs.iter().enumerate() {
-            let name = format!("lab-{}", lab.code);
-            let download = strategy.download(&global, &name, personal[i].as_ref())?;
-            let model = load(&download)?.set_trainable(trains.a, trains.b);
-            let seed = batch_seed(options, i, round);
-            let (trained, _) = train_local(model, &lab.corpus.train, &spec, seed, device)?;
-            let adapter = trained.export_adapter();
-            let upload = strategy.upload(&layout, &download, &adapter)?;
-            sum.add(lab.corpus.train_samples() as u64, &upload)?;
-            trained_adapters.push(adapter);
-        }
-        if mode == AggregationMode::FedIt {
-            let weights: Vec<f64> = labs
-                .iter()
-                .map(|l| l.corpus.train_samples() as f64)
-                .collect();
-            fedit_error.push(factor_averaging_error(
-                &global.adapter,
-                &trained_adapters,
-                &weights,
-            )?);
-        }
-        let outcome =
-            strategy.aggregate(&global, &state, &AggregatedUpload::from_weighted_sum(&sum)?)?;
-        global = outcome.global;
-        state = outcome.state;
-        let models: Vec<LoraLlama> = if mode == AggregationMode::FedSaLora {
-            // Each lab is scored with its personalised model: the new global A, its own B.
-            personal = trained_adapters.into_iter().map(Some).collect();
-            labs.iter()
-                .enumerate()
-                .map(|(i, lab)| {
-                    let name = format!("lab-{}", lab.code);
-                    load(&strategy.download(&global, &name, personal[i].as_ref())?)
-                        .map_err(ExperimentError::from)
-                })
-                .collect::<Result<_, _>>()?
-        } else {
-            vec![load(&global.adapter)?]
-        };
-        scores.push(score(round, labs, options, device, |i| {
-            &models[i.min(models.len() - 1)]
-        })?);
+    options: &'a ExperimentOptions,
+    labs: &'a [Lab],
+    base: &'a LoraLlama,
+    device: &'a Device,
+}
+
+impl Run<'_> {
+    /// The baselines' starting model: standard LoRA, A and B both trained, as a lab would
+    /// fine-tune alone with PEFT (the strongest baseline; the federated modes that train B
+    /// only are at a disadvantage against it, which the report says).
+    fn alone(&self) -> LoraLlama {
+        self.base.clone().set_trainable(true, true)
     }
-    Ok(scores)
+
+    /// Whether to score after `round`.
+    fn scores_after(&self, round: u64) -> bool {
+        self.options.eval_every_round || round == self.options.rounds
+    }
+
+    /// The languages in lab order, each once, and each lab's index into them.
+    fn languages(&self) -> (Vec<String>, Vec<usize>) {
+        let mut languages: Vec<String> = Vec::new();
+        let mut index = Vec::new();
+        for lab in self.labs {
+            let i = match languages.iter().position(|l| *l == lab.language) {
+                Some(i) => i,
+                None => {
+                    languages.push(lab.language.clone());
+                    languages.len() - 1
+                }
+            };
+            index.push(i);
+        }
+        (languages, index)
+    }
+
+    /// A federation under `mode`: every lab every round, token-weighted mean of the uploads.
+    fn federated(
+        &self,
+        mode: AggregationMode,
+        scores: &mut Vec<RoundScores>,
+        fedit_error: &mut Vec<f64>,
+    ) -> Result<(), ExperimentError> {
+        let (options, labs, base, device) = (self.options, self.labs, self.base, self.device);
+        let spec = options.training(self.steps);
+        let (model_spec, lora) = (base.model_spec().clone(), base.lora_spec().clone());
+        let modules = model_spec.lora_modules(&lora.target_modules);
+        let (languages, language_of) = self.languages();
+        let groups = (mode == AggregationMode::GroupB).then(|| GroupSpec {
+            members: labs
+                .iter()
+                .map(|l| (l.name.clone(), l.language.clone()))
+                .collect(),
+            // Plaintext here; the runtime's plan validation asks for more with secure
+            // aggregation on.
+            min_labs: 1,
+        });
+        let strategy = Strategy::new(
+            StrategySpec {
+                mode,
+                groups,
+                ..StrategySpec::default()
+            },
+            &lora,
+            &modules,
+            false,
+        )?;
+        let mut global = if mode == AggregationMode::GroupB {
+            let mut sorted = languages.clone();
+            sorted.sort();
+            GlobalModel::with_groups(base.export_adapter(), &sorted)
+        } else {
+            GlobalModel::new(base.export_adapter())
+        };
+        let mut state = ServerState::default();
+        // FedSA-LoRA: each lab's own B, kept between rounds.
+        let mut personal: Vec<Option<LoraAdapter>> = vec![None; labs.len()];
+        let load = |adapter: &LoraAdapter| base.clone().load_adapter(adapter);
+        for round in 1..=options.rounds {
+            let layout = strategy.upload_layout(&global, &state);
+            let trains = strategy.trains(&state);
+            let mut sum = WeightedSum::new(layout.len());
+            let mut trained_adapters = Vec::new();
+            for (i, lab) in labs.iter().enumerate() {
+                let download = strategy.download(&global, &lab.name, personal[i].as_ref())?;
+                let model = load(&download)?.set_trainable(trains.a, trains.b);
+                let seed = batch_seed(options, i, round);
+                let (trained, _) = train_local(model, &lab.corpus.train, &spec, seed, device)?;
+                let adapter = trained.export_adapter();
+                let upload = strategy.upload(&layout, &lab.name, &download, &adapter)?;
+                sum.add(lab.corpus.train_samples() as u64, &upload)?;
+                trained_adapters.push(adapter);
+            }
+            if mode == AggregationMode::FedIt {
+                let weights: Vec<f64> = labs
+                    .iter()
+                    .map(|l| l.corpus.train_samples() as f64)
+                    .collect();
+                fedit_error.push(factor_averaging_error(
+                    &global.adapter,
+                    &trained_adapters,
+                    &weights,
+                )?);
+            }
+            let outcome =
+                strategy.aggregate(&global, &state, &AggregatedUpload::from_weighted_sum(&sum)?)?;
+            global = outcome.global;
+            state = outcome.state;
+            if mode == AggregationMode::FedSaLora {
+                personal = trained_adapters.into_iter().map(Some).collect();
+            }
+            if !self.scores_after(round) {
+                continue;
+            }
+            // Each lab is scored with the model it would use: FedSA-LoRA's own (the new
+            // global A, its own B), group_b's language model (A, the language's B), the
+            // one global otherwise.
+            let (models, model_of): (Vec<LoraLlama>, Box<dyn Fn(usize) -> usize>) = match mode {
+                AggregationMode::FedSaLora => (
+                    labs.iter()
+                        .enumerate()
+                        .map(|(i, lab)| {
+                            load(&strategy.download(&global, &lab.name, personal[i].as_ref())?)
+                                .map_err(ExperimentError::from)
+                        })
+                        .collect::<Result<_, _>>()?,
+                    Box::new(|i| i),
+                ),
+                AggregationMode::GroupB => (
+                    languages
+                        .iter()
+                        .map(|l| load(&global.for_group(l)?).map_err(ExperimentError::from))
+                        .collect::<Result<_, _>>()?,
+                    Box::new(|i| language_of[i]),
+                ),
+                _ => (vec![load(&global.adapter)?], Box::new(|_| 0)),
+            };
+            let refs: Vec<&LoraLlama> = models.iter().collect();
+            scores.push(score(round, labs, options, device, &refs, model_of)?);
+        }
+        Ok(())
+    }
+
+    /// Every lab alone: the same rounds × steps and the same batches as in the federation.
+    fn local_only(&self, scores: &mut Vec<RoundScores>) -> Result<(), ExperimentError> {
+        let (options, labs, device) = (self.options, self.labs, self.device);
+        let spec = options.training(self.steps);
+        let mut models: Vec<LoraLlama> = labs.iter().map(|_| self.alone()).collect();
+        for round in 1..=options.rounds {
+            for (i, lab) in labs.iter().enumerate() {
+                let seed = batch_seed(options, i, round);
+                let model = models[i].clone();
+                models[i] = train_local(model, &lab.corpus.train, &spec, seed, device)?.0;
+            }
+            if self.scores_after(round) {
+                let refs: Vec<&LoraLlama> = models.iter().collect();
+                scores.push(score(round, labs, options, device, &refs, |i| i)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// One model per language (`per_language`) or one for everything, each step on one
+    /// batch of every lab it covers (the tokens those labs see in one local step).
+    fn centralised(
+        &self,
+        per_language: bool,
+        scores: &mut Vec<RoundScores>,
+    ) -> Result<(), ExperimentError> {
+        let (options, labs, device) = (self.options, self.labs, self.device);
+        let spec = options.training(self.steps);
+        let (languages, language_of) = self.languages();
+        let pools = if per_language { languages.len() } else { 1 };
+        let pool_of = |i: usize| if per_language { language_of[i] } else { 0 };
+        let mut models: Vec<LoraLlama> = (0..pools).map(|_| self.alone()).collect();
+        for round in 1..=options.rounds {
+            for (p, model) in models.iter_mut().enumerate() {
+                let sources = labs
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| pool_of(*i) == p)
+                    .map(|(i, lab)| {
+                        RandomWindows::new(
+                            &lab.corpus.train,
+                            options.batch_size,
+                            options.seq_len,
+                            batch_seed(options, i, round),
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                *model = train(model.clone(), &spec, &mut Pooled(sources), device, &mut ())?.0;
+            }
+            if self.scores_after(round) {
+                let refs: Vec<&LoraLlama> = models.iter().collect();
+                scores.push(score(round, labs, options, device, &refs, pool_of)?);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `‖Σpᵢ BᵢAᵢ − B̄Ā‖_F / ‖Σpᵢ BᵢAᵢ − B_g A_g‖_F` over all modules: FedIT's error relative to
@@ -203,69 +354,16 @@ fn add_scaled(acc: &mut [f64], values: &[f32], p: f64) {
     }
 }
 
-/// Every lab alone: the same rounds × steps and the same batches as in the federation.
-fn local_only(
-    steps: usize,
-    options: &ExperimentOptions,
-    labs: &[Lab],
-    base: &LoraLlama,
-    device: &Device,
-) -> Result<Vec<RoundScores>, ExperimentError> {
-    let spec = options.training(steps);
-    let mut models: Vec<LoraLlama> = labs.iter().map(|_| base.clone()).collect();
-    let mut scores = vec![score(0, labs, options, device, |_| base)?];
-    for round in 1..=options.rounds {
-        for (i, lab) in labs.iter().enumerate() {
-            let seed = batch_seed(options, i, round);
-            let model = models[i].clone();
-            models[i] = train_local(model, &lab.corpus.train, &spec, seed, device)?.0;
-        }
-        scores.push(score(round, labs, options, device, |i| &models[i])?);
-    }
-    Ok(scores)
-}
+/// One batch of every source per step.
+struct Pooled<'a>(Vec<RandomWindows<'a>>);
 
-/// One batch of every language per step.
-struct EveryLanguage<'a>(Vec<RandomWindows<'a>>);
-
-impl BatchSource for EveryLanguage<'_> {
+impl BatchSource for Pooled<'_> {
     fn next_batch(&mut self) -> Result<RowBatch, ModelError> {
         let mut parts = self.0.iter_mut().map(|s| s.next_batch());
-        let mut out = parts.next().expect("at least one language")?;
+        let mut out = parts.next().expect("at least one lab")?;
         for part in parts {
             out.append(&part?);
         }
         Ok(out)
     }
-}
-
-/// One model on the union of the data: `steps` steps per "round", each on one batch of
-/// every language (the tokens all labs see in one local step).
-fn centralised(
-    steps: usize,
-    options: &ExperimentOptions,
-    labs: &[Lab],
-    base: &LoraLlama,
-    device: &Device,
-) -> Result<Vec<RoundScores>, ExperimentError> {
-    let spec = options.training(steps);
-    let mut model = base.clone();
-    let mut scores = vec![score(0, labs, options, device, |_| base)?];
-    for round in 1..=options.rounds {
-        let sources = labs
-            .iter()
-            .enumerate()
-            .map(|(i, lab)| {
-                RandomWindows::new(
-                    &lab.corpus.train,
-                    options.batch_size,
-                    options.seq_len,
-                    batch_seed(options, i, round),
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        model = train(model, &spec, &mut EveryLanguage(sources), device, &mut ())?.0;
-        scores.push(score(round, labs, options, device, |_| &model)?);
-    }
-    Ok(scores)
 }

@@ -31,7 +31,9 @@ fn colour(arm: Arm) -> RGBColor {
         Arm::FedSvd => RGBColor(86, 180, 233),
         Arm::FedIt => RGBColor(213, 94, 0),
         Arm::FedSaLora => RGBColor(0, 158, 115),
+        Arm::GroupB => RGBColor(204, 121, 167),
         Arm::LocalOnly => RGBColor(120, 120, 120),
+        Arm::CentralisedLanguage => RGBColor(230, 159, 0),
         Arm::Centralised => RGBColor(0, 0, 0),
     }
 }
@@ -98,7 +100,10 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
             .y_label_area_size(56)
             .build_cartesian_2d(0f64..rounds, (lo - pad)..(hi + pad))
             .map_err(plot_err)?;
-        draw_mesh(&mut chart, "held-out loss (nats/byte, mean of languages)")?;
+        draw_mesh(
+            &mut chart,
+            &format!("held-out loss (nats/{}, mean of labs)", results.loss_unit),
+        )?;
         for run in runs {
             let c = colour(run.arm);
             chart

@@ -12,13 +12,15 @@ pub fn write_json(results: &ExperimentResults, dir: &Path) -> Result<(), Experim
     std::fs::write(&path, json + "\n").map_err(|source| ExperimentError::Write { path, source })
 }
 
-/// The measured tables in Markdown: final held-out loss per language and arm for each
-/// number of local steps, and FedIT's aggregation error per round.
+/// The measured tables in Markdown: for each number of local steps, every lab's final
+/// held-out loss under every arm, and whether each federated arm beat local-only training
+/// for every lab; then FedIT's aggregation error per round.
 pub fn tables(results: &ExperimentResults) -> String {
     let mut out = String::new();
     let mut steps: Vec<usize> = results.runs.iter().map(|r| r.local_steps).collect();
     steps.sort_unstable();
     steps.dedup();
+    let unit = &results.loss_unit;
     for s in &steps {
         let runs: Vec<_> = results
             .runs
@@ -28,39 +30,97 @@ pub fn tables(results: &ExperimentResults) -> String {
         let Some(first) = runs.first() else { continue };
         let _ = writeln!(
             out,
-            "\n#### {s} local step{} per round: held-out loss after round {} (nats per byte; before training: {:.3} mean)\n",
+            "\n#### {s} local step{} per round: held-out loss after round {} (nats per {unit}; lower is better)\n",
             if *s == 1 { "" } else { "s" },
             results.rounds,
-            first.rounds[0].mean()
         );
-        let _ = write!(out, "| arm |");
-        for name in &results.language_names {
-            let _ = write!(out, " {name} |");
-        }
-        let _ = writeln!(out, " mean | wall time |");
-        let _ = writeln!(
-            out,
-            "|---|{}---|---|",
-            "---|".repeat(results.languages.len())
-        );
-        let best: Vec<f64> = (0..results.languages.len())
-            .map(|l| {
-                runs.iter()
-                    .map(|r| r.rounds.last().expect("rounds").loss[l])
-                    .fold(f64::INFINITY, f64::min)
-            })
-            .collect();
+        let _ = write!(out, "| lab | train {unit}s | before |");
         for run in &runs {
-            let last = run.rounds.last().expect("at least round 0");
-            let _ = write!(out, "| {} |", run.arm.name());
-            for (l, v) in last.loss.iter().enumerate() {
-                if *v == best[l] {
+            let _ = write!(out, " {} |", run.arm.name());
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "|---|---|---|{}", "---|".repeat(runs.len()));
+        for (i, lab) in results.labs.iter().enumerate() {
+            let finals: Vec<f64> = runs
+                .iter()
+                .map(|r| r.rounds.last().expect("rounds").loss[i])
+                .collect();
+            let best = finals.iter().copied().fold(f64::INFINITY, f64::min);
+            let _ = write!(
+                out,
+                "| {} ({}) | {} | {:.3} |",
+                lab.name, lab.language_name, lab.train_tokens, first.rounds[0].loss[i]
+            );
+            for v in finals {
+                if v == best {
                     let _ = write!(out, " **{v:.3}** |");
                 } else {
                     let _ = write!(out, " {v:.3} |");
                 }
             }
-            let _ = writeln!(out, " {:.3} | {:.0} s |", last.mean(), run.seconds);
+            let _ = writeln!(out);
+        }
+        let _ = write!(out, "| mean | | {:.3} |", first.rounds[0].mean());
+        for run in &runs {
+            let _ = write!(out, " {:.3} |", run.rounds.last().expect("rounds").mean());
+        }
+        let _ = writeln!(out);
+        let _ = write!(out, "| wall time | | |");
+        for run in &runs {
+            let _ = write!(out, " {:.0} s |", run.seconds);
+        }
+        let _ = writeln!(out);
+
+        let verdicts: Vec<_> = results
+            .verdicts
+            .iter()
+            .filter(|v| v.local_steps == *s)
+            .collect();
+        if verdicts.iter().any(|v| v.beats_local_only.is_some()) {
+            let _ = writeln!(
+                out,
+                "\nDoes every lab gain? Per federated arm: labs whose model beats their local-only model, the smallest margin (local-only − federated; negative = worse than alone), and the share of their language's centralised improvement reached ((before − federated) / (before − centralised_language)).\n"
+            );
+            let _ = writeln!(
+                out,
+                "| arm | labs better than alone | smallest margin | lowest share of centralised gain | mean share |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|");
+            for run in runs.iter().filter(|r| r.arm.is_federated()) {
+                let mine: Vec<_> = verdicts.iter().filter(|v| v.arm == run.arm).collect();
+                let better = mine
+                    .iter()
+                    .filter(|v| v.beats_local_only == Some(true))
+                    .count();
+                let margin = mine
+                    .iter()
+                    .filter_map(|v| v.local_only.map(|l| l - v.federated))
+                    .fold(f64::INFINITY, f64::min);
+                let shares: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|v| v.share_of_centralised_gain)
+                    .collect();
+                let (low, mean) = if shares.is_empty() {
+                    ("n/a".to_string(), "n/a".to_string())
+                } else {
+                    (
+                        format!(
+                            "{:.0}%",
+                            100.0 * shares.iter().copied().fold(f64::INFINITY, f64::min)
+                        ),
+                        format!(
+                            "{:.0}%",
+                            100.0 * shares.iter().sum::<f64>() / shares.len() as f64
+                        ),
+                    )
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {better} of {} | {margin:+.3} | {low} | {mean} |",
+                    run.arm.name(),
+                    mine.len()
+                );
+            }
         }
     }
     let fedit: Vec<_> = results
@@ -93,22 +153,30 @@ pub fn tables(results: &ExperimentResults) -> String {
 /// Writes `strategies-tables.md` (the generated tables, included by the report) into `dir`.
 pub fn write_tables(results: &ExperimentResults, dir: &Path) -> Result<(), ExperimentError> {
     let path = dir.join("strategies-tables.md");
+    let languages = results.languages();
     let header = format!(
-        "<!-- generated by `cargo run --release -p mekong-examples --bin strategy-experiment`; do not edit -->\n\nModel `{}` (byte-level, seeded random base), LoRA rank {}, batch {} × {} bytes, AdamW lr {}, {} rounds, seed {}. Languages and training bytes: {}.\n",
+        "<!-- generated by `cargo run --release -p mekong-examples --bin strategy-experiment`; do not edit -->\n\nModel `{}` ({}), layout `{}` ({} labs, {} languages: {}), LoRA rank {}, batch {} × {} {}s, AdamW lr {}, {} rounds, seed {}.\n",
         results.model,
+        if results.pretrained {
+            "pretrained"
+        } else {
+            "byte-level, seeded random base"
+        },
+        results.layout.name(),
+        results.labs.len(),
+        languages.len(),
+        languages
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         results.lora_rank,
         results.batch_size,
         results.seq_len,
+        results.loss_unit,
         results.learning_rate,
         results.rounds,
         results.seed,
-        results
-            .language_names
-            .iter()
-            .zip(&results.train_bytes)
-            .map(|(n, b)| format!("{n} {b}"))
-            .collect::<Vec<_>>()
-            .join(", ")
     );
     std::fs::write(&path, header + &tables(results))
         .map_err(|source| ExperimentError::Write { path, source })

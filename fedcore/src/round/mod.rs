@@ -1114,7 +1114,7 @@ impl Coordinator {
     ) {
         let spec = &self.plan.secure_aggregation;
         let len = self.layout.len();
-        let cfg = spec.round_config(
+        let mut cfg = spec.round_config(
             &self.plan.fingerprint(),
             self.roster.len(),
             self.session,
@@ -1124,6 +1124,7 @@ impl Coordinator {
             len,
             crate::secagg::protocol::MIN_PEERS_FLOOR,
         );
+        cfg.groups = self.plan.survivor_groups();
         let encoding = spec
             .encoding(len)
             .expect("the plan's secure-aggregation section was validated");

@@ -114,7 +114,7 @@ impl SecureUpload {
             });
         }
         let spec = &plan.secure_aggregation;
-        let cfg = spec.round_config(
+        let mut cfg = spec.round_config(
             &plan.fingerprint(),
             roster.len(),
             task.session,
@@ -124,6 +124,9 @@ impl SecureUpload {
             delta.len(),
             min_peers,
         );
+        // Under `group_b` this lab refuses any survivor list that would expose a group's
+        // slot over too few labs (its own group's or another's).
+        cfg.groups = plan.survivor_groups();
         let encoding = spec.encoding(delta.len())?;
         let EncodedUpdate {
             words,

@@ -35,6 +35,8 @@ pub mod simulation;
 pub mod spec;
 
 #[cfg(test)]
+mod group_tests;
+#[cfg(test)]
 mod split_view_tests;
 #[cfg(test)]
 mod tests;

@@ -423,6 +423,9 @@ impl ParticipantSession {
             .filter(|v| self.neighbourhood.contains(v))
             .count();
         self.too_few(Stage::ConsistencyCheck, local)?;
+        if let Some(groups) = &self.cfg.groups {
+            groups.check(&survivors)?;
+        }
         let signature = self
             .identity
             .sign(CONSISTENCY_TAG, &consistency_message(&self.cfg, &survivors));

@@ -1,6 +1,8 @@
 //! What both sides of a secure-aggregation round share: its parameters, its errors, and the
 //! exact bytes that get signed.
 
+use std::collections::BTreeMap;
+
 use thiserror::Error;
 
 use crate::secagg::crypto::{CryptoError, SessionContext};
@@ -45,6 +47,40 @@ pub struct RoundConfig {
     /// Seed of the sparse graph ([`crate::secagg::spec::graph_seed`]): fixed by the plan
     /// and the round, the same in every attempt.
     pub graph_seed: [u8; 32],
+    /// Groups whose slots the sum reveals separately (`group_b`); `None` otherwise.
+    pub groups: Option<SurvivorGroups>,
+}
+
+/// Under `group_b` the sum carries one slot per group, which is the sum over that group's
+/// survivors alone. A group with one survivor would be that lab's update in the clear, so
+/// every participant refuses to sign a survivor list in which any group has survivors but
+/// fewer than `min` (and the server refuses to propose one). `min` is the plan's
+/// `strategy.groups.min_labs`, at least `max_colluding + 2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SurvivorGroups {
+    /// Each roster index's group.
+    pub group_of: BTreeMap<Index, String>,
+    pub min: usize,
+}
+
+impl SurvivorGroups {
+    /// Refuses `survivors` when a group has some survivors but fewer than `min`.
+    pub fn check(&self, survivors: &[Index]) -> Result<(), ProtocolError> {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for v in survivors {
+            if let Some(g) = self.group_of.get(v) {
+                *counts.entry(g.as_str()).or_insert(0) += 1;
+            }
+        }
+        match counts.into_iter().find(|(_, n)| *n < self.min) {
+            Some((group, n)) => Err(ProtocolError::GroupTooSmall {
+                group: group.to_string(),
+                survivors: n,
+                needed: self.min,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 impl RoundConfig {
@@ -130,6 +166,14 @@ pub enum ProtocolError {
         "participant {from} revealed a share of {owner}, which it cannot hold or must not reveal"
     )]
     UnexpectedShare { from: Index, owner: Index },
+    #[error(
+        "group {group:?} has {survivors} survivor(s), fewer than {needed}: its slot of the sum would expose too few labs' updates; round aborted"
+    )]
+    GroupTooSmall {
+        group: String,
+        survivors: usize,
+        needed: usize,
+    },
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 }

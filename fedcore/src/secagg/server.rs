@@ -352,7 +352,11 @@ impl ServerSession {
     pub fn close_masked(&mut self) -> Result<SurvivorList, ProtocolError> {
         self.expect(Stage::MaskedInput)?;
         self.quorum(Stage::MaskedInput, self.u3.len())?;
-        self.survivors = self.u3.iter().copied().collect();
+        let survivors: Vec<Index> = self.u3.iter().copied().collect();
+        if let Some(groups) = &self.cfg.groups {
+            groups.check(&survivors)?;
+        }
+        self.survivors = survivors;
         self.stage = Stage::ConsistencyCheck;
         Ok(SurvivorList {
             survivors: self.survivors.clone(),

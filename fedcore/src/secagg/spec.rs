@@ -232,6 +232,7 @@ impl SecureAggregationSpec {
             graph_seed: graph_seed(plan_fingerprint, round),
             vector_len: upload_len + 1,
             model_hash: model_hash_bytes(global_hash),
+            groups: None,
         }
     }
 

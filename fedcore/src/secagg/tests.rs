@@ -27,6 +27,7 @@ pub(super) fn config(threshold: usize, len: usize) -> RoundConfig {
         model_hash: [1; 32],
         neighbourhood: Neighbourhood::Complete,
         graph_seed: [3; 32],
+        groups: None,
     }
 }
 

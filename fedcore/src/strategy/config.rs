@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::adapter::ModuleShape;
 use crate::error::ConfigError;
 use crate::plan::{FederationPlan, LoraSpec};
+use crate::strategy::groups::GroupSpec;
 use crate::strategy::optimizer::ServerOptimizerSpec;
 use crate::strategy::prox::FedProxSpec;
 use crate::strategy::sampling::SamplingSpec;
@@ -65,11 +66,16 @@ pub enum AggregationMode {
     /// aggregation.
     #[serde(rename = "flora")]
     Flora,
+    /// Per-group B with a global A ([`crate::strategy::groups`]): A averaged over every lab,
+    /// B over the labs of each group (a language's labs), through one weighted sum. Needs
+    /// `[strategy.groups]`.
+    #[serde(rename = "group_b")]
+    GroupB,
 }
 
 impl AggregationMode {
     /// Every mode, in the order of the research note.
-    pub const ALL: [AggregationMode; 8] = [
+    pub const ALL: [AggregationMode; 9] = [
         AggregationMode::FfaLora,
         AggregationMode::FedSvd,
         AggregationMode::FedIt,
@@ -78,6 +84,7 @@ impl AggregationMode {
         AggregationMode::RoLora,
         AggregationMode::FedExLora,
         AggregationMode::Flora,
+        AggregationMode::GroupB,
     ];
 
     /// The configuration name.
@@ -91,6 +98,7 @@ impl AggregationMode {
             AggregationMode::RoLora => "rolora",
             AggregationMode::FedExLora => "fedex_lora",
             AggregationMode::Flora => "flora",
+            AggregationMode::GroupB => "group_b",
         }
     }
 
@@ -154,6 +162,9 @@ pub struct StrategySpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hetlora: Option<HetLoraSpec>,
     pub fedex: FedExSpec,
+    /// Required with `mode = "group_b"`, refused otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupSpec>,
 }
 
 impl StrategySpec {
@@ -194,6 +205,35 @@ impl StrategySpec {
             self.mode,
             AggregationMode::FedExLora | AggregationMode::Flora
         );
+        if self.mode == AggregationMode::GroupB && !self.optimizer.is_plain_average() {
+            return Err(ConfigError::field(
+                "strategy.optimizer",
+                format!(
+                    "`group_b` averages each group's B directly, so a server optimizer would \
+                     move A alone; use kind = \"fedavg\" with eta = 1 (got {})",
+                    self.optimizer.name()
+                ),
+            ));
+        }
+        match (&self.groups, self.mode) {
+            (Some(g), AggregationMode::GroupB) => g.validate(secure_aggregation.then_some(0))?,
+            (None, AggregationMode::GroupB) => {
+                return Err(ConfigError::field(
+                    "strategy.groups",
+                    "mode = \"group_b\" needs a [strategy.groups] section with every lab's group",
+                ));
+            }
+            (Some(_), mode) => {
+                return Err(ConfigError::field(
+                    "strategy.groups",
+                    format!(
+                        "is only read with mode = \"group_b\", not `{}`",
+                        mode.name()
+                    ),
+                ));
+            }
+            (None, _) => {}
+        }
         if merges_dense && !self.optimizer.is_plain_average() {
             return Err(ConfigError::field(
                 "strategy.optimizer",
@@ -271,7 +311,21 @@ impl StrategySpec {
             &plan.lora,
             &plan.lora_modules(),
             plan.secure_aggregation.enabled,
-        )
+        )?;
+        if let (Some(groups), AggregationMode::GroupB) = (&self.groups, self.mode) {
+            let secure = &plan.secure_aggregation;
+            groups.validate(secure.enabled.then_some(secure.max_colluding))?;
+            groups.check_roster(plan.roster.iter().map(|e| e.name.as_str()))?;
+        }
+        Ok(())
+    }
+
+    /// `group_b`: the group `participant` belongs to (`None` in every other mode).
+    pub fn participant_group(&self, participant: &str) -> Option<&str> {
+        match (&self.groups, self.mode) {
+            (Some(g), AggregationMode::GroupB) => g.group_of(participant),
+            _ => None,
+        }
     }
 
     /// HetLoRA: `participant`'s rank (the global rank in every other mode).

@@ -99,5 +99,6 @@ pub fn stack_and_merge(
     Ok(GlobalModel {
         adapter,
         base_delta,
+        group_b: Default::default(),
     })
 }

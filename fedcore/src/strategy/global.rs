@@ -41,6 +41,11 @@ pub const BASE_DELTA_FILE: &str = "base_delta.safetensors";
 const SLOT_SUFFIX: &str = ".base_delta";
 /// Key prefix of a correction inside the aggregator's stored blob.
 const STORED_PREFIX: &str = "mekong.base_delta.";
+/// Key prefix of a group's B inside the aggregator's stored blob:
+/// `mekong.group_b.{group}.{module}.lora_B.weight`.
+const STORED_GROUP_PREFIX: &str = "mekong.group_b.";
+/// Sub-directory of an adapter directory holding one PEFT adapter per group (`group_b`).
+pub const GROUPS_DIR: &str = "groups";
 
 /// The global model a strategy maintains.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +57,9 @@ pub struct GlobalModel {
     /// Empty except under FedEx-LoRA and FLoRA; participants add it to their base before
     /// training.
     pub base_delta: BTreeMap<String, Matrix>,
+    /// `group_b` only: each group's B, by group and module name (`[out, r]`). Every group of
+    /// the plan is present from round 0 (zeros), so the layout is fixed for the run.
+    pub group_b: BTreeMap<String, BTreeMap<String, Matrix>>,
 }
 
 impl GlobalModel {
@@ -60,7 +68,33 @@ impl GlobalModel {
         GlobalModel {
             adapter,
             base_delta: BTreeMap::new(),
+            group_b: BTreeMap::new(),
         }
+    }
+
+    /// A `group_b` global: `adapter` with a zero B for every one of `groups`.
+    pub fn with_groups(adapter: LoraAdapter, groups: &[String]) -> Self {
+        let group_b = crate::strategy::groups::zero_group_b(&adapter, groups);
+        GlobalModel {
+            adapter,
+            base_delta: BTreeMap::new(),
+            group_b,
+        }
+    }
+
+    /// `group_b`: what a lab of `group` uses, the global A with its group's B.
+    pub fn for_group(&self, group: &str) -> Result<LoraAdapter, StrategyError> {
+        crate::strategy::groups::download(self, group)
+    }
+
+    /// The group B slots, in wire order: group, then module in the adapter's order.
+    fn group_slots(&self) -> impl Iterator<Item = (String, &Matrix)> {
+        self.group_b.iter().flat_map(move |(g, bs)| {
+            self.adapter.modules().iter().filter_map(move |(name, _)| {
+                bs.get(name)
+                    .map(|b| (crate::strategy::groups::group_b_slot(g, name), b))
+            })
+        })
     }
 
     /// A global whose every adapted module carries a zero correction: FedEx-LoRA's round 0.
@@ -73,12 +107,18 @@ impl GlobalModel {
         GlobalModel {
             adapter,
             base_delta,
+            group_b: BTreeMap::new(),
         }
     }
 
     /// Whether dense corrections travel with the adapter.
     pub fn has_corrections(&self) -> bool {
         !self.base_delta.is_empty()
+    }
+
+    /// Whether anything beyond the adapter travels (corrections or group Bs).
+    fn has_extras(&self) -> bool {
+        self.has_corrections() || !self.group_b.is_empty()
     }
 
     /// The module's whole update on top of `W₀`: `base_delta + (α/r)·B·A`, in f64.
@@ -104,6 +144,10 @@ impl GlobalModel {
                 .iter()
                 .map(|(name, d)| TensorSlot::new(format!("{name}{SLOT_SUFFIX}"), d.shape())),
         );
+        slots.extend(
+            self.group_slots()
+                .map(|(name, b)| TensorSlot::new(name, b.shape())),
+        );
         LayoutManifest::new(slots)
     }
 
@@ -116,6 +160,9 @@ impl GlobalModel {
         for d in self.base_delta.values() {
             values.extend_from_slice(d.data());
         }
+        for (_, b) in self.group_slots() {
+            values.extend_from_slice(b.data());
+        }
         values
     }
 
@@ -124,7 +171,9 @@ impl GlobalModel {
     /// matches.
     pub fn unflatten(&mut self, values: &[f32]) -> Result<(), AdapterError> {
         let adapter_manifest = self.adapter.full_manifest();
-        let expected = adapter_manifest.len() + self.base_delta.values().map(numel).sum::<usize>();
+        let expected = adapter_manifest.len()
+            + self.base_delta.values().map(numel).sum::<usize>()
+            + self.group_slots().map(|(_, b)| numel(b)).sum::<usize>();
         if values.len() != expected {
             return Err(AdapterError::Shape(format!(
                 "the global model has {expected} values, got {}",
@@ -138,14 +187,29 @@ impl GlobalModel {
             d.data_mut().copy_from_slice(head);
             rest = tail;
         }
+        let modules: Vec<String> = self
+            .adapter
+            .modules()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        for bs in self.group_b.values_mut() {
+            for name in &modules {
+                if let Some(b) = bs.get_mut(name) {
+                    let (head, tail) = rest.split_at(numel(b));
+                    b.data_mut().copy_from_slice(head);
+                    rest = tail;
+                }
+            }
+        }
         Ok(())
     }
 
     /// Hex SHA-256 naming this model: the adapter's [`LoraAdapter::content_hash`] when there
-    /// are no corrections; otherwise over a versioned tag, the layout hash, rank, alpha and
+    /// are no corrections and no group Bs; otherwise over a versioned tag, the layout hash, rank, alpha and
     /// every value in layout order.
     pub fn content_hash(&self) -> String {
-        if !self.has_corrections() {
+        if !self.has_extras() {
             return self.adapter.content_hash();
         }
         let mut h = Sha256::new();
@@ -238,6 +302,15 @@ pub fn encode_stored(model: &GlobalModel) -> Vec<u8> {
             peft::f32_bytes(d),
         )
     }));
+    for (g, bs) in &model.group_b {
+        owned.extend(bs.iter().map(|(name, b)| {
+            (
+                format!("{STORED_GROUP_PREFIX}{g}.{name}.lora_B.weight"),
+                b.shape().to_vec(),
+                peft::f32_bytes(b),
+            )
+        }));
+    }
     peft::serialize_f32(&owned)
 }
 
@@ -245,10 +318,45 @@ pub fn encode_stored(model: &GlobalModel) -> Vec<u8> {
 pub fn decode_stored(bytes: &[u8], config: AdapterConfig) -> Result<GlobalModel, AdapterError> {
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| AdapterError::Safetensors(e.to_string()))?;
-    let (corrections, weights): (Vec<_>, Vec<_>) = st
+    let (groups, rest): (Vec<_>, Vec<_>) = st
         .iter()
+        .partition(|(key, _)| key.starts_with(STORED_GROUP_PREFIX));
+    let (corrections, weights): (Vec<_>, Vec<_>) = rest
+        .into_iter()
         .partition(|(key, _)| key.starts_with(STORED_PREFIX));
     let adapter = peft::decode_weight_tensors(weights.into_iter(), config)?;
+    let mut group_b: BTreeMap<String, BTreeMap<String, Matrix>> = BTreeMap::new();
+    for (key, view) in groups {
+        let parsed = key
+            .strip_prefix(STORED_GROUP_PREFIX)
+            .and_then(|k| k.strip_suffix(".lora_B.weight"))
+            .and_then(|k| k.split_once('.'));
+        let Some((group, module)) = parsed else {
+            return Err(AdapterError::UnexpectedTensor(key.to_string()));
+        };
+        let m = adapter
+            .module(module)
+            .ok_or_else(|| AdapterError::UnexpectedTensor(key.to_string()))?;
+        if view.shape() != m.b.shape() {
+            return Err(AdapterError::Shape(format!(
+                "{key} is {:?}, the module's B is {:?}",
+                view.shape(),
+                m.b.shape()
+            )));
+        }
+        let values = peft::decode_floats(key, view.dtype(), view.data())?;
+        group_b.entry(group.to_string()).or_default().insert(
+            module.to_string(),
+            Matrix::new(m.b.rows(), m.b.cols(), values)?,
+        );
+    }
+    for (group, bs) in &group_b {
+        if let Some((name, _)) = adapter.modules().iter().find(|(n, _)| !bs.contains_key(n)) {
+            return Err(AdapterError::MissingTensor(format!(
+                "{STORED_GROUP_PREFIX}{group}.{name}.lora_B.weight"
+            )));
+        }
+    }
     let base_delta = if corrections.is_empty() {
         BTreeMap::new()
     } else {
@@ -265,6 +373,7 @@ pub fn decode_stored(bytes: &[u8], config: AdapterConfig) -> Result<GlobalModel,
     Ok(GlobalModel {
         adapter,
         base_delta,
+        group_b,
     })
 }
 
@@ -283,6 +392,13 @@ pub fn write_dir(dir: &Path, model: &GlobalModel) -> Result<(), AdapterError> {
     {
         return Err(peft::io_error(&path, e));
     }
+    // `group_b`: what each group's labs use, a complete PEFT adapter per group.
+    for group in model.group_b.keys() {
+        let adapter = model
+            .for_group(group)
+            .map_err(|e| AdapterError::Shape(e.to_string()))?;
+        peft::write_dir(&dir.join(GROUPS_DIR).join(group), &adapter)?;
+    }
     peft::write_dir(dir, &model.adapter)
 }
 
@@ -297,9 +413,40 @@ pub fn read_dir(dir: &Path) -> Result<GlobalModel, AdapterError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
         Err(e) => return Err(peft::io_error(&path, e)),
     };
+    let mut group_b = BTreeMap::new();
+    let groups_dir = dir.join(GROUPS_DIR);
+    if groups_dir.is_dir() {
+        let entries = fs::read_dir(&groups_dir).map_err(|e| peft::io_error(&groups_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| peft::io_error(&groups_dir, e))?;
+            let group = entry.file_name().to_string_lossy().into_owned();
+            let one = peft::read_dir(&entry.path())?;
+            let mut bs = BTreeMap::new();
+            for (name, m) in adapter.modules() {
+                let b = one
+                    .module(name)
+                    .ok_or_else(|| {
+                        AdapterError::MissingTensor(format!("{}: {name}", entry.path().display()))
+                    })?
+                    .b
+                    .clone();
+                if b.shape() != m.b.shape() {
+                    return Err(AdapterError::Shape(format!(
+                        "{}: B of {name} is {:?}, the global's is {:?}",
+                        entry.path().display(),
+                        b.shape(),
+                        m.b.shape()
+                    )));
+                }
+                bs.insert(name.clone(), b);
+            }
+            group_b.insert(group, bs);
+        }
+    }
     Ok(GlobalModel {
         adapter,
         base_delta,
+        group_b,
     })
 }
 

@@ -24,6 +24,7 @@ use crate::aggregate::WeightedSum;
 use crate::manifest::{LayoutManifest, TensorSlot};
 use crate::secagg::spec::DecodedSum;
 use crate::strategy::StrategyError;
+use crate::strategy::groups::{GROUP_WEIGHT_SLOT, group_b_slot};
 use crate::strategy::linalg::{product, to_array};
 
 /// The name of HetLoRA's rank-coverage slot.
@@ -40,6 +41,11 @@ pub enum SlotKind {
     Dense(String),
     /// HetLoRA's rank coverage.
     Coverage,
+    /// `group_b`: `ΔB` of the named module for the labs of `group` (zeros from any other
+    /// lab).
+    GroupB { group: String, module: String },
+    /// `group_b`: a 1 at the uploading lab's group, in the order of the group names.
+    GroupWeight,
 }
 
 /// Which tensors an upload carries.
@@ -94,8 +100,47 @@ impl UploadLayout {
         }
     }
 
+    /// The `group_b` layout (see [`crate::strategy::groups`]): every module's A, then each
+    /// group's B of every module (groups in the given order), then the group-weight slot.
+    pub fn grouped(global: &LoraAdapter, groups: &[String]) -> Self {
+        let mut slots = Vec::new();
+        let mut kinds = Vec::new();
+        for (name, m) in global.modules() {
+            slots.push(TensorSlot::new(format!("{name}.lora_A"), m.a.shape()));
+            kinds.push(SlotKind::A(name.clone()));
+        }
+        for group in groups {
+            for (name, m) in global.modules() {
+                slots.push(TensorSlot::new(group_b_slot(group, name), m.b.shape()));
+                kinds.push(SlotKind::GroupB {
+                    group: group.clone(),
+                    module: name.clone(),
+                });
+            }
+        }
+        slots.push(TensorSlot::new(GROUP_WEIGHT_SLOT.into(), [1, groups.len()]));
+        kinds.push(SlotKind::GroupWeight);
+        UploadLayout {
+            manifest: LayoutManifest::new(slots),
+            kinds,
+        }
+    }
+
     pub fn manifest(&self) -> &LayoutManifest {
         &self.manifest
+    }
+
+    /// The groups of a `group_b` layout, in slot order (empty for every other layout).
+    pub fn groups(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for kind in &self.kinds {
+            if let SlotKind::GroupB { group, .. } = kind
+                && out.last() != Some(&group.as_str())
+            {
+                out.push(group);
+            }
+        }
+        out
     }
 
     /// Number of values.
@@ -155,15 +200,44 @@ impl AggregatedUpload {
 }
 
 /// A participant's upload: its trained adapter minus what it downloaded, in `layout`
-/// (see the module docs). Shapes are checked; nothing panics on a mismatched adapter.
+/// (see the module docs). `group` is the participant's group under `group_b` (ignored by
+/// every other layout). Shapes are checked; nothing panics on a mismatched adapter.
 pub fn participant_upload(
     layout: &UploadLayout,
+    group: Option<&str>,
     download: &LoraAdapter,
     trained: &LoraAdapter,
 ) -> Result<Vec<f32>, StrategyError> {
     let mut out = Vec::with_capacity(layout.len());
+    let groups = layout.groups();
+    if !groups.is_empty() && !group.is_some_and(|g| groups.contains(&g)) {
+        return Err(StrategyError::Shape(format!(
+            "the layout has B slots for groups {groups:?} but this participant's group is {group:?}"
+        )));
+    }
     for (slot, kind) in layout.slots() {
         match kind {
+            SlotKind::GroupB { group: g, module } => {
+                if Some(g.as_str()) != group {
+                    out.extend(std::iter::repeat_n(0.0, slot.numel()));
+                    continue;
+                }
+                let pick = |adapter: &LoraAdapter| -> Result<Matrix, StrategyError> {
+                    let m = adapter.module(module).ok_or_else(|| {
+                        StrategyError::Shape(format!("the adapter has no module {module}"))
+                    })?;
+                    pad(&m.b, slot.shape, false, &slot.name)
+                };
+                let (t, d) = (pick(trained)?, pick(download)?);
+                out.extend(t.data().iter().zip(d.data()).map(|(t, d)| t - d));
+            }
+            SlotKind::GroupWeight => {
+                out.extend(
+                    groups
+                        .iter()
+                        .map(|g| if Some(*g) == group { 1.0 } else { 0.0 }),
+                );
+            }
             SlotKind::A(name) | SlotKind::B(name) => {
                 let is_a = matches!(kind, SlotKind::A(_));
                 let pick = |adapter: &LoraAdapter| -> Result<Matrix, StrategyError> {
@@ -304,7 +378,7 @@ pub fn mean_tensors(
                 let m = module(name)?;
                 product(&to_array(&m.b), &to_array(&m.a))?
             }
-            SlotKind::Coverage => continue,
+            SlotKind::Coverage | SlotKind::GroupB { .. } | SlotKind::GroupWeight => continue,
         };
         if reference.dim() != (slot.shape[0], slot.shape[1]) {
             return Err(StrategyError::Shape(format!(

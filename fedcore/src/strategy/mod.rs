@@ -16,6 +16,7 @@
 //! | RoLoRA (arXiv 2409.02346) | ΔB / ΔA alternately | mean of the trained factor | yes | yes |
 //! | FedEx-LoRA (arXiv 2410.09432) | ΔA, ΔB, Δ(BA) | `Ā`, `B̄`, `W₀ += (α/r)[mean(BA) − B̄Ā]` | yes | yes (dense) |
 //! | FLoRA (arXiv 2409.05976) | ΔA, ΔB | stack all blocks, merge `Σ p_i B_i A_i` | yes | **no** |
+//! | `group_b` ([`groups`]) | ΔA, ΔB in its group's slot, group weight | `Ā`, `B̄` per group | per group | yes |
 //!
 //! Invariant: a mode that is not sum-only cannot be configured with secure aggregation on
 //! ([`StrategySpec::validate`] refuses it by name), and [`Strategy::aggregate`] (the sum
@@ -37,6 +38,7 @@ pub mod fedex;
 pub mod fedsvd;
 pub mod flora;
 pub mod global;
+pub mod groups;
 pub mod hetlora;
 pub mod layout;
 pub mod linalg;
@@ -44,6 +46,8 @@ pub mod optimizer;
 pub mod prox;
 pub mod sampling;
 
+#[cfg(test)]
+mod groups_tests;
 #[cfg(test)]
 mod tests;
 
@@ -61,6 +65,7 @@ use crate::plan::{FederationPlan, LoraSpec};
 
 pub use config::{AggregationMode, FedExSpec, HetLoraSpec, StrategySpec};
 pub use global::GlobalModel;
+pub use groups::GroupSpec;
 pub use layout::{AggregatedUpload, SlotKind, UploadLayout, UploadParts, participant_upload};
 pub use linalg::LinalgError;
 pub use optimizer::{
@@ -183,13 +188,18 @@ impl Strategy {
             | AggregationMode::HetLora
             | AggregationMode::FedSaLora
             | AggregationMode::FedExLora
-            | AggregationMode::Flora => TrainedFactors { a: true, b: true },
+            | AggregationMode::Flora
+            | AggregationMode::GroupB => TrainedFactors { a: true, b: true },
         }
     }
 
     /// The round's upload layout.
     pub fn upload_layout(&self, global: &GlobalModel, state: &ServerState) -> UploadLayout {
         let trains = self.trains(state);
+        if self.spec.mode == AggregationMode::GroupB {
+            let groups: Vec<String> = global.group_b.keys().cloned().collect();
+            return UploadLayout::grouped(&global.adapter, &groups);
+        }
         let parts = match self.spec.mode {
             AggregationMode::FedSaLora => UploadParts {
                 a: true,
@@ -209,7 +219,7 @@ impl Strategy {
 
     /// What `participant` starts local training from: the global adapter, truncated to its
     /// rank under HetLoRA, with its own `personal` B (zeros before its first round) under
-    /// FedSA-LoRA.
+    /// FedSA-LoRA, with its group's B under `group_b`.
     pub fn download(
         &self,
         global: &GlobalModel,
@@ -222,18 +232,30 @@ impl Strategy {
                 self.spec.participant_rank(&self.lora, participant),
             ),
             AggregationMode::FedSaLora => personalise(&global.adapter, personal),
+            AggregationMode::GroupB => {
+                let group = self.spec.participant_group(participant).ok_or_else(|| {
+                    StrategyError::Shape(format!("participant {participant} is in no group"))
+                })?;
+                groups::download(global, group)
+            }
             _ => Ok(global.adapter.clone()),
         }
     }
 
-    /// The participant's upload: see [`participant_upload`].
+    /// `participant`'s upload: see [`participant_upload`].
     pub fn upload(
         &self,
         layout: &UploadLayout,
+        participant: &str,
         download: &LoraAdapter,
         trained: &LoraAdapter,
     ) -> Result<Vec<f32>, StrategyError> {
-        participant_upload(layout, download, trained)
+        participant_upload(
+            layout,
+            self.spec.participant_group(participant),
+            download,
+            trained,
+        )
     }
 
     /// The next global from the weighted mean of the round's uploads (sum-only modes).
@@ -253,7 +275,14 @@ impl Strategy {
         let stepped = self.optimizer_step(&layout, global, &means, &mut next_state)?;
         let mut adapter = global.adapter.clone();
         let mut base_delta = global.base_delta.clone();
+        let mut group_b = global.group_b.clone();
         match mode {
+            AggregationMode::GroupB => {
+                write_factors(&mut adapter, &stepped)?;
+                let (next, shares) = groups::aggregate_groups(&layout, global, upload)?;
+                groups::blended_b(&mut adapter, &next, &shares)?;
+                group_b = next;
+            }
             AggregationMode::FedSvd => fedsvd::refactorise(&mut adapter, &stepped)?,
             AggregationMode::FedExLora => {
                 write_factors(&mut adapter, &stepped)?;
@@ -266,6 +295,7 @@ impl Strategy {
             global: GlobalModel {
                 adapter,
                 base_delta,
+                group_b,
             },
             state: next_state,
         })

@@ -14,7 +14,7 @@ use super::*;
 use crate::adapter::{AdapterConfig, LoraModule, Matrix, TargetModule};
 use crate::aggregate::{WeightedSum, ffa_fedavg};
 
-fn lora(rank: usize) -> LoraSpec {
+pub(super) fn lora(rank: usize) -> LoraSpec {
     LoraSpec {
         rank,
         alpha: 16.0,
@@ -24,7 +24,7 @@ fn lora(rank: usize) -> LoraSpec {
     }
 }
 
-fn shapes(d: usize, k: usize) -> Vec<ModuleShape> {
+pub(super) fn shapes(d: usize, k: usize) -> Vec<ModuleShape> {
     vec![
         ModuleShape {
             name: "model.layers.0.self_attn.q_proj".into(),
@@ -39,7 +39,7 @@ fn shapes(d: usize, k: usize) -> Vec<ModuleShape> {
     ]
 }
 
-fn config(rank: usize) -> AdapterConfig {
+pub(super) fn config(rank: usize) -> AdapterConfig {
     AdapterConfig {
         rank,
         alpha: 16.0,
@@ -60,7 +60,7 @@ fn mode(mode: AggregationMode) -> StrategySpec {
     }
 }
 
-fn random_matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f32) -> Matrix {
+pub(super) fn random_matrix(rng: &mut ChaCha8Rng, rows: usize, cols: usize, scale: f32) -> Matrix {
     let data = (0..rows * cols)
         .map(|_| rng.random_range(-scale..scale))
         .collect();
@@ -78,7 +78,11 @@ fn random_global(rng: &mut ChaCha8Rng, rank: usize, shapes: &[ModuleShape]) -> G
 
 /// What a participant's local training would produce: the factors it trains replaced by
 /// random values near the download.
-fn train(rng: &mut ChaCha8Rng, download: &LoraAdapter, trains: TrainedFactors) -> LoraAdapter {
+pub(super) fn train(
+    rng: &mut ChaCha8Rng,
+    download: &LoraAdapter,
+    trains: TrainedFactors,
+) -> LoraAdapter {
     let mut out = download.clone();
     for (_, m) in out.modules_mut() {
         if trains.a {
@@ -120,7 +124,7 @@ fn round(
     for (i, w) in weights.iter().enumerate() {
         let download = strategy.download(global, &format!("lab{i}"), None).unwrap();
         let trained = train(rng, &download, strategy.trains(state));
-        let upload = strategy.upload(&layout, &download, &trained).unwrap();
+        let upload = strategy.upload(&layout, "p", &download, &trained).unwrap();
         sum.add(*w, &upload).unwrap();
         locals.push(Local {
             weight: *w,
@@ -348,7 +352,7 @@ fn hetlora_pads_and_truncates_ranks() {
             }
         }
         let trained = train(&mut rng, &download, s.trains(&state));
-        let upload = s.upload(&layout, &download, &trained).unwrap();
+        let upload = s.upload(&layout, "p", &download, &trained).unwrap();
         assert_eq!(upload.len(), layout.len());
         sum.add(*w, &upload).unwrap();
         locals.push((*w, trained));
@@ -402,7 +406,7 @@ fn hetlora_pads_and_truncates_ranks() {
     // A trained adapter above the global rank cannot be padded.
     let big = LoraAdapter::init_ffa(config(7), &sh, 1);
     assert!(matches!(
-        s.upload(&layout, &big, &big),
+        s.upload(&layout, "p", &big, &big),
         Err(StrategyError::Shape(_))
     ));
 }
@@ -556,7 +560,7 @@ fn flora_is_exact_but_not_sum_only() {
     for (i, w) in weights.iter().enumerate() {
         let download = s.download(&global, &format!("lab{i}"), None).unwrap();
         let trained = train(&mut rng, &download, s.trains(&state));
-        let upload = s.upload(&layout, &download, &trained).unwrap();
+        let upload = s.upload(&layout, "p", &download, &trained).unwrap();
         sum.add(*w, &upload).unwrap();
         uploads.push((*w, upload));
         locals.push(Local {
@@ -590,6 +594,15 @@ fn sum_only_modes_are_accepted_with_secure_aggregation() {
         let mut spec = mode(m);
         if m == AggregationMode::HetLora {
             spec.hetlora = Some(HetLoraSpec::default());
+        }
+        if m == AggregationMode::GroupB {
+            spec.groups = Some(GroupSpec {
+                members: [("a", "x"), ("b", "x"), ("c", "x")]
+                    .iter()
+                    .map(|(l, g)| (l.to_string(), g.to_string()))
+                    .collect(),
+                min_labs: 3,
+            });
         }
         let result = Strategy::new(spec, &lora(4), &shapes(8, 8), true);
         assert_eq!(result.is_ok(), m.sum_only(), "{}", m.name());
@@ -627,7 +640,7 @@ fn bad_uploads_are_refused() {
     // A trained adapter of another shape is a shape error, not a panic.
     let other = LoraAdapter::init_ffa(config(2), &shapes(5, 4), 1);
     assert!(matches!(
-        s.upload(&layout, &global.adapter, &other),
+        s.upload(&layout, "p", &global.adapter, &other),
         Err(StrategyError::Shape(_))
     ));
     // Optimizer moments of the wrong length are refused by name.
@@ -1052,7 +1065,7 @@ fn sum_only_modes_run_on_the_secure_aggregation_encoding() {
         for (i, w) in weights.iter().enumerate() {
             let download = s.download(&global, &format!("lab{i}"), None).unwrap();
             let trained = train(&mut rng, &download, s.trains(&state));
-            let upload = s.upload(&layout, &download, &trained).unwrap();
+            let upload = s.upload(&layout, "p", &download, &trained).unwrap();
             let encoded = encoding.encode(&upload, *w, [i as u8; 32]).unwrap();
             assert_eq!(encoded.clipped, 0, "{name}");
             for (s, e) in words.iter_mut().zip(&encoded.words) {
@@ -1123,7 +1136,7 @@ fn hetlora_padded_mean_error(
         let download = s.download(&global, &format!("lab{i}"), None).unwrap();
         assert_eq!(download.config().rank, *r);
         let trained = train(&mut rng, &download, s.trains(&state));
-        sum.add(*w, &s.upload(&layout, &download, &trained).unwrap())
+        sum.add(*w, &s.upload(&layout, "p", &download, &trained).unwrap())
             .unwrap();
         locals.push((*w, trained));
     }
