@@ -340,10 +340,13 @@ pub struct ParticipantReport {
     pub rounds: Vec<RoundReport>,
     /// Held-out evaluation of the starting adapter (the base model), when asked for.
     pub initial_eval: Option<EvalStats>,
-    /// Held-out evaluation of the final global adapter, when asked for.
+    /// Held-out evaluation of [`Self::own_adapter`], when asked for.
     pub final_eval: Option<EvalStats>,
     /// The run's final global adapter, or the last one this lab saw when it left early.
     pub final_adapter: LoraAdapter,
+    /// The adapter this lab uses after the run: the global one, or under FedSA-LoRA the
+    /// global A with its own B, under `group_b` the global A with its group's B.
+    pub own_adapter: LoraAdapter,
     /// FedEx-LoRA's dense corrections to the base weights that go with `final_adapter`
     /// (`[out, in]` per adapted module, already scaled; empty under every other mode).
     pub final_base_delta: BTreeMap<String, Matrix>,
@@ -758,20 +761,20 @@ pub async fn run(
             }
         }
     };
+    // What this lab uses from now on: FedSA-LoRA's personalised model (global A, own B),
+    // `group_b`'s model of its group (global A, the group's B), else the global adapter.
+    let own_adapter = if matches!(
+        strategy.mode(),
+        AggregationMode::FedSaLora | AggregationMode::GroupB
+    ) {
+        strategy.download(&final_model, &options.name, personal.as_ref())?
+    } else {
+        final_model.adapter.clone()
+    };
     let final_eval = if options.evaluate {
-        // FedSA-LoRA evaluates this lab's personalised model (global A, own B); `group_b`
-        // its group's (global A, the group's B).
-        let own = if matches!(
-            strategy.mode(),
-            AggregationMode::FedSaLora | AggregationMode::GroupB
-        ) {
-            strategy.download(&final_model, &options.name, personal.as_ref())?
-        } else {
-            final_model.adapter.clone()
-        };
         let m = model
             .load_base_delta(&final_model.base_delta)?
-            .load_adapter(&own)?;
+            .load_adapter(&own_adapter)?;
         Some(
             evaluate_blocking(m, &corpus, plan.training.seq_len, &device)
                 .await?
@@ -788,6 +791,7 @@ pub async fn run(
         initial_eval,
         final_eval,
         final_adapter: final_model.adapter,
+        own_adapter,
         final_base_delta: final_model.base_delta,
         ended,
     })

@@ -430,8 +430,15 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         plan: Some(plan.clone()),
         validity_days: 2,
         ca_validity_days: 2,
-        // The pilot's labs opt in, so its status page draws per-language loss curves.
-        share_metrics: vec![mekong_proto::policy::SharedMetric::HeldoutLoss],
+        // With the byte-level presets the pilot's labs opt in, so its status page draws
+        // per-lab loss curves. On a pretrained model one held-out evaluation costs as much
+        // as four training steps on a CPU, and sharing takes two per lab and round: the
+        // labs keep their scores to themselves and the pilot stays within its budget.
+        share_metrics: if base.is_none() {
+            vec![mekong_proto::policy::SharedMetric::HeldoutLoss]
+        } else {
+            Vec::new()
+        },
     })
     .context("provisioning the pilot federation")?;
     if provisioned.plan_sha256 != plan.fingerprint() {

@@ -123,26 +123,27 @@ async fn a_center_that_isolates_one_lab_of_a_language_gets_no_signature() {
         assert!(!lab.is_finished(), "no lab finished a round");
         lab.abort();
     }
-    let received = center.received();
-    let count = |f: fn(&pb::secure_aggregate_request::Message) -> bool| {
-        received
-            .secure_messages
-            .iter()
-            .filter(|m| m.message.as_ref().is_some_and(f))
-            .count()
-    };
-    assert!(count(|m| matches!(m, pb::secure_aggregate_request::Message::ShareKeys(_))) >= 6);
-    assert_eq!(
-        count(|m| matches!(m, pb::secure_aggregate_request::Message::Consistency(_))),
-        0,
-        "no lab signed a list that isolates one Indonesian lab"
-    );
-    assert_eq!(
-        count(|m| matches!(m, pb::secure_aggregate_request::Message::Unmask(_))),
-        0,
-        "and no lab revealed a single share"
-    );
-    assert_eq!(received.plaintext_bytes, 0);
-    drop(received);
+    {
+        let received = center.received();
+        let count = |f: fn(&pb::secure_aggregate_request::Message) -> bool| {
+            received
+                .secure_messages
+                .iter()
+                .filter(|m| m.message.as_ref().is_some_and(f))
+                .count()
+        };
+        assert!(count(|m| matches!(m, pb::secure_aggregate_request::Message::ShareKeys(_))) >= 6);
+        assert_eq!(
+            count(|m| matches!(m, pb::secure_aggregate_request::Message::Consistency(_))),
+            0,
+            "no lab signed a list that isolates one Indonesian lab"
+        );
+        assert_eq!(
+            count(|m| matches!(m, pb::secure_aggregate_request::Message::Unmask(_))),
+            0,
+            "and no lab revealed a single share"
+        );
+        assert_eq!(received.plaintext_bytes, 0);
+    }
     server.shutdown().await.unwrap();
 }

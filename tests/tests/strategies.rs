@@ -101,7 +101,12 @@ async fn run(plan: &FederationPlan) -> Run {
     for lab in labs {
         let report = lab.await.unwrap().unwrap();
         assert_eq!(report.rounds.len(), ROUNDS as usize);
-        finals.push((report.final_adapter, report.final_base_delta));
+        finals.push((
+            report.name.clone(),
+            report.final_adapter,
+            report.own_adapter,
+            report.final_base_delta,
+        ));
     }
     server.finished().await;
     let status = server.status();
@@ -111,9 +116,15 @@ async fn run(plan: &FederationPlan) -> Run {
         .collect();
     // Every lab received the last global, corrections included.
     let last = globals.last().unwrap();
-    for (adapter, base_delta) in finals {
+    for (name, adapter, own, base_delta) in finals {
         assert_eq!(&adapter, &last.adapter);
         assert_eq!(&base_delta, &last.base_delta);
+        // What the lab uses: its group's model under group_b.
+        if let Some(group) = plan.strategy.participant_group(&name) {
+            assert_eq!(own, last.for_group(group).unwrap(), "{name}");
+        } else if plan.strategy.mode != AggregationMode::FedSaLora {
+            assert_eq!(own, last.adapter, "{name}");
+        }
     }
     let bounds = status
         .history

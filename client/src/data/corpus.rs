@@ -216,7 +216,7 @@ mod tests {
         assert_eq!(sizes, vec![18, 12, 6]);
         assert!(shards.iter().all(|s| s.heldout == whole.heldout));
 
-        let err = LocalCorpus::shards("xx", "a\nb\nc\n", 0.3, &[1, 1, 1], &ByteTokenizer)
+        let err = LocalCorpus::shards("xx", "aa\nbb\ncc\ndd\n", 0.3, &[1, 1, 1], &ByteTokenizer)
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot make 3 shards"), "{err}");

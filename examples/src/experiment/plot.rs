@@ -75,7 +75,12 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
     let mut steps: Vec<usize> = results.runs.iter().map(|r| r.local_steps).collect();
     steps.sort_unstable();
     steps.dedup();
-    let panels = steps.len() + 1;
+    let fedit_runs = results
+        .runs
+        .iter()
+        .any(|r| r.arm == Arm::FedIt && !r.fedit_error.is_empty());
+    let margins = results.verdicts.iter().any(|v| v.local_only.is_some());
+    let panels = steps.len() + usize::from(fedit_runs) + usize::from(margins);
     let width = 520 * panels.min(2) as u32;
     let height = 420 * panels.div_ceil(2) as u32;
     let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
@@ -114,12 +119,29 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
                 .map_err(plot_err)?
                 .label(run.arm.name())
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+            // The rounds actually scored (every round, or only before and after the last).
+            chart
+                .draw_series(
+                    run.rounds
+                        .iter()
+                        .map(|r| Circle::new((r.round as f64, r.mean()), 3, c.filled())),
+                )
+                .map_err(plot_err)?;
         }
         draw_legend(&mut chart)?;
     }
+    let mut next_area = steps.len();
+    if margins {
+        draw_margins(results, &areas[next_area])?;
+        next_area += 1;
+    }
+    if !fedit_runs {
+        root.present().map_err(plot_err)?;
+        return Ok(());
+    }
 
     // FedIT's aggregation error, one line per number of local steps.
-    let area = &areas[steps.len()];
+    let area = &areas[next_area];
     let fedit: Vec<_> = results
         .runs
         .iter()
@@ -162,5 +184,111 @@ pub fn draw(results: &ExperimentResults, path: &Path) -> Result<(), ExperimentEr
         draw_legend(&mut chart)?;
     }
     root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Each lab's margin over training alone (local-only loss − federated loss; above zero the
+/// lab gains by joining) under every federated arm, at the largest number of local steps.
+fn draw_margins(
+    results: &ExperimentResults,
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+) -> Result<(), ExperimentError> {
+    let steps = results
+        .verdicts
+        .iter()
+        .map(|v| v.local_steps)
+        .max()
+        .unwrap_or(0);
+    let arms: Vec<Arm> = results
+        .runs
+        .iter()
+        .filter(|r| r.local_steps == steps && r.arm.is_federated())
+        .map(|r| r.arm)
+        .collect();
+    let margin = |arm: Arm, lab: &str| {
+        results
+            .verdicts
+            .iter()
+            .find(|v| v.arm == arm && v.local_steps == steps && v.lab == lab)
+            .and_then(|v| v.local_only.map(|l| l - v.federated))
+    };
+    let values: Vec<f64> = arms
+        .iter()
+        .flat_map(|a| results.labs.iter().filter_map(move |l| margin(*a, &l.name)))
+        .collect();
+    let lo = values.iter().copied().fold(0f64, f64::min);
+    let hi = values.iter().copied().fold(0f64, f64::max);
+    let pad = ((hi - lo) * 0.08).max(1e-3);
+    let n = results.labs.len();
+    // `lo·m`, `lo·u`, `lo·h` for a language's ministry, university and hospital; `lo` for
+    // its one lab.
+    let names: Vec<String> = results
+        .labs
+        .iter()
+        .map(|l| {
+            let rest = l.name.trim_start_matches("lab-");
+            match rest.split_once('-') {
+                Some((code, role)) => {
+                    format!("{code}·{}", role.chars().next().unwrap_or('?'))
+                }
+                None => rest.to_string(),
+            }
+        })
+        .collect();
+    let mut chart = ChartBuilder::on(area)
+        .caption("margin over training alone, per lab", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (lo - pad)..(hi + pad))
+        .map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+                names[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("lab (·m ministry, ·u university, ·h hospital)")
+        .y_desc(format!(
+            "local-only − federated (nats/{})",
+            results.loss_unit
+        ))
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(plot_err)?;
+    let width = 0.8 / arms.len().max(1) as f64;
+    for (k, arm) in arms.iter().enumerate() {
+        let c = colour(*arm);
+        let bars: Vec<_> = results
+            .labs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                margin(*arm, &l.name).map(|m| {
+                    let x0 = i as f64 - 0.4 + k as f64 * width;
+                    Rectangle::new([(x0, 0.0), (x0 + width, m)], c.filled())
+                })
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(plot_err)?
+            .label(arm.name())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+    }
+    chart
+        .draw_series(LineSeries::new(
+            [(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(plot_err)?;
+    draw_legend(&mut chart)?;
     Ok(())
 }
