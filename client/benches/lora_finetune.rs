@@ -136,12 +136,15 @@ fn main() {
         ..TrainingSpec::default()
     };
     if args.warmup > 0 {
-        let mut source = RandomWindows::new(&tokens, args.batch, args.seq, 1).expect("windows");
+        let mut source =
+            RandomWindows::new(&tokens, args.batch, args.seq, model.window_prefix(), 1)
+                .expect("windows");
         model = train(model, &spec(args.warmup), &mut source, &device, &mut ())
             .expect("warm-up")
             .0;
     }
-    let mut source = RandomWindows::new(&tokens, args.batch, args.seq, 2).expect("windows");
+    let mut source = RandomWindows::new(&tokens, args.batch, args.seq, model.window_prefix(), 2)
+        .expect("windows");
     let start = Instant::now();
     let (_, reports) =
         train(model, &spec(args.steps), &mut source, &device, &mut ()).expect("training");

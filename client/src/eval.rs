@@ -2,8 +2,11 @@
 //!
 //! The held-out tokens are cut into non-overlapping windows of `seq_len + 1` tokens that
 //! overlap by one (the last token of a window is the first input of the next), so every token
-//! after the first is predicted exactly once. Full windows are batched; a shorter tail window,
-//! if any, runs on its own. One scalar is read back per batch.
+//! after the first is predicted exactly once. A model that expects every sequence to begin
+//! with `<bos>` (Gemma; [`LoraLlama::window_prefix`]) reads each window of `seq_len` tokens
+//! after it instead, so every token, the first included, is predicted once, from `<bos>` and
+//! its own window. Full windows are batched; a shorter tail window, if any, runs on its own.
+//! One scalar is read back per batch.
 //!
 //! Bits per character divide the total NLL (in bits) by the number of characters that begin
 //! in the predicted tokens (`HeldOut::chars_started`, which the tokenizer supplies: for bytes,
@@ -71,20 +74,23 @@ pub fn evaluate(
     let model = model.valid();
     let device = device.clone().without_autodiff();
 
-    let predicted = tokens.len() - 1;
+    let prefix = model.window_prefix();
+    // Without a prefix the first token is context only.
+    let first = usize::from(prefix.is_none());
+    let predicted = tokens.len() - first;
     let len = seq_len.min(predicted);
     let full = predicted / len;
     let starts: Vec<usize> = (0..full).map(|w| w * len).collect();
     let mut total_nll = 0f64;
     for chunk in starts.chunks(EVAL_BATCH) {
-        total_nll += batch_nll(&model, tokens, chunk, len, &device)?;
+        total_nll += batch_nll(&model, prefix, tokens, chunk, len, &device)?;
     }
     let tail = predicted - full * len;
     if tail > 0 {
-        total_nll += batch_nll(&model, tokens, &[full * len], tail, &device)?;
+        total_nll += batch_nll(&model, prefix, tokens, &[full * len], tail, &device)?;
     }
 
-    let chars: u64 = heldout.chars_started[1..]
+    let chars: u64 = heldout.chars_started[first..]
         .iter()
         .map(|&c| u64::from(c))
         .sum();
@@ -161,12 +167,13 @@ pub fn evaluate_rows(
 /// Summed NLL of the windows starting at `starts`, each predicting `len` tokens.
 fn batch_nll(
     model: &LoraLlama,
+    prefix: Option<u32>,
     tokens: &[u32],
     starts: &[usize],
     len: usize,
     device: &Device,
 ) -> Result<f64, ModelError> {
-    let (nll, _) = RowBatch::windows(tokens, starts, len)
+    let (nll, _) = RowBatch::windows_after(prefix, tokens, starts, len)
         .to_device(device)
         .nll(model);
     let sum: f32 = nll
@@ -209,6 +216,40 @@ mod tests {
         assert!(chars < n - 1);
         // Contexts differ between the two windowings, so only roughly equal.
         assert!((a.loss - b.loss).abs() < 0.5, "{a:?} vs {b:?}");
+    }
+
+    /// With a window prefix (Gemma's `<bos>`) every token, the first included, is predicted
+    /// once, each window reading the prefix first: the total equals a hand-made sum over the
+    /// windows, and bits per character count every character.
+    #[test]
+    fn with_a_prefix_every_token_is_scored_once_after_it() {
+        let device = Device::flex();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &LoraSpec::default(), &device)
+            .unwrap()
+            .with_window_prefix(Some(b'#' as u32));
+        let h = heldout("Everyone has the right to life, liberty and security of person.");
+        let n = h.tokens.len();
+        let got = evaluate(&model, &h, 16, &device).unwrap();
+        assert_eq!(got.tokens, n);
+        let by_hand: f64 = (0..n)
+            .step_by(16)
+            .map(|s| {
+                let len = 16.min(n - s);
+                batch_nll(&model, Some(b'#' as u32), &h.tokens, &[s], len, &device).unwrap()
+            })
+            .sum();
+        assert!(
+            (got.loss * n as f64 - by_hand).abs() < 1e-3,
+            "{got:?} vs {by_hand}"
+        );
+        let chars = h.text.chars().count();
+        let bpc = by_hand / std::f64::consts::LN_2 / chars as f64;
+        assert!((got.bits_per_char - bpc).abs() < 1e-6, "{got:?}");
+        // The prefix is really read: without it the scores differ.
+        let plain = LoraLlama::new(&ModelSpec::tiny(), &LoraSpec::default(), &device).unwrap();
+        let without = evaluate(&plain, &h, 16, &device).unwrap();
+        assert_eq!(without.tokens, n - 1);
+        assert!((without.loss - got.loss).abs() > 1e-6);
     }
 
     #[test]

@@ -114,6 +114,67 @@ fn llama_tied_head_dim_and_llama3_rope_scaling_match_transformers() {
     assert!(err < 1e-4, "max logit error {err}");
 }
 
+/// Gemma 3 (text): (1 + w) norms on both sides of attention and MLP, query/key norms, GeGLU,
+/// scaled embeddings, `query_pre_attn_scalar`, and sliding-window layers (window 5 on a
+/// 16-token input) with their own RoPE base beside a global one.
+#[test]
+fn gemma3_sandwich_norms_and_sliding_window_match_transformers() {
+    let dir = fixture("tiny-gemma3");
+    let ckpt = checkpoint::open(&dir).unwrap();
+    let g = ckpt.spec.architecture.gemma3().expect("a Gemma 3 spec");
+    assert_eq!(g.full_attention_layers, vec![2]);
+    assert_eq!(g.sliding_window, 5);
+    assert_eq!(g.rope_local_theta, 10_000.0);
+    assert_eq!(g.query_pre_attn_scalar, 24.0);
+    assert_eq!(ckpt.spec.rope_theta, 1e6);
+    assert_eq!(ckpt.spec.head_dim(), 16);
+    assert!(ckpt.spec.tie_word_embeddings);
+    let err = max_logit_error(&dir);
+    eprintln!("tiny-gemma3: max |Δlogit| = {err:e}");
+    assert!(err < 1e-4, "max logit error {err}");
+}
+
+/// Packing holds with sliding windows too: documents longer than the window, packed in one
+/// row, give the logits each gives alone.
+#[test]
+fn gemma3_packed_documents_match_separate_ones() {
+    let device = Device::flex();
+    let ckpt = checkpoint::open(&fixture("tiny-gemma3")).unwrap();
+    let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
+    let doc_a: Vec<i64> = vec![2, 17, 42, 99, 3, 8, 61];
+    let doc_b: Vec<i64> = vec![2, 64, 101, 11, 7, 7, 120, 33, 5];
+    let alone = |doc: &[i64]| {
+        model
+            .forward(ids_tensor(doc, &device))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let expected: Vec<f32> = [alone(&doc_a), alone(&doc_b)].concat();
+    let tokens: Vec<i64> = [doc_a.clone(), doc_b.clone()].concat();
+    let positions: Vec<i64> = (0..doc_a.len() as i64)
+        .chain(0..doc_b.len() as i64)
+        .collect();
+    let segments: Vec<i64> = std::iter::repeat_n(0, doc_a.len())
+        .chain(std::iter::repeat_n(1, doc_b.len()))
+        .collect();
+    let packed = model
+        .forward_packed(
+            ids_tensor(&tokens, &device),
+            ids_tensor(&positions, &device),
+            ids_tensor(&segments, &device),
+        )
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let max = packed
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-5, "packed vs separate: {max}");
+}
+
 /// A GGUF checkpoint builds the same model transformers builds from it: the tiny Llama of
 /// `scripts/make_tiny_gguf.py`, converted the way llama.cpp converts (q/k rows permuted,
 /// F16/BF16/Q8_0 storage), with logits transformers computed from the `.gguf` itself

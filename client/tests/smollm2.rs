@@ -34,6 +34,8 @@ fn model_path(test: &str) -> Option<PathBuf> {
 fn load(path: &Path, device: &Device) -> (Checkpoint, LoraLlama) {
     let ckpt = checkpoint::open(path).unwrap();
     assert_eq!(ckpt.format, CheckpointFormat::Gguf);
+    // SmolLM2's tokenizer adds no <bos>: its windows start with text, as before.
+    assert_eq!(ckpt.document_prefix(), None);
     let model = LoraLlama::from_checkpoint(&ckpt, &LoraSpec::default(), device).unwrap();
     (ckpt, model)
 }

@@ -21,6 +21,7 @@
 
 pub mod adapter;
 pub mod aggregate;
+pub mod architecture;
 pub mod error;
 pub mod manifest;
 pub mod peft;
@@ -32,6 +33,7 @@ pub mod strategy;
 pub mod update;
 
 pub use adapter::{AdapterConfig, LoraAdapter, LoraModule, Matrix, ModuleShape, TargetModule};
+pub use architecture::{Architecture, Gemma3Layout};
 pub use error::{AdapterError, ConfigError};
 pub use manifest::{LayoutManifest, TensorSlot};
 pub use plan::{

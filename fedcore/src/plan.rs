@@ -7,13 +7,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
+use crate::architecture::Architecture;
 use crate::error::ConfigError;
 use crate::roster::{Roster, RosterEntry};
 use crate::secagg::spec::SecureAggregationSpec;
 use crate::strategy::{AggregationMode, GlobalModel, StrategySpec};
 
-/// Architecture of a Llama-family decoder (Llama 2/3, Qwen2, Mistral, SmolLM2), named as in
-/// Hugging Face `config.json`.
+/// Architecture of a decoder of the Llama family (Llama 2/3, Qwen2, Mistral, SmolLM2) or of
+/// Gemma 3 (`architecture`), named as in Hugging Face `config.json`.
 ///
 /// The base weights come from one of two places. With `weights_sha256` set, every lab loads a
 /// pretrained checkpoint (Hugging Face safetensors or GGUF) whose fingerprint must equal it, so
@@ -62,6 +63,10 @@ pub struct ModelSpec {
     /// checkpoint every lab must load; `None` for a seeded random base.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_sha256: Option<String>,
+    /// The decoder family and what it adds (Gemma 3's norms, activation and interleaved
+    /// attention); absent for Llama, so Llama plans keep their fingerprints.
+    #[serde(default, skip_serializing_if = "Architecture::is_llama")]
+    pub architecture: Architecture,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -177,6 +182,7 @@ impl ModelSpec {
             mlp_bias: false,
             rope_scaling: None,
             weights_sha256: None,
+            architecture: Architecture::Llama,
         }
     }
 
@@ -235,6 +241,7 @@ impl ModelSpec {
         if let Some(scaling) = &self.rope_scaling {
             scaling.validate()?;
         }
+        self.architecture.validate(self.num_hidden_layers)?;
         if let Some(hash) = &self.weights_sha256
             && !(hash.len() == 64
                 && hash

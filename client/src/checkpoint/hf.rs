@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use fedcore::{ModelSpec, RopeScaling};
+use fedcore::{Architecture, Gemma3Layout, ModelSpec, RopeScaling};
 use serde_json::Value;
 
 use super::fingerprint::checkpoint_fingerprint;
@@ -70,7 +70,8 @@ fn model_name(config: &Value, dir: &Path) -> String {
         })
 }
 
-/// Reads the architecture from a Hugging Face `config.json` (Llama, Qwen2, Mistral).
+/// Reads the architecture from a Hugging Face `config.json` (Llama, Qwen2, Mistral, Gemma 3
+/// text).
 pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, CheckpointError> {
     let field_err = |field: &str, reason: String| CheckpointError::Config {
         path: path.display().to_string(),
@@ -81,12 +82,24 @@ pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, Checkp
         .get("model_type")
         .and_then(Value::as_str)
         .ok_or_else(|| field_err("model_type", "missing".into()))?;
-    if !matches!(model_type, "llama" | "qwen2" | "mistral") {
+    if model_type == "gemma3" {
         return Err(field_err(
             "model_type",
-            format!("`{model_type}` is not supported (supported: llama, qwen2, mistral)"),
+            "`gemma3` is the multimodal Gemma 3 (text under `text_config`, vision tower \
+             beside it); only the text-only form `gemma3_text` (Gemma 3 270m and 1b) is \
+             supported"
+                .into(),
         ));
     }
+    if !matches!(model_type, "llama" | "qwen2" | "mistral" | "gemma3_text") {
+        return Err(field_err(
+            "model_type",
+            format!(
+                "`{model_type}` is not supported (supported: llama, qwen2, mistral, gemma3_text)"
+            ),
+        ));
+    }
+    let gemma = model_type == "gemma3_text";
     let usize_field = |field: &str| -> Result<Option<usize>, CheckpointError> {
         match config.get(field) {
             None | Some(Value::Null) => Ok(None),
@@ -117,13 +130,27 @@ pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, Checkp
         usize_field(field)?.ok_or_else(|| field_err(field, "missing".into()))
     };
 
-    if let Some(act) = config.get("hidden_act").and_then(Value::as_str)
-        && act != "silu"
+    // Gemma names the field `hidden_activation` (and keeps a stale `hidden_act`).
+    let (act_field, expected_act) = if gemma {
+        ("hidden_activation", "gelu_pytorch_tanh")
+    } else {
+        ("hidden_act", "silu")
+    };
+    if let Some(act) = config.get(act_field).and_then(Value::as_str)
+        && act != expected_act
     {
         return Err(field_err(
-            "hidden_act",
-            format!("`{act}` is not supported (Llama-family MLPs use silu)"),
+            act_field,
+            format!("`{act}` is not supported ({model_type} MLPs use {expected_act})"),
         ));
+    }
+    for capping in ["attn_logit_softcapping", "final_logit_softcapping"] {
+        if let Some(v) = f64_field(capping)? {
+            return Err(field_err(
+                capping,
+                format!("{v}: logit soft-capping (Gemma 2) is not supported"),
+            ));
+        }
     }
 
     let num_attention_heads = required("num_attention_heads")?;
@@ -133,49 +160,150 @@ pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, Checkp
         "qwen2" => (true, false),
         _ => (attention_bias, attention_bias),
     };
+    let num_hidden_layers = required("num_hidden_layers")?;
+    let architecture = if gemma {
+        gemma3_layout(
+            config,
+            num_hidden_layers,
+            &f64_field,
+            &usize_field,
+            &field_err,
+        )?
+    } else {
+        Architecture::Llama
+    };
     let spec = ModelSpec {
         name: String::new(),
         vocab_size: required("vocab_size")?,
         hidden_size: required("hidden_size")?,
         intermediate_size: required("intermediate_size")?,
-        num_hidden_layers: required("num_hidden_layers")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads: usize_field("num_key_value_heads")?.unwrap_or(num_attention_heads),
         rope_theta: rope_theta(config, &f64_field)?,
         rms_norm_eps: f64_field("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         max_position_embeddings: required("max_position_embeddings")?,
-        tie_word_embeddings: bool_field("tie_word_embeddings")?.unwrap_or(false),
+        // Gemma ties its head by default; Llama does not.
+        tie_word_embeddings: bool_field("tie_word_embeddings")?.unwrap_or(gemma),
         init_seed: 0,
-        head_dim: usize_field("head_dim")?,
+        // Gemma3TextConfig's default head is 256 wide, whatever hidden / heads is.
+        head_dim: usize_field("head_dim")?.or(gemma.then_some(256)),
         qkv_bias,
         o_bias,
         mlp_bias: bool_field("mlp_bias")?.unwrap_or(false),
         // transformers ≥ 5 writes `rope_parameters` (theta included); earlier versions
         // `rope_theta` and `rope_scaling`.
         rope_scaling: match config.get("rope_parameters").filter(|v| !v.is_null()) {
+            // Gemma 3 keys its parameters by layer type; scaling applies to global layers.
+            Some(params) if gemma && params.get("full_attention").is_some() => rope_scaling(
+                params.get("full_attention"),
+                "rope_parameters.full_attention",
+                &field_err,
+            )?,
             Some(params) => rope_scaling(Some(params), "rope_parameters", &field_err)?,
             None => rope_scaling(config.get("rope_scaling"), "rope_scaling", &field_err)?,
         },
         weights_sha256: None,
+        architecture,
     };
     spec.validate()
         .map_err(|e| field_err("(architecture)", e.to_string()))?;
     Ok(spec)
 }
 
-/// `rope_parameters.rope_theta` (transformers ≥ 5), else `rope_theta`, else Llama's 10000.
+/// `rope_parameters.rope_theta` (transformers ≥ 5; Gemma 3's under `full_attention`), else
+/// `rope_theta`, else 10000 (Llama) or 1e6 (Gemma 3).
 fn rope_theta(
     config: &Value,
     f64_field: &dyn Fn(&str) -> Result<Option<f64>, CheckpointError>,
 ) -> Result<f32, CheckpointError> {
-    if let Some(theta) = config
-        .get("rope_parameters")
-        .and_then(|p| p.get("rope_theta"))
+    let params = config.get("rope_parameters");
+    if let Some(theta) = params
+        .and_then(|p| p.get("full_attention").unwrap_or(p).get("rope_theta"))
         .and_then(Value::as_f64)
     {
         return Ok(theta as f32);
     }
-    Ok(f64_field("rope_theta")?.unwrap_or(10_000.0) as f32)
+    let gemma = config.get("model_type").and_then(Value::as_str) == Some("gemma3_text");
+    Ok(f64_field("rope_theta")?.unwrap_or(if gemma { 1e6 } else { 10_000.0 }) as f32)
+}
+
+/// Gemma 3's interleaved attention from `config.json`, in either form transformers writes:
+/// `layer_types` (preferred; older files may carry a stale `_sliding_window_pattern` beside
+/// it) or `sliding_window_pattern` (every n-th layer global, default 6), and the local RoPE
+/// base from `rope_parameters.sliding_attention` or `rope_local_base_freq` (default 10000).
+fn gemma3_layout(
+    config: &Value,
+    num_hidden_layers: usize,
+    f64_field: &dyn Fn(&str) -> Result<Option<f64>, CheckpointError>,
+    usize_field: &dyn Fn(&str) -> Result<Option<usize>, CheckpointError>,
+    field_err: &dyn Fn(&str, String) -> CheckpointError,
+) -> Result<Architecture, CheckpointError> {
+    let full_attention_layers = match config.get("layer_types").filter(|v| !v.is_null()) {
+        Some(Value::Array(kinds)) => {
+            if kinds.len() != num_hidden_layers {
+                return Err(field_err(
+                    "layer_types",
+                    format!("{} entries for {num_hidden_layers} layers", kinds.len()),
+                ));
+            }
+            let mut full = Vec::new();
+            for (i, kind) in kinds.iter().enumerate() {
+                match kind.as_str() {
+                    Some("full_attention") => full.push(i),
+                    Some("sliding_attention") => {}
+                    _ => {
+                        return Err(field_err(
+                            &format!("layer_types[{i}]"),
+                            format!("{kind}: expected \"full_attention\" or \"sliding_attention\""),
+                        ));
+                    }
+                }
+            }
+            full
+        }
+        Some(v) => {
+            return Err(field_err(
+                "layer_types",
+                format!("expected a list, got {v}"),
+            ));
+        }
+        None => {
+            let pattern = usize_field("sliding_window_pattern")?.unwrap_or(6);
+            Gemma3Layout::every_nth_full(num_hidden_layers, pattern)
+        }
+    };
+    let rope_local_theta = match config
+        .get("rope_parameters")
+        .and_then(|p| p.get("sliding_attention"))
+    {
+        Some(local) => {
+            if let Some(kind) = local.get("rope_type").and_then(Value::as_str)
+                && kind != "default"
+            {
+                return Err(field_err(
+                    "rope_parameters.sliding_attention.rope_type",
+                    format!("`{kind}` is not supported on sliding layers (only default)"),
+                ));
+            }
+            local
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| {
+                    field_err(
+                        "rope_parameters.sliding_attention.rope_theta",
+                        "missing or not a number".into(),
+                    )
+                })?
+        }
+        None => f64_field("rope_local_base_freq")?.unwrap_or(10_000.0),
+    };
+    Ok(Architecture::Gemma3(Gemma3Layout {
+        sliding_window: usize_field("sliding_window")?.unwrap_or(4096),
+        full_attention_layers,
+        rope_local_theta: rope_local_theta as f32,
+        query_pre_attn_scalar: f64_field("query_pre_attn_scalar")?.unwrap_or(256.0) as f32,
+    }))
 }
 
 fn rope_scaling(

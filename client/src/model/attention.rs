@@ -1,9 +1,12 @@
 //! Grouped-query causal self-attention (Llama): `num_attention_heads` query heads share
 //! `num_key_value_heads` key/value heads, queries and keys are rotated by RoPE, and each
 //! position attends only to itself and earlier positions — and, in packed rows, only to
-//! positions of its own document (`segment_mask`).
+//! positions of its own document (`segment_mask`). Gemma 3 adds a per-head RMSNorm of queries
+//! and keys before RoPE, its own score scale, and a sliding window on most layers
+//! (`sliding_window_mask`).
 
 use burn::module::Module;
+use burn::nn::RmsNorm;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Int, Tensor};
@@ -17,9 +20,21 @@ pub struct Attention {
     pub(crate) k_proj: LoraLinear,
     pub(crate) v_proj: LoraLinear,
     pub(crate) o_proj: LoraLinear,
+    /// Gemma 3's per-head norms of queries and keys (both or neither).
+    pub(crate) qk_norms: Option<QkNorms>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
+    /// Score scale; `None` is `head_dim^-½`.
+    #[module(skip)]
+    scale: Option<f64>,
+}
+
+/// RMSNorms over each query and key head (`q_norm`, `k_norm`, `[head_dim]` weights).
+#[derive(Module, Debug)]
+pub struct QkNorms {
+    pub(crate) q_norm: RmsNorm,
+    pub(crate) k_norm: RmsNorm,
 }
 
 impl Attention {
@@ -37,32 +52,49 @@ impl Attention {
             k_proj,
             v_proj,
             o_proj,
+            qk_norms: None,
             n_heads,
             n_kv_heads,
             head_dim,
+            scale: None,
         }
     }
 
-    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`. `segments`, when given, is the
-    /// `[batch, 1, seq, seq]` mask of [`segment_mask`] (true = may not attend).
+    /// Gemma 3: per-head query/key norms and scores scaled by `scale`.
+    pub(crate) fn with_gemma(mut self, qk_norms: QkNorms, scale: f64) -> Self {
+        self.qk_norms = Some(qk_norms);
+        self.scale = Some(scale);
+        self
+    }
+
+    /// `[batch, seq, hidden]` → `[batch, seq, hidden]`. `mask`, when given, is `[batch or 1,
+    /// 1, seq, seq]`, true where a query may not attend to a key, on top of causality
+    /// ([`segment_mask`], [`sliding_window_mask`]).
     pub fn forward(
         &self,
         x: Tensor<3>,
         rope: &RopeTables,
-        segments: Option<&Tensor<4, Bool>>,
+        mask: Option<&Tensor<4, Bool>>,
     ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.n_heads));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.n_kv_heads));
+        let mut q = heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let mut k = heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        if let Some(norms) = &self.qk_norms {
+            q = norms.q_norm.forward(q);
+            k = norms.k_norm.forward(k);
+        }
+        let q = rope.apply(q);
+        let k = rope.apply(k);
         let v = heads(self.v_proj.forward(x), self.n_kv_heads);
         let group = self.n_heads / self.n_kv_heads;
         let options = AttentionModuleOptions {
             is_causal: true,
+            scale: self.scale,
             ..Default::default()
         };
-        let mask = segments.map(|m| m.clone().expand([batch, self.n_heads, seq, seq]));
+        let mask = mask.map(|m| m.clone().expand([batch, self.n_heads, seq, seq]));
         let out = attention(
             q,
             repeat_kv(k, group),
@@ -89,6 +121,27 @@ pub fn segment_mask(segments: Tensor<2, Int>) -> Tensor<4, Bool> {
         .expand([batch, seq, seq]);
     let keys = segments.unsqueeze_dim::<3>(1).expand([batch, seq, seq]);
     queries.not_equal(keys).unsqueeze_dim::<4>(1)
+}
+
+/// `[1, 1, seq, seq]`, true where the key lies `window` or more positions before the query:
+/// with causality, each query sees itself and the `window − 1` positions before it (Gemma 3's
+/// sliding layers, as transformers masks them). In packed rows positions restart per document,
+/// but keys of other documents are masked anyway, so row distance is position distance.
+pub fn sliding_window_mask(
+    seq: usize,
+    window: usize,
+    device: &burn::tensor::Device,
+) -> Tensor<4, Bool> {
+    let queries = Tensor::<1, Int>::arange(0..seq as i64, device)
+        .unsqueeze_dim::<2>(1)
+        .expand([seq, seq]);
+    let keys = Tensor::<1, Int>::arange(0..seq as i64, device)
+        .unsqueeze_dim::<2>(0)
+        .expand([seq, seq]);
+    (queries - keys)
+        .greater_equal_elem(window as i64)
+        .unsqueeze_dim::<3>(0)
+        .unsqueeze_dim::<4>(0)
 }
 
 /// `[b, kv_heads, s, d]` → `[b, kv_heads·group, s, d]`, query head `h` reading kv head

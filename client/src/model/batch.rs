@@ -41,11 +41,34 @@ impl RowBatch {
 
     /// Unpacked windows `tokens[s .. s + len + 1]`, every target counted.
     pub fn windows(tokens: &[u32], starts: &[usize], len: usize) -> Self {
+        Self::windows_after(None, tokens, starts, len)
+    }
+
+    /// Unpacked windows of `len` predictions. Without a `prefix`, as [`Self::windows`]. With
+    /// one (the `<bos>` a model such as Gemma expects at the start of every sequence), each
+    /// row reads `prefix, tokens[s .. s + len − 1]` and predicts `tokens[s .. s + len]`: the
+    /// window spans `len` tokens of the stream, and its first token is predicted from the
+    /// prefix alone.
+    pub fn windows_after(
+        prefix: Option<u32>,
+        tokens: &[u32],
+        starts: &[usize],
+        len: usize,
+    ) -> Self {
         let mut inputs = Vec::with_capacity(starts.len() * len);
         let mut targets = Vec::with_capacity(starts.len() * len);
         for &s in starts {
-            inputs.extend_from_slice(&tokens[s..s + len]);
-            targets.extend_from_slice(&tokens[s + 1..s + len + 1]);
+            match prefix {
+                None => {
+                    inputs.extend_from_slice(&tokens[s..s + len]);
+                    targets.extend_from_slice(&tokens[s + 1..s + len + 1]);
+                }
+                Some(p) => {
+                    inputs.push(p);
+                    inputs.extend_from_slice(&tokens[s..s + len - 1]);
+                    targets.extend_from_slice(&tokens[s..s + len]);
+                }
+            }
         }
         let n = inputs.len();
         RowBatch {
@@ -153,6 +176,19 @@ pub(crate) fn check_vocab(tokens: &[u32], vocab_size: usize) -> Result<(), Model
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_starts_every_window_and_its_first_token_is_a_target() {
+        let tokens: Vec<u32> = (10..30).collect();
+        let b = RowBatch::windows_after(Some(2), &tokens, &[0, 5], 3);
+        assert_eq!(b.inputs, vec![2, 10, 11, 2, 15, 16]);
+        assert_eq!(b.targets, vec![10, 11, 12, 15, 16, 17]);
+        assert_eq!(b.positions, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(
+            RowBatch::windows_after(None, &tokens, &[0], 3),
+            RowBatch::windows(&tokens, &[0], 3)
+        );
+    }
 
     #[test]
     fn targets_are_inputs_shifted_by_one() {

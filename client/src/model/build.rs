@@ -14,17 +14,17 @@
 //! shape the configuration implies (the error names the tensor), uploaded, and dropped.
 
 use burn::module::Param;
-use burn::nn::{Embedding, RmsNorm};
+use burn::nn::RmsNorm;
 use burn::tensor::{Device, TensorData};
 use fedcore::{LoraAdapter, LoraSpec, ModelSpec, TargetModule};
 
-use super::LoraLlama;
-use super::attention::Attention;
-use super::decoder::DecoderLayer;
+use super::attention::{Attention, QkNorms};
+use super::decoder::{DecoderLayer, SandwichNorms};
 use super::init::WeightInit;
 use super::lora_linear::LoraLinear;
 use super::mlp::Mlp;
 use super::rope::RotaryEmbedding;
+use super::{LocalAttention, LoraLlama, VocabEmbedding};
 use crate::checkpoint::{Checkpoint, WeightSource};
 use crate::error::CheckpointError;
 use crate::error::ModelError;
@@ -48,12 +48,13 @@ impl LoraLlama {
         lora: &LoraSpec,
         device: &Device,
     ) -> Result<Self, ModelError> {
-        Self::build(
+        Ok(Self::build(
             &checkpoint.spec,
             lora,
             BaseWeights::Checkpoint(checkpoint.weights.as_ref()),
             device,
-        )
+        )?
+        .with_window_prefix(checkpoint.document_prefix()))
     }
 
     /// Builds the model a federation plan describes: on `base` when the plan pins a
@@ -68,12 +69,13 @@ impl LoraLlama {
         match (&model.weights_sha256, base) {
             (Some(_), Some(checkpoint)) => {
                 checkpoint.check_plan(model)?;
-                Self::build(
+                Ok(Self::build(
                     model,
                     lora,
                     BaseWeights::Checkpoint(checkpoint.weights.as_ref()),
                     device,
-                )
+                )?
+                .with_window_prefix(checkpoint.document_prefix()))
             }
             (Some(hash), None) => Err(CheckpointError::Required {
                 expected: hash.clone(),
@@ -85,6 +87,12 @@ impl LoraLlama {
             .into()),
             (None, None) => Self::new(model, lora, device),
         }
+    }
+
+    /// Sets [`LoraLlama::window_prefix`].
+    pub fn with_window_prefix(mut self, prefix: Option<u32>) -> Self {
+        self.window_prefix = prefix;
+        self
     }
 
     fn build(
@@ -121,9 +129,7 @@ impl LoraLlama {
             hidden,
             embed_std,
         )?;
-        let embed_tokens = Embedding {
-            weight: frozen(TensorData::new(embed, [model.vocab_size, hidden]), device),
-        };
+        let embed_tokens = VocabEmbedding::frozen(embed, model.vocab_size, hidden, device);
         let layers = (0..model.num_hidden_layers)
             .map(|i| builder.layer(i))
             .collect::<Result<Vec<_>, _>>()?;
@@ -132,10 +138,24 @@ impl LoraLlama {
         } else {
             Some(builder.linear("lm_head", model.vocab_size, hidden, 1.0, false)?)
         };
+        let gemma = model.architecture.gemma3();
+        let local_attention = gemma.map(|g| LocalAttention {
+            rope: RotaryEmbedding::new(
+                model.head_dim(),
+                model.max_position_embeddings,
+                g.rope_local_theta,
+                None,
+                device,
+            ),
+            window: g.sliding_window,
+            full_attention: (0..model.num_hidden_layers)
+                .map(|i| g.is_full_attention(i))
+                .collect(),
+        });
         Ok(LoraLlama {
             embed_tokens,
             layers,
-            norm: builder.norm("model.norm")?,
+            norm: builder.norm("model.norm", hidden)?,
             lm_head,
             rope: RotaryEmbedding::new(
                 model.head_dim(),
@@ -144,6 +164,9 @@ impl LoraLlama {
                 model.rope_scaling.as_ref(),
                 device,
             ),
+            local_attention,
+            embed_scale: gemma.map(|_| (hidden as f32).sqrt()),
+            window_prefix: None,
             spec: model.clone(),
             lora: lora.clone(),
             adapter_config,
@@ -259,34 +282,63 @@ impl Builder<'_> {
         )
     }
 
-    fn norm(&self, name: &str) -> Result<RmsNorm, ModelError> {
-        let hidden = self.spec.hidden_size;
-        let gamma = self.vector(&format!("{name}.weight"), hidden, 1.0)?;
+    /// An RMSNorm of width `len` named `{name}.weight`. Checkpoints of Gemma 3 store `w` for
+    /// a norm that scales by `1 + w`; the one is added here, so the model runs a plain RMSNorm.
+    fn norm(&self, name: &str, len: usize) -> Result<RmsNorm, ModelError> {
+        let one_plus = self.spec.architecture.gemma3().is_some();
+        let mut gamma = self.vector(
+            &format!("{name}.weight"),
+            len,
+            if one_plus { 0.0 } else { 1.0 },
+        )?;
+        if one_plus {
+            gamma.iter_mut().for_each(|w| *w += 1.0);
+        }
         Ok(RmsNorm {
-            gamma: frozen(TensorData::new(gamma, [hidden]), self.device),
+            gamma: frozen(TensorData::new(gamma, [len]), self.device),
             epsilon: self.spec.rms_norm_eps as f64,
         })
     }
 
     fn layer(&self, i: usize) -> Result<DecoderLayer, ModelError> {
         let s = self.spec;
+        let hidden = s.hidden_size;
         let prefix = format!("model.layers.{i}");
+        let mut self_attn = Attention::new(
+            self.target(i, TargetModule::Q)?,
+            self.target(i, TargetModule::K)?,
+            self.target(i, TargetModule::V)?,
+            self.target(i, TargetModule::O)?,
+            s.num_attention_heads,
+            s.num_key_value_heads,
+            s.head_dim(),
+        );
+        let mut feedforward_norms = None;
+        if let Some(g) = s.architecture.gemma3() {
+            let qk_norms = QkNorms {
+                q_norm: self.norm(&format!("{prefix}.self_attn.q_norm"), s.head_dim())?,
+                k_norm: self.norm(&format!("{prefix}.self_attn.k_norm"), s.head_dim())?,
+            };
+            self_attn =
+                self_attn.with_gemma(qk_norms, f64::from(g.query_pre_attn_scalar).powf(-0.5));
+            feedforward_norms = Some(SandwichNorms {
+                pre_feedforward_layernorm: self
+                    .norm(&format!("{prefix}.pre_feedforward_layernorm"), hidden)?,
+                post_feedforward_layernorm: self
+                    .norm(&format!("{prefix}.post_feedforward_layernorm"), hidden)?,
+            });
+        }
         Ok(DecoderLayer {
-            input_layernorm: self.norm(&format!("{prefix}.input_layernorm"))?,
-            self_attn: Attention::new(
-                self.target(i, TargetModule::Q)?,
-                self.target(i, TargetModule::K)?,
-                self.target(i, TargetModule::V)?,
-                self.target(i, TargetModule::O)?,
-                s.num_attention_heads,
-                s.num_key_value_heads,
-                s.head_dim(),
-            ),
-            post_attention_layernorm: self.norm(&format!("{prefix}.post_attention_layernorm"))?,
+            input_layernorm: self.norm(&format!("{prefix}.input_layernorm"), hidden)?,
+            self_attn,
+            post_attention_layernorm: self
+                .norm(&format!("{prefix}.post_attention_layernorm"), hidden)?,
+            feedforward_norms,
             mlp: Mlp {
                 gate_proj: self.target(i, TargetModule::Gate)?,
                 up_proj: self.target(i, TargetModule::Up)?,
                 down_proj: self.target(i, TargetModule::Down)?,
+                gelu_tanh: s.architecture.gemma3().is_some(),
             },
         })
     }

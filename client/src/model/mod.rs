@@ -1,10 +1,12 @@
-//! A Llama-style decoder with FFA-LoRA adapters, in burn 0.22.
+//! A Llama-family or Gemma 3 decoder with LoRA adapters, in burn 0.22.
 //!
 //! Token embedding → N × [RMSNorm → grouped-query causal self-attention with RoPE → residual;
-//! RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head (or the transposed embedding when
-//! `tie_word_embeddings`). No biases. Every linear layer named in `LoraSpec::target_modules`
-//! carries a LoRA branch whose A is frozen (drawn from the plan's shared seed) and whose B is
-//! the only trained tensor; everything else is frozen.
+//! RMSNorm → gated MLP → residual] → RMSNorm → lm_head (or the transposed embedding when
+//! `tie_word_embeddings`). Gemma 3 (`fedcore::Architecture::Gemma3`) scales the embeddings,
+//! norms attention and MLP outputs too, norms query and key heads, uses GeGLU, and gives most
+//! layers a sliding attention window with its own RoPE base; its RMSNorm scales by `1 + w`,
+//! which the builder folds into the norm weights at load. Every linear layer named in
+//! `LoraSpec::target_modules` carries a LoRA branch; the base is frozen.
 //!
 //! Modules, one job each: [`init`] draws the base weights, [`lora_linear`] is the adapted
 //! linear layer, [`rope`], [`attention`], [`mlp`] and [`decoder`] are the blocks,
@@ -16,6 +18,7 @@ mod attention;
 pub mod batch;
 mod build;
 mod decoder;
+mod embedding;
 mod init;
 mod lora_linear;
 pub(crate) mod loss;
@@ -29,29 +32,49 @@ mod tests;
 #[cfg(test)]
 pub(crate) use snapshot::parameters as snapshot_parameters;
 
-pub use attention::{Attention, segment_mask};
+pub use attention::{Attention, segment_mask, sliding_window_mask};
 pub use batch::RowBatch;
 pub use decoder::DecoderLayer;
+pub use embedding::VocabEmbedding;
 pub use lora_linear::{LoraBranch, LoraLinear};
 pub use mlp::Mlp;
 pub use rope::{RopeTables, RotaryEmbedding};
 
 use burn::module::Module;
-use burn::nn::{Embedding, RmsNorm};
-use burn::tensor::module::linear;
+use burn::nn::RmsNorm;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use fedcore::{AdapterConfig, LoraSpec, ModelSpec};
+
+/// Gemma 3's sliding-window layers: their window, RoPE tables, and which layers are global.
+#[derive(Module, Debug)]
+pub struct LocalAttention {
+    rope: RotaryEmbedding,
+    #[module(skip)]
+    window: usize,
+    /// `full_attention[i]`: layer `i` attends globally with the model's main RoPE tables.
+    #[module(skip)]
+    full_attention: Vec<bool>,
+}
 
 /// The decoder with its adapters. Built for inference on a plain device; training converts it
 /// to autodiff internally (see [`crate::train`]).
 #[derive(Module, Debug)]
 pub struct LoraLlama {
-    embed_tokens: Embedding,
+    embed_tokens: VocabEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `None` when the embedding doubles as the output projection.
     lm_head: Option<LoraLinear>,
     rope: RotaryEmbedding,
+    /// Gemma 3's sliding-window attention; `None` when every layer attends globally.
+    local_attention: Option<LocalAttention>,
+    /// Gemma 3 multiplies token embeddings by `√hidden_size` (not the tied output head).
+    #[module(skip)]
+    embed_scale: Option<f32>,
+    /// The token every window of running text starts with, when the checkpoint's tokenizer
+    /// begins every document with one (Gemma's `<bos>`; see [`Self::window_prefix`]).
+    #[module(skip)]
+    window_prefix: Option<u32>,
     #[module(skip)]
     spec: ModelSpec,
     #[module(skip)]
@@ -85,23 +108,44 @@ impl LoraLlama {
     }
 
     /// The final normed hidden states `[batch, seq, hidden]`, before the output projection.
+    /// `positions` are per-token RoPE positions (`None`: `0..seq`), `segments` the
+    /// packed-document mask.
     fn hidden_with(
         &self,
         tokens: Tensor<2, Int>,
-        rope: RopeTables,
+        positions: Option<Tensor<2, Int>>,
         segments: Option<Tensor<4, Bool>>,
     ) -> Tensor<3> {
+        let [batch, seq] = tokens.dims();
+        let tables = |rope: &RotaryEmbedding| match &positions {
+            None => rope.first(seq),
+            Some(p) => rope.at_positions(p.clone()),
+        };
+        let global = tables(&self.rope);
+        let local = self.local_attention.as_ref().map(|local| {
+            let window = sliding_window_mask(seq, local.window, &self.device());
+            let mask = match &segments {
+                None => window,
+                Some(s) => s.clone().bool_or(window.expand([batch, 1, seq, seq])),
+            };
+            (tables(&local.rope), mask, &local.full_attention)
+        });
         let mut h = self.embed_tokens.forward(tokens);
-        for layer in &self.layers {
-            h = layer.forward(h, &rope, segments.as_ref());
+        if let Some(scale) = self.embed_scale {
+            h = h * scale;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = match &local {
+                Some((rope, mask, full)) if !full[i] => layer.forward(h, rope, Some(mask)),
+                _ => layer.forward(h, &global, segments.as_ref()),
+            };
         }
         self.norm.forward(h)
     }
 
     /// Hidden states for plain causal rows (see [`Self::forward`]).
     pub(crate) fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        let seq = tokens.dims()[1];
-        self.hidden_with(tokens, self.rope.first(seq), None)
+        self.hidden_with(tokens, None, None)
     }
 
     /// Hidden states for packed rows (see [`Self::forward_packed`]).
@@ -112,15 +156,24 @@ impl LoraLlama {
         segments: Tensor<2, Int>,
     ) -> Tensor<3> {
         let mask = segment_mask(segments);
-        self.hidden_with(tokens, self.rope.at_positions(positions), Some(mask))
+        self.hidden_with(tokens, Some(positions), Some(mask))
     }
 
     /// The output projection: hidden states → logits over the vocabulary.
     pub(crate) fn head(&self, h: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(h),
-            None => linear(h, self.embed_tokens.weight.val().transpose(), None),
+            None => self.embed_tokens.project(h),
         }
+    }
+
+    /// The token training and evaluation windows of running text start with: the `<bos>`
+    /// the checkpoint's tokenizer puts at the start of every document, `None` when it adds
+    /// none (SmolLM2, the byte-level presets). Gemma reads text without it badly (2.6 vs 6.1
+    /// nats per token on an English sentence), so a window cut from the middle of a text
+    /// gets it too, as it would as a document of its own.
+    pub fn window_prefix(&self) -> Option<u32> {
+        self.window_prefix
     }
 
     /// The architecture this model was built from.
@@ -135,7 +188,7 @@ impl LoraLlama {
 
     /// The device the parameters live on.
     pub fn device(&self) -> Device {
-        self.embed_tokens.weight.lazy_device()
+        self.embed_tokens.device()
     }
 
     /// Number of trained values (all LoRA B entries).

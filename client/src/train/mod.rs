@@ -251,7 +251,8 @@ pub fn train_local_observed(
 ) -> Result<(LoraLlama, TrainStats), ModelError> {
     spec.validate(model.model_spec())?;
     check_vocab(tokens, model.model_spec().vocab_size)?;
-    let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, seed)?;
+    let prefix = model.window_prefix();
+    let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, prefix, seed)?;
     let (model, reports) = train_with(model, spec, &mut source, device, observer, options)?;
     Ok((model, TrainStats::from_reports(&reports)))
 }

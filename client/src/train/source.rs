@@ -19,23 +19,27 @@ pub trait BatchSource {
     fn next_batch(&mut self) -> Result<RowBatch, ModelError>;
 }
 
-/// `rows` random windows of `seq_len + 1` tokens per batch, uniform over the stream.
+/// `rows` random windows of `seq_len` predictions per batch, uniform over the stream: `seq_len
+/// + 1` tokens each, or `seq_len` after the model's `prefix` (see [`RowBatch::windows_after`]).
 pub struct RandomWindows<'a> {
     tokens: &'a [u32],
     rows: usize,
     seq_len: usize,
+    prefix: Option<u32>,
     rng: ChaCha8Rng,
 }
 
 impl<'a> RandomWindows<'a> {
-    /// Refuses a stream shorter than one window.
+    /// Refuses a stream shorter than one window. `prefix` is
+    /// [`LoraLlama::window_prefix`](crate::model::LoraLlama::window_prefix).
     pub fn new(
         tokens: &'a [u32],
         rows: usize,
         seq_len: usize,
+        prefix: Option<u32>,
         seed: u64,
     ) -> Result<Self, ModelError> {
-        let window = seq_len + 1;
+        let window = seq_len + usize::from(prefix.is_none());
         if tokens.len() < window {
             return Err(ModelError::TooFewTokens {
                 what: "training corpus",
@@ -47,6 +51,7 @@ impl<'a> RandomWindows<'a> {
             tokens,
             rows,
             seq_len,
+            prefix,
             rng: ChaCha8Rng::seed_from_u64(seed),
         })
     }
@@ -54,11 +59,17 @@ impl<'a> RandomWindows<'a> {
 
 impl BatchSource for RandomWindows<'_> {
     fn next_batch(&mut self) -> Result<RowBatch, ModelError> {
-        let last_start = self.tokens.len() - (self.seq_len + 1);
+        let window = self.seq_len + usize::from(self.prefix.is_none());
+        let last_start = self.tokens.len() - window;
         let starts: Vec<usize> = (0..self.rows)
             .map(|_| self.rng.random_range(0..=last_start))
             .collect();
-        Ok(RowBatch::windows(self.tokens, &starts, self.seq_len))
+        Ok(RowBatch::windows_after(
+            self.prefix,
+            self.tokens,
+            &starts,
+            self.seq_len,
+        ))
     }
 }
 

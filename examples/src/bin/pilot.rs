@@ -23,8 +23,9 @@ use mekong_examples::pilot::{PilotModel, PilotOptions};
 )]
 struct Args {
     /// Base model: `auto` (SmolLM2-135M-Instruct when scripts/fetch-model.sh has cached it,
-    /// else `small`), a byte-level preset trained from a seed (`tiny`, `small`, `base`), or a
-    /// GGUF file / Hugging Face directory.
+    /// else `small`), a byte-level preset trained from a seed (`tiny`, `small`, `base`), a
+    /// cached pretrained model (`smollm2`, `gemma3`: `bash scripts/fetch-model.sh gemma3`),
+    /// or a GGUF file / Hugging Face directory.
     #[arg(long, default_value = "auto")]
     model: String,
     /// Federated rounds [default: 5, or 3 for a pretrained model].
@@ -54,7 +55,7 @@ struct Args {
     /// Tokens per sequence (bytes for the presets) [default: 64, or 128 for a pretrained model].
     #[arg(long)]
     seq_len: Option<usize>,
-    /// AdamW learning rate [default: 5e-3, or 2e-3 for a pretrained model].
+    /// AdamW learning rate [default: 5e-3, or 2e-3 for a pretrained model, 5e-4 for Gemma 3].
     #[arg(long)]
     lr: Option<f64>,
     /// LoRA rank.

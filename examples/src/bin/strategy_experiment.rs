@@ -24,8 +24,9 @@ struct Cli {
     /// Comma-separated language codes.
     #[arg(long, value_delimiter = ',', default_value = "lo,km,th,vi,my,id")]
     languages: Vec<String>,
-    /// tiny or small (byte-level presets from a seed), auto (the cached SmolLM2, see
-    /// scripts/fetch-model.sh), or the path of a GGUF file or Hugging Face directory.
+    /// tiny or small (byte-level presets from a seed), auto or smollm2 (the cached SmolLM2),
+    /// gemma3 (the cached Gemma 3 270m; see scripts/fetch-model.sh), or the path of a GGUF
+    /// file or Hugging Face directory.
     #[arg(long, default_value = "small")]
     model: String,
     /// one-per-language, or per-country (a ministry, a university and a hospital per
@@ -53,7 +54,8 @@ struct Cli {
     /// Tokens per window (default 64 on a preset, 128 on a pretrained model).
     #[arg(long)]
     seq_len: Option<usize>,
-    /// AdamW learning rate (default 5e-3 on a preset, 2e-3 on a pretrained model).
+    /// AdamW learning rate (default 5e-3 on a preset, 2e-3 on a pretrained Llama-family
+    /// model, 5e-4 on Gemma 3).
     #[arg(long)]
     learning_rate: Option<f64>,
     /// Score every lab after every round (default on a preset) or only after the last
@@ -75,6 +77,9 @@ fn main() -> Result<()> {
     let model = match cli.model.as_str() {
         "tiny" => ExperimentModel::Preset(ModelSize::Tiny),
         "small" => ExperimentModel::Preset(ModelSize::Small),
+        "smollm2" | "gemma3" => {
+            ExperimentModel::Checkpoint(mekong_examples::pilot::cached_model(&cli.model)?)
+        }
         "auto" => {
             let path = fedclient::checkpoint::default_model_path();
             if !path.exists() {
@@ -89,7 +94,7 @@ fn main() -> Result<()> {
             let path = PathBuf::from(path);
             if !path.exists() {
                 return Err(anyhow!(
-                    "--model {}: no such file or directory (give tiny, small, auto, a .gguf file or a Hugging Face model directory)",
+                    "--model {}: no such file or directory (give tiny, small, auto, smollm2, gemma3, a .gguf file or a Hugging Face model directory)",
                     path.display()
                 ));
             }
@@ -124,6 +129,10 @@ fn main() -> Result<()> {
     };
     let device: DeviceChoice = cli.device.parse().map_err(|e| anyhow!("--device: {e}"))?;
     let selected = select_device(device).context("selecting the device")?;
+    let learning_rate = cli.learning_rate.unwrap_or(match &model {
+        ExperimentModel::Checkpoint(path) => mekong_examples::pilot::pretrained_learning_rate(path),
+        ExperimentModel::Preset(_) => 5e-3,
+    });
     let options = ExperimentOptions {
         languages: cli.languages,
         model,
@@ -132,9 +141,7 @@ fn main() -> Result<()> {
         local_steps,
         batch_size: cli.batch_size.unwrap_or(if pretrained { 2 } else { 8 }),
         seq_len: cli.seq_len.unwrap_or(if pretrained { 128 } else { 64 }),
-        learning_rate: cli
-            .learning_rate
-            .unwrap_or(if pretrained { 2e-3 } else { 5e-3 }),
+        learning_rate,
         eval_every_round,
         arms,
         seed: cli.seed,

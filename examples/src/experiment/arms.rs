@@ -292,6 +292,7 @@ impl Run<'_> {
                             &lab.corpus.train,
                             options.batch_size,
                             options.seq_len,
+                            model.window_prefix(),
                             batch_seed(options, i, round),
                         )
                     })

@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 
 /// The types [`dequantize`] converts, for error messages.
-pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K";
+pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K";
 
 /// Elements per super-block of the k-quants.
 const QK_K: usize = 256;
@@ -71,6 +71,8 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType::known(1);
     pub const Q4_0: GgmlType = GgmlType::known(2);
     pub const Q4_1: GgmlType = GgmlType::known(3);
+    pub const Q5_0: GgmlType = GgmlType::known(6);
+    pub const Q5_1: GgmlType = GgmlType::known(7);
     pub const Q8_0: GgmlType = GgmlType::known(8);
     pub const Q4_K: GgmlType = GgmlType::known(12);
     pub const Q6_K: GgmlType = GgmlType::known(14);
@@ -122,7 +124,7 @@ impl GgmlType {
 
     /// Whether [`dequantize`] converts this type.
     pub fn is_supported(self) -> bool {
-        matches!(self.id, 0 | 1 | 2 | 3 | 8 | 12 | 14 | 30)
+        matches!(self.id, 0 | 1 | 2 | 3 | 6 | 7 | 8 | 12 | 14 | 30)
     }
 }
 
@@ -173,6 +175,8 @@ pub fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Result<Vec<f32>, Dequant
         ),
         2 => blocks.for_each(|b| q4_0(b, &mut out)),
         3 => blocks.for_each(|b| q4_1(b, &mut out)),
+        6 => blocks.for_each(|b| q5_0(b, &mut out)),
+        7 => blocks.for_each(|b| q5_1(b, &mut out)),
         8 => blocks.for_each(|b| q8_0(b, &mut out)),
         12 => blocks.for_each(|b| q4_k(b, &mut out)),
         14 => blocks.for_each(|b| q6_k(b, &mut out)),
@@ -189,6 +193,35 @@ fn half_at(b: &[u8], at: usize) -> f32 {
 fn q8_0(b: &[u8], out: &mut Vec<f32>) {
     let d = half_at(b, 0);
     out.extend(b[2..34].iter().map(|&q| f32::from(q as i8) * d));
+}
+
+/// The 32 five-bit values of a `block_q5_0`/`block_q5_1`: `qh` (a little-endian u32) holds
+/// the fifth bits, bit `j` for element `j`; `qs[j]` holds the low four bits of element `j`
+/// (low nibble) and of element `j + 16` (high nibble).
+fn five_bit(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = [0u8; 32];
+    for j in 0..16 {
+        let high_lo = (((qh >> j) << 4) & 0x10) as u8;
+        let high_hi = ((qh >> (j + 12)) & 0x10) as u8;
+        q[j] = (qs[j] & 0x0F) | high_lo;
+        q[j + 16] = (qs[j] >> 4) | high_hi;
+    }
+    q
+}
+
+/// `block_q5_0`: `d: f16, qh: [u8; 4], qs: [u8; 16]`; `y = (q − 16) · d`.
+fn q5_0(b: &[u8], out: &mut Vec<f32>) {
+    let d = half_at(b, 0);
+    let q = five_bit(&b[2..6], &b[6..22]);
+    out.extend(q.iter().map(|&q| f32::from(q as i8 - 16) * d));
+}
+
+/// `block_q5_1`: `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`; `y = q · d + m`.
+fn q5_1(b: &[u8], out: &mut Vec<f32>) {
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    let q = five_bit(&b[4..8], &b[8..24]);
+    out.extend(q.iter().map(|&q| f32::from(q) * d + m));
 }
 
 /// `block_q4_0`: `d: f16, qs: [u8; 16]`; element `j` is the low nibble of `qs[j]`, element

@@ -9,8 +9,8 @@
 //! dimensions put in Hugging Face order and, for Llama-architecture q/k projections, its rows
 //! un-permuted back to the rotate-half RoPE layout ([`names`]).
 //!
-//! Supported: architectures `llama` and `qwen2`; tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1,
-//! Q4_K, Q6_K (others are refused when read, naming the tensor and its type); tokenizers `gpt2`
+//! Supported: architectures `llama`, `qwen2` and `gemma3` (text); tensor types F32, F16, BF16,
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K (others are refused when read, naming the tensor and its type); tokenizers `gpt2`
 //! (byte-level BPE) and `llama` (SentencePiece BPE).
 
 pub mod dequant;
@@ -54,8 +54,9 @@ pub fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
 /// The tensors of a GGUF file under their Hugging Face names, converted on demand.
 pub struct GgufWeights {
     file: GgufFile,
-    /// Hugging Face name → (index into `file.tensors`, q/k role when rows must be un-permuted).
-    index: BTreeMap<String, (usize, Option<QkRole>)>,
+    /// Hugging Face name → (index into `file.tensors`, q/k role when rows must be un-permuted,
+    /// whether the file stores `1 + w`).
+    index: BTreeMap<String, (usize, Option<QkRole>, bool)>,
     n_head: usize,
     n_head_kv: usize,
 }
@@ -65,12 +66,11 @@ impl GgufWeights {
     /// model's query and key/value head counts, needed to un-permute q/k rows of
     /// Llama-architecture files. Tensors with no Hugging Face counterpart are left out.
     pub fn new(file: GgufFile, n_head: usize, n_head_kv: usize) -> Result<Self, CheckpointError> {
-        let permutes = spec::arch(&file)?.permutes_qk();
+        let arch = spec::arch(&file)?;
         let mut index = BTreeMap::new();
         for (i, info) in file.tensors.iter().enumerate() {
-            if let Some(mapped) = names::hf_name(&info.name) {
-                let role = mapped.qk.filter(|_| permutes);
-                index.insert(mapped.hf, (i, role));
+            if let Some(mapped) = names::hf_name(&info.name, arch) {
+                index.insert(mapped.hf, (i, mapped.qk, mapped.minus_one));
             }
         }
         Ok(GgufWeights {
@@ -93,13 +93,13 @@ impl WeightSource for GgufWeights {
     }
 
     fn tensor(&self, name: &str) -> Result<HostTensor, CheckpointError> {
-        let &(i, role) = self
-            .index
-            .get(name)
-            .ok_or_else(|| CheckpointError::MissingTensor {
-                path: self.file.path().display().to_string(),
-                name: name.to_string(),
-            })?;
+        let &(i, role, minus_one) =
+            self.index
+                .get(name)
+                .ok_or_else(|| CheckpointError::MissingTensor {
+                    path: self.file.path().display().to_string(),
+                    name: name.to_string(),
+                })?;
         let info = &self.file.tensors[i];
         let described = || format!("{name} (GGUF {})", info.name);
         if !info.ggml_type.is_supported() {
@@ -126,6 +126,10 @@ impl WeightSource for GgufWeights {
             },
         })?;
         let shape = names::hf_shape(&info.dims);
+        let mut data = data;
+        if minus_one {
+            data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         let data = match role {
             None => data,
             Some(role) => {

@@ -7,6 +7,14 @@
 //! projections so that llama.cpp can apply RoPE to adjacent pairs; Hugging Face's Llama rotates
 //! the two halves of each head instead. This module undoes all three, so the model builder sees
 //! exactly what a Hugging Face checkpoint holds.
+//!
+//! Gemma 3 files differ: `ffn_norm` is the MLP's input norm (`pre_feedforward_layernorm`;
+//! Gemma's `post_attention_layernorm` norms the attention output, `post_attention_norm`),
+//! there are query/key and MLP-output norms, q/k rows are not permuted (llama.cpp rotates
+//! Gemma's halves as Hugging Face does), and every norm weight is stored as `1 + w` (the
+//! converter adds Gemma's implicit one), so the one is subtracted back here.
+
+use super::spec::Arch;
 
 /// Hugging Face names of the non-layer tensors.
 const GLOBALS: &[(&str, &str)] = &[
@@ -25,7 +33,18 @@ const LAYER_MODULES: &[(&str, &str)] = &[
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
     ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// Llama's MLP input norm (Hugging Face calls it `post_attention_layernorm`).
+const LLAMA_NORMS: &[(&str, &str)] = &[("ffn_norm", "post_attention_layernorm")];
+
+/// Gemma 3's norms beyond `attn_norm`.
+const GEMMA3_NORMS: &[(&str, &str)] = &[
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("ffn_norm", "pre_feedforward_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
 /// Which rotary permutation, if any, a tensor's rows carry.
@@ -43,15 +62,19 @@ pub struct MappedName {
     pub hf: String,
     /// `Some` for q/k projections, whose rows llama.cpp permutes for Llama-architecture models.
     pub qk: Option<QkRole>,
+    /// The file stores `1 + w` for this (Gemma 3 norm) weight: subtract one.
+    pub minus_one: bool,
 }
 
-/// The Hugging Face name of a GGUF tensor, or `None` for tensors the model does not load
-/// (`rope_freqs.weight`, vision towers, ...).
-pub fn hf_name(gguf: &str) -> Option<MappedName> {
+/// The Hugging Face name of a GGUF tensor of architecture `arch`, or `None` for tensors the
+/// model does not load (`rope_freqs.weight`, vision towers, ...).
+pub fn hf_name(gguf: &str, arch: Arch) -> Option<MappedName> {
+    let gemma = arch == Arch::Gemma3;
     if let Some(&(_, hf)) = GLOBALS.iter().find(|(g, _)| *g == gguf) {
         return Some(MappedName {
             hf: hf.to_string(),
             qk: None,
+            minus_one: gemma && gguf == "output_norm.weight",
         });
     }
     let rest = gguf.strip_prefix("blk.")?;
@@ -67,15 +90,20 @@ pub fn hf_name(gguf: &str) -> Option<MappedName> {
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let &(_, module) = LAYER_MODULES.iter().find(|(g, _)| *g == base)?;
+    let norms = if gemma { GEMMA3_NORMS } else { LLAMA_NORMS };
+    let &(_, module) = LAYER_MODULES
+        .iter()
+        .chain(norms)
+        .find(|(g, _)| *g == base)?;
     let qk = match base {
-        "attn_q" => Some(QkRole::Query),
-        "attn_k" => Some(QkRole::Key),
+        "attn_q" if arch.permutes_qk() => Some(QkRole::Query),
+        "attn_k" if arch.permutes_qk() => Some(QkRole::Key),
         _ => None,
     };
     Some(MappedName {
         hf: format!("model.layers.{layer}.{module}.{kind}"),
         qk,
+        minus_one: gemma && base.ends_with("norm"),
     })
 }
 
@@ -126,7 +154,7 @@ mod tests {
 
     #[test]
     fn maps_llama_names() {
-        let m = |g: &str| hf_name(g).map(|m| (m.hf, m.qk));
+        let m = |g: &str| hf_name(g, Arch::Llama).map(|m| (m.hf, m.qk));
         assert_eq!(
             m("token_embd.weight"),
             Some(("model.embed_tokens.weight".into(), None))
@@ -182,9 +210,51 @@ mod tests {
             "blk.1.attn_q.scale",
             "blk..attn_q.weight",
         ] {
-            assert_eq!(hf_name(ignored), None, "{ignored}");
+            assert_eq!(hf_name(ignored, Arch::Llama), None, "{ignored}");
         }
         assert_eq!(hf_shape(&[576, 192]), vec![192, 576]);
+        // Gemma's extra norms mean nothing in a Llama file.
+        assert_eq!(hf_name("blk.0.post_ffw_norm.weight", Arch::Llama), None);
+    }
+
+    #[test]
+    fn maps_gemma3_names_with_their_norm_offset() {
+        let m = |g: &str| hf_name(g, Arch::Gemma3).map(|m| (m.hf, m.qk, m.minus_one));
+        let norm = |hf: &str| Some((hf.to_string(), None, true));
+        assert_eq!(
+            m("blk.2.attn_norm.weight"),
+            norm("model.layers.2.input_layernorm.weight")
+        );
+        assert_eq!(
+            m("blk.2.attn_q_norm.weight"),
+            norm("model.layers.2.self_attn.q_norm.weight")
+        );
+        assert_eq!(
+            m("blk.2.attn_k_norm.weight"),
+            norm("model.layers.2.self_attn.k_norm.weight")
+        );
+        assert_eq!(
+            m("blk.2.post_attention_norm.weight"),
+            norm("model.layers.2.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            m("blk.2.ffn_norm.weight"),
+            norm("model.layers.2.pre_feedforward_layernorm.weight")
+        );
+        assert_eq!(
+            m("blk.2.post_ffw_norm.weight"),
+            norm("model.layers.2.post_feedforward_layernorm.weight")
+        );
+        assert_eq!(m("output_norm.weight"), norm("model.norm.weight"));
+        // Projections are neither permuted nor offset; the embedding is not offset.
+        assert_eq!(
+            m("blk.0.attn_q.weight"),
+            Some(("model.layers.0.self_attn.q_proj.weight".into(), None, false))
+        );
+        assert_eq!(
+            m("token_embd.weight"),
+            Some(("model.embed_tokens.weight".into(), None, false))
+        );
     }
 
     /// llama.cpp's `permute`, written out as the converter does it, for the round trip.

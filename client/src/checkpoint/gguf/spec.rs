@@ -3,13 +3,20 @@
 //! llama.cpp stores the Hugging Face `config.json` fields under `{arch}.…` keys
 //! (`llama.block_count`, `llama.attention.head_count_kv`, ...). The rest is implied by which
 //! tensors are present: untied output (`output.weight`), biases (Qwen2 always has q/k/v biases).
-//! Supported: `llama` (Llama, Mistral and SmolLM files all use it) and `qwen2`.
+//! Supported: `llama` (Llama, Mistral and SmolLM files all use it), `qwen2` and `gemma3`
+//! (text).
+//!
+//! Three Gemma 3 settings are not in the file, because llama.cpp hard-codes them
+//! (`llama-model.cpp`, `LLM_ARCH_GEMMA3`): every sixth layer is global (unless the file states
+//! `gemma3.attention.sliding_window_pattern`), sliding layers use RoPE base 10000, and scores
+//! are scaled by `key_length^-½` except in the 62-layer 27B model (`(hidden / heads)^-½`).
+//! The same values are in each model's Hugging Face `config.json`.
 
 use std::path::Path;
 
-use fedcore::{ModelSpec, RopeScaling};
+use fedcore::{Architecture, Gemma3Layout, ModelSpec, RopeScaling};
 
-use super::reader::{GgufFile, Value};
+use super::reader::{Array, GgufFile, Value};
 use crate::error::CheckpointError;
 
 /// The architectures this reader builds models for.
@@ -19,6 +26,8 @@ pub enum Arch {
     Llama,
     /// `qwen2`: q/k/v biases, rows stored as in Hugging Face (NeoX-style RoPE).
     Qwen2,
+    /// `gemma3`: Gemma 3 text models; rows as in Hugging Face, norms stored as `1 + w`.
+    Gemma3,
 }
 
 impl Arch {
@@ -26,6 +35,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
         }
     }
 
@@ -43,8 +53,9 @@ pub fn arch(file: &GgufFile) -> Result<Arch, CheckpointError> {
         Some(Value::Str(s)) => match s.as_str() {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
+            "gemma3" => Ok(Arch::Gemma3),
             other => Err(err(format!(
-                "`{other}` is not supported (supported: llama, qwen2)"
+                "`{other}` is not supported (supported: llama, qwen2, gemma3)"
             ))),
         },
         Some(v) => Err(err(format!("expected a string, found {}", v.type_name()))),
@@ -184,14 +195,44 @@ pub fn spec_from_metadata(file: &GgufFile) -> Result<ModelSpec, CheckpointError>
     let has = |suffix: &str| tensor(&format!("blk.0.{suffix}")).is_some();
     let (qkv_bias, o_bias) = match arch {
         Arch::Qwen2 => (true, false),
-        Arch::Llama => (has("attn_q.bias"), has("attn_output.bias")),
+        Arch::Llama | Arch::Gemma3 => (has("attn_q.bias"), has("attn_output.bias")),
+    };
+    let num_hidden_layers = required("block_count")?;
+    let architecture = match arch {
+        Arch::Llama | Arch::Qwen2 => Architecture::Llama,
+        Arch::Gemma3 => {
+            if let Some(cap) = f64_opt("final_logit_softcapping")?.filter(|&c| c != 0.0) {
+                return Err(config_err(
+                    path,
+                    &key("final_logit_softcapping"),
+                    format!("{cap}: logit soft-capping (Gemma 2) is not supported"),
+                ));
+            }
+            let full_attention_layers = gemma3_full_layers(
+                file,
+                &key("attention.sliding_window_pattern"),
+                num_hidden_layers,
+            )?;
+            // llama.cpp: 27B (62 layers) scales by hidden / heads, the others by the head width.
+            let query_pre_attn_scalar = if num_hidden_layers == 62 {
+                default_head_dim
+            } else {
+                effective_head_dim
+            };
+            Architecture::Gemma3(Gemma3Layout {
+                sliding_window: required("attention.sliding_window")?,
+                full_attention_layers,
+                rope_local_theta: 10_000.0,
+                query_pre_attn_scalar: query_pre_attn_scalar as f32,
+            })
+        }
     };
     let spec = ModelSpec {
         name: model_name(file),
         vocab_size,
         hidden_size,
         intermediate_size: required("feed_forward_length")?,
-        num_hidden_layers: required("block_count")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads,
         rope_theta: f64_opt("rope.freq_base")?.unwrap_or(10_000.0) as f32,
@@ -211,10 +252,46 @@ pub fn spec_from_metadata(file: &GgufFile) -> Result<ModelSpec, CheckpointError>
         mlp_bias: has("ffn_up.bias"),
         rope_scaling,
         weights_sha256: None,
+        architecture,
     };
     spec.validate()
         .map_err(|e| config_err(path, "(architecture)", e.to_string()))?;
     Ok(spec)
+}
+
+/// Gemma 3's global layers: from `{arch}.attention.sliding_window_pattern` when the file has
+/// it (a period n, or one flag per layer, true = sliding, as newer llama.cpp writes), else
+/// llama.cpp's default for Gemma 3, every sixth layer.
+fn gemma3_full_layers(
+    file: &GgufFile,
+    key: &str,
+    layers: usize,
+) -> Result<Vec<usize>, CheckpointError> {
+    let err = |reason: String| config_err(file.path(), key, reason);
+    match file.get(key) {
+        None => Ok(Gemma3Layout::every_nth_full(layers, 6)),
+        Some(Value::Array(array)) => {
+            let Array::Bool(flags) = array else {
+                return Err(err(format!(
+                    "expected a list of booleans, found a list of {}",
+                    array.element_type_name()
+                )));
+            };
+            if flags.len() != layers {
+                return Err(err(format!("{} flags for {layers} layers", flags.len())));
+            }
+            Ok((0..layers).filter(|&i| !flags[i]).collect())
+        }
+        Some(v) => v
+            .as_u64()
+            .map(|n| Gemma3Layout::every_nth_full(layers, n as usize))
+            .ok_or_else(|| {
+                err(format!(
+                    "expected an integer or a list, found {}",
+                    v.type_name()
+                ))
+            }),
+    }
 }
 
 /// `general.name`, else the file name without `.gguf`.

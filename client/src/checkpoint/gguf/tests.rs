@@ -119,7 +119,14 @@ fn tiny_llama_gguf_matches_hf_tensors() {
     let stored: BTreeMap<String, &super::reader::TensorInfo> = file
         .tensors
         .iter()
-        .map(|t| (names::hf_name(&t.name).unwrap().hf, t))
+        .map(|t| {
+            (
+                names::hf_name(&t.name, super::spec::Arch::Llama)
+                    .unwrap()
+                    .hf,
+                t,
+            )
+        })
         .collect();
     let mut kinds = std::collections::BTreeSet::new();
     for name in hf.weights.names() {
@@ -764,10 +771,10 @@ fn spec_errors_name_the_key() {
     assert!(msg.contains("`llama.block_count`: missing"), "{msg}");
 
     let mut b = full();
-    b.metadata[0].1 = s("gemma3");
+    b.metadata[0].1 = s("gemma2");
     let msg = spec_err(b, "b.gguf");
     assert!(
-        msg.contains("general.architecture") && msg.contains("gemma3"),
+        msg.contains("general.architecture") && msg.contains("gemma2"),
         "{msg}"
     );
 
@@ -885,4 +892,144 @@ fn byte_level_tokenizer_follows_pre() {
         err.contains("tokenizer.ggml.pre") && err.contains("nonesuch"),
         "{err}"
     );
+}
+
+/// The tiny Gemma 3 of `client/tests/fixtures/tiny-gemma3`, written as llama.cpp's converter
+/// writes Gemma 3 (`gemma3.*` keys, GGUF tensor names, norms stored as `1 + w`, a per-layer
+/// sliding-window flag list), builds the model the Hugging Face files build: this checks the
+/// name map, the norm offset and the metadata, and that nothing is un-permuted.
+#[test]
+fn gemma3_gguf_builds_the_same_model_as_its_hf_form() {
+    use crate::model::LoraLlama;
+    use burn::tensor::{Device, Int, Tensor, TensorData};
+    use fedcore::LoraSpec;
+
+    let hf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-gemma3");
+    let mut hf = checkpoint::open(&hf_dir).unwrap();
+    let spec = hf.spec.clone();
+    let g = spec.architecture.gemma3().unwrap().clone();
+    let to_gguf: &[(&str, &str)] = &[
+        ("self_attn.q_proj", "attn_q"),
+        ("self_attn.k_proj", "attn_k"),
+        ("self_attn.v_proj", "attn_v"),
+        ("self_attn.o_proj", "attn_output"),
+        ("mlp.gate_proj", "ffn_gate"),
+        ("mlp.up_proj", "ffn_up"),
+        ("mlp.down_proj", "ffn_down"),
+        ("input_layernorm", "attn_norm"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
+        ("post_attention_layernorm", "post_attention_norm"),
+        ("pre_feedforward_layernorm", "ffn_norm"),
+        ("post_feedforward_layernorm", "post_ffw_norm"),
+    ];
+    let flags: Vec<bool> = (0..spec.num_hidden_layers)
+        .map(|i| !g.is_full_attention(i))
+        .collect();
+    let mut b = GgufBuilder::new()
+        .kv("general.architecture", s("gemma3"))
+        .kv("general.name", s("tiny-gemma3"))
+        .kv(
+            "gemma3.block_count",
+            Value::U32(spec.num_hidden_layers as u32),
+        )
+        .kv(
+            "gemma3.context_length",
+            Value::U32(spec.max_position_embeddings as u32),
+        )
+        .kv(
+            "gemma3.embedding_length",
+            Value::U32(spec.hidden_size as u32),
+        )
+        .kv(
+            "gemma3.feed_forward_length",
+            Value::U32(spec.intermediate_size as u32),
+        )
+        .kv(
+            "gemma3.attention.head_count",
+            Value::U32(spec.num_attention_heads as u32),
+        )
+        .kv(
+            "gemma3.attention.head_count_kv",
+            Value::U32(spec.num_key_value_heads as u32),
+        )
+        .kv(
+            "gemma3.attention.key_length",
+            Value::U32(spec.head_dim() as u32),
+        )
+        .kv(
+            "gemma3.attention.value_length",
+            Value::U32(spec.head_dim() as u32),
+        )
+        .kv("gemma3.rope.freq_base", Value::F32(spec.rope_theta))
+        .kv(
+            "gemma3.attention.layer_norm_rms_epsilon",
+            Value::F32(spec.rms_norm_eps),
+        )
+        .kv(
+            "gemma3.attention.sliding_window",
+            Value::U32(g.sliding_window as u32),
+        )
+        .kv(
+            "gemma3.attention.sliding_window_pattern",
+            Value::Array(Array::Bool(flags)),
+        );
+    for name in hf.weights.names() {
+        let t = hf.weights.tensor(&name).unwrap();
+        let gguf = match name.as_str() {
+            "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+            "model.norm.weight" => "output_norm.weight".to_string(),
+            _ => {
+                let rest = name.strip_prefix("model.layers.").unwrap();
+                let (layer, module) = rest.split_once('.').unwrap();
+                let module = module.strip_suffix(".weight").unwrap();
+                let &(_, base) = to_gguf.iter().find(|(h, _)| *h == module).unwrap();
+                format!("blk.{layer}.{base}.weight")
+            }
+        };
+        let mut data = t.data.clone();
+        if name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|v| *v += 1.0);
+        }
+        let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
+        b = b.f32_tensor(&gguf, &dims, &data);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = b.write(tmp.path(), "tiny-gemma3.gguf");
+    let gguf = checkpoint::open(&path).unwrap();
+    assert_eq!(gguf.format, CheckpointFormat::Gguf);
+
+    // GGUF cannot state query_pre_attn_scalar: llama.cpp uses the head width. Give the HF
+    // form the same, and everything else must agree as read.
+    let mut expected_spec = spec.clone();
+    if let fedcore::Architecture::Gemma3(l) = &mut expected_spec.architecture {
+        l.query_pre_attn_scalar = spec.head_dim() as f32;
+    }
+    let mut got_spec = gguf.spec.clone();
+    got_spec.name = expected_spec.name.clone();
+    got_spec.weights_sha256 = expected_spec.weights_sha256.clone();
+    assert_eq!(got_spec, expected_spec);
+    hf.spec = expected_spec;
+
+    let device = Device::flex();
+    let lora = LoraSpec::default();
+    let ids: Vec<i64> = vec![2, 17, 42, 99, 5, 63, 120, 7, 7, 31, 88];
+    let logits = |c: &checkpoint::Checkpoint| {
+        let model = LoraLlama::from_checkpoint(c, &lora, &device).unwrap();
+        model
+            .forward(Tensor::<2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, ids.len()]),
+                &device,
+            ))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let (a, b) = (logits(&hf), logits(&gguf));
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(max < 1e-5, "GGUF vs HF Gemma 3 logits differ by {max}");
 }
