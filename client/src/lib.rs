@@ -11,6 +11,8 @@
 //! - [`train`]: one round of local training on LoRA B.
 //! - [`eval`]: held-out loss, perplexity, bits per character.
 //! - [`participant`]: the runtime that joins a federation and trains every round.
+//! - [`round_clock`]: where a lab's time goes in each round (train, evaluate, download,
+//!   secure aggregation, upload, waiting).
 //! - [`progress`]: progress bars and per-round summaries for `fedclient`.
 //! - [`upload`]: the single seam where an update is encoded for the wire.
 //! - [`download`]: receiving a global adapter (inline, or in resumable checksummed chunks).
@@ -33,5 +35,6 @@ pub mod model;
 pub mod participant;
 pub mod progress;
 pub mod reveal_record;
+pub mod round_clock;
 pub mod train;
 pub mod upload;

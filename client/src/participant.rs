@@ -62,6 +62,7 @@ use crate::eval::{EvalStats, evaluate};
 use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
 use crate::reveal_record::RevealRecord;
+use crate::round_clock::{Phase, RoundClock, RoundTiming};
 use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
 use fedcore::round::guard::Verdict;
@@ -317,6 +318,8 @@ impl ParticipantObserver for Quiet {}
 pub struct RoundReport {
     pub round: u64,
     pub train: TrainStats,
+    /// Where this lab's time went in the round ([`crate::round_clock`]).
+    pub timing: RoundTiming,
 }
 
 /// Why a participant's run ended.
@@ -351,6 +354,22 @@ pub struct ParticipantReport {
     /// (`[out, in]` per adapted module, already scaled; empty under every other mode).
     pub final_base_delta: BTreeMap<String, Matrix>,
     pub ended: RunEnd,
+    /// Where the run's time went outside the rounds.
+    pub timing: RunTiming,
+}
+
+/// A lab's whole run in seconds: what happened before its first round and after its last,
+/// beside the rounds ([`RoundReport::timing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunTiming {
+    /// From the call to [`run`] to its return.
+    pub wall_s: f64,
+    /// Connecting, joining and building the model on the base, before the first round.
+    pub setup_s: f64,
+    /// Scoring the base model before the first round (when asked for).
+    pub initial_eval_s: f64,
+    /// Scoring the model the lab ends with (when asked for).
+    pub final_eval_s: f64,
 }
 
 /// Takes part in a federation until it finishes.
@@ -360,6 +379,7 @@ pub async fn run(
     device: Device,
     observer: Arc<dyn ParticipantObserver>,
 ) -> Result<ParticipantReport, ParticipantError> {
+    let run_started = std::time::Instant::now();
     let client = connect(&options).await?;
     let joined = call_with_retry(&options, "Join", || {
         let mut c = client.clone();
@@ -404,6 +424,8 @@ pub async fn run(
 
     let corpus = Arc::new(corpus);
     let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
+    let setup_s = run_started.elapsed().as_secs_f64();
+    let evaluating = std::time::Instant::now();
     let initial_eval = if options.evaluate {
         let (m, stats) = evaluate_blocking(model, &corpus, plan.training.seq_len, &device).await?;
         model = m;
@@ -411,6 +433,7 @@ pub async fn run(
     } else {
         None
     };
+    let initial_eval_s = evaluating.elapsed().as_secs_f64();
     let mut rounds = Vec::new();
     let mut secure = SecureState::default();
     // Refusals of this lab's plaintext update in the current round.
@@ -418,18 +441,23 @@ pub async fn run(
 
     // The last global this lab received: what it ends with if it leaves while waiting.
     let mut last_global: Option<GlobalModel> = None;
+    let mut clock = RoundClock::new();
     let (final_model, ended) = loop {
-        let task = call_with_retry(&options, "FetchTask", || {
-            let mut c = client.clone();
-            let req = pb::FetchTaskRequest {
-                participant_id: id.clone(),
-                wait_ms: 10_000,
-            };
-            async move { c.fetch_task(req).await }
-        })
-        .await?
-        .task
-        .ok_or(ParticipantError::EmptyAnswer("FetchTask"))?;
+        let task = clock
+            .time(
+                Phase::Wait,
+                call_with_retry(&options, "FetchTask", || {
+                    let mut c = client.clone();
+                    let req = pb::FetchTaskRequest {
+                        participant_id: id.clone(),
+                        wait_ms: 10_000,
+                    };
+                    async move { c.fetch_task(req).await }
+                }),
+            )
+            .await?
+            .task
+            .ok_or(ParticipantError::EmptyAnswer("FetchTask"))?;
 
         match task {
             pb::fetch_task_response::Task::Wait(w) => {
@@ -443,19 +471,24 @@ pub async fn run(
                     );
                 }
                 tracing::debug!(participant = %options.name, reason = %w.reason, "waiting");
-                tokio::time::sleep(Duration::from_millis(w.retry_after_ms.min(5_000).into())).await;
+                let pause = Duration::from_millis(w.retry_after_ms.min(5_000).into());
+                clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
             }
             pb::fetch_task_response::Task::Train(t) => {
-                let Fetched::Adapter(global) = fetch_global(
-                    &client,
-                    &options,
-                    &id,
-                    t.round,
-                    t.global_adapter.as_ref(),
-                    &template,
-                    &observer,
-                )
-                .await?
+                let Fetched::Adapter(global) = clock
+                    .time(
+                        Phase::Download,
+                        fetch_global(
+                            &client,
+                            &options,
+                            &id,
+                            t.round,
+                            t.global_adapter.as_ref(),
+                            &template,
+                            &observer,
+                        ),
+                    )
+                    .await?
                 else {
                     continue;
                 };
@@ -535,12 +568,17 @@ pub async fn run(
                         round: t.round,
                         steps: spec.local_steps,
                     };
-                    let (trained, stats, scores) = tokio::task::spawn_blocking(move || {
+                    let training_started = std::time::Instant::now();
+                    let (trained, stats, scores, evaluating) = tokio::task::spawn_blocking(move || {
+                        let mut evaluating = Duration::ZERO;
                         // A failed evaluation costs the report, never the round.
-                        let heldout = |m: &LoraLlama| {
-                            evaluate(m, &data.heldout, spec.seq_len, &dev)
+                        let mut heldout = |m: &LoraLlama| {
+                            let start = std::time::Instant::now();
+                            let stats = evaluate(m, &data.heldout, spec.seq_len, &dev)
                                 .inspect_err(|e| warn!(error = %e, "held-out evaluation failed; no metrics report this round"))
-                                .ok()
+                                .ok();
+                            evaluating += start.elapsed();
+                            stats
                         };
                         let m = model.load_base_delta(&base_delta)?.load_adapter(&start)?;
                         let before = if score { heldout(&m) } else { None };
@@ -560,12 +598,17 @@ pub async fn run(
                                 before,
                             })
                         });
-                        Ok::<_, ModelError>((m, stats, scores))
+                        Ok::<_, ModelError>((m, stats, scores, evaluating))
                     })
                     .await??;
                     model = trained;
                     if let Some(scores) = &scores {
-                        report_metrics(&client, &options, &id, t.round, scores).await;
+                        clock
+                            .time(
+                                Phase::Evaluate,
+                                report_metrics(&client, &options, &id, t.round, scores),
+                            )
+                            .await;
                     }
                     let trained_full = model.try_export_adapter()?;
                     let trained = if hetero {
@@ -579,6 +622,11 @@ pub async fn run(
                         personal = Some(trained_full);
                     }
                     let num_samples = corpus.train_samples() as u64;
+                    clock.add(Phase::Evaluate, evaluating);
+                    clock.add(
+                        Phase::Train,
+                        training_started.elapsed().saturating_sub(evaluating),
+                    );
                     observer.round_trained(&options.name, t.round, &stats, &values, num_samples);
                     secure.trained = Some(TrainedUpdate {
                         round: t.round,
@@ -604,10 +652,14 @@ pub async fn run(
                             secure.silent = true;
                         }
                         if secure.silent {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            clock
+                                .time(Phase::Wait, tokio::time::sleep(Duration::from_millis(200)))
+                                .await;
                             continue;
                         }
+                        let opening = std::time::Instant::now();
                         let (upload, advert) = open_secure(&options, &plan, session, trained)?;
+                        clock.add(Phase::Secure, opening.elapsed());
                         info!(
                             participant = %options.name,
                             round = t.round,
@@ -620,32 +672,41 @@ pub async fn run(
                         if upload.encoded().clipped > 0 {
                             warn!(participant = %options.name, clipped = upload.encoded().clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
                         }
-                        let sent = send_secure(
-                            &client,
-                            &options,
-                            &id,
-                            t.round,
-                            session.attempt,
-                            SecureMessage::Advertise(advert),
-                        )
-                        .await?;
+                        let sent = clock
+                            .time(
+                                Phase::Secure,
+                                send_secure(
+                                    &client,
+                                    &options,
+                                    &id,
+                                    t.round,
+                                    session.attempt,
+                                    SecureMessage::Advertise(advert),
+                                ),
+                            )
+                            .await?;
                         secure.upload = sent.then_some(upload);
                     }
                     None => {
                         let layout_hash = work.layout.manifest().hash_hex();
-                        match submit_plaintext(
-                            &client,
-                            &options,
-                            &id,
-                            &t,
-                            (layout_hash, global_hash),
-                            trained,
-                            &*observer,
-                        )
-                        .await?
-                        {
-                            Submitted::Taken(report) => {
+                        let submitted = clock
+                            .time(
+                                Phase::Upload,
+                                submit_plaintext(
+                                    &client,
+                                    &options,
+                                    &id,
+                                    &t,
+                                    (layout_hash, global_hash),
+                                    trained,
+                                    &*observer,
+                                ),
+                            )
+                            .await?;
+                        match submitted {
+                            Submitted::Taken(mut report) => {
                                 refusals = None;
+                                report.timing = clock.finish_round();
                                 rounds.push(report);
                             }
                             Submitted::Refused(status) => {
@@ -664,7 +725,7 @@ pub async fn run(
                                         status,
                                     });
                                 }
-                                tokio::time::sleep(r.backoff).await;
+                                clock.time(Phase::Wait, tokio::time::sleep(r.backoff)).await;
                                 r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
                             }
                         }
@@ -672,21 +733,23 @@ pub async fn run(
                 }
             }
             pb::fetch_task_response::Task::SecureStep(step) => {
+                let pause = Duration::from_millis(200);
                 let Some(upload) = secure.upload.as_mut() else {
                     // No session for this attempt (e.g. this process restarted): the
                     // aggregator will count this lab as dropped and ask again next attempt.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
                     continue;
                 };
                 if upload.round() != step.round || upload.attempt() != step.attempt {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
                     continue;
                 }
+                let responding = std::time::Instant::now();
                 let owned = step_from_wire(step.step.as_ref())?;
                 let stage = owned.as_step().stage();
                 if secure.silent || !observer.secure_step(&options.name, step.round, stage) {
                     secure.silent = true;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
                     continue;
                 }
                 let reply = match upload.respond(&owned.as_step()) {
@@ -723,6 +786,7 @@ pub async fn run(
                         .await?
                     }
                 };
+                clock.add(Phase::Secure, responding.elapsed());
                 if revealed {
                     if let Some(trained) = secure.trained.take()
                         && accepted
@@ -732,6 +796,7 @@ pub async fn run(
                         rounds.push(RoundReport {
                             round: step.round,
                             train: trained.stats,
+                            timing: clock.finish_round(),
                         });
                     }
                     secure.upload = None;
@@ -771,6 +836,7 @@ pub async fn run(
     } else {
         final_model.adapter.clone()
     };
+    let evaluating = std::time::Instant::now();
     let final_eval = if options.evaluate {
         let m = model
             .load_base_delta(&final_model.base_delta)?
@@ -794,6 +860,12 @@ pub async fn run(
         own_adapter,
         final_base_delta: final_model.base_delta,
         ended,
+        timing: RunTiming {
+            wall_s: run_started.elapsed().as_secs_f64(),
+            setup_s,
+            initial_eval_s,
+            final_eval_s: evaluating.elapsed().as_secs_f64(),
+        },
     })
 }
 
@@ -1603,6 +1675,7 @@ async fn submit_plaintext(
             Ok(Submitted::Taken(RoundReport {
                 round: t.round,
                 train: stats.clone(),
+                timing: RoundTiming::default(),
             }))
         }
         Ok(Some(r)) => {
@@ -1621,6 +1694,7 @@ async fn submit_plaintext(
             Ok(Submitted::Taken(RoundReport {
                 round: t.round,
                 train: stats.clone(),
+                timing: RoundTiming::default(),
             }))
         }
         // The round closed without us (deadline): the next task tells us what next.

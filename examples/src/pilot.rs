@@ -16,7 +16,8 @@ use fedclient::eval::{EvalStats, evaluate};
 use fedclient::identity::IdentitySeed;
 use fedclient::model::LoraLlama;
 use fedclient::model::RowBatch;
-use fedclient::participant::{self, ParticipantObserver, ParticipantOptions};
+use fedclient::participant::{self, ParticipantObserver, ParticipantOptions, RunTiming};
+use fedclient::round_clock::RoundTiming;
 use fedclient::train::{BatchSource, RandomWindows, TrainStats, train, train_local};
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
@@ -285,7 +286,16 @@ pub struct PilotReport {
     pub steps: usize,
     pub final_adapter_dir: PathBuf,
     pub federated_time: Duration,
+    /// Both baselines: [`Self::local_only_time`] then [`Self::centralised_time`].
     pub baseline_time: Duration,
+    /// Every lab training alone, all at once: the same steps as the federation's labs.
+    pub local_only_time: Duration,
+    /// Every language's pooled model, all at once.
+    pub centralised_time: Duration,
+    /// Per lab, where its time went in each round it completed.
+    pub lab_timings: Vec<(String, Vec<RoundTiming>)>,
+    /// Per lab, its run outside the rounds (setup, evaluations before and after).
+    pub lab_runs: Vec<RunTiming>,
     /// Whether rounds were securely aggregated, and the largest per-value quantisation
     /// error bound of any round's mean update.
     pub secure: bool,
@@ -577,15 +587,27 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let federated_time = started.elapsed();
 
     let started = Instant::now();
-    let (local_results, central_results) = if options.local_baseline {
+    let (local_results, central_results, local_only_time, centralised_time) = if options
+        .local_baseline
+    {
         println!(
             "baselines: each lab alone, and each language's labs pooled in one place; same steps"
         );
         baselines(&plan, base.clone(), &lab_data, &device).await?
     } else {
-        (vec![None; lab_data.len()], vec![None; lab_data.len()])
+        (
+            vec![None; lab_data.len()],
+            vec![None; lab_data.len()],
+            Duration::ZERO,
+            Duration::ZERO,
+        )
     };
     let baseline_time = started.elapsed();
+    let lab_timings = reports
+        .iter()
+        .map(|r| (r.name.clone(), r.rounds.iter().map(|x| x.timing).collect()))
+        .collect();
+    let lab_runs = reports.iter().map(|r| r.timing).collect();
 
     let rows = lab_data
         .into_iter()
@@ -621,19 +643,33 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         final_adapter_dir,
         federated_time,
         baseline_time,
+        local_only_time,
+        centralised_time,
+        lab_timings,
+        lab_runs,
         secure: options.secure,
         max_error_bound,
     })
 }
 
-/// Both baselines, every lab and language at once (as the federation's labs train at once):
-/// per lab its local-only model's evaluation, and its language's centralised model's.
+/// Per lab, its local-only model's evaluation, and its language's centralised model's.
+type Baselines = (
+    Vec<Option<EvalStats>>,
+    Vec<Option<EvalStats>>,
+    Duration,
+    Duration,
+);
+
+/// Both baselines: first every lab alone, all at once (as the federation's labs train at
+/// once, so its wall time compares with the federation's), then every language's pooled
+/// model, all at once; with the wall time of each.
 async fn baselines(
     plan: &FederationPlan,
     base: Option<Arc<Checkpoint>>,
     labs: &[LabData],
     device: &burn::prelude::Device,
-) -> Result<(Vec<Option<EvalStats>>, Vec<Option<EvalStats>>)> {
+) -> Result<Baselines> {
+    let started = Instant::now();
     let mut local = Vec::new();
     for lab in labs {
         let (plan, base, device) = (plan.clone(), base.clone(), device.clone());
@@ -642,6 +678,12 @@ async fn baselines(
             local_only(&plan, base.as_deref(), &corpus, &name, &device)
         }));
     }
+    let mut local_results = Vec::new();
+    for task in local {
+        local_results.push(Some(task.await??));
+    }
+    let local_time = started.elapsed();
+    let started = Instant::now();
     let mut languages: Vec<String> = labs.iter().map(|l| l.language.clone()).collect();
     languages.dedup();
     let mut central = Vec::new();
@@ -656,14 +698,11 @@ async fn baselines(
             centralised(&plan, base.as_deref(), &members, &device)
         }));
     }
-    let mut local_results = Vec::new();
-    for task in local {
-        local_results.push(Some(task.await??));
-    }
     let mut by_language = Vec::new();
     for (language, task) in languages.iter().zip(central) {
         by_language.push((language.clone(), task.await??));
     }
+    let central_time = started.elapsed();
     let central_results = labs
         .iter()
         .map(|l| {
@@ -673,7 +712,7 @@ async fn baselines(
                 .map(|(_, e)| e.clone())
         })
         .collect();
-    Ok((local_results, central_results))
+    Ok((local_results, central_results, local_time, central_time))
 }
 
 /// The checkpoint's own tokenizer (every lab must tokenize as the model was trained).

@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use fedclient::round_clock::{Phase, RoundTiming};
+
 use crate::pilot::PilotReport;
 
 /// Held-out loss per lab: before, with the model the lab ends up using after the federation,
@@ -124,5 +126,95 @@ pub fn render(report: &PilotReport) -> String {
         report.total_time.as_secs_f64(),
         report.final_adapter_dir.display()
     );
+    out.push_str(&render_time_breakdown(report));
+    out
+}
+
+/// Where the federation's time went: per round, the mean over labs of each phase of
+/// `fedclient::round_clock`, and the federation's wall time against every lab training
+/// alone for the same steps.
+pub fn render_time_breakdown(report: &PilotReport) -> String {
+    let mut out = String::new();
+    let rounds = report
+        .lab_timings
+        .iter()
+        .map(|(_, r)| r.len())
+        .max()
+        .unwrap_or(0);
+    if rounds == 0 {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nwhere each lab's time went (seconds, mean over the {} labs; wait = idle until the center or the other labs move on):",
+        report.lab_timings.len()
+    );
+    let mut header = String::from("| round | wall |");
+    let mut rule = String::from("|---|---|");
+    for phase in Phase::ALL {
+        let _ = write!(header, " {} |", phase.name());
+        rule.push_str("---|");
+    }
+    header.push_str(" other |");
+    rule.push_str("---|");
+    let _ = writeln!(out, "{header}\n{rule}");
+    let mut all = RoundTiming::default();
+    let row = |label: String, t: &RoundTiming, n: f64, out: &mut String| {
+        let _ = write!(out, "| {label} | {:.1} |", t.wall_s / n);
+        for phase in Phase::ALL {
+            let _ = write!(out, " {:.1} |", t.phases.get(phase) / n);
+        }
+        // Rounding, not time: phases timed back to back can exceed the wall by microseconds.
+        let other = t.unaccounted_s() / n;
+        let _ = writeln!(
+            out,
+            " {:.1} |",
+            if other.abs() < 0.05 { 0.0 } else { other }
+        );
+    };
+    for round in 0..rounds {
+        let mut sum = RoundTiming::default();
+        let mut labs = 0.0f64;
+        for (_, timings) in &report.lab_timings {
+            if let Some(t) = timings.get(round) {
+                sum.wall_s += t.wall_s;
+                sum.phases.merge(&t.phases);
+                labs += 1.0;
+            }
+        }
+        all.wall_s += sum.wall_s;
+        all.phases.merge(&sum.phases);
+        row(format!("{}", round + 1), &sum, labs.max(1.0), &mut out);
+    }
+    row(
+        "all".into(),
+        &all,
+        report.lab_timings.len().max(1) as f64,
+        &mut out,
+    );
+    if !report.lab_runs.is_empty() {
+        let n = report.lab_runs.len() as f64;
+        let mean = |f: fn(&fedclient::participant::RunTiming) -> f64| {
+            report.lab_runs.iter().map(f).sum::<f64>() / n
+        };
+        let _ = writeln!(
+            out,
+            "outside the rounds, per lab: joining and building the model {:.1} s, scoring the base {:.1} s, scoring its final model {:.1} s (of {:.1} s in all)",
+            mean(|r| r.setup_s),
+            mean(|r| r.initial_eval_s),
+            mean(|r| r.final_eval_s),
+            mean(|r| r.wall_s)
+        );
+    }
+    if report.local_only_time > std::time::Duration::ZERO {
+        let fed = report.federated_time.as_secs_f64();
+        let alone = report.local_only_time.as_secs_f64();
+        let _ = writeln!(
+            out,
+            "federation {fed:.1} s = {:.2} × every lab alone for the same steps ({alone:.1} s; centralised models {:.1} s)",
+            fed / alone,
+            report.centralised_time.as_secs_f64()
+        );
+    }
     out
 }

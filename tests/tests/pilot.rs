@@ -1,6 +1,7 @@
 //! The pilot end to end with a small budget: aggregator, labs, baselines, table, final
 //! adapter on disk; in both layouts.
 
+use fedclient::round_clock::Phase;
 use fedcore::AggregationMode;
 use mekong_examples::layout::Layout;
 use mekong_examples::pilot::{ModelSize, PilotModel, PilotOptions};
@@ -116,6 +117,35 @@ async fn pilot_runs_and_reports_every_language() {
     );
     let adapter = fedcore::peft::read_dir(&report.final_adapter_dir).unwrap();
     assert_eq!(adapter.config().base_model, "mekong/tiny-llama-bytes");
+
+    // Where the time went (issue #28): every lab's every round is split into phases that add
+    // up to its wall time within 5%, training is among them, and so is secure aggregation.
+    assert_eq!(report.lab_timings.len(), 3);
+    for (lab, rounds) in &report.lab_timings {
+        assert_eq!(rounds.len(), 2, "{lab}: {rounds:?}");
+        for (i, t) in rounds.iter().enumerate() {
+            let accounted = t.phases.total();
+            assert!(t.wall_s > 0.0, "{lab} round {}: {t:?}", i + 1);
+            assert!(
+                (t.wall_s - accounted).abs() <= 0.05 * t.wall_s,
+                "{lab} round {}: phases {accounted:.3} s of {:.3} s wall: {t:?}",
+                i + 1,
+                t.wall_s
+            );
+            assert!(t.phases.get(Phase::Train) > 0.0, "{lab}: {t:?}");
+            assert!(t.phases.get(Phase::Secure) > 0.0, "{lab}: {t:?}");
+            assert_eq!(
+                t.phases.get(Phase::Upload),
+                0.0,
+                "secure rounds upload nothing in plaintext"
+            );
+        }
+    }
+    assert!(
+        table.contains("where each lab's time went") && table.contains("× every lab alone"),
+        "{table}"
+    );
+    assert!(report.local_only_time > std::time::Duration::ZERO);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
