@@ -13,6 +13,7 @@ use fedcore::aggregate::WeightedSum;
 use fedcore::strategy::{AggregatedUpload, GlobalModel, GroupSpec, ServerState, StrategySpec};
 use fedcore::{AggregationMode, LoraAdapter, Matrix, Strategy};
 
+use super::parallel::map_in_order;
 use super::{Arm, ArmRun, ExperimentError, ExperimentOptions, Lab, RoundScores};
 
 /// Runs `arm` with `steps` local steps per round from `base` (B = 0, A from the shared
@@ -80,19 +81,30 @@ pub fn score(
     models: &[&LoraLlama],
     model_of: impl Fn(usize) -> usize,
 ) -> Result<RoundScores, ModelError> {
+    // The distinct (model, language) pairs, each scored once, on every core.
+    let mut first_lab: BTreeMap<(usize, &str), usize> = BTreeMap::new();
+    for (i, lab) in labs.iter().enumerate() {
+        first_lab
+            .entry((model_of(i), lab.language.as_str()))
+            .or_insert(i);
+    }
+    let jobs: Vec<((usize, &str), LoraLlama, &Lab)> = first_lab
+        .iter()
+        .map(|(&key, &i)| (key, models[key.0].clone(), &labs[i]))
+        .collect();
+    let scored = map_in_order(jobs, |(key, model, lab)| {
+        evaluate(&model, &lab.corpus.heldout, options.seq_len, device)
+            .map(|s| (key, (s.loss, s.bits_per_char)))
+    });
     let mut cache: BTreeMap<(usize, &str), (f64, f64)> = BTreeMap::new();
+    for s in scored {
+        let (key, value) = s?;
+        cache.insert(key, value);
+    }
     let mut loss = Vec::with_capacity(labs.len());
     let mut bits_per_char = Vec::with_capacity(labs.len());
     for (i, lab) in labs.iter().enumerate() {
-        let key = (model_of(i), lab.language.as_str());
-        let (l, b) = match cache.get(&key) {
-            Some(v) => *v,
-            None => {
-                let s = evaluate(models[key.0], &lab.corpus.heldout, options.seq_len, device)?;
-                cache.insert(key, (s.loss, s.bits_per_char));
-                (s.loss, s.bits_per_char)
-            }
-        };
+        let (l, b) = cache[&(model_of(i), lab.language.as_str())];
         loss.push(l);
         bits_per_char.push(b);
     }
@@ -189,12 +201,24 @@ impl Run<'_> {
             let trains = strategy.trains(&state);
             let mut sum = WeightedSum::new(layout.len());
             let mut trained_adapters = Vec::new();
-            for (i, lab) in labs.iter().enumerate() {
-                let download = strategy.download(&global, &lab.name, personal[i].as_ref())?;
-                let model = load(&download)?.set_trainable(trains.a, trains.b);
+            // Every lab's model is loaded here (in order) and trained on every core; the
+            // uploads are summed in lab order, as a sequential run would.
+            let jobs = labs
+                .iter()
+                .enumerate()
+                .map(|(i, lab)| {
+                    let download = strategy.download(&global, &lab.name, personal[i].as_ref())?;
+                    let model = load(&download)?.set_trainable(trains.a, trains.b);
+                    Ok::<_, ExperimentError>((i, lab, download, model))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let trained = map_in_order(jobs, |(i, lab, download, model)| {
                 let seed = batch_seed(options, i, round);
                 let (trained, _) = train_local(model, &lab.corpus.train, &spec, seed, device)?;
-                let adapter = trained.export_adapter();
+                Ok::<_, ExperimentError>((download, trained.export_adapter()))
+            });
+            for (lab, result) in labs.iter().zip(trained) {
+                let (download, adapter) = result?;
                 let upload = strategy.upload(&layout, &lab.name, &download, &adapter)?;
                 sum.add(lab.corpus.train_samples() as u64, &upload)?;
                 trained_adapters.push(adapter);
@@ -255,10 +279,17 @@ impl Run<'_> {
         let spec = options.training(self.steps);
         let mut models: Vec<LoraLlama> = labs.iter().map(|_| self.alone()).collect();
         for round in 1..=options.rounds {
-            for (i, lab) in labs.iter().enumerate() {
+            let jobs: Vec<(usize, &Lab, LoraLlama)> = labs
+                .iter()
+                .enumerate()
+                .zip(models.drain(..))
+                .map(|((i, lab), model)| (i, lab, model))
+                .collect();
+            for trained in map_in_order(jobs, |(i, lab, model)| {
                 let seed = batch_seed(options, i, round);
-                let model = models[i].clone();
-                models[i] = train_local(model, &lab.corpus.train, &spec, seed, device)?.0;
+                train_local(model, &lab.corpus.train, &spec, seed, device).map(|(m, _)| m)
+            }) {
+                models.push(trained?);
             }
             if self.scores_after(round) {
                 let refs: Vec<&LoraLlama> = models.iter().collect();
@@ -282,7 +313,9 @@ impl Run<'_> {
         let pool_of = |i: usize| if per_language { language_of[i] } else { 0 };
         let mut models: Vec<LoraLlama> = (0..pools).map(|_| self.alone()).collect();
         for round in 1..=options.rounds {
-            for (p, model) in models.iter_mut().enumerate() {
+            // The pools train independently, on every core.
+            let jobs: Vec<(usize, LoraLlama)> = models.drain(..).enumerate().collect();
+            for trained in map_in_order(jobs, |(p, model)| {
                 let sources = labs
                     .iter()
                     .enumerate()
@@ -297,7 +330,9 @@ impl Run<'_> {
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                *model = train(model.clone(), &spec, &mut Pooled(sources), device, &mut ())?.0;
+                train(model, &spec, &mut Pooled(sources), device, &mut ()).map(|(m, _)| m)
+            }) {
+                models.push(trained?);
             }
             if self.scores_after(round) {
                 let refs: Vec<&LoraLlama> = models.iter().collect();

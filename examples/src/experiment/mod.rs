@@ -25,6 +25,7 @@
 //! [`arms`] runs the arms, [`report`] writes the Markdown and JSON, [`plot`] the PNG.
 
 pub mod arms;
+pub mod parallel;
 pub mod plot;
 pub mod report;
 
