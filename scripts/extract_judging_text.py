@@ -22,21 +22,27 @@ Two sources:
   last form.
 
 Every unit is then cleaned (see clean(): NFC, U+200B/U+2060/U+FEFF/U+00AD removed, whitespace
-runs made one space) and kept only if it is text of the language (see LanguageFilter): at
-least MIN_SCRIPT_LETTERS letters of the language's script, and for Thai/Lao/Khmer/Burmese at
-least half of its letters; for the Latin-script languages (vi, id, ms, tl) no more English
-than native function words, and for vi at least one Vietnamese letter. A LibreOffice line that
-is also a line of the English help (libreoffice-help-en-us) was never translated and is
-dropped. Exact duplicate lines are removed, keeping the first, and so are lines of the
-training text. Order is deterministic (files sorted by path), so two runs over the same
-packages give byte-identical files.
+runs made one space) and kept only if it is text of the language (see LanguageFilter):
+* at least MIN_SCRIPT_LETTERS letters of the language's script, and for Thai/Lao/Khmer/Burmese
+  at least half of its letters;
+* no control characters or U+FFFD (a few lines are mis-encoded in the packages);
+* not a line of the English LibreOffice help (libreoffice-help-en-us): the help falls back to
+  English paragraph by paragraph where a translation is missing;
+* for the Latin-script languages (vi, id, ms, tl), not English: vi needs at least one
+  Vietnamese letter; a line with more English than native function words goes, and so does
+  one with no native function word whose words are all words of the English help (an
+  untranslated label such as "Restart frame").
+Exact duplicate lines are removed, keeping the first, and so are lines of the training text.
+Order is deterministic (files sorted by path), so two runs over the same packages give
+byte-identical files.
 
 Commands:
   extract_judging_text.py build PLAN OUT_DIR [--exclude-dir DIR]
       PLAN is a TSV file, one package a line: lang, source, package, version, deb sha256,
-      unpacked directory. source is "libreoffice" or "firefox", or "english-libreoffice" for
-      the English help used only to spot untranslated lines. A row with an empty version is
-      a package Debian does not have; it is listed in the manifest as missing. Writes
+      unpacked directory. source is "libreoffice" or "firefox", or "english" for the
+      English LibreOffice help (libreoffice-help-en-us), read only to recognise English.
+      A row with an empty version is a package Debian does not have; it is listed in the
+      manifest as missing. Writes
       {lang}.{source}.txt for every package, {lang}.txt for every language (all its sources
       in PLAN order, a line already in an earlier source not repeated) and manifest.json.
       Lines found verbatim in DIR/{lang}.txt (the training text) are dropped.
@@ -45,8 +51,8 @@ Commands:
       versions in PLAN (its last two columns may be empty) and every text file still has
       the recorded SHA-256; 1 otherwise.
   extract_judging_text.py extract SOURCE LANG UNPACKED_DIR
-      Prints the lines of one unpacked package to stdout, to look at (no English-original or
-      training-text filter).
+      Prints the lines of one unpacked package to stdout, to look at (without the filters
+      that need the English help or the training text).
 """
 
 import hashlib
@@ -131,29 +137,60 @@ def in_ranges(ch, ranges):
     return any(lo <= o <= hi for lo, hi in ranges)
 
 
+class English:
+    """What English looks like, learnt from the English LibreOffice help (libreoffice-help-en-us).
+
+    lines: its lines; a translated line equal to one of them was never translated.
+    words: the words it uses at least twice, lower-cased.
+    """
+
+    def __init__(self, lines=()):
+        lines = list(lines)
+        counts = {}
+        for line in lines:
+            for w in WORD_RE.findall(line):
+                w = w.lower()
+                counts[w] = counts.get(w, 0) + 1
+        self.lines = frozenset(lines)
+        self.words = frozenset(w for w, n in counts.items() if n >= 2)
+
+
 class LanguageFilter:
-    def __init__(self, lang):
+    """Says why a line is not text of the language, or None when it is."""
+
+    def __init__(self, lang, english=English()):
         if lang not in LANG_SCRIPT:
             raise SystemExit(f"extract_judging_text: unknown language {lang!r}")
         self.lang = lang
         self.script = LANG_SCRIPT[lang]
         self.ranges = SCRIPTS[self.script]
+        self.english = english
         native = NATIVE_WORDS.get(lang, "")
         self.native = frozenset(unicodedata.normalize("NFC", native).split())
 
-    def keep(self, line):
+    def reject(self, line):
+        if line in self.english.lines:
+            return "english_original"
+        # Control characters and U+FFFD: text broken in the package (a few Khmer help lines
+        # carry C1 controls, mis-encoded twice).
+        if any(c == "\ufffd" or unicodedata.category(c) == "Cc" for c in line):
+            return "broken_encoding"
         letters = [c for c in line if unicodedata.category(c)[0] in "LM"]
         in_script = sum(1 for c in letters if in_ranges(c, self.ranges))
         if in_script < MIN_SCRIPT_LETTERS:
-            return False
+            return "not_language"
         if self.script != "latin":
-            return in_script >= MIN_SCRIPT_SHARE * len(letters)
+            return None if in_script >= MIN_SCRIPT_SHARE * len(letters) else "not_language"
         if self.lang == "vi" and not any(c in VI_LETTERS for c in line):
-            return False
+            return "not_language"
         words = [w.lower() for w in WORD_RE.findall(line)]
-        english = sum(1 for w in words if w in ENGLISH_WORDS)
         native = sum(1 for w in words if w in self.native)
-        return english <= native
+        if sum(1 for w in words if w in ENGLISH_WORDS) > native:
+            return "english"
+        # Untranslated UI labels ("Delete", "Restart frame") have no function words at all.
+        if native == 0 and self.english.words and all(w in self.english.words for w in words):
+            return "english"
+        return None
 
 
 def clean(text):
@@ -483,6 +520,10 @@ def properties_values(text):
         yield value
 
 
+def props_placeholder(m):
+    return "%" if m.group(0) == "%%" else HOLE
+
+
 def strip_markup(s):
     return html.unescape(strip_tags(s))
 
@@ -509,28 +550,35 @@ def firefox_units(root, lang):
                         if "#1" in value and ";" in value:
                             value = value.split(";")[-1]
                         value = strip_tags(value)
-                        value = PROPS_PLACEHOLDER_RE.sub(lambda m: "%" if m.group(0) == "%%" else HOLE, value)
+                        value = PROPS_PLACEHOLDER_RE.sub(props_placeholder, value)
                         yield fill_holes(html.unescape(value))
 
 
 SOURCES = {"libreoffice": libreoffice_units, "firefox": firefox_units}
-# English originals: a line of a translation that is also a line of the English original was
-# never translated (LibreOffice help falls back to English paragraph by paragraph).
-REFERENCES = {"english-libreoffice": ("libreoffice", "en-US")}
+# The English LibreOffice help, read only to recognise English (see English).
+ENGLISH_SOURCE = "english"
 
 
-def reference_lines(kind, root):
-    source, lang = REFERENCES[kind]
-    return frozenset(filter(None, (clean(u) for u in SOURCES[source](root, lang))))
+def english_from(root):
+    return English(filter(None, (clean(u) for u in libreoffice_units(root, "en-US"))))
 
 
-def extract(source, lang, root, training=frozenset(), english=frozenset()):
+def extract(source, lang, root, training=frozenset(), english=English()):
     """Cleaned, filtered, de-duplicated lines of one unpacked package, and counts."""
-    keep = LanguageFilter(lang).keep
+    reject = LanguageFilter(lang, english).reject
     seen = set()
     lines = []
     stats = dict.fromkeys(
-        ["units", "dropped_not_language", "dropped_english_original", "dropped_duplicate", "dropped_in_training"], 0
+        [
+            "units",
+            "dropped_duplicate",
+            "dropped_broken_encoding",
+            "dropped_not_language",
+            "dropped_english_original",
+            "dropped_english",
+            "dropped_in_training",
+        ],
+        0,
     )
     for unit in SOURCES[source](root, lang):
         line = clean(unit)
@@ -541,10 +589,9 @@ def extract(source, lang, root, training=frozenset(), english=frozenset()):
             stats["dropped_duplicate"] += 1
             continue
         seen.add(line)
-        if line in english:
-            stats["dropped_english_original"] += 1
-        elif not keep(line):
-            stats["dropped_not_language"] += 1
+        why = reject(line)
+        if why:
+            stats["dropped_" + why] += 1
         elif line in training:
             stats["dropped_in_training"] += 1
         else:
@@ -574,9 +621,11 @@ def read_plan(path):
             cols = raw.split("\t")
             cols += [""] * (6 - len(cols))
             lang, source, package, version, sha, root = cols[:6]
-            if source not in SOURCES and source not in REFERENCES:
+            if source not in SOURCES and source != ENGLISH_SOURCE:
                 raise SystemExit(f"extract_judging_text: unknown source {source!r} in {path}")
-            rows.append(dict(lang=lang, source=source, package=package, version=version, sha256=sha, root=root))
+            rows.append(
+                dict(lang=lang, source=source, package=package, version=version, sha256=sha, root=root)
+            )
     return rows
 
 
@@ -600,22 +649,32 @@ def package_record(row):
     return {"package": row["package"], "version": row["version"], "deb_sha256": row["sha256"]}
 
 
+def report(rec):
+    print(
+        f"extract_judging_text: {rec['file']}: {rec['lines']} lines, {rec['chars']} characters",
+        file=sys.stderr,
+    )
+
+
 def build(plan_path, out_dir, exclude_dir=None):
     rows = read_plan(plan_path)
     os.makedirs(out_dir, exist_ok=True)
     references = {}
-    english = {}  # source -> frozenset of English lines
+    english = English()
     for row in rows:
-        if row["source"] in REFERENCES:
-            lines = reference_lines(row["source"], row["root"])
-            src = REFERENCES[row["source"]][0]
-            english[src] = english.get(src, frozenset()) | lines
-            references[row["source"]] = {**package_record(row), "licence": LICENCE, "lines": len(lines)}
+        if row["source"] == ENGLISH_SOURCE and row["version"]:
+            english = english_from(row["root"])
+            references[ENGLISH_SOURCE] = {
+                **package_record(row),
+                "licence": LICENCE,
+                "lines": len(english.lines),
+                "words": len(english.words),
+            }
     languages = {}
     missing = [r for r in rows if not r["version"]]
     rows = [r for r in rows if r["version"]]
     for row in rows:
-        if row["source"] in REFERENCES:
+        if row["source"] == ENGLISH_SOURCE:
             continue
         lang = row["lang"]
         entry = languages.setdefault(lang, {"sources": {}, "_lines": []})
@@ -625,13 +684,14 @@ def build(plan_path, out_dir, exclude_dir=None):
             if os.path.exists(train):
                 with open(train, encoding="utf-8") as f:
                     training = frozenset(clean(l) for l in f)
-        lines, stats = extract(row["source"], lang, row["root"], training, english.get(row["source"], frozenset()))
+        lines, stats = extract(row["source"], lang, row["root"], training, english)
         path = os.path.join(out_dir, f"{lang}.{row['source']}.txt")
         write_lines(path, lines)
-        rec = {**package_record(row), "licence": LICENCE, **text_stats(path, lines), "extraction": stats}
+        rec = {**package_record(row), "licence": LICENCE, **text_stats(path, lines)}
+        rec["extraction"] = stats
         entry["sources"][row["source"]] = rec
         entry["_lines"].append(lines)
-        print(f"extract_judging_text: {rec['file']}: {rec['lines']} lines, {rec['chars']} characters", file=sys.stderr)
+        report(rec)
     for lang, entry in languages.items():
         seen = set()
         merged = []
@@ -644,7 +704,7 @@ def build(plan_path, out_dir, exclude_dir=None):
         write_lines(path, merged)
         entry.update(text_stats(path, merged))
         entry["licence"] = LICENCE
-        print(f"extract_judging_text: {entry['file']}: {entry['lines']} lines, {entry['chars']} characters", file=sys.stderr)
+        report(entry)
     manifest = {
         "description": "Judging text for Mekong: localisation text from Debian packages, never "
         "used for training. {lang}.{source}.txt holds one package's text, {lang}.txt all "
@@ -656,9 +716,10 @@ def build(plan_path, out_dir, exclude_dir=None):
         "filter": {
             "min_script_letters": MIN_SCRIPT_LETTERS,
             "min_script_share_non_latin": MIN_SCRIPT_SHARE,
-            "latin_script_languages": "vi needs a Vietnamese letter; a line with more English "
-            "than native function words is dropped",
-            "english_originals_dropped": sorted(references),
+            "latin_script_languages": "vi needs a Vietnamese letter; dropped as English: a line "
+            "with more English than native function words, or with no native function word and "
+            "only words the English LibreOffice help uses at least twice",
+            "english_originals_dropped": ENGLISH_SOURCE in references,
             "training_lines_dropped": "data/udhr/{lang}.txt" if exclude_dir else None,
             "invisible_characters_removed": ["U+200B", "U+2060", "U+FEFF", "U+00AD"],
         },
@@ -682,14 +743,17 @@ def is_current(manifest_path, plan_path):
         return False
     langs = manifest.get("languages", {})
     rows = [r for r in read_plan(plan_path) if r["version"]]
-    want = {(r["lang"], r["source"]): (r["package"], r["version"]) for r in rows if r["source"] in SOURCES}
+    want = {
+        (r["lang"], r["source"]): (r["package"], r["version"]) for r in rows if r["source"] != ENGLISH_SOURCE
+    }
     have = {
         (lang, src): (s.get("package"), s.get("version"))
         for lang, e in langs.items()
         for src, s in e.get("sources", {}).items()
     }
-    want_refs = {r["source"]: (r["package"], r["version"]) for r in rows if r["source"] in REFERENCES}
-    have_refs = {k: (r.get("package"), r.get("version")) for k, r in manifest.get("references", {}).items()}
+    want_refs = {r["source"]: (r["package"], r["version"]) for r in rows if r["source"] == ENGLISH_SOURCE}
+    refs = manifest.get("references", {})
+    have_refs = {k: (r.get("package"), r.get("version")) for k, r in refs.items()}
     if want != have or want_refs != have_refs:
         return False
     out_dir = os.path.dirname(os.path.abspath(manifest_path))

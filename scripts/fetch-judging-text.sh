@@ -16,7 +16,8 @@
 #                (0.2-0.5 M characters; th, my, km, vi, id, ms, tl).
 # for the labs' languages lo vi th km my id ms tl; a package Debian does not have is listed in
 # the manifest as missing (there is nothing at all for lo). libreoffice-help-en-us is fetched
-# too, only to recognise help paragraphs that were never translated (they are dropped).
+# too, only to recognise English: help paragraphs that were never translated, and untranslated
+# labels in the Latin-script languages (both are dropped).
 #
 # Output, in ${MEKONG_JUDGING_DIR:-$HOME/.cache/mekong/judging}:
 #   {lang}.{source}.txt  one package's text (source: libreoffice or firefox), always written
@@ -34,8 +35,9 @@
 # scripts/extract_judging_text.py; see it for the details.
 #
 # Licence: the text in these packages is under the Mozilla Public License 2.0 (MPL-2.0; see
-# usr/share/doc/<package>/copyright in each .deb). It is fetched into a cache at set-up and
-# never committed to the repository.
+# usr/share/doc/<package>/copyright in each .deb; LibreOffice's adds that some files carry
+# Apache-2.0 material from OpenOffice.org). It is fetched into a cache at set-up and never
+# committed to the repository.
 #
 # The packages are whatever version Debian offers now (Debian replaces them with security
 # updates), so two labs only judge on the same text when their manifests agree: compare the
@@ -70,11 +72,12 @@ package_of() { # source lang
     esac
 }
 
-# The version apt would fetch now, or nothing when apt knows no such package.
-candidate_version() {
-    local v
-    v="$(apt-cache policy "$1" 2>/dev/null | awk '/^ *Candidate:/ { print $2; exit }')"
-    [[ "$v" == "(none)" ]] || echo "$v"
+# "package version" for each package apt would fetch now (one apt-cache call for all); a
+# package apt does not know, or only as a virtual package, is left out.
+candidate_versions() {
+    apt-cache policy "$@" 2>/dev/null | awk '
+        /^[^ ].*:$/ { pkg = substr($0, 1, length($0) - 1) }
+        /^ *Candidate:/ && $2 != "(none)" { print pkg, $2 }'
 }
 
 # A field of the package's record in apt's lists, e.g. SHA256 or Filename.
@@ -94,24 +97,30 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/mekong-judging.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 # 1. Which packages exist, in which version: lang, source, package, version.
-plan="$work/plan.tsv"
-: >"$plan"
-have_libreoffice=0
-found=0
+rows=()
 for lang in "${LANGS[@]}"; do
     for source in "${SOURCES[@]}"; do
-        pkg="$(package_of "$source" "$lang")"
-        ver="$(candidate_version "$pkg")"
-        printf '%s\t%s\t%s\t%s\n' "$lang" "$source" "$pkg" "$ver" >>"$plan"
-        if [[ -n "$ver" ]]; then
-            found=$((found + 1))
-            [[ "$source" == libreoffice ]] && have_libreoffice=1
-        fi
+        rows+=("$lang $source $(package_of "$source" "$lang")")
     done
 done
-if [[ "$have_libreoffice" == 1 ]]; then
-    printf 'en\tenglish-libreoffice\t%s\t%s\n' "$ENGLISH_REFERENCE" "$(candidate_version "$ENGLISH_REFERENCE")" >>"$plan"
-fi
+rows+=("en english $ENGLISH_REFERENCE")
+declare -A version=()
+packages=()
+for row in "${rows[@]}"; do packages+=("${row##* }"); done
+while read -r pkg ver; do
+    version[$pkg]="$ver"
+done < <(candidate_versions "${packages[@]}")
+plan="$work/plan.tsv"
+: >"$plan"
+found=0
+for row in "${rows[@]}"; do
+    read -r lang source pkg <<<"$row"
+    ver="${version[$pkg]:-}"
+    printf '%s\t%s\t%s\t%s\n' "$lang" "$source" "$pkg" "$ver" >>"$plan"
+    if [[ -n "$ver" && "$source" != english ]]; then
+        found=$((found + 1))
+    fi
+done
 if [[ "$found" == 0 ]]; then
     echo "fetch-judging-text: apt knows none of the packages; run \`apt-get update\` (Debian bookworm has them)" >&2
     exit 1
