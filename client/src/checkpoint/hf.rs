@@ -180,7 +180,7 @@ pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, Checkp
         num_hidden_layers,
         num_attention_heads,
         num_key_value_heads: usize_field("num_key_value_heads")?.unwrap_or(num_attention_heads),
-        rope_theta: rope_theta(config, &f64_field)?,
+        rope_theta: rope_theta(config, gemma, &f64_field)?,
         rms_norm_eps: f64_field("rms_norm_eps")?.unwrap_or(1e-6) as f32,
         max_position_embeddings: required("max_position_embeddings")?,
         // Gemma ties its head by default; Llama does not.
@@ -215,6 +215,7 @@ pub fn spec_from_config(config: &Value, path: &Path) -> Result<ModelSpec, Checkp
 /// `rope_theta`, else 10000 (Llama) or 1e6 (Gemma 3).
 fn rope_theta(
     config: &Value,
+    gemma: bool,
     f64_field: &dyn Fn(&str) -> Result<Option<f64>, CheckpointError>,
 ) -> Result<f32, CheckpointError> {
     let params = config.get("rope_parameters");
@@ -224,7 +225,6 @@ fn rope_theta(
     {
         return Ok(theta as f32);
     }
-    let gemma = config.get("model_type").and_then(Value::as_str) == Some("gemma3_text");
     Ok(f64_field("rope_theta")?.unwrap_or(if gemma { 1e6 } else { 10_000.0 }) as f32)
 }
 
