@@ -88,6 +88,49 @@ fn max_logit_error_of(dir: &Path, checkpoint_path: &Path, format: CheckpointForm
     max
 }
 
+/// Logits of `doc_a` and `doc_b` packed in one row (positions restarting, attention kept
+/// within each), the same documents run one at a time and concatenated, and the two run as
+/// one unpacked row.
+fn packed_separate_unpacked(
+    model: &LoraLlama,
+    doc_a: &[i64],
+    doc_b: &[i64],
+    device: &Device,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let alone = |doc: &[i64]| {
+        model
+            .forward(ids_tensor(doc, device))
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap()
+    };
+    let separate: Vec<f32> = [alone(doc_a), alone(doc_b)].concat();
+    let tokens: Vec<i64> = [doc_a, doc_b].concat();
+    let positions: Vec<i64> = (0..doc_a.len() as i64)
+        .chain(0..doc_b.len() as i64)
+        .collect();
+    let segments: Vec<i64> = std::iter::repeat_n(0, doc_a.len())
+        .chain(std::iter::repeat_n(1, doc_b.len()))
+        .collect();
+    let packed = model
+        .forward_packed(
+            ids_tensor(&tokens, device),
+            ids_tensor(&positions, device),
+            ids_tensor(&segments, device),
+        )
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    (packed, separate, alone(&tokens))
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 #[test]
 fn qwen2_with_biases_and_gqa_matches_transformers() {
     let err = max_logit_error(&fixture("tiny-qwen2"));
@@ -143,35 +186,8 @@ fn gemma3_packed_documents_match_separate_ones() {
     let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
     let doc_a: Vec<i64> = vec![2, 17, 42, 99, 3, 8, 61];
     let doc_b: Vec<i64> = vec![2, 64, 101, 11, 7, 7, 120, 33, 5];
-    let alone = |doc: &[i64]| {
-        model
-            .forward(ids_tensor(doc, &device))
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .unwrap()
-    };
-    let expected: Vec<f32> = [alone(&doc_a), alone(&doc_b)].concat();
-    let tokens: Vec<i64> = [doc_a.clone(), doc_b.clone()].concat();
-    let positions: Vec<i64> = (0..doc_a.len() as i64)
-        .chain(0..doc_b.len() as i64)
-        .collect();
-    let segments: Vec<i64> = std::iter::repeat_n(0, doc_a.len())
-        .chain(std::iter::repeat_n(1, doc_b.len()))
-        .collect();
-    let packed = model
-        .forward_packed(
-            ids_tensor(&tokens, &device),
-            ids_tensor(&positions, &device),
-            ids_tensor(&segments, &device),
-        )
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap();
-    let max = packed
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let (packed, expected, _) = packed_separate_unpacked(&model, &doc_a, &doc_b, &device);
+    let max = max_abs_diff(&packed, &expected);
     assert!(max < 1e-5, "packed vs separate: {max}");
 }
 
@@ -196,45 +212,15 @@ fn packed_documents_do_not_see_each_other() {
     let model = LoraLlama::from_checkpoint(&ckpt, &lora(), &device).unwrap();
     let doc_a: Vec<i64> = vec![5, 17, 42, 99, 3];
     let doc_b: Vec<i64> = vec![8, 64, 101, 11, 7, 7, 120];
-    let alone = |doc: &[i64]| {
-        model
-            .forward(ids_tensor(doc, &device))
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .unwrap()
-    };
-    let expected: Vec<f32> = [alone(&doc_a), alone(&doc_b)].concat();
-
-    let tokens: Vec<i64> = [doc_a.clone(), doc_b.clone()].concat();
-    let positions: Vec<i64> = (0..doc_a.len() as i64)
-        .chain(0..doc_b.len() as i64)
-        .collect();
-    let segments: Vec<i64> = std::iter::repeat_n(0, doc_a.len())
-        .chain(std::iter::repeat_n(1, doc_b.len()))
-        .collect();
-    let packed = model
-        .forward_packed(
-            ids_tensor(&tokens, &device),
-            ids_tensor(&positions, &device),
-            ids_tensor(&segments, &device),
-        )
-        .into_data()
-        .try_into_vec_as::<f32>()
-        .unwrap();
-    let max = packed
-        .iter()
-        .zip(&expected)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let (packed, expected, unpacked) = packed_separate_unpacked(&model, &doc_a, &doc_b, &device);
+    let max = max_abs_diff(&packed, &expected);
     assert!(max < 1e-5, "packed vs separate: {max}");
 
     // Without the segment mask the second document would see the first: the test can fail.
-    let unpacked = alone(&tokens);
-    let leak = unpacked[doc_a.len() * 128..]
-        .iter()
-        .zip(&expected[doc_a.len() * 128..])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let leak = max_abs_diff(
+        &unpacked[doc_a.len() * 128..],
+        &expected[doc_a.len() * 128..],
+    );
     assert!(
         leak > 1e-3,
         "the fixture cannot tell packed from unpacked: {leak}"
