@@ -91,7 +91,7 @@ impl Shared {
             let record = coordinator.history().iter().find(|r| r.round == round);
             if let (Some(record), false) = (record, store.has_round(round))
                 && let Some(adapter) = db.adapter(coordinator.plan(), round)?
-                && let Err(e) = store.save_round(record, &adapter)
+                && let Err(e) = store.save_round(record, &adapter, None)
             {
                 warn!(round, error = %e, "cannot write the round's adapter directory");
             }
@@ -255,7 +255,11 @@ impl Shared {
                         adapter = &record.adapter_hash[..12],
                         "round closed"
                     );
-                    if let Err(e) = self.store.save_round(&record, coordinator.global()) {
+                    let timing = self.telemetry.round_timing(record.round);
+                    if let Err(e) =
+                        self.store
+                            .save_round(&record, coordinator.global(), timing.as_ref())
+                    {
                         warn!(round = record.round, error = %e, "cannot save the round's adapter");
                     }
                 }

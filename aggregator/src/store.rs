@@ -30,6 +30,18 @@ struct RoundFile<'a> {
     /// Present for securely aggregated rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     secure_aggregation: Option<SecureFile>,
+    /// Where the round's time went at the center; absent for a round this process resumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timing: Option<&'a CenterTiming>,
+}
+
+/// A round's time as the center saw it: from its opening to its close, and each stage in
+/// the order it closed (their seconds add up to `duration_s`). What a lab spent inside a
+/// stage (training, waiting, uploading) stays at the lab (`fedclient::round_clock`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CenterTiming {
+    pub duration_s: f64,
+    pub stages: Vec<crate::admin::report::StageSpan>,
 }
 
 #[derive(Serialize)]
@@ -71,11 +83,13 @@ impl AdapterStore {
         global::write_dir(&self.round_dir(0), global)
     }
 
-    /// Saves a closed round's adapter and its record.
+    /// Saves a closed round's adapter and its record, with the center's timing of the round
+    /// when it has one.
     pub fn save_round(
         &self,
         record: &RoundRecord,
         global: &GlobalModel,
+        timing: Option<&CenterTiming>,
     ) -> Result<(), AdapterError> {
         let dir = self.round_dir(record.round);
         global::write_dir(&dir, global)?;
@@ -97,6 +111,7 @@ impl AdapterStore {
                 attempt: s.attempt,
                 quantisation_error_bound: s.error_bound,
             }),
+            timing,
         })
         .expect("record serialises");
         // Written last, under a temporary name then renamed: its presence says the round's

@@ -347,7 +347,7 @@ async fn main() -> Result<()> {
                 kit: kit.map(Arc::new),
                 name,
                 language,
-                evaluate: true,
+                scoring: participant::Scoring::BOTH,
                 connect_patience: Duration::from_secs(patience),
                 identity,
                 base: base.map(Arc::new),

@@ -197,8 +197,9 @@ pub struct ParticipantOptions {
     pub name: String,
     /// Language label of the local data, for reports.
     pub language: String,
-    /// Evaluate the held-out text before the first round and with the final adapter.
-    pub evaluate: bool,
+    /// Which held-out scores the lab computes: the base before the first round, the model
+    /// it ends with, both (what `fedclient join` does) or neither.
+    pub scoring: Scoring,
     /// How long to keep retrying an unreachable aggregator before giving up.
     pub connect_patience: Duration,
     /// The lab's identity (required when the federation uses secure aggregation).
@@ -245,7 +246,7 @@ impl ParticipantOptions {
             kit: None,
             name: name.to_string(),
             language: language.to_string(),
-            evaluate: false,
+            scoring: Scoring::NONE,
             connect_patience: Duration::from_secs(120),
             identity: None,
             plan_sha256: None,
@@ -297,6 +298,9 @@ pub trait ParticipantObserver: Send + Sync {
     /// Called as the update leaves: `sent` of `total` bytes handed to the connection (the
     /// masked update chunk by chunk; a plaintext update at once).
     fn upload_progress(&self, _name: &str, _round: u64, _sent: u64, _total: u64) {}
+    /// Called when this lab's part of a round is over (its update accepted; under secure
+    /// aggregation its shares revealed), with where the round's time went at the lab.
+    fn round_finished(&self, _name: &str, _round: u64, _timing: &RoundTiming) {}
     /// Called before each secure-aggregation stage is answered; return false to go silent
     /// instead (fault-injection tests simulate a lab that dies at a chosen stage).
     fn secure_step(
@@ -334,6 +338,36 @@ pub enum RunEnd {
     LeftOnRequest,
 }
 
+/// Which held-out scores a participant computes on its own text. Each costs a forward pass
+/// over the held-out text, about as much as a few training steps on a CPU; a caller that
+/// already knows the base's score (the pilot scores each language's base once, not once per
+/// lab) asks only for the final one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scoring {
+    /// Score the base model (the starting adapter) before the first round.
+    pub base: bool,
+    /// Score the model the lab ends with ([`ParticipantReport::own_adapter`]).
+    pub final_model: bool,
+}
+
+impl Scoring {
+    /// No held-out scores.
+    pub const NONE: Scoring = Scoring {
+        base: false,
+        final_model: false,
+    };
+    /// The base before the first round and the model the lab ends with.
+    pub const BOTH: Scoring = Scoring {
+        base: true,
+        final_model: true,
+    };
+    /// Only the model the lab ends with.
+    pub const FINAL: Scoring = Scoring {
+        base: false,
+        final_model: true,
+    };
+}
+
 /// What a participant ends with.
 #[derive(Debug, Clone)]
 pub struct ParticipantReport {
@@ -341,9 +375,11 @@ pub struct ParticipantReport {
     pub language: String,
     pub plan: FederationPlan,
     pub rounds: Vec<RoundReport>,
-    /// Held-out evaluation of the starting adapter (the base model), when asked for.
+    /// Held-out evaluation of the starting adapter (the base model), when asked for
+    /// ([`Scoring::base`]).
     pub initial_eval: Option<EvalStats>,
-    /// Held-out evaluation of [`Self::own_adapter`], when asked for.
+    /// Held-out evaluation of [`Self::own_adapter`], when asked for
+    /// ([`Scoring::final_model`]).
     pub final_eval: Option<EvalStats>,
     /// The run's final global adapter, or the last one this lab saw when it left early.
     pub final_adapter: LoraAdapter,
@@ -426,7 +462,7 @@ pub async fn run(
     let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
     let setup_s = run_started.elapsed().as_secs_f64();
     let evaluating = std::time::Instant::now();
-    let initial_eval = if options.evaluate {
+    let initial_eval = if options.scoring.base {
         let (m, stats) = evaluate_blocking(model, &corpus, plan.training.seq_len, &device).await?;
         model = m;
         Some(stats)
@@ -707,6 +743,7 @@ pub async fn run(
                             Submitted::Taken(mut report) => {
                                 refusals = None;
                                 report.timing = clock.finish_round();
+                                observer.round_finished(&options.name, t.round, &report.timing);
                                 rounds.push(report);
                             }
                             Submitted::Refused(status) => {
@@ -793,10 +830,12 @@ pub async fn run(
                     {
                         info!(participant = %options.name, round = step.round, "shares revealed; secure aggregation of this round is done on our side");
                         observer.update_accepted(&options.name, step.round, false);
+                        let timing = clock.finish_round();
+                        observer.round_finished(&options.name, step.round, &timing);
                         rounds.push(RoundReport {
                             round: step.round,
                             train: trained.stats,
-                            timing: clock.finish_round(),
+                            timing,
                         });
                     }
                     secure.upload = None;
@@ -837,7 +876,7 @@ pub async fn run(
         final_model.adapter.clone()
     };
     let evaluating = std::time::Instant::now();
-    let final_eval = if options.evaluate {
+    let final_eval = if options.scoring.final_model {
         let m = model
             .load_base_delta(&final_model.base_delta)?
             .load_adapter(&own_adapter)?;

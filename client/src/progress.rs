@@ -11,6 +11,7 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::participant::ParticipantObserver;
+use crate::round_clock::{Phase, RoundTiming};
 use crate::train::{StepReport, TrainObserver, TrainStats};
 
 fn style(template: &str) -> ProgressStyle {
@@ -106,6 +107,30 @@ impl JoinDisplay {
     }
 }
 
+/// One line on where a round's time went at this lab: its wall time, then every phase that
+/// took a tenth of a second or more, longest first.
+pub fn timing_line(round: u64, timing: &RoundTiming) -> String {
+    let mut phases: Vec<(Phase, f64)> = Phase::ALL
+        .into_iter()
+        .map(|p| (p, timing.phases.get(p)))
+        .filter(|(_, s)| *s >= 0.05)
+        .collect();
+    phases.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = phases
+        .iter()
+        .map(|(p, s)| format!("{} {s:.1} s", p.name()))
+        .collect();
+    format!(
+        "round {round}: {:.1} s at this lab ({})",
+        timing.wall_s,
+        if parts.is_empty() {
+            "nothing measurable".to_string()
+        } else {
+            parts.join(", ")
+        }
+    )
+}
+
 /// `1.2 MiB`-style sizes for the summaries.
 fn size(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
@@ -184,6 +209,10 @@ impl ParticipantObserver for JoinDisplay {
             size(view.sent_bytes)
         ));
     }
+
+    fn round_finished(&self, _name: &str, round: u64, timing: &RoundTiming) {
+        self.line(timing_line(round, timing));
+    }
 }
 
 #[cfg(test)]
@@ -199,6 +228,34 @@ mod tests {
             tokens: 128,
             trained_targets: 127.0,
         }
+    }
+
+    #[test]
+    fn the_timing_line_lists_the_phases_that_took_time_longest_first() {
+        let mut timing = RoundTiming {
+            wall_s: 77.14,
+            ..RoundTiming::default()
+        };
+        timing
+            .phases
+            .add(Phase::Train, std::time::Duration::from_millis(68_000));
+        timing
+            .phases
+            .add(Phase::Wait, std::time::Duration::from_millis(2_400));
+        timing
+            .phases
+            .add(Phase::Secure, std::time::Duration::from_millis(1_040));
+        timing
+            .phases
+            .add(Phase::Upload, std::time::Duration::from_millis(10));
+        assert_eq!(
+            timing_line(2, &timing),
+            "round 2: 77.1 s at this lab (train 68.0 s, wait 2.4 s, secure 1.0 s)"
+        );
+        assert_eq!(
+            timing_line(1, &RoundTiming::default()),
+            "round 1: 0.0 s at this lab (nothing measurable)"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use fedclient::eval::{EvalStats, evaluate};
 use fedclient::identity::IdentitySeed;
 use fedclient::model::LoraLlama;
 use fedclient::model::RowBatch;
-use fedclient::participant::{self, ParticipantObserver, ParticipantOptions, RunTiming};
+use fedclient::participant::{self, ParticipantObserver, ParticipantOptions, RunTiming, Scoring};
 use fedclient::round_clock::RoundTiming;
 use fedclient::train::{BatchSource, RandomWindows, TrainStats, train, train_local};
 use fedcore::roster::RosterEntry;
@@ -201,6 +201,11 @@ pub struct PilotOptions {
     /// Port of the aggregator's admin HTTP port (status page, /metrics) on 127.0.0.1; 0
     /// picks a free one (printed at start).
     pub admin_port: u16,
+    /// Every lab's policy shares its held-out loss before and after each round's training
+    /// (`share_metrics = ["heldout_loss"]`), so the status page draws per-language loss
+    /// curves. Two held-out evaluations per lab and round, which the breakdown shows as
+    /// `evaluate` and training alone does not pay: off by default.
+    pub share_losses: bool,
 }
 
 impl Default for PilotOptions {
@@ -225,6 +230,7 @@ impl Default for PilotOptions {
             local_baseline: true,
             secure: true,
             admin_port: 0,
+            share_losses: false,
         }
     }
 }
@@ -285,6 +291,8 @@ pub struct PilotReport {
     pub rounds: u64,
     pub steps: usize,
     pub final_adapter_dir: PathBuf,
+    /// Scoring the base model on every language's held-out text (once per language).
+    pub base_scoring_time: Duration,
     pub federated_time: Duration,
     /// Both baselines: [`Self::local_only_time`] then [`Self::centralised_time`].
     pub baseline_time: Duration,
@@ -478,11 +486,9 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         plan: Some(plan.clone()),
         validity_days: 2,
         ca_validity_days: 2,
-        // With the byte-level presets the pilot's labs opt in, so its status page draws
-        // per-lab loss curves. On a pretrained model one held-out evaluation costs as much
-        // as four training steps on a CPU, and sharing takes two per lab and round: the
-        // labs keep their scores to themselves and the pilot stays within its budget.
-        share_metrics: if base.is_none() {
+        // Asked for (`--share-losses`), every lab opts in, so the status page draws
+        // per-language loss curves; each costs two held-out evaluations per lab and round.
+        share_metrics: if options.share_losses {
             vec![mekong_proto::policy::SharedMetric::HeldoutLoss]
         } else {
             Vec::new()
@@ -501,6 +507,21 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     }
     let selected = select_device(options.device).context("selecting the device")?;
     let device = selected.device.clone();
+
+    // The base's score is the table's starting point, not part of the federation: every lab
+    // of a language would compute the same number on the same held-out text, so it is
+    // computed once per language here, before the labs start, and timed apart.
+    let started = Instant::now();
+    let before = {
+        let (plan, base, device) = (plan.clone(), base.clone(), device.clone());
+        let labs: Vec<(String, LocalCorpus)> = lab_data
+            .iter()
+            .map(|l| (l.language.clone(), l.corpus.clone()))
+            .collect();
+        tokio::task::spawn_blocking(move || score_bases(&plan, base.as_deref(), &labs, &device))
+            .await??
+    };
+    let base_scoring_time = started.elapsed();
 
     let config = AggregatorConfig {
         server: ServerSection {
@@ -549,7 +570,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         let policy = kit.policy.clone();
         let participant_options = ParticipantOptions {
             kit: Some(Arc::new(kit)),
-            evaluate: true,
+            scoring: Scoring::FINAL,
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
             base: base.clone(),
@@ -611,17 +632,15 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
 
     let rows = lab_data
         .into_iter()
-        .zip(reports)
+        .zip(reports.into_iter().zip(before))
         .zip(local_results.into_iter().zip(central_results))
-        .map(|((data, report), (local_only, centralised))| {
+        .map(|((data, (report, before)), (local_only, centralised))| {
             Ok(LabRow {
                 lab: data.name,
                 code: data.language,
                 name: data.language_name,
                 train_tokens: data.corpus.train_samples(),
-                before: report
-                    .initial_eval
-                    .ok_or_else(|| anyhow!("missing initial evaluation"))?,
+                before,
                 federated: report
                     .final_eval
                     .ok_or_else(|| anyhow!("missing final evaluation"))?,
@@ -641,6 +660,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         rounds: options.rounds,
         steps: options.steps,
         final_adapter_dir,
+        base_scoring_time,
         federated_time,
         baseline_time,
         local_only_time,
@@ -713,6 +733,45 @@ async fn baselines(
         })
         .collect();
     Ok((local_results, central_results, local_time, central_time))
+}
+
+/// Per lab, the base model's score on its language's held-out text: one evaluation per
+/// language (every lab of a language is judged on the same held-out text, see
+/// [`crate::layout`]), the languages on every core.
+fn score_bases(
+    plan: &FederationPlan,
+    base: Option<&Checkpoint>,
+    labs: &[(String, LocalCorpus)],
+    device: &burn::prelude::Device,
+) -> Result<Vec<EvalStats>> {
+    let mut languages: Vec<(&str, &LocalCorpus)> = Vec::new();
+    for (language, corpus) in labs {
+        if !languages.iter().any(|(l, _)| l == language) {
+            languages.push((language, corpus));
+        }
+    }
+    let scores = crate::experiment::parallel::map_in_order(languages.clone(), |(_, corpus)| {
+        let model = LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?;
+        Ok(evaluate(
+            &model,
+            &corpus.heldout,
+            plan.training.seq_len,
+            device,
+        )?)
+    })
+    .into_iter()
+    .collect::<Result<Vec<EvalStats>>>()
+    .context("scoring the base model")?;
+    Ok(labs
+        .iter()
+        .map(|(language, _)| {
+            let i = languages
+                .iter()
+                .position(|(l, _)| l == language)
+                .expect("every lab's language was scored");
+            scores[i].clone()
+        })
+        .collect())
 }
 
 /// The checkpoint's own tokenizer (every lab must tokenize as the model was trained).

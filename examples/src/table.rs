@@ -197,13 +197,25 @@ pub fn render_time_breakdown(report: &PilotReport) -> String {
         let mean = |f: fn(&fedclient::participant::RunTiming) -> f64| {
             report.lab_runs.iter().map(f).sum::<f64>() / n
         };
+        let base = mean(|r| r.initial_eval_s);
         let _ = writeln!(
             out,
-            "outside the rounds, per lab: joining and building the model {:.1} s, scoring the base {:.1} s, scoring its final model {:.1} s (of {:.1} s in all)",
+            "outside the rounds, per lab: joining and building the model {:.1} s,{} scoring its final model {:.1} s (of {:.1} s in all)",
             mean(|r| r.setup_s),
-            mean(|r| r.initial_eval_s),
+            if base >= 0.05 {
+                format!(" scoring the base {base:.1} s,")
+            } else {
+                String::new()
+            },
             mean(|r| r.final_eval_s),
             mean(|r| r.wall_s)
+        );
+    }
+    if report.base_scoring_time > std::time::Duration::ZERO {
+        let _ = writeln!(
+            out,
+            "before the labs started: the base scored once per language, {:.1} s (the table's starting point, not part of the federation)",
+            report.base_scoring_time.as_secs_f64()
         );
     }
     if report.local_only_time > std::time::Duration::ZERO {

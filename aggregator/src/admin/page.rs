@@ -459,6 +459,7 @@ mod tests {
             quantisation_bound: None,
             duration_s: 1.0,
             adapter_sha256: "ab".repeat(32),
+            stages: Vec::new(),
         });
         let html = render(&r);
         assert!(

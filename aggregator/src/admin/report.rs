@@ -90,6 +90,23 @@ pub struct RoundRow {
     /// From the round's opening to its close.
     pub duration_s: f64,
     pub adapter_sha256: String,
+    /// The round's stages in the order they closed; their seconds add up to `duration_s`.
+    /// Empty when this process did not see the round open (it resumed the round after a
+    /// restart).
+    #[serde(default)]
+    pub stages: Vec<StageSpan>,
+}
+
+/// One stage of one round as the center saw it: from the previous stage's close (or the
+/// round's opening) to this one's. Under secure aggregation the first stage,
+/// `advertise_keys`, lasts while the cohort trains (labs advertise once trained);
+/// `failed_attempt` is the time an attempt ran before it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSpan {
+    pub stage: String,
+    /// The secure-aggregation attempt (None without secure aggregation).
+    pub attempt: Option<u32>,
+    pub seconds: f64,
 }
 
 /// Bytes of gRPC message bodies (with gRPC's 5-byte framing, without HTTP/2 or TLS overhead).

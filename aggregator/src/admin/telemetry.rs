@@ -15,7 +15,8 @@ use fedcore::{Coordinator, Event};
 
 use super::metrics::{Metrics, labels};
 use super::report::{
-    LossCurve, LossPoint, ParticipantStatus, RoundRow, RpcTraffic, StageTiming, StatusReport,
+    LossCurve, LossPoint, ParticipantStatus, RoundRow, RpcTraffic, StageSpan, StageTiming,
+    StatusReport,
 };
 
 /// A participant whose last call is more recent than this counts as connected. A lab
@@ -108,12 +109,15 @@ struct Participant {
     metric_reports: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct OpenRound {
     round: u64,
     opened_ms: u64,
     /// When the current stage began (round opening, a stage's close, a failed attempt).
     stage_began_ms: u64,
+    /// The stages closed so far: (label, attempt, milliseconds); they tile the round from
+    /// `opened_ms` to `stage_began_ms`.
+    stages: Vec<(&'static str, Option<u32>, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,6 +174,9 @@ fn secure_stage_label(stage: SecureStage) -> (u8, &'static str) {
 }
 
 const PLAINTEXT_STAGE: (u8, &str) = (0, "plaintext_updates");
+
+/// The time a secure attempt ran before it failed (the next attempt starts afresh).
+const FAILED_ATTEMPT: (u8, &str) = (6, "failed_attempt");
 
 fn stage_name(stage: &Stage) -> &'static str {
     match stage {
@@ -301,26 +308,25 @@ impl Telemetry {
                         round: *round,
                         opened_ms: now_ms,
                         stage_began_ms: now_ms,
+                        stages: Vec::new(),
                     });
                 }
-                Event::SecureStageClosed { stage, .. } => {
-                    self.stage_done(&mut r, secure_stage_label(*stage), now_ms);
+                Event::SecureStageClosed { stage, attempt, .. } => {
+                    self.stage_done(&mut r, secure_stage_label(*stage), Some(*attempt), now_ms);
                 }
-                Event::SecureAttemptFailed { .. } => {
+                Event::SecureAttemptFailed { attempt, .. } => {
                     r.secure_attempts_failed += 1;
                     self.metrics.secure_attempts_failed.inc();
-                    if let Some(open) = &mut r.open {
-                        open.stage_began_ms = now_ms;
-                    }
+                    self.stage_done(&mut r, FAILED_ATTEMPT, Some(*attempt), now_ms);
                 }
                 Event::RoundCompleted(record) => {
-                    let opened = match r.open {
-                        Some(open) if open.round == record.round => open.opened_ms,
-                        _ => now_ms,
-                    };
                     if record.secure.is_none() {
-                        self.stage_done(&mut r, PLAINTEXT_STAGE, now_ms);
+                        self.stage_done(&mut r, PLAINTEXT_STAGE, None, now_ms);
                     }
+                    let (opened, stages) = match r.open.take() {
+                        Some(open) if open.round == record.round => (open.opened_ms, open.stages),
+                        _ => (now_ms, Vec::new()),
+                    };
                     let duration_ms = now_ms.saturating_sub(opened);
                     self.metrics.round_duration.observe(seconds(duration_ms));
                     self.metrics.rounds_completed.inc();
@@ -343,20 +349,34 @@ impl Telemetry {
                         quantisation_bound: record.secure.as_ref().map(|s| s.error_bound),
                         duration_s: seconds(duration_ms),
                         adapter_sha256: record.adapter_hash.clone(),
+                        stages: stages
+                            .into_iter()
+                            .map(|(stage, attempt, ms)| StageSpan {
+                                stage: stage.to_string(),
+                                attempt,
+                                seconds: seconds(ms),
+                            })
+                            .collect(),
                     });
-                    r.open = None;
                 }
                 Event::RoundExtended { .. } | Event::RunFinished { .. } | Event::Paused { .. } => {}
             }
         }
     }
 
-    fn stage_done(&self, r: &mut Record, stage: (u8, &'static str), now_ms: u64) {
+    fn stage_done(
+        &self,
+        r: &mut Record,
+        stage: (u8, &'static str),
+        attempt: Option<u32>,
+        now_ms: u64,
+    ) {
         let Some(open) = &mut r.open else {
             return;
         };
         let took = now_ms.saturating_sub(open.stage_began_ms);
         open.stage_began_ms = now_ms;
+        open.stages.push((stage.1, attempt, took));
         let t = r.stages.entry(stage).or_default();
         t.count += 1;
         t.total_ms += took;
@@ -366,6 +386,17 @@ impl Telemetry {
             .stage_duration
             .get_or_create(&labels(&[("stage", stage.1)]))
             .observe(seconds(took));
+    }
+
+    /// How a closed round's time went at the center, for its `round.json`: `None` when this
+    /// process did not see the round open (resumed after a restart) or has no record of it.
+    pub fn round_timing(&self, round: u64) -> Option<crate::store::CenterTiming> {
+        let r = self.record();
+        let row = r.rounds.iter().rev().find(|row| row.round == round)?;
+        (!row.stages.is_empty()).then(|| crate::store::CenterTiming {
+            duration_s: row.duration_s,
+            stages: row.stages.clone(),
+        })
     }
 
     /// Sets the gauges that mirror the coordinator, for a scrape.
@@ -515,4 +546,91 @@ struct RoundSums {
     after: f64,
     tokens: u64,
     labs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedcore::round::{RoundRecord, SecureRecord};
+    use fedcore::strategy::TrainedFactors;
+
+    fn closed(round: u64) -> Event {
+        Event::RoundCompleted(RoundRecord {
+            round,
+            contributors: vec!["lab-a".into()],
+            dropped: Vec::new(),
+            left: Vec::new(),
+            total_samples: 3,
+            adapter_hash: "ab".repeat(32),
+            mode: fedcore::AggregationMode::FfaLora,
+            trained: TrainedFactors { a: false, b: true },
+            secure: Some(SecureRecord {
+                attempt: 1,
+                error_bound: 1e-5,
+            }),
+        })
+    }
+
+    fn stage(round: u64, attempt: u32, stage: SecureStage) -> Event {
+        Event::SecureStageClosed {
+            round,
+            attempt,
+            stage,
+            remaining: 3,
+        }
+    }
+
+    #[test]
+    fn a_rounds_stages_tile_it_failed_attempts_included() {
+        let t = Telemetry::new();
+        let opened = Event::RoundStarted {
+            round: 1,
+            cohort: vec!["lab-a".into()],
+            deadline_ms: 60_000,
+        };
+        t.observe(&[opened], 1_000);
+        t.observe(&[stage(1, 0, SecureStage::AdvertiseKeys)], 9_500);
+        let failed = Event::SecureAttemptFailed {
+            round: 1,
+            attempt: 0,
+            reason: "too few".into(),
+        };
+        t.observe(&[failed], 12_250);
+        t.observe(&[stage(1, 1, SecureStage::AdvertiseKeys)], 12_300);
+        t.observe(&[stage(1, 1, SecureStage::ShareKeys)], 12_400);
+        t.observe(&[stage(1, 1, SecureStage::MaskedInput)], 13_000);
+        t.observe(&[stage(1, 1, SecureStage::ConsistencyCheck)], 13_010);
+        t.observe(&[stage(1, 1, SecureStage::Unmask), closed(1)], 13_100);
+
+        let timing = t.round_timing(1).expect("the round opened in this process");
+        assert_eq!(timing.duration_s, 12.1);
+        let stages: Vec<_> = timing
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), s.attempt, s.seconds))
+            .collect();
+        assert_eq!(
+            stages,
+            [
+                ("advertise_keys", Some(0), 8.5),
+                ("failed_attempt", Some(0), 2.75),
+                ("advertise_keys", Some(1), 0.05),
+                ("share_keys", Some(1), 0.1),
+                ("masked_input", Some(1), 0.6),
+                ("consistency_check", Some(1), 0.01),
+                ("unmask", Some(1), 0.09),
+            ]
+        );
+        let sum: f64 = timing.stages.iter().map(|s| s.seconds).sum();
+        assert!((sum - timing.duration_s).abs() < 1e-9, "{sum}");
+        assert_eq!(t.round_timing(2), None);
+    }
+
+    #[test]
+    fn a_round_resumed_after_a_restart_has_no_timing() {
+        // A restarted aggregator never saw the round open: it does not invent a duration.
+        let t = Telemetry::new();
+        t.observe(&[stage(4, 0, SecureStage::Unmask), closed(4)], 2_000);
+        assert_eq!(t.round_timing(4), None);
+    }
 }

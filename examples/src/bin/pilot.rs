@@ -74,6 +74,10 @@ struct Args {
     /// port, printed at start].
     #[arg(long, default_value_t = 0)]
     admin_port: u16,
+    /// Every lab shares its held-out loss before and after each round, so the status page
+    /// draws loss curves (two held-out evaluations per lab and round).
+    #[arg(long)]
+    share_losses: bool,
 }
 
 #[tokio::main]
@@ -118,6 +122,7 @@ async fn main() -> Result<()> {
         local_baseline: !a.no_local_baseline,
         secure: !a.insecure_plaintext,
         admin_port: a.admin_port,
+        share_losses: a.share_losses,
         ..defaults
     };
     let report = mekong_examples::pilot::run(options).await?;
