@@ -69,6 +69,20 @@ fn every_arm_runs_and_the_report_is_written() {
         assert!(tables.contains(arm.name()), "{tables}");
     }
     assert!(tables.contains("Lao") && tables.contains("FedIT's aggregation error"));
+    // Bits per character beside the loss: the first lab's "before" cell is its round-0
+    // score, to the table's three decimals.
+    let (_, bpc_table) = tables
+        .split_once("bits per character of the held-out text")
+        .unwrap_or_else(|| panic!("no bits-per-character table: {tables}"));
+    let first_lab = &results.labs[0];
+    let before = results.runs[0].rounds[0].bits_per_char[0];
+    assert!(
+        bpc_table.contains(&format!(
+            "| {} ({}) | {} | {before:.3} |",
+            first_lab.name, first_lab.language_name, first_lab.train_tokens
+        )),
+        "{bpc_table}"
+    );
 }
 
 fn adapter(a: &[f32], b: &[f32]) -> LoraAdapter {

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{Arm, ExperimentError, ExperimentResults};
+use super::{Arm, ArmRun, ExperimentError, ExperimentResults, RoundScores};
 
 /// Writes `results.json` (every number measured) into `dir`.
 pub fn write_json(results: &ExperimentResults, dir: &Path) -> Result<(), ExperimentError> {
@@ -27,49 +27,26 @@ pub fn tables(results: &ExperimentResults) -> String {
             .iter()
             .filter(|r| r.local_steps == *s)
             .collect();
-        let Some(first) = runs.first() else { continue };
+        if runs.is_empty() {
+            continue;
+        }
         let _ = writeln!(
             out,
             "\n#### {s} local step{} per round: held-out loss after round {} (nats per {unit}; lower is better)\n",
             if *s == 1 { "" } else { "s" },
             results.rounds,
         );
-        let _ = write!(out, "| lab | train {unit}s | before |");
-        for run in &runs {
-            let _ = write!(out, " {} |", run.arm.name());
-        }
-        let _ = writeln!(out);
-        let _ = writeln!(out, "|---|---|---|{}", "---|".repeat(runs.len()));
-        for (i, lab) in results.labs.iter().enumerate() {
-            let finals: Vec<f64> = runs
-                .iter()
-                .map(|r| r.rounds.last().expect("rounds").loss[i])
-                .collect();
-            let best = finals.iter().copied().fold(f64::INFINITY, f64::min);
-            let _ = write!(
-                out,
-                "| {} ({}) | {} | {:.3} |",
-                lab.name, lab.language_name, lab.train_tokens, first.rounds[0].loss[i]
-            );
-            for v in finals {
-                if v == best {
-                    let _ = write!(out, " **{v:.3}** |");
-                } else {
-                    let _ = write!(out, " {v:.3} |");
-                }
-            }
-            let _ = writeln!(out);
-        }
-        let _ = write!(out, "| mean | | {:.3} |", first.rounds[0].mean());
-        for run in &runs {
-            let _ = write!(out, " {:.3} |", run.rounds.last().expect("rounds").mean());
-        }
-        let _ = writeln!(out);
+        lab_table(&mut out, results, &runs, |r| &r.loss);
         let _ = write!(out, "| wall time | | |");
         for run in &runs {
             let _ = write!(out, " {:.0} s |", run.seconds);
         }
         let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "\nThe same models in bits per character of the held-out text (the tokenizer's unit taken out; lower is better):\n"
+        );
+        lab_table(&mut out, results, &runs, |r| &r.bits_per_char);
 
         let verdicts: Vec<_> = results
             .verdicts
@@ -148,6 +125,57 @@ pub fn tables(results: &ExperimentResults) -> String {
         }
     }
     out
+}
+
+/// One row per lab (its score before training, then each arm's after the last round, the
+/// best in bold) and the mean over labs, for the metric `metric` picks.
+fn lab_table(
+    out: &mut String,
+    results: &ExperimentResults,
+    runs: &[&ArmRun],
+    metric: fn(&RoundScores) -> &Vec<f64>,
+) {
+    let Some(first) = runs.first() else { return };
+    let unit = &results.loss_unit;
+    let _ = write!(out, "| lab | train {unit}s | before |");
+    for run in runs {
+        let _ = write!(out, " {} |", run.arm.name());
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "|---|---|---|{}", "---|".repeat(runs.len()));
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    for (i, lab) in results.labs.iter().enumerate() {
+        let finals: Vec<f64> = runs
+            .iter()
+            .map(|r| metric(r.rounds.last().expect("rounds"))[i])
+            .collect();
+        let best = finals.iter().copied().fold(f64::INFINITY, f64::min);
+        let _ = write!(
+            out,
+            "| {} ({}) | {} | {:.3} |",
+            lab.name,
+            lab.language_name,
+            lab.train_tokens,
+            metric(&first.rounds[0])[i]
+        );
+        for v in finals {
+            if v == best {
+                let _ = write!(out, " **{v:.3}** |");
+            } else {
+                let _ = write!(out, " {v:.3} |");
+            }
+        }
+        let _ = writeln!(out);
+    }
+    let _ = write!(out, "| mean | | {:.3} |", mean(metric(&first.rounds[0])));
+    for run in runs {
+        let _ = write!(
+            out,
+            " {:.3} |",
+            mean(metric(run.rounds.last().expect("rounds")))
+        );
+    }
+    let _ = writeln!(out);
 }
 
 /// Writes `strategies-tables.md` (the generated tables, included by the report) into `dir`.
