@@ -236,18 +236,16 @@ mod tests {
             wall_s: 77.14,
             ..RoundTiming::default()
         };
-        timing
-            .phases
-            .add(Phase::Train, std::time::Duration::from_millis(68_000));
-        timing
-            .phases
-            .add(Phase::Wait, std::time::Duration::from_millis(2_400));
-        timing
-            .phases
-            .add(Phase::Secure, std::time::Duration::from_millis(1_040));
-        timing
-            .phases
-            .add(Phase::Upload, std::time::Duration::from_millis(10));
+        for (phase, ms) in [
+            (Phase::Train, 68_000),
+            (Phase::Wait, 2_400),
+            (Phase::Secure, 1_040),
+            (Phase::Upload, 10),
+        ] {
+            timing
+                .phases
+                .add(phase, std::time::Duration::from_millis(ms));
+        }
         assert_eq!(
             timing_line(2, &timing),
             "round 2: 77.1 s at this lab (train 68.0 s, wait 2.4 s, secure 1.0 s)"

@@ -143,12 +143,10 @@ async fn kills_during_key_sharing_and_masked_input_leave_the_survivors_weighted_
     // ... and where the round's time went at the center: every secure stage of the attempt
     // that succeeded, in order, tiling the round.
     let timing = &record["timing"];
-    let stages: Vec<&str> = timing["stages"]
+    let spans = timing["stages"]
         .as_array()
-        .unwrap_or_else(|| panic!("no timing in round.json: {json}"))
-        .iter()
-        .map(|s| s["stage"].as_str().unwrap())
-        .collect();
+        .unwrap_or_else(|| panic!("no timing in round.json: {json}"));
+    let stages: Vec<&str> = spans.iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(
         stages,
         [
@@ -160,12 +158,7 @@ async fn kills_during_key_sharing_and_masked_input_leave_the_survivors_weighted_
         ],
         "{json}"
     );
-    let sum: f64 = timing["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["seconds"].as_f64().unwrap())
-        .sum();
+    let sum: f64 = spans.iter().map(|s| s["seconds"].as_f64().unwrap()).sum();
     let duration = timing["duration_s"].as_f64().unwrap();
     assert!(duration > 0.0, "{json}");
     assert!((sum - duration).abs() < 1e-6, "{json}");
