@@ -73,7 +73,7 @@ enum Command {
         #[arg(long, default_value_t = 3650)]
         ca_validity_days: u32,
         /// An aggregate metric the kits' participant.toml lets each lab report to the
-        /// status page (repeatable; `heldout_loss`). Default: none. Each lab's own copy of
+        /// status page (repeatable; `heldout_loss`, `round_timing`). Default: none. Each lab's own copy of
         /// participant.toml is its policy and it may remove the line.
         #[arg(long = "share-metrics", value_parser = parse_metric)]
         share_metrics: Vec<SharedMetric>,

@@ -97,8 +97,8 @@ enum Command {
         /// `policy.max_rounds`, else every round].
         #[arg(long)]
         max_rounds: Option<u64>,
-        /// Aggregate metrics this lab reports for the aggregator's status page
-        /// (comma-separated; `heldout_loss`, or `none`) [default: the config's
+        /// Aggregate metrics this lab reports for the aggregator's status page and
+        /// /metrics (comma-separated; `heldout_loss`, `round_timing`, or `none`) [default: the config's
         /// `policy.share_metrics`, else none].
         #[arg(long, value_delimiter = ',')]
         share_metrics: Option<Vec<String>>,

@@ -29,9 +29,11 @@
 //!
 //! One more message leaves only if the lab's local policy allows it
 //! ([`ParticipantOptions::share_metrics`], from `share_metrics` in its participant.toml;
-//! empty by default): `ReportMetrics`, the mean held-out loss before and after each round's
-//! local training and the number of held-out tokens it covers, for the operator's
-//! per-language loss curves. Aggregate numbers only; see [`report_metrics`].
+//! empty by default): `ReportMetrics`, with `heldout_loss` the mean held-out loss before
+//! and after each round's local training and the number of held-out tokens it covers, for
+//! the operator's per-language loss curves; with `round_timing` the round's wall time at
+//! the lab and the seconds of it in each [`Phase`]. Aggregate numbers only; see
+//! [`report_metrics`] and [`report_round_timing`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -478,6 +480,8 @@ pub async fn run(
     // The last global this lab received: what it ends with if it leaves while waiting.
     let mut last_global: Option<GlobalModel> = None;
     let mut clock = RoundClock::new();
+    // Round-timing reports in flight (sent off the round's path); awaited before returning.
+    let mut timing_reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let (final_model, ended) = loop {
         let task = clock
             .time(
@@ -744,6 +748,13 @@ pub async fn run(
                                 refusals = None;
                                 report.timing = clock.finish_round();
                                 observer.round_finished(&options.name, t.round, &report.timing);
+                                timing_reports.extend(report_round_timing(
+                                    &client,
+                                    &options,
+                                    &id,
+                                    t.round,
+                                    &report.timing,
+                                ));
                                 rounds.push(report);
                             }
                             Submitted::Refused(status) => {
@@ -832,6 +843,9 @@ pub async fn run(
                         observer.update_accepted(&options.name, step.round, false);
                         let timing = clock.finish_round();
                         observer.round_finished(&options.name, step.round, &timing);
+                        timing_reports.extend(report_round_timing(
+                            &client, &options, &id, step.round, &timing,
+                        ));
                         rounds.push(RoundReport {
                             round: step.round,
                             train: trained.stats,
@@ -875,6 +889,10 @@ pub async fn run(
     } else {
         final_model.adapter.clone()
     };
+    // The last round's timing report goes out while the run ends; give it a moment.
+    for report in timing_reports {
+        let _ = tokio::time::timeout(Duration::from_secs(5), report).await;
+    }
     let evaluating = std::time::Instant::now();
     let final_eval = if options.scoring.final_model {
         let m = model
@@ -1044,8 +1062,8 @@ struct HeldoutScores {
     after: EvalStats,
 }
 
-/// Sends one round's held-out losses (`ReportMetrics`), the only message beyond the
-/// protocol's, and only when [`ParticipantOptions::share_metrics`] lists `heldout_loss`:
+/// Sends one round's held-out losses (`ReportMetrics`), a message beyond the protocol's,
+/// only when [`ParticipantOptions::share_metrics`] lists `heldout_loss`:
 /// two mean losses and a token count, never text, tokens or per-example values. A refusal
 /// or failure is logged and changes nothing else: the numbers are for the operator's page.
 async fn report_metrics(
@@ -1062,6 +1080,7 @@ async fn report_metrics(
         heldout_loss_before: scores.before.loss,
         heldout_loss_after: scores.after.loss,
         heldout_tokens: scores.after.tokens as u64,
+        round_timing: None,
     };
     match client.clone().report_metrics(request).await {
         Ok(_) => info!(
@@ -1078,6 +1097,42 @@ async fn report_metrics(
             "the aggregator did not take the held-out loss report; going on"
         ),
     }
+}
+
+/// Sends where this lab's round time went (`ReportMetrics.round_timing`), only when
+/// [`ParticipantOptions::share_metrics`] lists `round_timing`: seconds per phase and the
+/// round's wall time. Sent off the round's path (a task of its own), so the report costs
+/// the next round nothing; a refusal or failure is logged and changes nothing else.
+fn report_round_timing(
+    client: &FederationClient<Channel>,
+    options: &ParticipantOptions,
+    id: &str,
+    round: u64,
+    timing: &RoundTiming,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !options.share_metrics.contains(&SharedMetric::RoundTiming) {
+        return None;
+    }
+    let request = pb::ReportMetricsRequest {
+        participant_id: id.to_string(),
+        round,
+        round_timing: Some(timing.to_wire()),
+        ..Default::default()
+    };
+    let (mut client, name) = (client.clone(), options.name.clone());
+    Some(tokio::spawn(async move {
+        match client.report_metrics(request).await {
+            Ok(_) => {
+                tracing::debug!(participant = %name, round, "round timing reported (share_metrics allows round_timing)")
+            }
+            Err(status) => warn!(
+                participant = %name,
+                round,
+                %status,
+                "the aggregator did not take the round-timing report; going on"
+            ),
+        }
+    }))
 }
 
 /// Evaluates on the held-out text off the async runtime's worker threads.

@@ -13,6 +13,8 @@
 
 use std::time::{Duration, Instant};
 
+use mekong_proto::v1 as pb;
+
 /// What a lab is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
@@ -40,6 +42,18 @@ impl Phase {
         Phase::Upload,
         Phase::Wait,
     ];
+
+    /// The phase on the wire (`ReportMetrics.round_timing`).
+    pub fn to_wire(self) -> pb::LabPhase {
+        match self {
+            Phase::Wait => pb::LabPhase::Wait,
+            Phase::Download => pb::LabPhase::Download,
+            Phase::Train => pb::LabPhase::Train,
+            Phase::Evaluate => pb::LabPhase::Evaluate,
+            Phase::Secure => pb::LabPhase::Secure,
+            Phase::Upload => pb::LabPhase::Upload,
+        }
+    }
 
     /// A short lowercase name for tables and logs.
     pub fn name(self) -> &'static str {
@@ -107,6 +121,21 @@ impl RoundTiming {
     /// Seconds no phase accounts for.
     pub fn unaccounted_s(&self) -> f64 {
         self.wall_s - self.phases.total()
+    }
+
+    /// The wire form a lab that shares `round_timing` reports (`ReportMetrics`): the wall
+    /// time and every phase, zeros included, so the center's counters move together.
+    pub fn to_wire(&self) -> pb::LabRoundTiming {
+        pb::LabRoundTiming {
+            wall_seconds: self.wall_s,
+            phases: Phase::ALL
+                .into_iter()
+                .map(|phase| pb::LabPhaseSeconds {
+                    phase: phase.to_wire() as i32,
+                    seconds: self.phases.get(phase),
+                })
+                .collect(),
+        }
     }
 }
 

@@ -304,10 +304,23 @@ pub struct PilotReport {
     pub lab_timings: Vec<(String, Vec<RoundTiming>)>,
     /// Per lab, its run outside the rounds (setup, evaluations before and after).
     pub lab_runs: Vec<RunTiming>,
+    /// Scoring the models the labs ended with, after the last round (part of
+    /// [`Self::federated_time`]): each distinct model once.
+    pub final_scoring: FinalScoring,
     /// Whether rounds were securely aggregated, and the largest per-value quantisation
     /// error bound of any round's mean update.
     pub secure: bool,
     pub max_error_bound: f64,
+}
+
+/// How the labs' final models were scored.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FinalScoring {
+    /// Distinct models scored: under `group_b` one per language (its labs end with the same
+    /// model), under FedSA-LoRA one per lab.
+    pub models: usize,
+    pub labs: usize,
+    pub time: Duration,
 }
 
 /// Prints one line per trained round.
@@ -486,12 +499,17 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         plan: Some(plan.clone()),
         validity_days: 2,
         ca_validity_days: 2,
-        // Asked for (`--share-losses`), every lab opts in, so the status page draws
+        // Every pilot lab shares where its rounds' time went (a few numbers per round, no
+        // work), so the status page and /metrics show each lab's train and wait. Asked for
+        // (`--share-losses`), they also share held-out losses, so the page draws
         // per-language loss curves; each costs two held-out evaluations per lab and round.
         share_metrics: if options.share_losses {
-            vec![mekong_proto::policy::SharedMetric::HeldoutLoss]
+            vec![
+                mekong_proto::policy::SharedMetric::HeldoutLoss,
+                mekong_proto::policy::SharedMetric::RoundTiming,
+            ]
         } else {
-            Vec::new()
+            vec![mekong_proto::policy::SharedMetric::RoundTiming]
         },
     })
     .context("provisioning the pilot federation")?;
@@ -570,7 +588,8 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         let policy = kit.policy.clone();
         let participant_options = ParticipantOptions {
             kit: Some(Arc::new(kit)),
-            scoring: Scoring::FINAL,
+            // The pilot scores the final models itself, each distinct one once (below).
+            scoring: Scoring::NONE,
             connect_patience: Duration::from_secs(30),
             identity: Some(Arc::new(identity)),
             base: base.clone(),
@@ -605,6 +624,32 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
     let _ = std::fs::remove_dir_all(&dir);
     let final_adapter_dir = server.store().final_dir();
     server.shutdown().await?;
+    // The model each lab ends with, scored on its language's held-out text. Under
+    // `group_b` a language's labs end with the same model (the global A and the language's
+    // B), so each distinct (language, model) is scored once rather than once per lab.
+    let scoring_started = Instant::now();
+    let finals: Vec<FinalModel> = lab_data
+        .iter()
+        .zip(&reports)
+        .map(|(data, report)| FinalModel {
+            language: data.language.clone(),
+            corpus: data.corpus.clone(),
+            adapter: report.own_adapter.clone(),
+            base_delta: report.final_base_delta.clone(),
+        })
+        .collect();
+    let (final_scores, models) = {
+        let (plan, base, device) = (plan.clone(), base.clone(), device.clone());
+        tokio::task::spawn_blocking(move || {
+            score_final_models(&plan, base.as_deref(), &finals, &device)
+        })
+        .await??
+    };
+    let final_scoring = FinalScoring {
+        models,
+        labs: final_scores.len(),
+        time: scoring_started.elapsed(),
+    };
     let federated_time = started.elapsed();
 
     let started = Instant::now();
@@ -632,23 +677,21 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
 
     let rows = lab_data
         .into_iter()
-        .zip(reports.into_iter().zip(before))
+        .zip(final_scores.into_iter().zip(before))
         .zip(local_results.into_iter().zip(central_results))
-        .map(|((data, (report, before)), (local_only, centralised))| {
-            Ok(LabRow {
+        .map(
+            |((data, (federated, before)), (local_only, centralised))| LabRow {
                 lab: data.name,
                 code: data.language,
                 name: data.language_name,
                 train_tokens: data.corpus.train_samples(),
                 before,
-                federated: report
-                    .final_eval
-                    .ok_or_else(|| anyhow!("missing final evaluation"))?,
+                federated,
                 local_only,
                 centralised,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+            },
+        )
+        .collect();
     Ok(PilotReport {
         rows,
         layout: options.layout,
@@ -667,6 +710,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         centralised_time,
         lab_timings,
         lab_runs,
+        final_scoring,
         secure: options.secure,
         max_error_bound,
     })
@@ -772,6 +816,61 @@ fn score_bases(
             scores[i].clone()
         })
         .collect())
+}
+
+/// The model one lab ended the federation with, and the text it is judged on.
+struct FinalModel {
+    language: String,
+    corpus: LocalCorpus,
+    adapter: fedcore::LoraAdapter,
+    base_delta: std::collections::BTreeMap<String, fedcore::Matrix>,
+}
+
+/// Per lab, its final model's score on its language's held-out text; and how many distinct
+/// models that took. Labs of one language with equal adapters (and equal base corrections)
+/// share one evaluation; the distinct models run on every core.
+fn score_final_models(
+    plan: &FederationPlan,
+    base: Option<&Checkpoint>,
+    labs: &[FinalModel],
+    device: &burn::prelude::Device,
+) -> Result<(Vec<EvalStats>, usize)> {
+    let mut distinct: Vec<&FinalModel> = Vec::new();
+    let owner: Vec<usize> = labs
+        .iter()
+        .map(|lab| {
+            distinct
+                .iter()
+                .position(|d| {
+                    d.language == lab.language
+                        && d.adapter == lab.adapter
+                        && d.base_delta == lab.base_delta
+                })
+                .unwrap_or_else(|| {
+                    distinct.push(lab);
+                    distinct.len() - 1
+                })
+        })
+        .collect();
+    let models = distinct.len();
+    let scores = crate::experiment::parallel::map_in_order(distinct, |lab| {
+        let model = LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?
+            .load_base_delta(&lab.base_delta)?
+            .load_adapter(&lab.adapter)?;
+        Ok(evaluate(
+            &model,
+            &lab.corpus.heldout,
+            plan.training.seq_len,
+            device,
+        )?)
+    })
+    .into_iter()
+    .collect::<Result<Vec<EvalStats>>>()
+    .context("scoring the labs' final models")?;
+    Ok((
+        owner.into_iter().map(|i| scores[i].clone()).collect(),
+        models,
+    ))
 }
 
 /// The checkpoint's own tokenizer (every lab must tokenize as the model was trained).

@@ -197,18 +197,35 @@ pub fn render_time_breakdown(report: &PilotReport) -> String {
         let mean = |f: fn(&fedclient::participant::RunTiming) -> f64| {
             report.lab_runs.iter().map(f).sum::<f64>() / n
         };
-        let base = mean(|r| r.initial_eval_s);
+        let mut scoring = String::new();
+        for (what, seconds) in [
+            ("scoring the base", mean(|r| r.initial_eval_s)),
+            ("scoring its final model", mean(|r| r.final_eval_s)),
+        ] {
+            if seconds >= 0.05 {
+                let _ = write!(scoring, ", {what} {seconds:.1} s");
+            }
+        }
         let _ = writeln!(
             out,
-            "outside the rounds, per lab: joining and building the model {:.1} s,{} scoring its final model {:.1} s (of {:.1} s in all)",
+            "outside the rounds, per lab: joining and building the model {:.1} s{scoring} (of {:.1} s in all)",
             mean(|r| r.setup_s),
-            if base >= 0.05 {
-                format!(" scoring the base {base:.1} s,")
-            } else {
-                String::new()
-            },
-            mean(|r| r.final_eval_s),
             mean(|r| r.wall_s)
+        );
+    }
+    let finals = &report.final_scoring;
+    if finals.labs > 0 {
+        let _ = writeln!(
+            out,
+            "after the last round: the labs' final models scored, {} distinct for {} labs{}, {:.1} s (part of the federation)",
+            finals.models,
+            finals.labs,
+            if finals.models < finals.labs {
+                " (a language's labs end with the same model)"
+            } else {
+                ""
+            },
+            finals.time.as_secs_f64()
         );
     }
     if report.base_scoring_time > std::time::Duration::ZERO {

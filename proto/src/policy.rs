@@ -113,16 +113,22 @@ pub enum SharedMetric {
     /// Mean held-out loss before and after each round's local training, and the number of
     /// held-out tokens it averages over. Feeds the operator's per-language loss curves.
     HeldoutLoss,
+    /// Each round's wall time at the lab and the seconds of it spent training, evaluating,
+    /// downloading, in secure aggregation, uploading and waiting: how fast the lab's
+    /// hardware is and how long the center keeps it idle. Feeds `/metrics`
+    /// (`mekong_lab_phase_seconds`) and the status page.
+    RoundTiming,
 }
 
 impl SharedMetric {
     /// Every metric a lab can share.
-    pub const ALL: [SharedMetric; 1] = [SharedMetric::HeldoutLoss];
+    pub const ALL: [SharedMetric; 2] = [SharedMetric::HeldoutLoss, SharedMetric::RoundTiming];
 
     /// The name used in `participant.toml` and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             SharedMetric::HeldoutLoss => "heldout_loss",
+            SharedMetric::RoundTiming => "round_timing",
         }
     }
 }

@@ -45,6 +45,7 @@ async fn federation() -> (RunningServer, tempfile::TempDir) {
         options.plan_sha256 = Some(plan.fingerprint());
         if shares {
             options.share_metrics.insert(SharedMetric::HeldoutLoss);
+            options.share_metrics.insert(SharedMetric::RoundTiming);
         }
         labs.push(tokio::spawn(participant::run(
             options,
@@ -127,9 +128,10 @@ fn check_metrics(text: &str, adapter_bytes: f64) {
     assert_eq!(at("mekong_participants_left"), 0.0);
     assert_eq!(at("mekong_secure_attempts_failed_total"), 0.0);
     assert_eq!(at("mekong_participants_dropped_total"), 0.0);
-    // Two labs opted in, one report per round each; the third sent none.
+    // Two labs opted in, one held-out report per round each; the third sent none. Each
+    // round's timing is a second ReportMetrics call, sent when the round ends.
     assert_eq!(at("mekong_metric_reports_total"), 4.0);
-    assert_eq!(at("mekong_rpc_calls_total{rpc=\"ReportMetrics\"}"), 4.0);
+    assert_eq!(at("mekong_rpc_calls_total{rpc=\"ReportMetrics\"}"), 8.0);
     assert_eq!(at("mekong_rpc_calls_total{rpc=\"Join\"}"), 3.0);
     assert_eq!(
         at("mekong_rpc_calls_total{rpc=\"SubmitMasked\"}"),
@@ -175,6 +177,40 @@ fn check_metrics(text: &str, adapter_bytes: f64) {
         }
     }
     assert!(!text.contains("language=\"th\""), "lab-th did not opt in");
+    // Where each opted-in lab's rounds went, by its own clock (issue #28): every round
+    // reported once, training in it, and the phases within the rounds' wall time.
+    for lab in ["lab-lo", "lab-km"] {
+        let label = format!("participant=\"{lab}\"");
+        assert_eq!(
+            at(&format!("mekong_lab_rounds_timed_total{{{label}}}")),
+            ROUNDS as f64,
+            "{lab}"
+        );
+        let wall = at(&format!("mekong_lab_round_seconds_total{{{label}}}"));
+        let phases: f64 = ["train", "evaluate", "download", "secure", "upload", "wait"]
+            .iter()
+            .map(|phase| {
+                at(&format!(
+                    "mekong_lab_phase_seconds_total{{{label},phase=\"{phase}\"}}"
+                ))
+            })
+            .sum();
+        let train = at(&format!(
+            "mekong_lab_phase_seconds_total{{{label},phase=\"train\"}}"
+        ));
+        assert!(
+            train > 0.0 && wall > 0.0,
+            "{lab}: train {train}, wall {wall}"
+        );
+        assert!(
+            (wall - phases).abs() <= 0.05 * wall,
+            "{lab}: phases {phases} s of {wall} s"
+        );
+    }
+    assert!(
+        !text.contains("participant=\"lab-th\""),
+        "lab-th shares no round timing"
+    );
 }
 
 fn check_status(s: &StatusReport) {
@@ -204,6 +240,11 @@ fn check_status(s: &StatusReport) {
         ]
     );
     assert!(s.participants.iter().all(|p| p.connected));
+    for p in &s.participants {
+        let timed = p.round_timing.as_ref().map(|t| t.rounds);
+        let expected = (p.name != "lab-th").then_some(ROUNDS);
+        assert_eq!(timed, expected, "{}", p.name);
+    }
     assert_eq!(s.rounds.len(), ROUNDS as usize);
     for (i, r) in s.rounds.iter().enumerate() {
         assert_eq!(r.round, i as u64 + 1);

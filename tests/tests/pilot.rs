@@ -51,14 +51,19 @@ async fn per_country_pilot_gives_each_language_its_own_model() {
             assert!(r.share_of_centralised_gain().is_some(), "{r:?}");
         }
     }
-    // Lao and Indonesian end with different models.
+    // Lao and Indonesian end with different models; each scored once, not once per lab.
     assert_ne!(report.rows[0].federated.loss, report.rows[3].federated.loss);
+    assert_eq!(
+        (report.final_scoring.models, report.final_scoring.labs),
+        (2, 6)
+    );
     let table = mekong_examples::table::render(&report);
     assert!(
         table.contains("lab-id-hospital")
             && table.contains("group_b")
             && table.contains("of gain")
-            && table.contains("federation beats training alone for"),
+            && table.contains("federation beats training alone for")
+            && table.contains("2 distinct for 6 labs (a language's labs end with the same model)"),
         "{table}"
     );
     // The final directory holds the global adapter and one complete adapter per language.
@@ -86,6 +91,11 @@ async fn pilot_runs_and_reports_every_language() {
     let report = mekong_examples::pilot::run(options).await.unwrap();
     assert_eq!(report.rows.len(), 3);
     assert_eq!(report.strategy, AggregationMode::FfaLora);
+    // One global adapter, judged on three languages' text: three scores.
+    assert_eq!(
+        (report.final_scoring.models, report.final_scoring.labs),
+        (3, 3)
+    );
     assert!(report.secure, "the pilot aggregates securely by default");
     assert!(
         report.max_error_bound > 0.0 && report.max_error_bound < 1e-3,

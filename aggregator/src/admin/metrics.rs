@@ -55,6 +55,9 @@ pub struct Metrics {
     pub cohort_size: Gauge,
     pub updates_received: Gauge,
     pub heldout_loss: Family<Labels, Gauge<f64, AtomicU64>>,
+    pub lab_phase_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    pub lab_round_seconds: Family<Labels, Counter<f64, AtomicU64>>,
+    pub lab_rounds_timed: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -84,6 +87,9 @@ impl Metrics {
             cohort_size: Gauge::default(),
             updates_received: Gauge::default(),
             heldout_loss: Family::default(),
+            lab_phase_seconds: Family::default(),
+            lab_round_seconds: Family::default(),
+            lab_rounds_timed: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -195,6 +201,21 @@ impl Metrics {
             "heldout_loss",
             "Token-weighted mean held-out loss (nats) of the labs of a language that opted in, for the latest round they reported, before and after local training",
             m.heldout_loss.clone(),
+        );
+        r.register(
+            "lab_phase_seconds",
+            "Seconds a lab spent in each phase of its rounds (train, evaluate, download, secure, upload, wait), by its own clock, from the labs whose policy shares round_timing",
+            m.lab_phase_seconds.clone(),
+        );
+        r.register(
+            "lab_round_seconds",
+            "Wall time of a lab's rounds by its own clock (end of its previous round to its update's acceptance), from the labs that share round_timing",
+            m.lab_round_seconds.clone(),
+        );
+        r.register(
+            "lab_rounds_timed",
+            "Rounds a lab reported timing for (divide lab_phase_seconds by it for the mean per round)",
+            m.lab_rounds_timed.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -112,7 +112,8 @@ fn participants(h: &mut String, s: &StatusReport) {
     }
     h.push_str(
         "<table id=\"participants\"><tr><th>name</th><th>language</th><th>joined</th>\
-         <th>last seen</th><th>rounds contributed</th><th>loss reports</th></tr>",
+         <th>last seen</th><th>rounds contributed</th><th>loss reports</th>\
+         <th title=\"mean per round by the lab's own clock, when its policy shares round_timing\">round time (train · wait)</th></tr>",
     );
     for p in &s.participants {
         let seen = if let Some(left) = &p.left {
@@ -123,10 +124,29 @@ fn participants(h: &mut String, s: &StatusReport) {
         } else {
             format!("<span class=\"off\">{:.0} s ago</span>", p.last_seen_s_ago)
         };
+        // Whether a slow round is the lab's hardware (train) or the center (wait).
+        let timing = p.round_timing.as_ref().map_or_else(
+            || "<span class=\"dim\">not shared</span>".to_string(),
+            |t| {
+                let phase = |name: &str| {
+                    t.mean_phases
+                        .iter()
+                        .find(|p| p.phase == name)
+                        .map_or(0.0, |p| p.seconds)
+                };
+                format!(
+                    "{:.1} s ({:.1} · {:.1})",
+                    t.mean_wall_s,
+                    phase("train"),
+                    phase("wait")
+                )
+            },
+        );
         let _ = write!(
             h,
             "<tr class=\"participant\"><td>{}</td><td>{}</td><td class=\"num\">+{:.1} s</td>\
-             <td class=\"num\">{seen}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+             <td class=\"num\">{seen}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{timing}</td></tr>",
             escape(&p.name),
             escape(&p.language),
             p.joined_at_s,
@@ -395,6 +415,7 @@ mod tests {
                 rounds_contributed: 1,
                 metric_reports: 1,
                 left: None,
+                round_timing: None,
             }],
             rounds: Vec::new(),
             traffic: Vec::new(),
@@ -443,6 +464,32 @@ mod tests {
         r.paused = false;
         r.stop_requested = false;
         assert!(!render(&r).contains("id=\"operator\""));
+    }
+
+    #[test]
+    fn a_labs_shared_round_timing_shows_train_and_wait() {
+        let html = render(&report());
+        assert!(html.contains("not shared"), "{html}");
+        let mut r = report();
+        r.participants[0].round_timing = Some(crate::admin::report::LabRoundTimes {
+            rounds: 2,
+            mean_wall_s: 12.04,
+            mean_phases: vec![
+                crate::admin::report::PhaseSpan {
+                    phase: "train".into(),
+                    seconds: 10.0,
+                },
+                crate::admin::report::PhaseSpan {
+                    phase: "wait".into(),
+                    seconds: 1.46,
+                },
+            ],
+            last_round: 2,
+            last_wall_s: 11.0,
+        });
+        let html = render(&r);
+        assert!(html.contains("12.0 s (10.0 · 1.5)"), "{html}");
+        assert!(!html.contains("not shared"));
     }
 
     #[test]

@@ -71,6 +71,31 @@ pub struct ParticipantStatus {
     /// (its max_rounds policy was reached)". Absent from older reports.
     #[serde(default)]
     pub left: Option<String>,
+    /// Where its rounds' time went by its own clock, when its policy shares
+    /// `round_timing`. Absent from older reports.
+    #[serde(default)]
+    pub round_timing: Option<LabRoundTimes>,
+}
+
+/// A lab's reported round timings (`share_metrics = ["round_timing"]`): the mean over the
+/// rounds it reported, and its latest round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabRoundTimes {
+    /// Rounds it reported timing for.
+    pub rounds: u64,
+    pub mean_wall_s: f64,
+    /// Mean seconds per round in each phase it reported (`train`, `evaluate`, `download`,
+    /// `secure`, `upload`, `wait`).
+    pub mean_phases: Vec<PhaseSpan>,
+    pub last_round: u64,
+    pub last_wall_s: f64,
+}
+
+/// Seconds in one phase of a lab's round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseSpan {
+    pub phase: String,
+    pub seconds: f64,
 }
 
 /// One closed round.

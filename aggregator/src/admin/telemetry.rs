@@ -15,8 +15,8 @@ use fedcore::{Coordinator, Event};
 
 use super::metrics::{Metrics, labels};
 use super::report::{
-    LossCurve, LossPoint, ParticipantStatus, RoundRow, RpcTraffic, StageSpan, StageTiming,
-    StatusReport,
+    LabRoundTimes, LossCurve, LossPoint, ParticipantStatus, PhaseSpan, RoundRow, RpcTraffic,
+    StageSpan, StageTiming, StatusReport,
 };
 
 /// A participant whose last call is more recent than this counts as connected. A lab
@@ -100,6 +100,15 @@ pub struct LossReport {
     pub tokens: u64,
 }
 
+/// One lab's round as its own clock measured it (`ReportMetrics.round_timing`), already
+/// validated: the wall time and the seconds per phase (`train`, `evaluate`, `download`,
+/// `secure`, `upload`, `wait`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabTiming {
+    pub wall_s: f64,
+    pub phases: Vec<(&'static str, f64)>,
+}
+
 #[derive(Debug, Clone)]
 struct Participant {
     language: String,
@@ -107,6 +116,17 @@ struct Participant {
     last_seen_ms: u64,
     rounds_contributed: u64,
     metric_reports: u64,
+    /// The rounds it reported timing for, summed.
+    timing: Option<LabTimingSums>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct LabTimingSums {
+    rounds: u64,
+    wall_s: f64,
+    /// In the order phases were first reported.
+    phases: Vec<(&'static str, f64)>,
+    last: Option<(u64, LabTiming)>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,6 +162,8 @@ struct Record {
     open: Option<OpenRound>,
     /// `(round, participant)` → the report, with the participant's language.
     losses: BTreeMap<(u64, String), (String, LossReport)>,
+    /// `(round, participant)` pairs whose timing was counted (a retried report is not).
+    timed: std::collections::BTreeSet<(u64, String)>,
     /// Keyed by the stage's metric label, in the order stages run.
     stages: BTreeMap<(u8, &'static str), Timing>,
     traffic: BTreeMap<Rpc, Traffic>,
@@ -224,6 +246,7 @@ impl Telemetry {
                 last_seen_ms: now_ms,
                 rounds_contributed: 0,
                 metric_reports: 0,
+                timing: None,
             });
         p.language = language.to_string();
         p.joined_ms = now_ms;
@@ -296,6 +319,40 @@ impl Telemetry {
                     .set(value);
             }
         }
+    }
+
+    /// A participant's validated round timing for `round`. A repeated report for the same
+    /// round (a retried call) is ignored: the counters count each round once.
+    pub fn lab_timing(&self, name: &str, round: u64, timing: &LabTiming) {
+        let mut r = self.record();
+        if !r.timed.insert((round, name.to_string())) {
+            return;
+        }
+        let Some(p) = r.participants.get_mut(name) else {
+            return;
+        };
+        let sums = p.timing.get_or_insert_with(LabTimingSums::default);
+        sums.rounds += 1;
+        sums.wall_s += timing.wall_s;
+        for &(phase, seconds) in &timing.phases {
+            match sums.phases.iter_mut().find(|(n, _)| *n == phase) {
+                Some((_, total)) => *total += seconds,
+                None => sums.phases.push((phase, seconds)),
+            }
+            self.metrics
+                .lab_phase_seconds
+                .get_or_create(&labels(&[("participant", name), ("phase", phase)]))
+                .inc_by(seconds);
+        }
+        if sums.last.as_ref().is_none_or(|(last, _)| *last < round) {
+            sums.last = Some((round, timing.clone()));
+        }
+        let key = labels(&[("participant", name)]);
+        self.metrics
+            .lab_round_seconds
+            .get_or_create(&key)
+            .inc_by(timing.wall_s);
+        self.metrics.lab_rounds_timed.get_or_create(&key).inc();
     }
 
     /// What the coordinator's events say happened, at `now_ms`.
@@ -506,6 +563,23 @@ impl Telemetry {
                         rounds_contributed: p.rounds_contributed,
                         metric_reports: p.metric_reports,
                         left: coordinator.departures().get(name).map(|d| d.to_string()),
+                        round_timing: p.timing.as_ref().map(|t| {
+                            let n = t.rounds.max(1) as f64;
+                            LabRoundTimes {
+                                rounds: t.rounds,
+                                mean_wall_s: t.wall_s / n,
+                                mean_phases: t
+                                    .phases
+                                    .iter()
+                                    .map(|(phase, total)| PhaseSpan {
+                                        phase: phase.to_string(),
+                                        seconds: total / n,
+                                    })
+                                    .collect(),
+                                last_round: t.last.as_ref().map_or(0, |(round, _)| *round),
+                                last_wall_s: t.last.as_ref().map_or(0.0, |(_, l)| l.wall_s),
+                            }
+                        }),
                     }
                 })
                 .collect(),
