@@ -177,7 +177,10 @@ pub struct PilotOptions {
     /// Who the labs are: one per language, or three per language with shards of its text.
     pub layout: Layout,
     /// The aggregation mode; `None` picks `group_b` (A shared by all, B by each language's
-    /// labs) when every language has enough labs for its own secure sum, FFA-LoRA otherwise.
+    /// labs) when every language has enough labs for its own secure sum, FedSA-LoRA (A
+    /// shared, each lab's own B) otherwise: with one lab per language it is the only mode
+    /// measured to beat one global adapter for every lab
+    /// (docs/experiments/federation-layouts.md).
     pub strategy: Option<AggregationMode>,
     pub rounds: u64,
     /// Local optimizer steps per round.
@@ -366,7 +369,7 @@ impl PilotOptions {
             .unwrap_or(if self.layout.labs_per_language() >= 3 {
                 AggregationMode::GroupB
             } else {
-                AggregationMode::FfaLora
+                AggregationMode::FedSaLora
             })
     }
 

@@ -90,8 +90,9 @@ async fn pilot_runs_and_reports_every_language() {
     };
     let report = mekong_examples::pilot::run(options).await.unwrap();
     assert_eq!(report.rows.len(), 3);
-    assert_eq!(report.strategy, AggregationMode::FfaLora);
-    // One global adapter, judged on three languages' text: three scores.
+    // One lab per language: A shared, each lab's own B.
+    assert_eq!(report.strategy, AggregationMode::FedSaLora);
+    // Three labs, each with its own B: three models, three scores.
     assert_eq!(
         (report.final_scoring.models, report.final_scoring.labs),
         (3, 3)

@@ -46,7 +46,7 @@ struct Args {
     #[arg(long, default_value = "per-country")]
     layout: String,
     /// Aggregation mode: `auto` (group_b when every language has three labs, else
-    /// ffa_lora), or ffa_lora, fedsvd, fedit, hetlora, fedsa_lora, rolora, fedex_lora, group_b.
+    /// fedsa_lora), or ffa_lora, fedsvd, fedit, hetlora, fedsa_lora, rolora, fedex_lora, group_b.
     #[arg(long, default_value = "auto")]
     strategy: String,
     /// Sequences per batch [default: 8, or 2 for a pretrained model].
