@@ -12,6 +12,7 @@
 //!
 //! TLS 1.3 only, ALPN `h2`, with rustls' ring provider.
 
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -593,21 +594,28 @@ pub enum HandshakeRefusal {
 }
 
 /// Finds, in the source chain of an error (a tonic `Status` from a failed call, a transport
-/// error), the TLS failure that caused it. HTTP/2 passes I/O errors on as kind and message
-/// only, so rustls' error is recognised by its message there.
+/// error), the TLS failure that caused it, told apart by rustls' error types: a
+/// `rustls::Error` in the chain, or inside an `io::Error` (how tokio-rustls passes it on).
+/// Only where HTTP/2 has flattened the I/O error to its kind and message is rustls' error
+/// recognised by that message, translated back to the same types.
 pub fn handshake_refusal(err: &(dyn std::error::Error + 'static)) -> Option<HandshakeRefusal> {
     let mut next = Some(err);
     while let Some(e) = next {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return refusal_from_message(&tls.to_string());
+            return refusal_from_rustls(tls);
         }
         if let Some(io) = e.downcast_ref::<io::Error>()
             && io.kind() == io::ErrorKind::InvalidData
         {
-            let message = io
-                .get_ref()
-                .map_or_else(|| io.to_string(), |i| i.to_string());
-            if let Some(refusal) = refusal_from_message(&message) {
+            let inner = io.get_ref();
+            if let Some(tls) = inner.and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                return refusal_from_rustls(tls);
+            }
+            let message = inner.map_or_else(|| io.to_string(), |i| i.to_string());
+            if let Some(refusal) = rustls_error_from_message(&message)
+                .as_ref()
+                .and_then(refusal_from_rustls)
+            {
                 return Some(refusal);
             }
         }
@@ -616,34 +624,98 @@ pub fn handshake_refusal(err: &(dyn std::error::Error + 'static)) -> Option<Hand
     None
 }
 
-/// Reads rustls' error messages ("received fatal alert: …", "invalid peer certificate: …").
-fn refusal_from_message(message: &str) -> Option<HandshakeRefusal> {
-    if let Some(alert) = message.strip_prefix("received fatal alert: ") {
-        let meaning = match alert.trim() {
-            "CertificateExpired" => "expired or not yet valid",
-            "CertificateRevoked" => "revoked",
-            "UnknownCA" | "DecryptError" | "BadCertificate" => "not issued by the federation's CA",
-            "CertificateRequired" => "none was sent",
-            "UnsupportedCertificate" => "not a participant (clientAuth) certificate",
-            other => return Some(HandshakeRefusal::Other(format!("alert {other}"))),
-        };
-        return Some(HandshakeRefusal::ByAggregator(meaning.into()));
+/// What a rustls error means for a participant: an alert the aggregator sent about this
+/// participant's certificate, or a fault in the aggregator's certificate.
+fn refusal_from_rustls(error: &rustls::Error) -> Option<HandshakeRefusal> {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    match error {
+        rustls::Error::AlertReceived(alert) => {
+            let meaning = match alert {
+                Alert::CertificateExpired => "expired or not yet valid",
+                Alert::CertificateRevoked => "revoked",
+                Alert::UnknownCA | Alert::DecryptError | Alert::BadCertificate => {
+                    "not issued by the federation's CA"
+                }
+                Alert::CertificateRequired => "none was sent",
+                Alert::UnsupportedCertificate => "not a participant (clientAuth) certificate",
+                other => return Some(HandshakeRefusal::Other(format!("alert {other:?}"))),
+            };
+            Some(HandshakeRefusal::ByAggregator(meaning.into()))
+        }
+        rustls::Error::InvalidCertificate(problem) => {
+            let meaning = match problem {
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. } => {
+                    "not valid for the kit's server_name".to_string()
+                }
+                Cert::UnknownIssuer | Cert::BadSignature => {
+                    "not issued by the kit's CA".to_string()
+                }
+                Cert::Expired | Cert::ExpiredContext { .. } => "expired".to_string(),
+                Cert::NotValidYet | Cert::NotValidYetContext { .. } => "not yet valid".to_string(),
+                Cert::Revoked => "revoked".to_string(),
+                Cert::Other(other) => other.to_string(),
+                other => format!("{other:?}"),
+            };
+            Some(HandshakeRefusal::AggregatorCertificate(meaning))
+        }
+        _ => None,
     }
-    if let Some(problem) = message.strip_prefix("invalid peer certificate: ") {
-        let lower = problem.to_ascii_lowercase();
-        let meaning = if lower.contains("notvalidforname") || lower.contains("not valid for name") {
-            "not valid for the kit's server_name".to_string()
-        } else if lower.contains("unknownissuer") || lower.contains("badsignature") {
-            "not issued by the kit's CA".to_string()
-        } else if lower.contains("expired") {
-            "expired".to_string()
-        } else {
-            problem.to_string()
-        };
-        return Some(HandshakeRefusal::AggregatorCertificate(meaning));
-    }
-    None
 }
+
+/// The rustls error behind one of its messages ("received fatal alert: …", "invalid peer
+/// certificate: …"), for the errors [`refusal_from_rustls`] tells apart; another
+/// certificate problem keeps its text (`CertificateError::Other`).
+fn rustls_error_from_message(message: &str) -> Option<rustls::Error> {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert};
+    if let Some(alert) = message.strip_prefix("received fatal alert: ") {
+        let alert = match alert.trim() {
+            "CertificateExpired" => Alert::CertificateExpired,
+            "CertificateRevoked" => Alert::CertificateRevoked,
+            "UnknownCA" => Alert::UnknownCA,
+            "DecryptError" => Alert::DecryptError,
+            "BadCertificate" => Alert::BadCertificate,
+            "CertificateRequired" => Alert::CertificateRequired,
+            "UnsupportedCertificate" => Alert::UnsupportedCertificate,
+            "HandshakeFailure" => Alert::HandshakeFailure,
+            "ProtocolVersion" => Alert::ProtocolVersion,
+            "InternalError" => Alert::InternalError,
+            _ => Alert::Unknown(0),
+        };
+        return Some(rustls::Error::AlertReceived(alert));
+    }
+    let problem = message.strip_prefix("invalid peer certificate: ")?;
+    let lower = problem.to_ascii_lowercase();
+    let cert = if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        Cert::NotValidForName
+    } else if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+        Cert::UnknownIssuer
+    } else if lower.contains("badsignature") || lower.contains("bad signature") {
+        Cert::BadSignature
+    } else if lower.contains("expired") {
+        Cert::Expired
+    } else if lower.contains("notvalidyet") || lower.contains("not valid yet") {
+        Cert::NotValidYet
+    } else if lower.contains("revoked") {
+        Cert::Revoked
+    } else {
+        Cert::Other(rustls::OtherError(Arc::new(MessageOnly(
+            problem.to_string(),
+        ))))
+    };
+    Some(rustls::Error::InvalidCertificate(cert))
+}
+
+/// A certificate problem known only by its message.
+#[derive(Debug)]
+struct MessageOnly(String);
+
+impl fmt::Display for MessageOnly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for MessageOnly {}
 
 /// What the aggregator knows of a connection that passed the handshake: the peer's address,
 /// the participant its certificate names and the certificate's serial number. Handlers find
@@ -843,4 +915,93 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{AlertDescription, CertificateError};
+
+    /// An error chain as tonic hands it over: a transport error whose source is an I/O
+    /// error carrying (or, after HTTP/2, only describing) rustls' error.
+    #[derive(Debug)]
+    struct Transport(io::Error);
+
+    impl fmt::Display for Transport {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+
+    impl std::error::Error for Transport {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn typed(error: rustls::Error) -> Option<HandshakeRefusal> {
+        handshake_refusal(&Transport(io::Error::new(
+            io::ErrorKind::InvalidData,
+            error,
+        )))
+    }
+
+    fn flattened(message: &str) -> Option<HandshakeRefusal> {
+        handshake_refusal(&Transport(io::Error::new(
+            io::ErrorKind::InvalidData,
+            message.to_string(),
+        )))
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_rustls_types_and_by_their_messages_alike() {
+        let cases = [
+            (
+                rustls::Error::AlertReceived(AlertDescription::CertificateRevoked),
+                HandshakeRefusal::ByAggregator("revoked".into()),
+            ),
+            (
+                rustls::Error::AlertReceived(AlertDescription::UnknownCA),
+                HandshakeRefusal::ByAggregator("not issued by the federation's CA".into()),
+            ),
+            (
+                rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+                HandshakeRefusal::ByAggregator("none was sent".into()),
+            ),
+            (
+                rustls::Error::AlertReceived(AlertDescription::HandshakeFailure),
+                HandshakeRefusal::Other("alert HandshakeFailure".into()),
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::NotValidForName),
+                HandshakeRefusal::AggregatorCertificate(
+                    "not valid for the kit's server_name".into(),
+                ),
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+                HandshakeRefusal::AggregatorCertificate("not issued by the kit's CA".into()),
+            ),
+            (
+                rustls::Error::InvalidCertificate(CertificateError::Expired),
+                HandshakeRefusal::AggregatorCertificate("expired".into()),
+            ),
+        ];
+        for (error, expected) in cases {
+            // rustls' own error, as tokio-rustls passes it on.
+            assert_eq!(typed(error.clone()), Some(expected.clone()), "{error:?}");
+            // The same error after HTTP/2 kept only its message.
+            assert_eq!(flattened(&error.to_string()), Some(expected), "{error}");
+        }
+        // Not TLS at all: nothing to report.
+        assert_eq!(flattened("connection reset"), None);
+        assert_eq!(typed(rustls::Error::DecryptError), None);
+        // A certificate problem without a type of its own keeps its text.
+        assert_eq!(
+            flattened("invalid peer certificate: some new problem"),
+            Some(HandshakeRefusal::AggregatorCertificate(
+                "some new problem".into()
+            ))
+        );
+    }
 }
