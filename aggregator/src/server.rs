@@ -327,6 +327,11 @@ async fn run_ticker(shared: Arc<Shared>) {
             }
             shared.apply_control(&mut c);
         }
+        // Woken by the coordinator's next deadline; the 250 ms cap is for what has no
+        // event here: operator requests written to the database by another process
+        // (`fedaggregator pause`, polled every CONTROL_POLL) and masked inputs held from
+        // broken streams, which `sweep_held` takes back once their stage has closed (a
+        // stage can close on a deadline this loop itself drives, or on a call).
         let sleep_ms = {
             let c = shared.lock();
             c.next_deadline()

@@ -158,19 +158,47 @@ impl Shared {
         Ok(())
     }
 
-    /// Commits the coordinator's state, then acts on its events. Called with the
-    /// coordinator locked, after every change and before the call is answered, so that
-    /// nothing a participant is told is missing from the database after a crash. A
-    /// commit that fails stops the service taking calls (fail-stop): answering from a
-    /// state that is not on disk could, after a restart, contradict what labs were told.
-    pub fn settle(&self, coordinator: &Coordinator, events: Vec<Event>) -> Result<(), Status> {
-        self.commit(coordinator)?;
-        self.apply_events(coordinator, events);
-        Ok(())
+    /// The one path by which a call changes the coordinator: locks it, applies `change`,
+    /// and [settles](Self::settle_with) what changed, with `answer` building the reply
+    /// (and logging what must come before the events' own lines) once it is on disk.
+    /// A `change` that fails changes nothing and commits nothing.
+    pub(crate) fn transact<T, R>(
+        &self,
+        change: impl FnOnce(&mut Coordinator) -> Result<(T, Vec<Event>), Status>,
+        answer: impl FnOnce(&Coordinator, T) -> R,
+    ) -> Result<R, Status> {
+        let mut c = self.lock();
+        let (value, events) = change(&mut c)?;
+        self.settle_with(&c, events, |c| answer(c, value))
     }
 
-    /// The commit half of [`Shared::settle`].
-    pub fn commit(&self, coordinator: &Coordinator) -> Result<(), Status> {
+    /// Commits the coordinator's state, then acts on its events and wakes every long-poll.
+    /// Called with the coordinator locked, after every change and before the call is
+    /// answered, so that nothing a participant is told is missing from the database after a
+    /// crash. A commit that fails stops the service taking calls (fail-stop): answering from
+    /// a state that is not on disk could, after a restart, contradict what labs were told.
+    pub fn settle(&self, coordinator: &Coordinator, events: Vec<Event>) -> Result<(), Status> {
+        self.settle_with(coordinator, events, |_| ())
+    }
+
+    /// [`Self::settle`], with `committed` run between the commit and the events: the reply
+    /// is built from the committed state, and a log line that explains the events (a join,
+    /// a departure) comes before theirs.
+    pub(crate) fn settle_with<R>(
+        &self,
+        coordinator: &Coordinator,
+        events: Vec<Event>,
+        committed: impl FnOnce(&Coordinator) -> R,
+    ) -> Result<R, Status> {
+        self.commit(coordinator)?;
+        let reply = committed(coordinator);
+        self.apply_events(coordinator, events);
+        self.changes.send_modify(|v| *v += 1);
+        Ok(reply)
+    }
+
+    /// The commit half of [`Shared::settle`]; every change goes through `settle`.
+    fn commit(&self, coordinator: &Coordinator) -> Result<(), Status> {
         if let Some(db) = &self.db {
             let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = db.save(coordinator) {
@@ -197,7 +225,10 @@ impl Shared {
             crate::control::apply_pending(&mut db, coordinator, self.now_ms())
         };
         match result {
-            Ok(events) => self.apply_events(coordinator, events),
+            Ok(events) => {
+                self.apply_events(coordinator, events);
+                self.changes.send_modify(|v| *v += 1);
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot commit an operator request; refusing further calls until restarted");
                 self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -233,9 +264,10 @@ impl Shared {
         self.lock().everyone_told()
     }
 
-    /// Persists what the events say and wakes long-polls. Called with the lock held so files
-    /// are written in round order.
-    pub fn apply_events(&self, coordinator: &Coordinator, events: Vec<Event>) {
+    /// Persists and logs what the events say (the caller wakes long-polls). Called with the lock held so files
+    /// are written in round order, only once the state that produced the events is on disk
+    /// ([`Self::settle`], or the operator's requests, which commit themselves).
+    fn apply_events(&self, coordinator: &Coordinator, events: Vec<Event>) {
         if events.is_empty() {
             return;
         }
@@ -306,7 +338,6 @@ impl Shared {
                 }
             }
         }
-        self.changes.send_modify(|v| *v += 1);
     }
 }
 
@@ -442,35 +473,34 @@ impl Federation for FederationService {
         let mut token = [0u8; 16];
         rand::rng().fill_bytes(&mut token);
         let token = hex::encode(token);
-        let mut c = self.shared.lock();
-        let events = c
-            .join(
-                token.clone(),
-                &req.participant_name,
-                &req.language,
-                self.shared.now_ms(),
-            )
-            .map_err(|e| status_for(&e))?;
-        // Logged once on disk: a crash before this line loses the join, and the lab
-        // simply joins again.
-        self.shared.commit(&c)?;
-        info!(
-            participant = %req.participant_name,
-            language = %req.language,
-            version = %req.client_version,
-            "participant joined"
-        );
-        self.shared
-            .telemetry
-            .joined(&req.participant_name, &req.language, self.shared.now_ms());
-        let response = pb::JoinResponse {
-            participant_id: token,
-            federation: c.plan().federation.clone(),
-            plan_json: c.plan().to_json(),
-            upload_layout_hash: c.upload_manifest().hash_hex(),
-        };
-        self.shared.apply_events(&c, events);
-        self.shared.changes.send_modify(|v| *v += 1);
+        let now = self.shared.now_ms();
+        let response = self.shared.transact(
+            |c| {
+                let events = c
+                    .join(token.clone(), &req.participant_name, &req.language, now)
+                    .map_err(|e| status_for(&e))?;
+                Ok(((), events))
+            },
+            // Logged once on disk: a crash before this line loses the join, and the lab
+            // simply joins again.
+            |c, ()| {
+                info!(
+                    participant = %req.participant_name,
+                    language = %req.language,
+                    version = %req.client_version,
+                    "participant joined"
+                );
+                self.shared
+                    .telemetry
+                    .joined(&req.participant_name, &req.language, now);
+                pb::JoinResponse {
+                    participant_id: token.clone(),
+                    federation: c.plan().federation.clone(),
+                    plan_json: c.plan().to_json(),
+                    upload_layout_hash: c.upload_manifest().hash_hex(),
+                }
+            },
+        )?;
         Ok(Response::new(response))
     }
 
@@ -495,8 +525,7 @@ impl Federation for FederationService {
                 // Who was told the run finished is committed before the answer goes out,
                 // so a restarted aggregator still knows whether everyone was.
                 if c.mark_told_finished(&req.participant_id) {
-                    self.shared.commit(&c)?;
-                    self.shared.changes.send_modify(|v| *v += 1);
+                    self.shared.settle(&c, Vec::new())?;
                 }
                 let now = self.shared.now_ms();
                 match c.task(&req.participant_id).map_err(|e| status_for(&e))? {
@@ -696,9 +725,9 @@ impl Federation for FederationService {
             self.shared.now_ms(),
         ) {
             Ok(events) => {
-                self.shared.settle(&c, events)?;
-                tracing::debug!(participant = %name, round = req.round, attempt = req.attempt, kind, "secure aggregation message accepted");
-                self.shared.changes.send_modify(|v| *v += 1);
+                self.shared.settle_with(&c, events, |_| {
+                    tracing::debug!(participant = %name, round = req.round, attempt = req.attempt, kind, "secure aggregation message accepted");
+                })?;
                 Ok(Response::new(pb::SecureAggregateResponse {}))
             }
             Err(e) => {
@@ -842,18 +871,18 @@ impl Federation for FederationService {
         let (departure, events) = c
             .leave(&req.participant_id, reason, self.shared.now_ms())
             .map_err(|e| status_for(&e))?;
-        // Settled in two halves so that the log says the departure before what it caused.
-        self.shared.commit(&c)?;
-        info!(participant = %name, after_round = departure.after_round, reason = departure.reason.describe(), "participant left the federation");
-        self.shared.apply_events(&c, events);
-        self.shared.changes.send_modify(|v| *v += 1);
-        Ok(Response::new(pb::LeaveResponse {
-            message: format!("{name} {departure}"),
-            participant_name: name,
-            reason: leave_reason_to_wire(departure.reason) as i32,
-            after_round: departure.after_round,
-            run_finished: c.finished(),
-        }))
+        // The log says the departure before what it caused.
+        let response = self.shared.settle_with(&c, events, |c| {
+            info!(participant = %name, after_round = departure.after_round, reason = departure.reason.describe(), "participant left the federation");
+            pb::LeaveResponse {
+                message: format!("{name} {departure}"),
+                participant_name: name.clone(),
+                reason: leave_reason_to_wire(departure.reason) as i32,
+                after_round: departure.after_round,
+                run_finished: c.finished(),
+            }
+        })?;
+        Ok(Response::new(response))
     }
 }
 
@@ -1105,9 +1134,9 @@ async fn fold_stream(
             let events = c
                 .masked_commit(&key.token, key.round, key.attempt, shared.now_ms())
                 .map_err(|e| status_for(&e))?;
-            shared.settle(&c, events)?;
-            tracing::debug!(participant = %participant_name(&c, &key.token), round = key.round, attempt = key.attempt, words = held.words(), "masked input accepted");
-            shared.changes.send_modify(|v| *v += 1);
+            shared.settle_with(&c, events, |c| {
+                tracing::debug!(participant = %participant_name(c, &key.token), round = key.round, attempt = key.attempt, words = held.words(), "masked input accepted");
+            })?;
             return Ok(held.words());
         }
     }
@@ -1149,9 +1178,9 @@ fn retract(
         tracing::error!(index, round = key.round, attempt = key.attempt, %reason, "retracting a broken masked stream failed");
     }
     let c = shared.lock();
-    // A retraction after the stage closed changes the saved sum.
+    // A retraction after the stage closed changes the saved sum. A failed commit is
+    // logged and stops the service (see `Shared::settle`).
     let _ = shared.settle(&c, events);
-    shared.changes.send_modify(|v| *v += 1);
 }
 
 impl FederationService {
@@ -1212,6 +1241,72 @@ mod tests {
     use super::*;
     use crate::config::AggregatorConfig;
     use crate::db::StateDb;
+
+    /// `transact`: a change that fails commits nothing and wakes nobody; one that succeeds
+    /// is on disk before its answer is built, and long-polls wake only after that.
+    #[test]
+    fn a_transaction_commits_before_it_answers_and_tells() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let plan = AggregatorConfig::example().plan;
+        let (db, _) = StateDb::open(&path, &plan, 0).unwrap();
+        let shared = Shared::with_db(
+            Coordinator::new(plan.clone(), [7; 32]).unwrap(),
+            AdapterStore::new(dir.path()),
+            db,
+            AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
+        )
+        .unwrap();
+        let mut changes = shared.subscribe();
+        changes.borrow_and_update();
+        let refused = shared
+            .transact(
+                |c| {
+                    let events = c
+                        .join("t-x".into(), "not a valid name!", "lo", 0)
+                        .map_err(|e| status_for(&e))?;
+                    Ok(((), events))
+                },
+                |_, ()| unreachable!("a failed change has no answer"),
+            )
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+        assert!(!changes.has_changed().unwrap(), "nobody is woken");
+
+        let joined = shared
+            .transact(
+                |c| Ok(((), c.join("t-a".into(), "lab-a", "lo", 0).unwrap())),
+                |c, ()| {
+                    // Built from the committed state, before anyone is told.
+                    assert!(!changes.has_changed().unwrap());
+                    c.participant("t-a").map(|(name, _)| name.to_string())
+                },
+            )
+            .unwrap();
+        assert_eq!(joined.as_deref(), Some("lab-a"));
+        assert!(
+            changes.has_changed().unwrap(),
+            "long-polls wake after the commit"
+        );
+
+        drop(shared);
+        let (_, saved) = StateDb::open(&path, &plan, 0).unwrap();
+        let saved = saved.unwrap();
+        let (c, _) = Coordinator::restore(
+            plan,
+            fedcore::round::snapshot::Saved {
+                state: &saved.state,
+                server_state: &saved.server_state,
+                global: saved.global,
+                history: saved.history,
+                sum: saved.sum,
+            },
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.participant("t-a"), Some(("lab-a", "lo")));
+        assert_eq!(c.participant("t-x"), None);
+    }
 
     /// A commit that fails (here: another process holds the database's write lock past the
     /// busy timeout) stops the service taking calls, and the state on disk is the last
