@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::AdapterError;
+use crate::error::{AdapterError, ConfigError};
 use crate::manifest::{LayoutManifest, TensorSlot};
 
 /// A linear layer of a Llama-family decoder that LoRA can adapt.
@@ -450,6 +450,91 @@ fn seeded_a(a_seed: u64, module: &str, rank: usize, in_features: usize) -> Matri
         .map(|_| rng.random_range(-bound..bound))
         .collect();
     Matrix::new(rank, in_features, data).expect("length matches")
+}
+
+/// Rank, scaling and placement of the LoRA adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub rank: usize,
+    pub alpha: f32,
+    pub target_modules: Vec<TargetModule>,
+    /// FFA-LoRA: every participant derives the same frozen A matrices from this seed.
+    pub a_seed: u64,
+    /// Dropout on the LoRA branch's input during training (PEFT's `lora_dropout`); 0 = off.
+    #[serde(default)]
+    pub dropout: f32,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        LoraSpec {
+            rank: 8,
+            alpha: 16.0,
+            target_modules: TargetModule::ALL.to_vec(),
+            a_seed: 2024,
+            dropout: 0.0,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// `alpha / rank`, the factor applied to `B·A`.
+    pub fn scaling(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// The PEFT metadata of adapters with this layout on the model named `base_model`. Targets come out in
+    /// [`TargetModule::ALL`] order (they are a set), the order [`crate::peft::decode_config`]
+    /// reads them back in, so an adapter written and read again compares equal.
+    pub fn adapter_config(&self, base_model: &str) -> AdapterConfig {
+        AdapterConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            target_modules: TargetModule::ALL
+                .into_iter()
+                .filter(|t| self.target_modules.contains(t))
+                .collect(),
+            base_model: base_model.to_string(),
+            dropout: self.dropout,
+        }
+    }
+
+    /// Checks rank, alpha and targets; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.rank == 0 {
+            return Err(ConfigError::field("lora.rank", "must be at least 1"));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(ConfigError::field(
+                "lora.alpha",
+                "must be a positive number",
+            ));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return Err(ConfigError::field(
+                "lora.dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(ConfigError::field(
+                "lora.target_modules",
+                "must name at least one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+            ));
+        }
+        let mut seen = Vec::new();
+        for t in &self.target_modules {
+            if seen.contains(t) {
+                return Err(ConfigError::field(
+                    "lora.target_modules",
+                    format!("{} is listed twice", t.peft_name()),
+                ));
+            }
+            seen.push(*t);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

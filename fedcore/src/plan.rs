@@ -6,12 +6,13 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::adapter::LoraSpec;
 use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
 use crate::architecture::Architecture;
 use crate::error::ConfigError;
 use crate::roster::{Roster, RosterEntry};
 use crate::secagg::spec::SecureAggregationSpec;
-use crate::strategy::{AggregationMode, GlobalModel, StrategySpec};
+use crate::strategy::{AggregationMode, GlobalModel, Strategy, StrategySpec};
 
 /// Architecture of a decoder of the Llama family (Llama 2/3, Qwen2, Mistral, SmolLM2) or of
 /// Gemma 3 (`architecture`), named as in Hugging Face `config.json`.
@@ -308,91 +309,6 @@ impl ModelSpec {
             }
         }
         shapes
-    }
-}
-
-/// Rank, scaling and placement of the LoRA adapters.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoraSpec {
-    pub rank: usize,
-    pub alpha: f32,
-    pub target_modules: Vec<TargetModule>,
-    /// FFA-LoRA: every participant derives the same frozen A matrices from this seed.
-    pub a_seed: u64,
-    /// Dropout on the LoRA branch's input during training (PEFT's `lora_dropout`); 0 = off.
-    #[serde(default)]
-    pub dropout: f32,
-}
-
-impl Default for LoraSpec {
-    fn default() -> Self {
-        LoraSpec {
-            rank: 8,
-            alpha: 16.0,
-            target_modules: TargetModule::ALL.to_vec(),
-            a_seed: 2024,
-            dropout: 0.0,
-        }
-    }
-}
-
-impl LoraSpec {
-    /// `alpha / rank`, the factor applied to `B·A`.
-    pub fn scaling(&self) -> f32 {
-        self.alpha / self.rank as f32
-    }
-
-    /// The PEFT metadata of adapters with this layout on `model`. Targets come out in
-    /// [`TargetModule::ALL`] order (they are a set), the order [`crate::peft::decode_config`]
-    /// reads them back in, so an adapter written and read again compares equal.
-    pub fn adapter_config(&self, model: &ModelSpec) -> AdapterConfig {
-        AdapterConfig {
-            rank: self.rank,
-            alpha: self.alpha,
-            target_modules: TargetModule::ALL
-                .into_iter()
-                .filter(|t| self.target_modules.contains(t))
-                .collect(),
-            base_model: model.name.clone(),
-            dropout: self.dropout,
-        }
-    }
-
-    /// Checks rank, alpha and targets; errors name the field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rank == 0 {
-            return Err(ConfigError::field("lora.rank", "must be at least 1"));
-        }
-        if !(self.alpha.is_finite() && self.alpha > 0.0) {
-            return Err(ConfigError::field(
-                "lora.alpha",
-                "must be a positive number",
-            ));
-        }
-        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
-            return Err(ConfigError::field(
-                "lora.dropout",
-                format!("must be in [0, 1), got {}", self.dropout),
-            ));
-        }
-        if self.target_modules.is_empty() {
-            return Err(ConfigError::field(
-                "lora.target_modules",
-                "must name at least one of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
-            ));
-        }
-        let mut seen = Vec::new();
-        for t in &self.target_modules {
-            if seen.contains(t) {
-                return Err(ConfigError::field(
-                    "lora.target_modules",
-                    format!("{} is listed twice", t.peft_name()),
-                ));
-            }
-            seen.push(*t);
-        }
-        Ok(())
     }
 }
 
@@ -729,7 +645,7 @@ impl FederationPlan {
 
     /// The PEFT metadata of this plan's adapters.
     pub fn adapter_config(&self) -> AdapterConfig {
-        self.lora.adapter_config(&self.model)
+        self.lora.adapter_config(&self.model.name)
     }
 
     /// The round-0 global adapter: FFA-LoRA's A from the shared seed, B zero.
@@ -788,6 +704,38 @@ impl FederationPlan {
             serde_json::from_str(json).map_err(|e| ConfigError::Parse(e.to_string()))?;
         plan.validate()?;
         Ok(plan)
+    }
+}
+
+// The strategy knows nothing of plans (fedcore's modules depend one way: plan -> strategy);
+// what ties a strategy to a plan's LoRA layout, modules, roster and secure-aggregation
+// switch is here.
+impl StrategySpec {
+    /// [`Self::validate`] against a plan's LoRA layout, modules and secure-aggregation switch.
+    pub fn validate_for_plan(&self, plan: &FederationPlan) -> Result<(), ConfigError> {
+        self.validate(
+            &plan.lora,
+            &plan.lora_modules(),
+            plan.secure_aggregation.enabled,
+        )?;
+        if let (Some(groups), AggregationMode::GroupB) = (&self.groups, self.mode) {
+            let secure = &plan.secure_aggregation;
+            groups.validate(secure.enabled.then_some(secure.max_colluding))?;
+            groups.check_roster(plan.roster.iter().map(|e| e.name.as_str()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Strategy {
+    /// [`Self::new`] for a plan's LoRA layout, modules and secure-aggregation switch.
+    pub fn for_plan(spec: StrategySpec, plan: &FederationPlan) -> Result<Self, ConfigError> {
+        Strategy::new(
+            spec,
+            &plan.lora,
+            &plan.lora_modules(),
+            plan.secure_aggregation.enabled,
+        )
     }
 }
 

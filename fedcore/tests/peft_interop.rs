@@ -129,7 +129,7 @@ fn ours(f: &Fixture) -> LoraAdapter {
     let lora = lora_spec(&f.record);
     lora.validate().unwrap();
     let mut adapter = LoraAdapter::init_ffa(
-        lora.adapter_config(&model),
+        lora.adapter_config(&model.name),
         &model.lora_modules(&lora.target_modules),
         lora.a_seed,
     );
@@ -255,7 +255,7 @@ fn peft_fixture_imports_with_the_values_peft_saved() {
         assert_eq!(config.base_model, f.record.base_model, "{name}");
         let model = model_spec(&f.record.base_model);
         let lora = lora_spec(&f.record);
-        assert_eq!(*config, lora.adapter_config(&model), "{name}");
+        assert_eq!(*config, lora.adapter_config(&model.name), "{name}");
         let shapes = model.lora_modules(&lora.target_modules);
         assert_eq!(adapter.modules().len(), shapes.len(), "{name}");
         for (shape, (module, m)) in shapes.iter().zip(adapter.modules()) {

@@ -103,7 +103,7 @@ impl LoraLlama {
     ) -> Result<Self, ModelError> {
         model.validate()?;
         lora.validate()?;
-        let adapter_config = lora.adapter_config(model);
+        let adapter_config = lora.adapter_config(&model.name);
         let initial = LoraAdapter::init_ffa(
             adapter_config.clone(),
             &model.lora_modules(&lora.target_modules),

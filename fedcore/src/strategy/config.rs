@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapter::LoraSpec;
 use crate::adapter::ModuleShape;
 use crate::error::ConfigError;
-use crate::plan::{FederationPlan, LoraSpec};
 use crate::strategy::groups::GroupSpec;
 use crate::strategy::optimizer::ServerOptimizerSpec;
 use crate::strategy::prox::FedProxSpec;
@@ -301,21 +301,6 @@ impl StrategySpec {
                     ),
                 ));
             }
-        }
-        Ok(())
-    }
-
-    /// [`Self::validate`] against a plan's LoRA layout, modules and secure-aggregation switch.
-    pub fn validate_for_plan(&self, plan: &FederationPlan) -> Result<(), ConfigError> {
-        self.validate(
-            &plan.lora,
-            &plan.lora_modules(),
-            plan.secure_aggregation.enabled,
-        )?;
-        if let (Some(groups), AggregationMode::GroupB) = (&self.groups, self.mode) {
-            let secure = &plan.secure_aggregation;
-            groups.validate(secure.enabled.then_some(secure.max_colluding))?;
-            groups.check_roster(plan.roster.iter().map(|e| e.name.as_str()))?;
         }
         Ok(())
     }

@@ -57,11 +57,11 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::adapter::LoraSpec;
 use crate::adapter::{LoraAdapter, ModuleShape};
 use crate::aggregate::WeightedSum;
 use crate::error::ConfigError;
 use crate::manifest::{LayoutManifest, TensorSlot};
-use crate::plan::{FederationPlan, LoraSpec};
 
 pub use config::{AggregationMode, FedExSpec, HetLoraSpec, StrategySpec};
 pub use global::GlobalModel;
@@ -146,16 +146,6 @@ impl Strategy {
             spec,
             lora: lora.clone(),
         })
-    }
-
-    /// [`Self::new`] for a plan's LoRA layout, modules and secure-aggregation switch.
-    pub fn for_plan(spec: StrategySpec, plan: &FederationPlan) -> Result<Self, ConfigError> {
-        Strategy::new(
-            spec,
-            &plan.lora,
-            &plan.lora_modules(),
-            plan.secure_aggregation.enabled,
-        )
     }
 
     pub fn spec(&self) -> &StrategySpec {

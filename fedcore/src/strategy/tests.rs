@@ -13,6 +13,8 @@ use super::linalg::{frobenius_sq, product, refactorise_low_rank, to_array};
 use super::*;
 use crate::adapter::{AdapterConfig, LoraModule, Matrix, TargetModule};
 use crate::aggregate::{WeightedSum, ffa_fedavg};
+// Tests may use plans (the strategy module itself does not: plan -> strategy).
+use crate::plan::FederationPlan;
 
 pub(super) fn lora(rank: usize) -> LoraSpec {
     LoraSpec {
