@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::db::{DbError, StateDb};
+use crate::db::{DbError, SameTransaction, StateDb};
 
 /// How long the command and the server wait for each other's lock on the database.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -196,12 +196,16 @@ pub(crate) fn apply_pending(
         match applied {
             Ok(applied) => {
                 info!(request = request.id, command = %request.command, outcome = %applied.message, "operator request applied");
-                db.save_marking(
+                let done = Done {
+                    id: request.id,
+                    outcome: Outcome::Applied,
+                    message: &applied.message,
+                };
+                db.save_with(
                     c,
-                    Some(Done {
-                        id: request.id,
-                        outcome: Outcome::Applied,
-                        message: &applied.message,
+                    Some(SameTransaction {
+                        what: "marking the operator request done",
+                        write: |conn: &rusqlite::Connection| mark(conn, done),
                     }),
                 )?;
                 events.extend(applied.events);

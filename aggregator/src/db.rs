@@ -77,7 +77,7 @@ CREATE TABLE secure_sum (
 
 /// Schema version 2: the operator's requests (`fedaggregator pause|resume|stop`), written
 /// by the command and applied, then marked done, by the running server (see
-/// [`crate::control`]).
+/// `crate::control`, which uses this module, never the other way round).
 const CONTROL_TABLE: &str = "
 CREATE TABLE control (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -163,6 +163,13 @@ struct Written {
     sum: Option<(u64, u32, usize)>,
 }
 
+/// A write that commits with the coordinator's state or not at all
+/// ([`StateDb::save_with`]); `what` names it in the error.
+pub(crate) struct SameTransaction<F> {
+    pub what: &'static str,
+    pub write: F,
+}
+
 /// An open state database.
 pub struct StateDb {
     conn: Connection,
@@ -217,7 +224,7 @@ impl StateDb {
         self
     }
 
-    /// The connection, for the operator's requests ([`crate::control`]).
+    /// The connection, for the operator's requests (`crate::control`).
     pub(crate) fn conn(&self) -> &Connection {
         &self.conn
     }
@@ -404,21 +411,28 @@ impl StateDb {
 
     /// Commits whatever changed in `c` since the last call, in one transaction.
     pub fn save(&mut self, c: &Coordinator) -> Result<(), DbError> {
-        self.save_marking(c, None)
+        self.save_with(
+            c,
+            None::<SameTransaction<fn(&Connection) -> rusqlite::Result<()>>>,
+        )
     }
 
-    /// [`StateDb::save`], marking operator request `done` as applied in the same
-    /// transaction, so a crash can neither lose the change nor apply the request twice.
-    pub fn save_marking(
+    /// [`StateDb::save`], with one more write in the same transaction (the operator's
+    /// request marked done, see `crate::control`), so a crash can neither lose the change
+    /// nor lose or repeat what goes with it.
+    pub(crate) fn save_with<F>(
         &mut self,
         c: &Coordinator,
-        done: Option<crate::control::Done<'_>>,
-    ) -> Result<(), DbError> {
+        also: Option<SameTransaction<F>>,
+    ) -> Result<(), DbError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<()>,
+    {
         let state = c.encode_state();
         let rounds = c.rounds_closed();
         let sum = c.durable_sum();
         let sum_key = sum.map(|s| s.key());
-        if done.is_none()
+        if also.is_none()
             && self.written.run
             && self.written.state.as_deref() == Some(state.as_slice())
             && self.written.rounds_closed == Some(rounds)
@@ -491,8 +505,8 @@ impl StateDb {
             params![state],
         )
         .map_err(sql("saving the coordinator state"))?;
-        if let Some(done) = done {
-            crate::control::mark(&tx, done).map_err(sql("marking the operator request done"))?;
+        if let Some(also) = also {
+            (also.write)(&tx).map_err(sql(also.what))?;
         }
         tx.commit().map_err(sql("committing"))?;
         self.written = Written {

@@ -53,6 +53,17 @@ pub enum ServeError {
     State(#[from] crate::db::DbError),
 }
 
+impl From<crate::service::StartError> for ServeError {
+    fn from(e: crate::service::StartError) -> Self {
+        match e {
+            crate::service::StartError::State(e) => ServeError::State(e),
+            crate::service::StartError::Store { dir, message } => {
+                ServeError::Store { dir, message }
+            }
+        }
+    }
+}
+
 /// HTTP/2 flow-control window per stream: 256 KiB keeps a 4 MiB masked upload at full
 /// speed up to ~25 ms round trip per slot, and bounds what a waiting stream buffers.
 const STREAM_WINDOW_BYTES: u32 = 256 * 1024;

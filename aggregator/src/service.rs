@@ -85,7 +85,7 @@ impl Shared {
         store: AdapterStore,
         mut db: crate::db::StateDb,
         adapters: AdapterCache,
-    ) -> Result<Arc<Self>, crate::server::ServeError> {
+    ) -> Result<Arc<Self>, StartError> {
         db.save(&coordinator)?;
         for round in db.kept_rounds()? {
             let record = coordinator.history().iter().find(|r| r.round == round);
@@ -103,11 +103,9 @@ impl Shared {
             warn!(error = %e, "cannot write the final adapter directory");
         }
         let dir = store.dir().display().to_string();
-        Self::build(coordinator, store, Some(db), adapters).map_err(|status| {
-            crate::server::ServeError::Store {
-                dir,
-                message: status.message().to_string(),
-            }
+        Self::build(coordinator, store, Some(db), adapters).map_err(|status| StartError::Store {
+            dir,
+            message: status.message().to_string(),
         })
     }
 
@@ -339,6 +337,16 @@ impl Shared {
             }
         }
     }
+}
+
+/// Why the service cannot start on a saved state (the server reports it as its own
+/// `ServeError`; this module does not know the server).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("state database: {0}")]
+    State(#[from] crate::db::DbError),
+    #[error("cannot prepare {dir}: {message}")]
+    Store { dir: String, message: String },
 }
 
 /// The gRPC service.
