@@ -39,6 +39,37 @@ const MAX_CONCURRENT_MASKED_STREAMS: usize = 8;
 /// lab cannot hold a reading slot until the stage deadline.
 const MASKED_CHUNK_IDLE: Duration = Duration::from_secs(30);
 
+/// Participant ids with a stream in flight; a claim lasts until its guard is dropped (the
+/// stream ended, however it ended).
+#[derive(Default)]
+struct InFlight(Arc<Mutex<std::collections::HashSet<String>>>);
+
+/// One participant's claim on [`InFlight`].
+struct InFlightClaim {
+    set: Arc<Mutex<std::collections::HashSet<String>>>,
+    token: String,
+}
+
+impl InFlight {
+    /// Claims `token`, or `None` while an earlier claim on it is held.
+    fn claim(&self, token: &str) -> Option<InFlightClaim> {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(token.to_string()).then(|| InFlightClaim {
+            set: self.0.clone(),
+            token: token.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlightClaim {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.token);
+    }
+}
+
 /// State shared by the gRPC handlers and the deadline ticker.
 pub struct Shared {
     coordinator: Mutex<Coordinator>,
@@ -47,6 +78,8 @@ pub struct Shared {
     spool_dir: PathBuf,
     /// Reading slots for masked-input streams.
     masked_slots: tokio::sync::Semaphore,
+    /// Participants with a masked-input stream in flight (one each).
+    masked_in_flight: InFlight,
     /// Masked inputs whose stream broke, held for their participants to resume.
     held: HeldInputs,
     /// Plaintext update streams that broke, held for their participants to resume.
@@ -129,6 +162,7 @@ impl Shared {
             coordinator: Mutex::new(coordinator),
             spool_dir: store.dir().join(".spool"),
             masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
+            masked_in_flight: InFlight::default(),
             held: HeldInputs::default(),
             partial_updates: PartialUpdates::default(),
             store,
@@ -404,10 +438,18 @@ impl FederationService {
     }
 }
 
-/// Refuses a call whose participant id belongs to someone other than the participant its
-/// certificate names: a leaked id is of no use without that participant's certificate.
+/// The one membership check every call with a participant id goes through, before
+/// anything of the call is buffered or a shared slot is taken: the id must be one a join
+/// handed out (an unknown id is refused, so a caller cannot park data under fresh random
+/// ids), and it must belong to the participant the connection's certificate names (a
+/// leaked id is of no use without that participant's certificate).
 fn check_owner(c: &Coordinator, token: &str, certified: Option<&str>) -> Result<(), Status> {
-    if let (Some(cert), Some((name, _))) = (certified, c.participant(token))
+    let Some((name, _)) = c.participant(token) else {
+        return Err(status_for(&fedcore::RoundError::UnknownParticipant(
+            fedcore::roster::shown_input(token),
+        )));
+    };
+    if let Some(cert) = certified
         && name != cert
     {
         warn!(certificate = %cert, participant = %name, "call with another participant's id refused");
@@ -621,10 +663,14 @@ impl Federation for FederationService {
             .clone()
             .ok_or_else(|| Status::invalid_argument("the first update chunk carries no header"))?;
         header.payload = None;
-        // What the round's layout can hold bounds what is buffered.
+        // Who is sending, and whether a plaintext update is taken at all, before anything
+        // is buffered; then what the round's layout can hold bounds what is.
         let (limit, open_round) = {
             let c = self.shared.lock();
             check_owner(&c, &header.participant_id, certified.as_deref())?;
+            if c.secure() {
+                return Err(status_for(&fedcore::RoundError::SecureAggregationRequired));
+            }
             self.shared.seen(&c, &header.participant_id);
             (4 * c.upload_manifest().len(), c.round_in_progress())
         };
@@ -915,12 +961,9 @@ async fn receive_masked(
         let c = shared.lock();
         shared.instant_at(c.next_deadline().unwrap_or_else(|| shared.now_ms()))
     };
-    let _slot = tokio::time::timeout_at(stage_deadline, shared.masked_slots.acquire())
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded("the masked-input stage closed before this stream's turn")
-        })?
-        .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
+    // The first chunk says who is sending; nothing shared is taken before it is checked,
+    // so a silent stream holds no reading slot, and a lab has at most one stream in
+    // flight: a lab (or a stranger) cannot take the slots honest labs need.
     let first = tokio::time::timeout_at(
         stage_deadline.min(tokio::time::Instant::now() + MASKED_CHUNK_IDLE),
         stream.message(),
@@ -929,6 +972,20 @@ async fn receive_masked(
     .map_err(|_| Status::deadline_exceeded("the masked stream sent nothing"))??
     .ok_or_else(|| Status::invalid_argument("masked stream carried no chunk"))?;
     check_owner(&shared.lock(), &first.participant_id, certified.as_deref())?;
+    let _one_stream = shared
+        .masked_in_flight
+        .claim(&first.participant_id)
+        .ok_or_else(|| {
+            Status::resource_exhausted(
+                "another masked stream of this participant is still in flight; send again once it ended",
+            )
+        })?;
+    let _slot = tokio::time::timeout_at(stage_deadline, shared.masked_slots.acquire())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded("the masked-input stage closed before this stream's turn")
+        })?
+        .map_err(|_| Status::unavailable("the aggregator is shutting down"))?;
     let key = MaskedKey {
         token: first.participant_id.clone(),
         round: first.round,

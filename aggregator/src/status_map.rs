@@ -10,6 +10,7 @@ pub fn status_for(error: &RoundError) -> Status {
     let code = match error {
         RoundError::UnknownParticipant(_) => Code::Unauthenticated,
         RoundError::BadName(_)
+        | RoundError::BadLanguage(_)
         | RoundError::LayoutMismatch { .. }
         | RoundError::SampleWeight(_)
         | RoundError::Update(_) => Code::InvalidArgument,

@@ -118,6 +118,28 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Whether `language` is a valid language label: 1-35 of `[A-Za-z0-9_-]`, the shape of a
+/// BCP 47 tag such as `lo`, `km` or `pt-BR`. The label a lab joins with ends up in the
+/// coordinator's saved state, logs, the status page and Prometheus labels, so it is short
+/// and printable by construction.
+pub fn valid_language(language: &str) -> bool {
+    !language.is_empty()
+        && language.len() <= 35
+        && language
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+/// A caller's string as an error message shows it: quoted, and cut to its first 64
+/// characters with its length when longer (a refused input may be megabytes long).
+pub fn shown_input(input: &str) -> String {
+    const SHOWN: usize = 64;
+    match input.char_indices().nth(SHOWN) {
+        None => format!("{input:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &input[..cut], input.len()),
+    }
+}
+
 /// Parses a hex Ed25519 public key and checks it is a valid curve point.
 pub fn parse_public_key(hex_key: &str) -> Result<[u8; 32], String> {
     parse_identity_key(hex_key).map(|(key, _)| key)

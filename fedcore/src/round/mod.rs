@@ -63,8 +63,14 @@ use crate::update::{SubmittedUpdate, UpdateError, UpdatePayload, decode_plaintex
 pub enum RoundError {
     #[error("unknown participant id {0:?}: join the federation first")]
     UnknownParticipant(String),
-    #[error("participant name must be 1 to 64 letters, digits, '-', '_' or '.', got {0:?}")]
+    /// Holds the name as [`crate::roster::shown_input`] shows it (quoted, cut when long).
+    #[error("participant name must be 1 to 64 letters, digits, '-', '_' or '.', got {0}")]
     BadName(String),
+    /// Holds the label as [`crate::roster::shown_input`] shows it (quoted, cut when long).
+    #[error(
+        "language must be 1 to 35 letters, digits, '-' or '_' (a BCP 47 tag such as lo or pt-BR), got {0}"
+    )]
+    BadLanguage(String),
     #[error("the run is finished; no round accepts updates")]
     RunFinished,
     #[error("no round is open yet: waiting for participants to join")]
@@ -472,7 +478,12 @@ impl Coordinator {
         now_ms: u64,
     ) -> Result<Vec<Event>, RoundError> {
         if !valid_name(name) {
-            return Err(RoundError::BadName(name.to_string()));
+            return Err(RoundError::BadName(crate::roster::shown_input(name)));
+        }
+        if !crate::roster::valid_language(language) {
+            return Err(RoundError::BadLanguage(crate::roster::shown_input(
+                language,
+            )));
         }
         if let Some(departure) = self.left.get(name) {
             return Err(RoundError::Left {
@@ -1550,5 +1561,33 @@ mod tests {
             c.join("x".into(), "bad name", "lo", 0),
             Err(RoundError::BadName(_))
         ));
+        // A language label is short and printable; a huge one is refused and shown cut.
+        for bad in ["", "lo\u{1b}[31m", "l o", &"x".repeat(36)] {
+            assert!(
+                matches!(
+                    c.join("x".into(), "p9", bad, 0),
+                    Err(RoundError::BadLanguage(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let huge = "a".repeat(10_000_000);
+        let message = c.join("x".into(), "p9", &huge, 0).unwrap_err().to_string();
+        assert!(
+            message.len() < 300 && message.contains("(10000000 bytes)"),
+            "{message}"
+        );
+        let message = c.join("x".into(), &huge, "lo", 0).unwrap_err().to_string();
+        assert!(
+            message.len() < 300 && message.contains("(10000000 bytes)"),
+            "{message}"
+        );
+        for good in ["lo", "pt-BR", "zh_Hant", "x-mekong-1"] {
+            assert!(
+                c.join(format!("t-{good}"), &format!("lab-{good}"), good, 0)
+                    .is_ok(),
+                "{good}"
+            );
+        }
     }
 }

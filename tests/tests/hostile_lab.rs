@@ -1,0 +1,158 @@
+//! A caller that attacks the center (issue #26), against a real aggregator and real labs
+//! over gRPC on loopback: whatever it does, the honest labs' round completes as it would
+//! without it, and the attacker gets a refusal that names what was wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::prelude::Device;
+use fedclient::participant;
+use mekong_e2e::{
+    aggregator_config, corpus, participant_options, secure_test_plan, test_identity, test_plan,
+};
+use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+use sha2::Digest;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+/// Silent `SubmitMasked` streams opened by a caller as soon as the round opens. Before the
+/// fix each took one of the aggregator's eight reading slots for 30 s before saying who it
+/// was, so forty of them kept every honest lab's masked input waiting past the 10 s stage
+/// deadline and the attempt failed. Now a stream takes a slot only once its first chunk
+/// has named a member, so the honest labs' first attempt succeeds with all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_masked_streams_take_no_slot_from_honest_labs() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = ["lab-lo", "lab-km", "lab-th"];
+    let identities: Vec<_> = (0..names.len() as u8).map(test_identity).collect();
+    let roster: Vec<(&str, _)> = names.iter().copied().zip(&identities).collect();
+    let plan = secure_test_plan(&roster, 1, 120_000, 10_000);
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+
+    let mut labs = Vec::new();
+    for (i, name) in names.into_iter().enumerate() {
+        let code = &name[4..];
+        let mut options = participant_options(&server.url(), name, code);
+        options.identity = Some(Arc::new(test_identity(i as u8)));
+        options.plan_sha256 = Some(plan.fingerprint());
+        labs.push(tokio::spawn(participant::run(
+            options,
+            corpus(code),
+            Device::flex(),
+            Arc::new(participant::Quiet),
+        )));
+    }
+    while server.status().round < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The round is open: forty streams that never send a chunk, held open.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        let mut client = FederationClient::connect(server.url()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::MaskedChunk>(1);
+        let call = tokio::spawn(async move { client.submit_masked(ReceiverStream::new(rx)).await });
+        silent.push((tx, call));
+    }
+    for lab in labs {
+        lab.await.unwrap().unwrap();
+    }
+    server.finished().await;
+    let round = &server.status().history[0];
+    let mut contributors = round.contributors.clone();
+    contributors.sort();
+    assert_eq!(contributors, ["lab-km", "lab-lo", "lab-th"]);
+    assert!(round.dropped.is_empty(), "{:?}", round.dropped);
+    assert_eq!(
+        round.secure.as_ref().map(|s| s.attempt),
+        Some(0),
+        "the first attempt succeeded"
+    );
+    // The silent streams are answered once they give up waiting, none of them accepted.
+    for (tx, call) in silent {
+        drop(tx);
+        let refused = call
+            .await
+            .unwrap()
+            .expect_err("a silent stream is not accepted");
+        assert!(
+            matches!(
+                refused.code(),
+                Code::InvalidArgument | Code::DeadlineExceeded
+            ),
+            "{refused}"
+        );
+    }
+}
+
+/// Update streams under ids no join handed out are refused at their first chunk, before
+/// anything is buffered (before the fix each was buffered and, once broken, held until the
+/// round changed); a language label of a megabyte is refused at join with a message that
+/// shows it cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_ids_and_huge_labels_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = test_plan(3, 1, 3, 60_000);
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+    let mut client = FederationClient::connect(server.url()).await.unwrap();
+
+    let header = |id: &str| pb::SubmitUpdateRequest {
+        participant_id: id.to_string(),
+        round: 1,
+        layout_hash: "x".into(),
+        base_adapter_hash: "y".into(),
+        num_samples: 1,
+        payload: None,
+        metrics: None,
+    };
+    for i in 0..20 {
+        let id = format!("{i:032x}");
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let values = vec![0u8; 1024];
+        tx.send(pb::UpdateChunk {
+            header: Some(header(&id)),
+            offset: 0,
+            sha256: sha2::Sha256::digest(&values).to_vec(),
+            values_f32_le: values,
+            last: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        // The sender stays open: before the fix, the aggregator buffered the chunk and
+        // waited for the next; now it answers at once.
+        let refused = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.submit_update_stream(ReceiverStream::new(rx)),
+        )
+        .await
+        .expect("refused without waiting for more chunks")
+        .expect_err("an unknown id is refused");
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+        assert!(
+            refused.message().contains("unknown participant id"),
+            "{refused}"
+        );
+        drop(tx);
+    }
+
+    let huge = "a".repeat(1 << 20);
+    let refused = client
+        .join(pb::JoinRequest {
+            participant_name: "lab-x".into(),
+            language: huge,
+            client_version: "test".into(),
+        })
+        .await
+        .expect_err("a megabyte language label is refused");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+    assert!(
+        refused.message().contains("language must be") && refused.message().len() < 400,
+        "{}",
+        &refused.message()[..refused.message().len().min(400)]
+    );
+    assert_eq!(server.status().participants_joined, 0);
+}
