@@ -460,6 +460,21 @@ fn check_owner(c: &Coordinator, token: &str, certified: Option<&str>) -> Result<
     Ok(())
 }
 
+/// Refuses a member that left the federation: it takes no part in this run again, so it is
+/// served neither later global adapters nor metrics reports (the coordinator refuses it
+/// everything else itself).
+fn check_present(c: &Coordinator, token: &str) -> Result<(), Status> {
+    if let Some((name, _)) = c.participant(token)
+        && let Some(departure) = c.departures().get(name)
+    {
+        return Err(status_for(&fedcore::RoundError::Left {
+            name: name.to_string(),
+            departure: *departure,
+        }));
+    }
+    Ok(())
+}
+
 fn wait_reason(reason: &WaitReason) -> String {
     match reason {
         WaitReason::Participants { joined, needed } => {
@@ -861,6 +876,7 @@ impl Federation for FederationService {
         let req = request.into_inner();
         let c = self.shared.lock();
         check_owner(&c, &req.participant_id, certified.as_deref())?;
+        check_present(&c, &req.participant_id)?;
         self.shared.record_metrics(&c, &req)?;
         Ok(Response::new(pb::ReportMetricsResponse {}))
     }
@@ -896,6 +912,7 @@ impl Federation for FederationService {
         let encoded = {
             let c = self.shared.lock();
             check_owner(&c, &req.participant_id, certified.as_deref())?;
+            check_present(&c, &req.participant_id)?;
             self.shared.seen(&c, &req.participant_id);
             if req.content_hash != c.global_hash() {
                 return Err(Status::failed_precondition(format!(

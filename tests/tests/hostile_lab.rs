@@ -156,3 +156,62 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
     );
     assert_eq!(server.status().participants_joined, 0);
 }
+
+/// A lab that left the federation is served nothing more of this run: not the later global
+/// adapters (before, `DownloadAdapter` served it every one) and not metrics reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_that_left_is_served_no_later_global_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = test_plan(3, 1, 3, 60_000);
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+    let mut client = FederationClient::connect(server.url()).await.unwrap();
+    let id = client
+        .join(pb::JoinRequest {
+            participant_name: "lab-gone".into(),
+            language: "lo".into(),
+            client_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .participant_id;
+    let hash = server.status().global_hash;
+    let download = |client: &mut FederationClient<tonic::transport::Channel>| {
+        let request = pb::DownloadAdapterRequest {
+            participant_id: id.clone(),
+            content_hash: hash.clone(),
+            offset: 0,
+        };
+        let mut client = client.clone();
+        async move { client.download_adapter(request).await.map(|_| ()) }
+    };
+    download(&mut client)
+        .await
+        .expect("a member is served the global adapter");
+    client
+        .leave(pb::LeaveRequest {
+            participant_id: id.clone(),
+            reason: pb::LeaveReason::OperatorRequest as i32,
+        })
+        .await
+        .unwrap();
+    let refused = download(&mut client)
+        .await
+        .expect_err("a departed lab is refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(refused.message().contains("lab-gone"), "{refused}");
+    let refused = client
+        .report_metrics(pb::ReportMetricsRequest {
+            participant_id: id.clone(),
+            round: 1,
+            heldout_loss_before: 2.0,
+            heldout_loss_after: 1.0,
+            heldout_tokens: 10,
+            round_timing: None,
+        })
+        .await
+        .expect_err("a departed lab's report is refused");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+}
