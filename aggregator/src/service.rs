@@ -535,6 +535,15 @@ impl Federation for FederationService {
                 req.participant_name
             )));
         }
+        // The only free-form string of a join; it goes into the log line below.
+        if req.client_version.len() > 64
+            || !req.client_version.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(Status::invalid_argument(format!(
+                "client_version must be at most 64 printable ASCII characters without spaces, got {}",
+                fedcore::roster::shown_input(&req.client_version)
+            )));
+        }
         let mut token = [0u8; 16];
         rand::rng().fill_bytes(&mut token);
         let token = hex::encode(token);

@@ -154,6 +154,19 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
         "{}",
         &refused.message()[..refused.message().len().min(400)]
     );
+    // The client's version string goes into the log: short and printable, or refused.
+    for version in ["1.0\u{1b}[2J".to_string(), "v".repeat(65)] {
+        let refused = client
+            .join(pb::JoinRequest {
+                participant_name: "lab-x".into(),
+                language: "lo".into(),
+                client_version: version,
+            })
+            .await
+            .expect_err("a bad client_version is refused");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
+        assert!(refused.message().contains("client_version"), "{refused}");
+    }
     assert_eq!(server.status().participants_joined, 0);
 }
 
