@@ -434,8 +434,30 @@ impl FederationService {
                 peer.participant
             )));
         }
+        check_unexpired(peer, unix_now_s())?;
         Ok(Some(peer.participant.clone()))
     }
+}
+
+/// Seconds since the Unix epoch, by the system clock (certificates' validity is in it).
+fn unix_now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The handshake checked the certificate's validity at its time; a connection can outlive
+/// it, so every call checks again, as for revocation.
+fn check_unexpired(peer: &PeerCertificate, now_unix_s: i64) -> Result<(), Status> {
+    if peer.expired_at(now_unix_s) {
+        warn!(participant = %peer.participant, peer = %peer.remote_addr, "call on a connection whose certificate has since expired");
+        return Err(Status::permission_denied(format!(
+            "the certificate of {:?} expired {} s ago; the lab needs a renewed certificate (`fedaggregator provision`) and a new connection",
+            peer.participant,
+            now_unix_s - peer.not_after_unix_s
+        )));
+    }
+    Ok(())
 }
 
 /// The one membership check every call with a participant id goes through, before
@@ -1332,6 +1354,25 @@ mod tests {
     use super::*;
     use crate::config::AggregatorConfig;
     use crate::db::StateDb;
+
+    /// A connection that outlives its certificate is refused on its next call.
+    #[test]
+    fn a_call_after_the_certificate_expired_is_refused() {
+        let peer = PeerCertificate {
+            remote_addr: "127.0.0.1:9".parse().unwrap(),
+            participant: "lab-a".into(),
+            serial: vec![1],
+            not_after_unix_s: 1_000,
+        };
+        assert!(check_unexpired(&peer, 999).is_ok());
+        assert!(check_unexpired(&peer, 1_000).is_ok());
+        let refused = check_unexpired(&peer, 1_061).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(
+            refused.message().contains("\"lab-a\" expired 61 s ago"),
+            "{refused}"
+        );
+    }
 
     /// `transact`: a change that fails commits nothing and wakes nobody; one that succeeds
     /// is on disk before its answer is built, and long-polls wake only after that.

@@ -726,6 +726,23 @@ pub struct PeerCertificate {
     pub participant: String,
     /// The certificate's serial number (DER integer content bytes).
     pub serial: Vec<u8>,
+    /// When the certificate expires (its notAfter, seconds since the Unix epoch): the
+    /// handshake checked it then, every call checks it again, as it checks revocation.
+    pub not_after_unix_s: i64,
+}
+
+impl PeerCertificate {
+    /// Whether the certificate has expired at `now_unix_s`.
+    pub fn expired_at(&self, now_unix_s: i64) -> bool {
+        now_unix_s > self.not_after_unix_s
+    }
+}
+
+/// A certificate's notAfter in seconds since the Unix epoch (`None` if it cannot be read).
+pub fn not_after_unix_s(cert: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .map(|(_, parsed)| parsed.validity().not_after.timestamp())
 }
 
 /// The serial numbers a revocation list names, for connections opened before the list
@@ -895,9 +912,9 @@ pub fn incoming(
                         .ok()?
                         .serial()
                         .to_vec();
-                    Some((participant_name(cert)?, serial))
+                    Some((participant_name(cert)?, serial, not_after_unix_s(cert)?))
                 });
-                let Some((participant, serial)) = named else {
+                let Some((participant, serial, not_after_unix_s)) = named else {
                     tracing::warn!(
                         peer = %remote_addr,
                         "TLS connection refused: the client certificate names no participant"
@@ -909,6 +926,7 @@ pub fn incoming(
                     remote_addr,
                     participant,
                     serial,
+                    not_after_unix_s,
                 };
                 let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
             });
