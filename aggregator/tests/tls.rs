@@ -707,3 +707,53 @@ fn bad_material_gets_clear_errors_naming_the_file() {
         "{err}"
     );
 }
+
+/// Idle connections cannot lock labs out (issue #26): before, 256 handshake places were
+/// shared by everyone and an idle connection held one for 10 s, so ~26 idle connections a
+/// second from anywhere kept every lab waiting. Now one address gets 64 places at most (the
+/// rest of its connections are closed at once) and an idle connection is closed after 3 s
+/// without a ClientHello. Here 300 idle connections from 127.0.0.2 (another host, as
+/// loopback sees it) are held open while a lab connects from 127.0.0.1 and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_host_do_not_lock_labs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    provision_into(dir.path(), "pilot");
+    let server = serve(dir.path()).await;
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket.connect(server.local_addr()).await {
+            idle.push(stream);
+        }
+    }
+    assert!(idle.len() >= 256, "{} idle connections opened", idle.len());
+    // Before the fix this waited for an idle connection's 10 s handshake timeout.
+    let mut lab = kit_client(&server, dir.path(), "lab-a");
+    let joined = tokio::time::timeout(Duration::from_secs(8), join(&mut lab, "lab-a"))
+        .await
+        .expect("the lab is served while the idle connections are held");
+    joined.expect("the lab joins");
+    // The idle connections are all closed by the aggregator (the ones over the address's
+    // share at once, the others after the first-flight timeout): each reads end of file.
+    let mut open = 0;
+    for stream in &mut idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(stream, &mut byte);
+        match tokio::time::timeout(Duration::from_secs(8), read).await {
+            Ok(read) => assert_eq!(
+                read.unwrap_or(0),
+                0,
+                "nothing is sent to an idle connection"
+            ),
+            Err(_) => open += 1,
+        }
+    }
+    assert_eq!(
+        open,
+        0,
+        "of {} idle connections, {open} still open",
+        idle.len()
+    );
+    still_serves(&server, dir.path()).await;
+}

@@ -787,6 +787,54 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// flood of connections that never finish cannot make the aggregator spawn without bound.
 pub const MAX_PENDING_HANDSHAKES: usize = 256;
 
+/// Handshakes in progress at once from one IP address: one host (a stranger opening idle
+/// connections, a lab gone wrong) gets a quarter of [`MAX_PENDING_HANDSHAKES`] at most, so
+/// the other hosts' handshakes always find a place. A connection beyond it is closed at
+/// once.
+pub const MAX_PENDING_HANDSHAKES_PER_ADDRESS: usize = 64;
+
+/// How long a new connection may stay silent before its first TLS bytes (the ClientHello):
+/// a client that means to talk sends them at once; an idle connection is closed well
+/// before [`HANDSHAKE_TIMEOUT`], so it holds a handshake place only briefly.
+pub const FIRST_FLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Pending handshakes per IP address.
+#[derive(Default, Clone)]
+struct PendingByAddress(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One pending handshake from an address; released when dropped.
+struct PendingSlot {
+    table: PendingByAddress,
+    ip: std::net::IpAddr,
+}
+
+impl PendingByAddress {
+    fn take(&self, ip: std::net::IpAddr) -> Option<PendingSlot> {
+        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = table.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(PendingSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut table = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = table.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A TLS connection from a participant whose certificate passed verification, as tonic's
 /// server takes it (`serve_with_incoming`); its [`PeerCertificate`] reaches every request.
 pub struct TlsConnection {
@@ -852,7 +900,9 @@ impl tokio::io::AsyncWrite for TlsConnection {
 /// The connections of `listener` that complete a mutual-TLS handshake, as a stream for
 /// tonic's `serve_with_incoming`. Each connection is accepted under the configuration
 /// `config` holds at that moment (a new revocation list takes effect for new connections). Each handshake runs in its own task under
-/// [`HANDSHAKE_TIMEOUT`] (at most [`MAX_PENDING_HANDSHAKES`] at once); a refused, failed or
+/// [`HANDSHAKE_TIMEOUT`] (at most [`MAX_PENDING_HANDSHAKES`] at once, at most
+/// [`MAX_PENDING_HANDSHAKES_PER_ADDRESS`] from one IP address, its first bytes within
+/// [`FIRST_FLIGHT_TIMEOUT`]); a refused, failed or
 /// stalled handshake is logged with the peer's address and the reason, and never reaches
 /// the stream, so one bad certificate never stops the server from accepting the others. The
 /// listener is closed when the stream is dropped.
@@ -862,6 +912,7 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let by_address = PendingByAddress::default();
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
@@ -884,11 +935,25 @@ pub fn incoming(
                     continue;
                 }
             };
+            let Some(slot) = by_address.take(remote_addr.ip()) else {
+                tracing::warn!(peer = %remote_addr, "connection closed: {MAX_PENDING_HANDSHAKES_PER_ADDRESS} handshakes from this address are already pending");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
+                // Waits for the first byte itself (`readable` may wake spuriously).
+                let mut first = [0u8; 1];
+                if !matches!(
+                    tokio::time::timeout(FIRST_FLIGHT_TIMEOUT, tcp.peek(&mut first)).await,
+                    Ok(Ok(1))
+                ) {
+                    tracing::warn!(peer = %remote_addr, "connection closed: no TLS handshake began within {FIRST_FLIGHT_TIMEOUT:?} (or it closed first)");
+                    return;
+                }
                 let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
                     .await
                 {
