@@ -4,6 +4,7 @@
 
 use fedcore::round::{SecureMessage, SecureStep};
 use fedcore::secagg::messages as m;
+use fedcore::secagg::protocol::{MAX_REVEALED_SHARE_LEN, SHARE_CIPHERTEXT_LEN};
 use thiserror::Error;
 
 use crate::v1 as pb;
@@ -23,6 +24,8 @@ pub enum WireError {
     ShareX(u32),
     #[error("masked chunk has {0} bytes, not a whole number of u32 words")]
     WordBytes(usize),
+    #[error("a revealed share has {0} bytes; shares are 1 to {MAX_REVEALED_SHARE_LEN}")]
+    ShareY(usize),
 }
 
 fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], WireError> {
@@ -110,6 +113,9 @@ fn revealed_from_wire(s: &pb::RevealedShare) -> Result<m::RevealedShare, WireErr
         .ok()
         .filter(|x| *x != 0)
         .ok_or(WireError::ShareX(s.x))?;
+    if s.y.is_empty() || s.y.len() > MAX_REVEALED_SHARE_LEN {
+        return Err(WireError::ShareY(s.y.len()));
+    }
     Ok(m::RevealedShare {
         owner: s.owner,
         x,
@@ -144,7 +150,15 @@ pub fn message_from_wire(
         W::Advertise(a) => SecureMessage::Advertise(advertise_from_wire(a)?),
         W::ShareKeys(s) => SecureMessage::ShareKeys(m::ShareKeys {
             from: s.from,
-            shares: s.shares.iter().map(share_from_wire).collect(),
+            // Checked here, before the aggregator stores them in its resumable state.
+            shares: s
+                .shares
+                .iter()
+                .map(|share| {
+                    fixed::<SHARE_CIPHERTEXT_LEN>("ciphertext", &share.ciphertext)?;
+                    Ok(share_from_wire(share))
+                })
+                .collect::<Result<_, WireError>>()?,
         }),
         W::Consistency(s) => SecureMessage::Consistency(signature_from_wire(s)?),
         W::Unmask(u) => SecureMessage::Unmask(m::UnmaskResponse {
@@ -271,6 +285,36 @@ mod tests {
             u.self_mask_shares[0].x = 256;
         }
         assert_eq!(message_from_wire(Some(&wire)), Err(WireError::ShareX(256)));
+        // Shares of any other size are refused before they are stored (issue #26).
+        if let pb::secure_aggregate_request::Message::Unmask(u) = &mut wire {
+            u.self_mask_shares[0].x = 5;
+            u.self_mask_shares[0].y = vec![0; 1 << 20];
+        }
+        assert_eq!(
+            message_from_wire(Some(&wire)),
+            Err(WireError::ShareY(1 << 20))
+        );
+        let share = |len| pb::EncryptedShare {
+            from: 1,
+            to: 2,
+            ciphertext: vec![7; len],
+        };
+        let keys = |len| {
+            pb::secure_aggregate_request::Message::ShareKeys(pb::ShareKeys {
+                from: 1,
+                shares: vec![share(SHARE_CIPHERTEXT_LEN), share(len)],
+            })
+        };
+        assert!(message_from_wire(Some(&keys(SHARE_CIPHERTEXT_LEN))).is_ok());
+        assert_eq!(
+            message_from_wire(Some(&keys(1 << 20)))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "field `ciphertext` has {} bytes, expected {SHARE_CIPHERTEXT_LEN}",
+                1 << 20
+            )
+        );
     }
 
     #[test]

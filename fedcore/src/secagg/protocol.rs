@@ -254,3 +254,10 @@ pub fn consistency_message(cfg: &RoundConfig, survivors: &[Index]) -> Vec<u8> {
 
 /// Plaintext of one encrypted share pair: `x_s ‖ s-share (32) ‖ x_b ‖ b-share (16)`.
 pub(crate) const SHARE_PLAINTEXT_LEN: usize = 1 + 32 + 1 + 16;
+
+/// An encrypted share pair on the wire: the plaintext and ChaCha20-Poly1305's 16-byte tag
+/// (the nonce is implied). A receiver refuses any other length before storing it.
+pub const SHARE_CIPHERTEXT_LEN: usize = SHARE_PLAINTEXT_LEN + 16;
+
+/// The longest revealed share: a key share (32 bytes; a self-mask seed share is 16).
+pub const MAX_REVEALED_SHARE_LEN: usize = 32;
