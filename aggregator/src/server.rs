@@ -64,6 +64,18 @@ impl From<crate::service::StartError> for ServeError {
     }
 }
 
+/// HTTP/2 streams one connection may have open at once. A lab needs a handful (the task
+/// long-poll, a masked or update stream, a download, a metrics report); the limit keeps
+/// one connection from parking thousands of calls (hyper's default is unlimited). Calls
+/// beyond it wait in the client, as HTTP/2 asks, and are not refused.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
+/// HTTP/2 pings on an idle connection, and how long the answer may take before the
+/// connection is closed: a peer that vanished without closing (a lab's machine powered
+/// off, a middlebox that dropped the flow) releases what its calls held within a minute.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// HTTP/2 flow-control window per stream: 256 KiB keeps a 4 MiB masked upload at full
 /// speed up to ~25 ms round trip per slot, and bounds what a waiting stream buffers.
 const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
@@ -172,6 +184,9 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         // masked-input slot park a MiB here, making memory grow with the number of labs.
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(crate::admin::CountTrafficLayer::new(shared.clone()))
         .add_service(service);
     let stop = async {

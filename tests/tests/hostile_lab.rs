@@ -228,3 +228,40 @@ async fn a_lab_that_left_is_served_no_later_global_adapter() {
         .expect_err("a departed lab's report is refused");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
 }
+
+/// One connection cannot park calls without bound: the aggregator tells every HTTP/2 client
+/// it takes at most `MAX_STREAMS_PER_CONNECTION` streams at once (hyper's default is no
+/// limit); a compliant client then queues the rest itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_a_bounded_number_of_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = fedaggregator::start(&aggregator_config(test_plan(3, 1, 3, 60_000), dir.path()))
+        .await
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // The server's SETTINGS arrive with its first frames; one request makes sure of them.
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "http://{}/mekong.v1.Federation/RoundStatus",
+            server.local_addr()
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    response.await.unwrap();
+    let client = client.ready().await.unwrap();
+    assert_eq!(
+        client.current_max_send_streams(),
+        fedaggregator::server::MAX_STREAMS_PER_CONNECTION as usize
+    );
+}
