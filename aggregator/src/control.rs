@@ -295,18 +295,7 @@ mod tests {
         drop(db);
         let (_, saved) = StateDb::open(&path, &plan(), 0).unwrap();
         let saved = saved.unwrap();
-        let (restored, _) = Coordinator::restore(
-            plan(),
-            fedcore::round::snapshot::Saved {
-                state: &saved.state,
-                server_state: &saved.server_state,
-                global: saved.global,
-                history: saved.history,
-                sum: saved.sum,
-            },
-            0,
-        )
-        .unwrap();
+        let (restored, _) = saved.restore(plan(), 0).unwrap();
         assert!(restored.control().stop_requested);
         assert_eq!(restored.status().stage, Stage::Training);
     }

@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcore::round::snapshot::{SavedSum, SnapshotError};
+use fedcore::round::snapshot::{Resumed, Saved, SavedSum, SnapshotError};
 use fedcore::strategy::{GlobalModel, global};
 use fedcore::{Coordinator, FederationPlan, RoundRecord};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -152,6 +152,28 @@ pub struct SavedRun {
     pub global: GlobalModel,
     pub history: Vec<RoundRecord>,
     pub sum: Option<SavedSum>,
+}
+
+impl SavedRun {
+    /// The coordinator this run resumes as (fedcore's `Coordinator::restore`, at time
+    /// `now_ms` of the new process).
+    pub fn restore(
+        self,
+        plan: FederationPlan,
+        now_ms: u64,
+    ) -> Result<(Coordinator, Resumed), SnapshotError> {
+        Coordinator::restore(
+            plan,
+            Saved {
+                state: &self.state,
+                server_state: &self.server_state,
+                global: self.global,
+                history: self.history,
+                sum: self.sum,
+            },
+            now_ms,
+        )
+    }
 }
 
 /// What was last committed, so that unchanged parts are not written again.
@@ -659,7 +681,6 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedcore::round::snapshot::Saved;
 
     fn plan(rounds: u64) -> FederationPlan {
         let mut p = crate::config::AggregatorConfig::example().plan;
@@ -691,19 +712,7 @@ mod tests {
     }
 
     fn restore(plan: &FederationPlan, saved: SavedRun) -> Coordinator {
-        Coordinator::restore(
-            plan.clone(),
-            Saved {
-                state: &saved.state,
-                server_state: &saved.server_state,
-                global: saved.global,
-                history: saved.history,
-                sum: saved.sum,
-            },
-            0,
-        )
-        .unwrap()
-        .0
+        saved.restore(plan.clone(), 0).unwrap().0
     }
 
     #[test]

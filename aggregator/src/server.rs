@@ -22,7 +22,7 @@ use crate::config::AggregatorConfig;
 use crate::db::{DbError, StateDb};
 use crate::service::{FederationService, Shared};
 use crate::store::AdapterStore;
-use fedcore::round::snapshot::{Resumed, Saved};
+use fedcore::round::snapshot::Resumed;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, Error)]
@@ -245,22 +245,15 @@ fn open_state(config: &AggregatorConfig) -> Result<(Coordinator, StateDb), Serve
         info!(database = %path.display(), "new run");
         return Ok((Coordinator::new(config.plan.clone(), session)?, db));
     };
-    let (coordinator, resumed) = Coordinator::restore(
-        config.plan.clone(),
-        Saved {
-            state: &saved.state,
-            server_state: &saved.server_state,
-            global: saved.global,
-            history: saved.history,
-            sum: saved.sum,
-        },
-        0,
-    )
-    .map_err(|source| DbError::Snapshot {
-        path: path.display().to_string(),
-        source,
-    })?;
-    debug_assert_eq!(coordinator.session(), saved.session);
+    let saved_session = saved.session;
+    let (coordinator, resumed) =
+        saved
+            .restore(config.plan.clone(), 0)
+            .map_err(|source| DbError::Snapshot {
+                path: path.display().to_string(),
+                source,
+            })?;
+    debug_assert_eq!(coordinator.session(), saved_session);
     let rounds = coordinator.rounds_closed();
     let database = path.display().to_string();
     match resumed {

@@ -1424,18 +1424,7 @@ mod tests {
         drop(shared);
         let (_, saved) = StateDb::open(&path, &plan, 0).unwrap();
         let saved = saved.unwrap();
-        let (c, _) = Coordinator::restore(
-            plan,
-            fedcore::round::snapshot::Saved {
-                state: &saved.state,
-                server_state: &saved.server_state,
-                global: saved.global,
-                history: saved.history,
-                sum: saved.sum,
-            },
-            0,
-        )
-        .unwrap();
+        let (c, _) = saved.restore(plan, 0).unwrap();
         assert_eq!(c.participant("t-a"), Some(("lab-a", "lo")));
         assert_eq!(c.participant("t-x"), None);
     }
@@ -1482,18 +1471,7 @@ mod tests {
         drop(shared);
         let (_, saved) = StateDb::open(&path, &plan, 0).unwrap();
         let saved = saved.unwrap();
-        let (c, _) = Coordinator::restore(
-            plan,
-            fedcore::round::snapshot::Saved {
-                state: &saved.state,
-                server_state: &saved.server_state,
-                global: saved.global,
-                history: saved.history,
-                sum: saved.sum,
-            },
-            0,
-        )
-        .unwrap();
+        let (c, _) = saved.restore(plan, 0).unwrap();
         assert_eq!(c.participant("t-a"), Some(("lab-a", "lo")));
         assert_eq!(c.participant("t-b"), None);
     }

@@ -86,6 +86,13 @@ async fn silent_masked_streams_take_no_slot_from_honest_labs() {
     }
 }
 
+/// A plaintext aggregator on loopback waiting for three labs, its files in `dir`.
+async fn waiting_aggregator(dir: &std::path::Path) -> fedaggregator::RunningServer {
+    fedaggregator::start(&aggregator_config(test_plan(3, 1, 3, 60_000), dir))
+        .await
+        .unwrap()
+}
+
 /// Update streams under ids no join handed out are refused at their first chunk, before
 /// anything is buffered (before the fix each was buffered and, once broken, held until the
 /// round changed); a language label of a megabyte is refused at join with a message that
@@ -93,10 +100,7 @@ async fn silent_masked_streams_take_no_slot_from_honest_labs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_ids_and_huge_labels_are_refused_up_front() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = test_plan(3, 1, 3, 60_000);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
+    let server = waiting_aggregator(dir.path()).await;
     let mut client = FederationClient::connect(server.url()).await.unwrap();
 
     let header = |id: &str| pb::SubmitUpdateRequest {
@@ -175,10 +179,7 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lab_that_left_is_served_no_later_global_adapter() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = test_plan(3, 1, 3, 60_000);
-    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
-        .await
-        .unwrap();
+    let server = waiting_aggregator(dir.path()).await;
     let mut client = FederationClient::connect(server.url()).await.unwrap();
     let id = client
         .join(pb::JoinRequest {
@@ -235,9 +236,7 @@ async fn a_lab_that_left_is_served_no_later_global_adapter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gets_a_bounded_number_of_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let server = fedaggregator::start(&aggregator_config(test_plan(3, 1, 3, 60_000), dir.path()))
-        .await
-        .unwrap();
+    let server = waiting_aggregator(dir.path()).await;
     let tcp = tokio::net::TcpStream::connect(server.local_addr())
         .await
         .unwrap();

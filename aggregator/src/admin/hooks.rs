@@ -178,6 +178,16 @@ mod tests {
         }
     }
 
+    /// The service's shared state on the example plan, its files in `dir`.
+    fn example_shared(dir: &std::path::Path) -> std::sync::Arc<Shared> {
+        Shared::new(
+            Coordinator::new(AggregatorConfig::example().plan, [7; 32]).unwrap(),
+            AdapterStore::new(dir),
+            crate::download::AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
+        )
+        .unwrap()
+    }
+
     fn timing(wall: f64, phases: &[(pb::LabPhase, f64)]) -> pb::LabRoundTiming {
         pb::LabRoundTiming {
             wall_seconds: wall,
@@ -204,12 +214,7 @@ mod tests {
     fn round_timings_are_checked_counted_once_and_exposed() {
         use pb::LabPhase::{Secure, Train, Unspecified, Wait};
         let dir = tempfile::tempdir().unwrap();
-        let shared = Shared::new(
-            Coordinator::new(AggregatorConfig::example().plan, [7; 32]).unwrap(),
-            AdapterStore::new(dir.path()),
-            crate::download::AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
-        )
-        .unwrap();
+        let shared = example_shared(dir.path());
         let refusal = |req: &pb::ReportMetricsRequest| {
             let c = shared.lock();
             shared
@@ -300,13 +305,7 @@ mod tests {
     #[test]
     fn reports_are_checked_before_they_are_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = AggregatorConfig::example().plan;
-        let shared = Shared::new(
-            Coordinator::new(plan, [7; 32]).unwrap(),
-            AdapterStore::new(dir.path()),
-            crate::download::AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
-        )
-        .unwrap();
+        let shared = example_shared(dir.path());
         let code = |req: &pb::ReportMetricsRequest| {
             let c = shared.lock();
             shared.record_metrics(&c, req).map_err(|s| s.code())
