@@ -257,6 +257,9 @@ pub struct AggregatorConfig {
     /// The crash-safe state database; defaults apply when left out.
     #[serde(default)]
     pub state: StateSection,
+    /// What one caller can make the aggregator hold; defaults apply when left out.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsSection,
     pub plan: FederationPlan,
 }
 
@@ -277,6 +280,14 @@ impl AggregatorConfig {
         })?;
         config
             .tls
+            .validate()
+            .map_err(|(field, message)| ConfigFileError::Field {
+                path: origin.to_string(),
+                field,
+                message,
+            })?;
+        config
+            .limits
             .validate()
             .map_err(|(field, message)| ConfigFileError::Field {
                 path: origin.to_string(),
@@ -335,6 +346,7 @@ impl AggregatorConfig {
             admin: Some(AdminSection::loopback(9464)),
             // The database goes beside the adapters (`server.output_dir`) unless named.
             state: StateSection::default(),
+            limits: Default::default(),
             plan: FederationPlan {
                 federation: "mekong-federation".into(),
                 model: fedcore::ModelSpec::tiny(),

@@ -11,6 +11,9 @@
 //!   chunks).
 //! - [`control`]: the operator's pause / resume / stop, through the state database.
 //! - [`db`]: the crash-safe state in SQLite, from which a killed aggregator resumes its run.
+//! - [`limits`]: the `[limits]` section: what one caller can make the aggregator hold.
+//! - [`message_limits`]: the tower layer that enforces them on request bodies as bytes
+//!   arrive.
 //! - [`server`]: start, watch, drain and stop a running aggregator.
 //! - [`service`]: the gRPC handlers.
 //! - [`store`]: the on-disk history of global adapters.
@@ -24,6 +27,8 @@ pub mod control;
 pub mod db;
 pub mod download;
 mod held;
+pub mod limits;
+pub mod message_limits;
 mod partial_update;
 pub mod provision;
 pub mod server;

@@ -4,8 +4,9 @@
 //! complete).
 //!
 //! At most one partial update per participant is held, and only for the round that is
-//! open: a new stream drops those of rounds that closed. The memory held is therefore at
-//! most what the same participants' streams would buffer while in flight.
+//! open: a new stream drops those of rounds that closed. What all of them hold together is
+//! capped (`limits.held_partial_update_bytes`): past the cap a broken stream's bytes are
+//! dropped, and its participant sends again from byte 0 (`UpdateReceived` says 0).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -54,13 +55,30 @@ impl PartialUpdate {
     }
 }
 
-/// The held partial updates, by participant id.
-#[derive(Default)]
-pub(crate) struct PartialUpdates(Mutex<BTreeMap<String, PartialUpdate>>);
+/// The held partial updates, by participant id, at most `cap` bytes of values in all.
+pub(crate) struct PartialUpdates {
+    held: Mutex<BTreeMap<String, PartialUpdate>>,
+    cap: usize,
+}
+
+/// Why a broken stream's bytes were not held.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct OverCap {
+    /// Bytes the others hold.
+    pub held: usize,
+    pub cap: usize,
+}
 
 impl PartialUpdates {
+    pub fn new(cap: usize) -> Self {
+        PartialUpdates {
+            held: Mutex::new(BTreeMap::new()),
+            cap,
+        }
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PartialUpdate>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Drops what is held for rounds other than `open_round` (everything when none is open).
@@ -73,11 +91,23 @@ impl PartialUpdates {
         self.map().remove(token)
     }
 
-    /// Keeps what a broken stream received (nothing when it received nothing).
-    pub fn hold(&self, token: String, partial: PartialUpdate) {
-        if !partial.values.is_empty() {
-            self.map().insert(token, partial);
+    /// Keeps what a broken stream received (nothing when it received nothing), unless
+    /// holding it would pass the cap: then it is dropped, and the answer says so.
+    pub fn hold(&self, token: String, partial: PartialUpdate) -> Result<(), OverCap> {
+        if partial.values.is_empty() {
+            return Ok(());
         }
+        let mut map = self.map();
+        map.remove(&token);
+        let held: usize = map.values().map(|p| p.values.len()).sum();
+        if held + partial.values.len() > self.cap {
+            return Err(OverCap {
+                held,
+                cap: self.cap,
+            });
+        }
+        map.insert(token, partial);
+        Ok(())
     }
 
     /// Bytes held of `token`'s update for `round`.
@@ -107,7 +137,7 @@ mod tests {
 
     #[test]
     fn held_updates_are_per_participant_and_round_and_hash_what_they_hold() {
-        let held = PartialUpdates::default();
+        let held = PartialUpdates::new(1 << 20);
         let mut p = PartialUpdate::new(header(2));
         p.extend(&[1, 2, 3, 4]);
         p.extend(&[5, 6, 7, 8]);
@@ -119,8 +149,9 @@ mod tests {
         let mut other = header(2);
         other.num_samples = 4;
         assert!(!p.same_update(&other));
-        held.hold("t".into(), p);
-        held.hold("u".into(), PartialUpdate::new(header(2)));
+        held.hold("t".into(), p).unwrap();
+        held.hold("u".into(), PartialUpdate::new(header(2)))
+            .unwrap();
         assert_eq!(held.held_bytes("t", 2), 8);
         assert_eq!(held.held_bytes("t", 3), 0);
         assert_eq!(held.held_bytes("u", 2), 0, "an empty prefix is not held");
@@ -131,5 +162,25 @@ mod tests {
             "a closed round's prefix is dropped"
         );
         assert!(held.take("t").is_none());
+    }
+
+    #[test]
+    fn what_is_held_in_all_stays_within_the_cap() {
+        let held = PartialUpdates::new(10);
+        let prefix = |n: usize| {
+            let mut p = PartialUpdate::new(header(2));
+            p.extend(&vec![1; n]);
+            p
+        };
+        held.hold("a".into(), prefix(6)).unwrap();
+        assert_eq!(
+            held.hold("b".into(), prefix(5)),
+            Err(OverCap { held: 6, cap: 10 })
+        );
+        assert_eq!(held.held_bytes("b", 2), 0, "dropped, not held");
+        held.hold("b".into(), prefix(4)).unwrap();
+        // A participant's new prefix replaces its old one, not adds to it.
+        held.hold("a".into(), prefix(6)).unwrap();
+        assert_eq!(held.held_bytes("a", 2) + held.held_bytes("b", 2), 10);
     }
 }

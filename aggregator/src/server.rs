@@ -64,12 +64,6 @@ impl From<crate::service::StartError> for ServeError {
     }
 }
 
-/// HTTP/2 streams one connection may have open at once. A lab needs a handful (the task
-/// long-poll, a masked or update stream, a download, a metrics report); the limit keeps
-/// one connection from parking thousands of calls (hyper's default is unlimited). Calls
-/// beyond it wait in the client, as HTTP/2 asks, and are not refused.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
-
 /// HTTP/2 pings on an idle connection, and how long the answer may take before the
 /// connection is closed: a peer that vanished without closing (a lab's machine powered
 /// off, a middlebox that dropped the flow) releases what its calls held within a minute.
@@ -142,7 +136,13 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
     let (coordinator, db) = open_state(config)?;
     let store = AdapterStore::new(&config.server.output_dir);
     let adapters = crate::download::AdapterCache::new(config.server.inline_adapter_max_bytes);
-    let shared = Shared::with_db(coordinator, store.clone(), db, adapters)?;
+    let shared = Shared::with_db(
+        coordinator,
+        store.clone(),
+        db,
+        adapters,
+        config.limits.clone(),
+    )?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|source| ServeError::Bind {
@@ -174,9 +174,12 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
     } else {
         FederationService::new(shared.clone())
     };
+    // Each method's own limit is enforced by `MessageLimitLayer` as bytes arrive; tonic's
+    // service-wide one stays behind it at the largest of them.
     let service = FederationServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_decoding_message_size(config.limits.largest_message())
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let secure = shared.lock().secure();
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         // What a lab may have in flight before the aggregator reads it. hyper's default
@@ -184,10 +187,17 @@ pub async fn start(config: &AggregatorConfig) -> Result<RunningServer, ServeErro
         // masked-input slot park a MiB here, making memory grow with the number of labs.
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // A lab needs a handful of streams (the task long-poll, an upload, a download, a
+        // report); the limit keeps one connection from parking thousands of calls (hyper's
+        // default is unlimited). Calls beyond it wait in the client, as HTTP/2 asks.
+        .max_concurrent_streams(Some(config.limits.streams_per_connection))
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .layer(crate::admin::CountTrafficLayer::new(shared.clone()))
+        .layer(crate::message_limits::MessageLimitLayer::new(
+            config.limits.clone(),
+            secure,
+        ))
         .add_service(service);
     let stop = async {
         let _ = shutdown_rx.await;

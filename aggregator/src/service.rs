@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::download::AdapterCache;
 use crate::held::{Held, HeldInputs, MaskedKey};
+use crate::limits::LimitsSection;
 use crate::partial_update::{PartialUpdate, PartialUpdates};
 use crate::spool::Spool;
 use crate::status_map::status_for;
@@ -28,16 +29,6 @@ use sha2::{Digest, Sha256};
 
 /// Longest a FetchTask call is held while the answer is "wait".
 const MAX_LONG_POLL: Duration = Duration::from_secs(20);
-
-/// Masked-input streams read at once. Each holds about one chunk in transit, so this bounds
-/// the aggregator's memory for masked inputs at a constant, whatever the number of labs;
-/// the rest wait their turn (within the stage deadline) with only flow-control windows
-/// buffered.
-const MAX_CONCURRENT_MASKED_STREAMS: usize = 8;
-
-/// A masked stream that sends nothing for this long is cut (and retracted), so a stalled
-/// lab cannot hold a reading slot until the stage deadline.
-const MASKED_CHUNK_IDLE: Duration = Duration::from_secs(30);
 
 /// Participant ids with a stream in flight; a claim lasts until its guard is dropped (the
 /// stream ended, however it ended).
@@ -76,10 +67,17 @@ pub struct Shared {
     store: AdapterStore,
     /// Where masked-input streams keep their undo logs.
     spool_dir: PathBuf,
-    /// Reading slots for masked-input streams.
+    /// What one caller can make the service hold (`[limits]`).
+    limits: LimitsSection,
+    /// Reading slots for masked-input streams (`limits.masked_streams`). Each holds about
+    /// one chunk in transit, so this bounds the memory for masked inputs at a constant,
+    /// whatever the number of labs; the rest wait their turn (within the stage deadline)
+    /// with only flow-control windows buffered.
     masked_slots: tokio::sync::Semaphore,
     /// Participants with a masked-input stream in flight (one each).
     masked_in_flight: InFlight,
+    /// Participants with a plaintext update stream in flight (one each).
+    update_in_flight: InFlight,
     /// Masked inputs whose stream broke, held for their participants to resume.
     held: HeldInputs,
     /// Plaintext update streams that broke, held for their participants to resume.
@@ -105,7 +103,7 @@ impl Shared {
         store: AdapterStore,
         adapters: AdapterCache,
     ) -> Result<Arc<Self>, Status> {
-        Self::build(coordinator, store, None, adapters)
+        Self::build(coordinator, store, None, adapters, LimitsSection::default())
     }
 
     /// Wraps a coordinator whose every change is committed to `db` before it is answered.
@@ -118,6 +116,7 @@ impl Shared {
         store: AdapterStore,
         mut db: crate::db::StateDb,
         adapters: AdapterCache,
+        limits: LimitsSection,
     ) -> Result<Arc<Self>, StartError> {
         db.save(&coordinator)?;
         for round in db.kept_rounds()? {
@@ -136,9 +135,11 @@ impl Shared {
             warn!(error = %e, "cannot write the final adapter directory");
         }
         let dir = store.dir().display().to_string();
-        Self::build(coordinator, store, Some(db), adapters).map_err(|status| StartError::Store {
-            dir,
-            message: status.message().to_string(),
+        Self::build(coordinator, store, Some(db), adapters, limits).map_err(|status| {
+            StartError::Store {
+                dir,
+                message: status.message().to_string(),
+            }
         })
     }
 
@@ -147,6 +148,7 @@ impl Shared {
         store: AdapterStore,
         db: Option<crate::db::StateDb>,
         adapters: AdapterCache,
+        limits: LimitsSection,
     ) -> Result<Arc<Self>, Status> {
         if !store
             .round_dir(0)
@@ -161,10 +163,12 @@ impl Shared {
         Ok(Arc::new(Shared {
             coordinator: Mutex::new(coordinator),
             spool_dir: store.dir().join(".spool"),
-            masked_slots: tokio::sync::Semaphore::new(MAX_CONCURRENT_MASKED_STREAMS),
+            masked_slots: tokio::sync::Semaphore::new(limits.masked_streams),
             masked_in_flight: InFlight::default(),
+            update_in_flight: InFlight::default(),
             held: HeldInputs::default(),
-            partial_updates: PartialUpdates::default(),
+            partial_updates: PartialUpdates::new(limits.held_partial_update_bytes),
+            limits,
             store,
             started: Instant::now(),
             changes,
@@ -700,7 +704,8 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::SubmitUpdateResponse>, Status> {
         let certified = self.certified(&request)?;
         let mut stream = request.into_inner();
-        let first = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
+        let idle = self.shared.limits.stream_idle_timeout();
+        let first = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| Status::deadline_exceeded("the update stream sent nothing"))??
             .ok_or_else(|| Status::invalid_argument("update stream carried no chunk"))?;
@@ -720,6 +725,15 @@ impl Federation for FederationService {
             self.shared.seen(&c, &header.participant_id);
             (4 * c.upload_manifest().len(), c.round_in_progress())
         };
+        let _one_stream = self
+            .shared
+            .update_in_flight
+            .claim(&header.participant_id)
+            .ok_or_else(|| {
+                Status::resource_exhausted(
+                    "another update stream of this participant is still in flight; send again once it ended",
+                )
+            })?;
         let partials = &self.shared.partial_updates;
         partials.keep_round(open_round);
         let token = header.participant_id.clone();
@@ -732,7 +746,8 @@ impl Federation for FederationService {
                     .map_or(0, |p| p.values.len());
                 if first.offset != 0 {
                     if let Some(p) = held {
-                        partials.hold(token, p);
+                        // It was held before: it fits where it was.
+                        let _ = partials.hold(token, p);
                     }
                     return Err(Status::invalid_argument(format!(
                         "the update stream resumes at byte {}, but the aggregator holds {held_bytes} \
@@ -744,7 +759,7 @@ impl Federation for FederationService {
                 PartialUpdate::new(header.clone())
             }
         };
-        let received = receive_update(&mut stream, first, limit, &mut partial).await;
+        let received = receive_update(&mut stream, first, limit, idle, &mut partial).await;
         match received {
             Ok(values_sha256) => {
                 if partial.digest()[..] != values_sha256[..] {
@@ -763,10 +778,17 @@ impl Federation for FederationService {
                 self.accept_update(certified, header)
             }
             Err(status) => {
-                if !partial.values.is_empty() {
-                    warn!(participant = %participant_name(&self.shared.lock(), &token), round = header.round, bytes = partial.values.len(), %status, "update stream broke; what it carried is held for it to resume");
+                let bytes = partial.values.len();
+                let name = participant_name(&self.shared.lock(), &token);
+                match partials.hold(token, partial) {
+                    Ok(()) if bytes > 0 => {
+                        warn!(participant = %name, round = header.round, bytes, %status, "update stream broke; what it carried is held for it to resume");
+                    }
+                    Ok(()) => {}
+                    Err(over) => {
+                        warn!(participant = %name, round = header.round, bytes, held = over.held, cap = over.cap, %status, "update stream broke; what it carried is dropped (limits.held_partial_update_bytes): it sends again from byte 0");
+                    }
                 }
-                partials.hold(token, partial);
                 Err(status)
             }
         }
@@ -1013,7 +1035,7 @@ async fn receive_masked(
     // so a silent stream holds no reading slot, and a lab has at most one stream in
     // flight: a lab (or a stranger) cannot take the slots honest labs need.
     let first = tokio::time::timeout_at(
-        stage_deadline.min(tokio::time::Instant::now() + MASKED_CHUNK_IDLE),
+        stage_deadline.min(tokio::time::Instant::now() + shared.limits.stream_idle_timeout()),
         stream.message(),
     )
     .await
@@ -1071,6 +1093,7 @@ async fn receive_update(
     stream: &mut Streaming<pb::UpdateChunk>,
     first: pb::UpdateChunk,
     limit: usize,
+    idle: Duration,
     partial: &mut PartialUpdate,
 ) -> Result<Vec<u8>, Status> {
     let mut chunk = first;
@@ -1098,7 +1121,7 @@ async fn receive_update(
         if chunk.last {
             return Ok(chunk.values_sha256);
         }
-        chunk = tokio::time::timeout(MASKED_CHUNK_IDLE, stream.message())
+        chunk = tokio::time::timeout(idle, stream.message())
             .await
             .map_err(|_| {
                 Status::deadline_exceeded(format!(
@@ -1155,7 +1178,7 @@ async fn fold_stream(
         let chunk = match next.take() {
             Some(c) => c,
             None => match tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + MASKED_CHUNK_IDLE),
+                deadline.min(tokio::time::Instant::now() + shared.limits.stream_idle_timeout()),
                 stream.message(),
             )
             .await
@@ -1387,6 +1410,7 @@ mod tests {
             AdapterStore::new(dir.path()),
             db,
             AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
+            LimitsSection::default(),
         )
         .unwrap();
         let mut changes = shared.subscribe();
@@ -1443,6 +1467,7 @@ mod tests {
             AdapterStore::new(dir.path()),
             db.with_busy_timeout(Duration::from_millis(50)),
             AdapterCache::new(mekong_proto::DEFAULT_INLINE_ADAPTER_BYTES),
+            LimitsSection::default(),
         )
         .unwrap();
         {

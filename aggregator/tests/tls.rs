@@ -757,3 +757,39 @@ async fn idle_connections_from_one_host_do_not_lock_labs_out() {
     );
     still_serves(&server, dir.path()).await;
 }
+
+/// One certificate cannot hold connections without bound (issue #26): each open connection
+/// holds TLS and HTTP/2 buffers, so a lab gets `MAX_CONNECTIONS_PER_PARTICIPANT` at once;
+/// the next is closed right after its handshake, the other labs are served, and a place
+/// comes back when one of the lab's connections closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_certificate_holds_a_bounded_number_of_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    provision_into(dir.path(), "pilot");
+    let server = serve(dir.path()).await;
+    let mut held = Vec::new();
+    for _ in 0..tls::MAX_CONNECTIONS_PER_PARTICIPANT {
+        let mut lab = kit_client(&server, dir.path(), "lab-a");
+        status(&mut lab).await.expect("within the cap, served");
+        held.push(lab);
+    }
+    let mut over = kit_client(&server, dir.path(), "lab-a");
+    status(&mut over)
+        .await
+        .expect_err("a connection over the cap is closed");
+    still_serves(&server, dir.path()).await;
+    drop(held.pop());
+    // The aggregator sees the close and gives the place back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = kit_client(&server, dir.path(), "lab-a");
+        match status(&mut again).await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no place came back: {e}"),
+        }
+    }
+}

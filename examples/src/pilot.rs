@@ -558,6 +558,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             database: Some(center.join("state.sqlite")),
             ..Default::default()
         },
+        limits: Default::default(),
         plan: plan.clone(),
     };
     let server = fedaggregator::start(&config)

@@ -798,38 +798,59 @@ pub const MAX_PENDING_HANDSHAKES_PER_ADDRESS: usize = 64;
 /// before [`HANDSHAKE_TIMEOUT`], so it holds a handshake place only briefly.
 pub const FIRST_FLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Pending handshakes per IP address.
-#[derive(Default, Clone)]
-struct PendingByAddress(Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+/// Connections open at once under one participant's certificate. A lab's channel uses
+/// one (HTTP/2 carries all its calls), a reconnect briefly two; the cap keeps one
+/// certificate from opening thousands, each holding TLS and HTTP/2 buffers. A connection
+/// beyond it is closed right after its handshake.
+pub const MAX_CONNECTIONS_PER_PARTICIPANT: usize = 16;
 
-/// One pending handshake from an address; released when dropped.
-struct PendingSlot {
-    table: PendingByAddress,
-    ip: std::net::IpAddr,
+/// How many of something each key holds at once (pending handshakes per IP address, open
+/// connections per participant), with a cap.
+#[derive(Clone)]
+struct Occupancy<K: std::hash::Hash + Eq + Clone> {
+    table: Arc<std::sync::Mutex<std::collections::HashMap<K, usize>>>,
+    cap: usize,
 }
 
-impl PendingByAddress {
-    fn take(&self, ip: std::net::IpAddr) -> Option<PendingSlot> {
-        let mut table = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = table.entry(ip).or_insert(0);
-        if *n >= MAX_PENDING_HANDSHAKES_PER_ADDRESS {
+/// One place held under a key; given back when dropped.
+struct Place<K: std::hash::Hash + Eq + Clone> {
+    occupancy: Occupancy<K>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Occupancy<K> {
+    fn new(cap: usize) -> Self {
+        Occupancy {
+            table: Arc::default(),
+            cap,
+        }
+    }
+
+    fn take(&self, key: K) -> Option<Place<K>> {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = table.entry(key.clone()).or_insert(0);
+        if *n >= self.cap {
             return None;
         }
         *n += 1;
-        Some(PendingSlot {
-            table: self.clone(),
-            ip,
+        Some(Place {
+            occupancy: self.clone(),
+            key,
         })
     }
 }
 
-impl Drop for PendingSlot {
+impl<K: std::hash::Hash + Eq + Clone> Drop for Place<K> {
     fn drop(&mut self) {
-        let mut table = self.table.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = table.get_mut(&self.ip) {
+        let mut table = self
+            .occupancy
+            .table
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = table.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                table.remove(&self.ip);
+                table.remove(&self.key);
             }
         }
     }
@@ -840,6 +861,8 @@ impl Drop for PendingSlot {
 pub struct TlsConnection {
     stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: PeerCertificate,
+    /// Its place among its participant's connections, given back when it closes.
+    _open: Place<String>,
 }
 
 impl TlsConnection {
@@ -902,7 +925,8 @@ impl tokio::io::AsyncWrite for TlsConnection {
 /// `config` holds at that moment (a new revocation list takes effect for new connections). Each handshake runs in its own task under
 /// [`HANDSHAKE_TIMEOUT`] (at most [`MAX_PENDING_HANDSHAKES`] at once, at most
 /// [`MAX_PENDING_HANDSHAKES_PER_ADDRESS`] from one IP address, its first bytes within
-/// [`FIRST_FLIGHT_TIMEOUT`]); a refused, failed or
+/// [`FIRST_FLIGHT_TIMEOUT`]), and at most [`MAX_CONNECTIONS_PER_PARTICIPANT`] connections
+/// stay open under one certificate; a refused, failed or
 /// stalled handshake is logged with the peer's address and the reason, and never reaches
 /// the stream, so one bad certificate never stops the server from accepting the others. The
 /// listener is closed when the stream is dropped.
@@ -912,7 +936,8 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsConnection, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
-    let by_address = PendingByAddress::default();
+    let by_address = Occupancy::new(MAX_PENDING_HANDSHAKES_PER_ADDRESS);
+    let by_participant = Occupancy::new(MAX_CONNECTIONS_PER_PARTICIPANT);
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {
@@ -942,6 +967,7 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
+            let by_participant = by_participant.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _slot = slot;
@@ -986,6 +1012,10 @@ pub fn incoming(
                     );
                     return;
                 };
+                let Some(open) = by_participant.take(participant.clone()) else {
+                    tracing::warn!(peer = %remote_addr, %participant, "connection closed: {MAX_CONNECTIONS_PER_PARTICIPANT} connections under this certificate are already open");
+                    return;
+                };
                 tracing::debug!(peer = %remote_addr, %participant, "TLS connection accepted");
                 let peer = PeerCertificate {
                     remote_addr,
@@ -993,7 +1023,13 @@ pub fn incoming(
                     serial,
                     not_after_unix_s,
                 };
-                let _ = tx.send(Ok(TlsConnection { stream, peer })).await;
+                let _ = tx
+                    .send(Ok(TlsConnection {
+                        stream,
+                        peer,
+                        _open: open,
+                    }))
+                    .await;
             });
         }
     });

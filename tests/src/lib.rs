@@ -109,6 +109,7 @@ pub fn aggregator_config(plan: FederationPlan, dir: &Path) -> AggregatorConfig {
         tls: TlsSection::plaintext(),
         admin: None,
         state: Default::default(),
+        limits: Default::default(),
         plan,
     }
 }

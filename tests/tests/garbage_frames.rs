@@ -134,7 +134,7 @@ fn grpc_frame(compressed: bool, declared_len: u32, body: &[u8]) -> Vec<u8> {
 
 /// gRPC status codes used below (grpc/doc/statuscodes.md).
 const INTERNAL: u32 = 13;
-const OUT_OF_RANGE: u32 = 11;
+const RESOURCE_EXHAUSTED: u32 = 8;
 const UNIMPLEMENTED: u32 = 12;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,16 +199,18 @@ async fn garbage_gets_clear_errors_and_the_federation_completes_alongside() {
             "{method}: {s:?}"
         );
     }
-    // A length prefix of 4 GiB: refused from the prefix alone, naming the limit.
+    // A length prefix of 4 GiB: refused from the prefix alone (the method's own limit,
+    // `message_limits.rs`), naming the length and the limit's field.
     let s = raw_grpc(
         addr,
         "SubmitMasked",
         grpc_frame(false, u32::MAX, &noise[..64]),
     )
     .await;
-    assert_eq!(s.code, OUT_OF_RANGE, "{s:?}");
+    assert_eq!(s.code, RESOURCE_EXHAUSTED, "{s:?}");
     assert!(
-        s.message.contains("too large") && s.message.contains(&u32::MAX.to_string()),
+        s.message.contains("limits.chunk_message_bytes")
+            && s.message.contains(&u32::MAX.to_string()),
         "{s:?}"
     );
     // A message that claims compression the connection never negotiated.

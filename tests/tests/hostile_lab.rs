@@ -19,9 +19,21 @@ use tonic::Code;
 /// fix each took one of the aggregator's eight reading slots for 30 s before saying who it
 /// was, so forty of them kept every honest lab's masked input waiting past the 10 s stage
 /// deadline and the attempt failed. Now a stream takes a slot only once its first chunk
-/// has named a member, so the honest labs' first attempt succeeds with all three.
+/// has named a member, so the honest labs' first attempt succeeds with all three, and its
+/// global adapter is the one the same labs make without the attacker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_masked_streams_take_no_slot_from_honest_labs() {
+    let attacked = secure_round(40).await;
+    let clean = secure_round(0).await;
+    assert_eq!(
+        attacked, clean,
+        "the honest labs' global adapter is the one they make without the attacker"
+    );
+}
+
+/// One secure round of three labs while a caller holds `silent` masked streams open from
+/// the moment the round opens; the round's global adapter hash.
+async fn secure_round(silent: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let names = ["lab-lo", "lab-km", "lab-th"];
     let identities: Vec<_> = (0..names.len() as u8).map(test_identity).collect();
@@ -47,13 +59,13 @@ async fn silent_masked_streams_take_no_slot_from_honest_labs() {
     while server.status().round < 1 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // The round is open: forty streams that never send a chunk, held open.
-    let mut silent = Vec::new();
-    for _ in 0..40 {
+    // The round is open: streams that never send a chunk, held open.
+    let mut streams = Vec::new();
+    for _ in 0..silent {
         let mut client = FederationClient::connect(server.url()).await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::channel::<pb::MaskedChunk>(1);
         let call = tokio::spawn(async move { client.submit_masked(ReceiverStream::new(rx)).await });
-        silent.push((tx, call));
+        streams.push((tx, call));
     }
     for lab in labs {
         lab.await.unwrap().unwrap();
@@ -70,7 +82,7 @@ async fn silent_masked_streams_take_no_slot_from_honest_labs() {
         "the first attempt succeeded"
     );
     // The silent streams are answered once they give up waiting, none of them accepted.
-    for (tx, call) in silent {
+    for (tx, call) in streams {
         drop(tx);
         let refused = call
             .await
@@ -84,6 +96,7 @@ async fn silent_masked_streams_take_no_slot_from_honest_labs() {
             "{refused}"
         );
     }
+    round.adapter_hash.clone()
 }
 
 /// A plaintext aggregator on loopback waiting for three labs, its files in `dir`.
@@ -143,15 +156,26 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
         drop(tx);
     }
 
-    let huge = "a".repeat(1 << 20);
+    // A megabyte label does not fit a Join message: refused at its length prefix, before
+    // it is read. One that fits is refused by Join, with the label shown cut.
+    let join = |language: String| pb::JoinRequest {
+        participant_name: "lab-x".into(),
+        language,
+        client_version: "test".into(),
+    };
     let refused = client
-        .join(pb::JoinRequest {
-            participant_name: "lab-x".into(),
-            language: huge,
-            client_version: "test".into(),
-        })
+        .join(join("a".repeat(1 << 20)))
         .await
         .expect_err("a megabyte language label is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("limits.control_message_bytes"),
+        "{refused}"
+    );
+    let refused = client
+        .join(join("a".repeat(40_000)))
+        .await
+        .expect_err("a 40 kB language label is refused");
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused}");
     assert!(
         refused.message().contains("language must be") && refused.message().len() < 400,
@@ -172,6 +196,73 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
         assert!(refused.message().contains("client_version"), "{refused}");
     }
     assert_eq!(server.status().participants_joined, 0);
+}
+
+/// A lab has one plaintext update stream in flight at a time: a second, opened while the
+/// first waits for its next chunk, is refused before it buffers anything (before, each
+/// buffered up to the update's size).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_update_stream_of_a_lab_is_refused_while_the_first_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = waiting_aggregator(dir.path()).await;
+    let mut client = FederationClient::connect(server.url()).await.unwrap();
+    let id = client
+        .join(pb::JoinRequest {
+            participant_name: "lab-twice".into(),
+            language: "lo".into(),
+            client_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .participant_id;
+    let open = |client: &FederationClient<tonic::transport::Channel>| {
+        let mut client = client.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let values = vec![0u8; 1024];
+        tx.try_send(pb::UpdateChunk {
+            header: Some(pb::SubmitUpdateRequest {
+                participant_id: id.clone(),
+                round: 1,
+                layout_hash: "x".into(),
+                base_adapter_hash: "y".into(),
+                num_samples: 1,
+                payload: None,
+                metrics: None,
+            }),
+            offset: 0,
+            sha256: sha2::Sha256::digest(&values).to_vec(),
+            values_f32_le: values,
+            last: false,
+            ..Default::default()
+        })
+        .unwrap();
+        let call =
+            tokio::spawn(async move { client.submit_update_stream(ReceiverStream::new(rx)).await });
+        (tx, call)
+    };
+    let (first_tx, first) = open(&client);
+    // The first stream's chunk has been taken once the aggregator holds its bytes' claim;
+    // give it a moment, then open the second.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (second_tx, second) = open(&client);
+    let refused = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("refused without waiting")
+        .unwrap()
+        .expect_err("a second stream is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("another update stream"),
+        "{refused}"
+    );
+    assert!(!first.is_finished(), "the first stream is still open");
+    drop((first_tx, second_tx));
+    let ended = first
+        .await
+        .unwrap()
+        .expect_err("the first stream never completed");
+    assert_eq!(ended.code(), Code::InvalidArgument, "{ended}");
 }
 
 /// A lab that left the federation is served nothing more of this run: not the later global
@@ -231,7 +322,7 @@ async fn a_lab_that_left_is_served_no_later_global_adapter() {
 }
 
 /// One connection cannot park calls without bound: the aggregator tells every HTTP/2 client
-/// it takes at most `MAX_STREAMS_PER_CONNECTION` streams at once (hyper's default is no
+/// it takes at most `limits.streams_per_connection` streams at once (hyper's default is no
 /// limit); a compliant client then queues the rest itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_gets_a_bounded_number_of_streams() {
@@ -261,6 +352,6 @@ async fn a_connection_gets_a_bounded_number_of_streams() {
     let client = client.ready().await.unwrap();
     assert_eq!(
         client.current_max_send_streams(),
-        fedaggregator::server::MAX_STREAMS_PER_CONNECTION as usize
+        fedaggregator::limits::LimitsSection::default().streams_per_connection as usize
     );
 }

@@ -140,6 +140,7 @@ pub fn config(dir: &Path, port: u16, plan: FederationPlan) -> AggregatorConfig {
             database: Some(dir.join("state/state.sqlite")),
             adapter_history: 0,
         },
+        limits: Default::default(),
         plan,
     }
 }

@@ -8,8 +8,9 @@
 //! which the builder folds into the norm weights at load. Every linear layer named in
 //! `LoraSpec::target_modules` carries a LoRA branch; the base is frozen.
 //!
-//! Modules, one job each: [`init`] draws the base weights, [`lora_linear`] is the adapted
-//! linear layer, [`rope`], [`attention`], [`mlp`] and [`decoder`] are the blocks,
+//! Modules, one job each: [`init`] draws the base weights, [`embedding`] holds the token
+//! table in row blocks any GPU can bind, [`lora_linear`] is the adapted linear layer,
+//! [`rope`], [`attention`], [`mlp`] and [`decoder`] are the blocks,
 //! [`build`] assembles a model from a plan, [`adapter_io`] moves adapters in and out, and
 //! [`batch`] and [`loss`] feed token windows in and score the predictions.
 
