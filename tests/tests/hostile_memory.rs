@@ -1,8 +1,9 @@
-//! A lab with a valid certificate that parks calls to run the center out of memory
-//! (issue #26), against a real aggregator over mutual TLS on loopback. The attacker speaks
-//! raw HTTP/2 (tonic's client cannot send half a message) over its own certificate: many
-//! connections, each with every stream the aggregator allows, each announcing a large
-//! update and sending part of it. The aggregator holds at most the per-caller budget of
+//! A lab with a valid certificate that attacks the center (issue #26), against a real
+//! aggregator over mutual TLS on loopback: it joins and leaves and asks for the global
+//! adapter anyway, streams updates under made-up ids, joins with a megabyte label, then
+//! parks calls to run the center out of memory, speaking raw HTTP/2 (tonic's client cannot
+//! send half a message) over its own certificate: many connections, each with every stream
+//! the aggregator allows, each announcing a large update and sending part of it. The aggregator holds at most the per-caller budget of
 //! unfinished messages (measured here in the process's resident memory, and printed),
 //! refuses the rest at their header, cuts the parked ones when their time is up, and the
 //! honest labs' round ends with the same global adapter as without the attacker.
@@ -54,14 +55,21 @@ async fn connect(kit: &ParticipantKit, address: SocketAddr) -> h2::client::SendR
     client
 }
 
-/// Opens a call of `method` whose one message announces `announced` bytes, sends the
-/// header and `sent` bytes of it, and keeps the stream open.
+/// A message's length prefix announcing `announced` bytes, followed by `sent` of them:
+/// made once and shared by every call that sends it (cloning `Bytes` copies nothing), so
+/// the attacker's own side adds little to the process's memory.
+fn framed(announced: usize, sent: usize) -> Bytes {
+    let mut data = vec![0u8; 5 + sent];
+    data[1..5].copy_from_slice(&(announced as u32).to_be_bytes());
+    Bytes::from(data)
+}
+
+/// Opens a call of `method`, sends `frame` on it and keeps the stream open.
 async fn park(
     client: &mut h2::client::SendRequest<Bytes>,
     address: SocketAddr,
     method: &str,
-    announced: usize,
-    sent: usize,
+    frame: &Bytes,
 ) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
     *client = client.clone().ready().await.unwrap();
     let request = http::Request::builder()
@@ -72,9 +80,7 @@ async fn park(
         .body(())
         .unwrap();
     let (response, mut send) = client.send_request(request, false).unwrap();
-    let mut data = vec![0u8; 5 + sent];
-    data[1..5].copy_from_slice(&(announced as u32).to_be_bytes());
-    send.send_data(Bytes::from(data), false).unwrap();
+    send.send_data(frame.clone(), false).unwrap();
     (response, send)
 }
 
@@ -164,29 +170,33 @@ async fn round(dir: &Path, attack: bool) -> String {
     let address = server.local_addr();
 
     if attack {
-        let attacker = ParticipantKit::load(&enrolled.labs[3]).unwrap();
+        let mut attacker = ParticipantKit::load(&enrolled.labs[3]).unwrap();
+        attacker.aggregator = address.to_string();
+        let parked_frame = framed(ANNOUNCED, SENT);
+        let oversized_frame = framed(200 * MIB, 16);
+        let control_frame = framed(MIB, 16);
         let before = resident_bytes();
+        the_other_attacks(&attacker, &server).await;
+        let after_others = resident_bytes();
         let mut calls = Vec::new();
         for _ in 0..CONNECTIONS {
             let mut client = connect(&attacker, address).await;
             for _ in 0..limits.streams_per_connection {
-                calls.push(park(&mut client, address, "SubmitUpdate", ANNOUNCED, SENT).await);
+                calls.push(park(&mut client, address, "SubmitUpdate", &parked_frame).await);
             }
         }
         let oversized = park(
             &mut connect(&attacker, address).await,
             address,
             "SubmitUpdate",
-            200 * MIB,
-            16,
+            &oversized_frame,
         )
         .await;
         let control = park(
             &mut connect(&attacker, address).await,
             address,
             "Join",
-            MIB,
-            16,
+            &control_frame,
         )
         .await;
         // What the parked calls sent has arrived (loopback); the peak of what is held.
@@ -198,12 +208,15 @@ async fn round(dir: &Path, attack: bool) -> String {
         let grown = peak.saturating_sub(before);
         let parked = calls.len() * SENT;
         println!(
-            "{} calls parked with {} MiB sent in all: resident memory {:.1} MiB before, \
+            "after joining and leaving, downloading, 20 update streams under made-up ids and \
+             a megabyte language label, {} calls parked with {} MiB sent in all: resident \
+             memory {:.1} MiB before, {:.1} MiB after the calls that are not parked, \
              {:.1} MiB at the peak, +{:.1} MiB (bound: {} MiB of unfinished messages per \
              caller)",
             calls.len(),
             parked / MIB,
             before as f64 / MIB as f64,
+            after_others as f64 / MIB as f64,
             peak as f64 / MIB as f64,
             grown as f64 / MIB as f64,
             limits.unfinished_bytes_per_caller / MIB
@@ -265,6 +278,80 @@ async fn round(dir: &Path, attack: bool) -> String {
     contributors.sort();
     assert_eq!(contributors, ["lab-km", "lab-lo", "lab-th"]);
     record.adapter_hash.clone()
+}
+
+/// The attacker's calls that are not parked, each refused by name: it joins and leaves,
+/// then asks for the global adapter; it streams updates under ids no join handed out and
+/// breaks each stream; it joins with a megabyte language label.
+async fn the_other_attacks(kit: &ParticipantKit, server: &fedaggregator::RunningServer) {
+    use mekong_proto::v1::{self as pb, federation_client::FederationClient};
+    use sha2::Digest;
+    use tokio_stream::wrappers::ReceiverStream;
+    let mut client = FederationClient::new(kit.channel().unwrap());
+    let join = |language: String| pb::JoinRequest {
+        participant_name: kit.name.clone(),
+        language,
+        client_version: "attacker".into(),
+    };
+    let id = client
+        .join(join("lo".into()))
+        .await
+        .unwrap()
+        .into_inner()
+        .participant_id;
+    client
+        .leave(pb::LeaveRequest {
+            participant_id: id.clone(),
+            reason: pb::LeaveReason::OperatorRequest as i32,
+        })
+        .await
+        .unwrap();
+    let refused = client
+        .download_adapter(pb::DownloadAdapterRequest {
+            participant_id: id,
+            content_hash: server.status().global_hash,
+            offset: 0,
+        })
+        .await
+        .map(|_| ())
+        .expect_err("a lab that left is served nothing");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+
+    for i in 0..20 {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let values = vec![0u8; 64 * 1024];
+        tx.send(pb::UpdateChunk {
+            header: Some(pb::SubmitUpdateRequest {
+                participant_id: format!("{i:032x}"),
+                round: 1,
+                layout_hash: "x".into(),
+                base_adapter_hash: "y".into(),
+                num_samples: 1,
+                payload: None,
+                metrics: None,
+            }),
+            offset: 0,
+            sha256: sha2::Sha256::digest(&values).to_vec(),
+            values_f32_le: values,
+            last: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let call = client.submit_update_stream(ReceiverStream::new(rx));
+        let refused = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("refused at the first chunk")
+            .expect_err("an id no join handed out is refused");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+        drop(tx);
+    }
+
+    let refused = client
+        .join(join("a".repeat(MIB)))
+        .await
+        .expect_err("a megabyte label is refused");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
 }
 
 async fn run_labs(labs: Vec<std::path::PathBuf>, address: SocketAddr) {
