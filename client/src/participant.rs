@@ -4,6 +4,11 @@
 //! local model, train on local text, hand in the update, repeat until the aggregator says the
 //! run is finished. Local text never leaves this module.
 //!
+//! What to do with each task, and what to refuse, is decided by the sans-IO round machine
+//! [`fedcore::round::lab::LabMachine`]; this module is its shell: it performs the machine's
+//! [`Next`] (gRPC calls with retries, training with burn, the reveal record on disk,
+//! pauses), feeds each outcome back, and reports progress and timing.
+//!
 //! What a round trains and uploads comes from the plan's `[strategy]` (see
 //! `fedcore::strategy`), derived here from the pinned plan and the round number and checked
 //! against the task's `RoundWork`: the participant starts from [`Strategy::download`] (the
@@ -41,11 +46,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use burn::prelude::Device;
-use fedcore::round::{Reply, SecureMessage, SecureTrain, SecureUpload, UploadError, UploadSecrets};
+use fedcore::round::lab::{
+    LabError, LabMachine, LabSetup, Next, Pause, PlaintextUpload, TrainOrder, TrainTask,
+};
+use fedcore::round::{SecureMessage, SecureTrain, UploadError};
 use fedcore::secagg::participant::RoundRandomness;
 use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
-use fedcore::strategy::{AggregationMode, GlobalModel, ServerState, hetlora};
-use fedcore::{FederationPlan, LoraAdapter, Matrix, Strategy, StrategyError};
+use fedcore::strategy::{GlobalModel, ServerState};
+use fedcore::{FederationPlan, LoraAdapter, Matrix, StrategyError};
 use mekong_proto::MAX_MESSAGE_BYTES;
 use mekong_proto::convert::{PayloadError, work_from_wire};
 use mekong_proto::policy::{LocalPolicy, SharedMetric};
@@ -67,7 +75,6 @@ use crate::reveal_record::RevealRecord;
 use crate::round_clock::{Phase, RoundClock, RoundTiming};
 use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
-use fedcore::round::guard::Verdict;
 
 /// Words per masked-input chunk (1 MiB).
 const MASKED_CHUNK_WORDS: usize = 256 * 1024;
@@ -163,6 +170,37 @@ pub enum ParticipantError {
         got: String,
         expected: String,
     },
+}
+
+impl From<LabError> for ParticipantError {
+    fn from(e: LabError) -> Self {
+        match e {
+            LabError::PlaintextRequested { round } => {
+                ParticipantError::PlaintextRequested { round }
+            }
+            LabError::SecureUnplanned { round } => ParticipantError::SecureUnplanned { round },
+            LabError::RoundNumbers(e) => ParticipantError::RoundNumbers(e),
+            LabError::Guard(e) => ParticipantError::Guard(e),
+            LabError::WorkMismatch {
+                round,
+                got,
+                expected,
+            } => ParticipantError::WorkMismatch {
+                round,
+                got,
+                expected,
+            },
+            LabError::UpdateRefused { round, tries } => ParticipantError::UpdateRefused {
+                round,
+                tries,
+                status: tonic::Status::failed_precondition("the update was refused"),
+            },
+            LabError::NoIdentity => ParticipantError::NoIdentity,
+            LabError::Secure(e) => ParticipantError::Secure(e),
+            LabError::Strategy(e) => ParticipantError::Strategy(e),
+            LabError::Plan(e) => ParticipantError::Plan(e),
+        }
+    }
 }
 
 /// The lab operator's request to leave the federation (`fedclient join` sets it on Ctrl-C).
@@ -436,15 +474,25 @@ pub async fn run(
         &plan.fingerprint(),
         &options.name,
     )?;
+    // The round protocol, as a sans-IO machine: this function performs what it decides.
+    let mut lab = LabMachine::new(
+        plan.clone(),
+        LabSetup {
+            name: options.name.clone(),
+            max_rounds: options.max_rounds,
+            min_peers: options.min_peers.max(MIN_PEERS_FLOOR),
+            identity_seed: options.identity.as_ref().map(|i| i.bytes()),
+        },
+        reveals.log().clone(),
+    )?;
     let template = plan.initial_model();
-    let strategy = Strategy::for_plan(plan.strategy.clone(), &plan)?;
     // The open round's layout: one of the first two rounds' (RoLoRA alternates).
     let layout_of = |round| {
         let state = ServerState {
             round,
             ..Default::default()
         };
-        strategy
+        lab.strategy()
             .upload_layout(&template, &state)
             .manifest()
             .hash_hex()
@@ -455,10 +503,13 @@ pub async fn run(
             "the upload layout derived from the plan differs from the aggregator's",
         )));
     }
-    // FedSA-LoRA: this lab's own B, kept across rounds (never uploaded).
-    let mut personal: Option<LoraAdapter> = None;
     info!(participant = %options.name, federation = %joined.federation, "joined");
     let id = joined.participant_id;
+    let name = options.name.clone();
+    let secure_plan = plan.secure_aggregation.enabled;
+    // The rank a task states when its aggregator predates strategies (see work_from_wire).
+    let default_rank = plan.strategy.participant_rank(&plan.lora, &name);
+    let b_layout = template.adapter.b_manifest();
 
     let corpus = Arc::new(corpus);
     let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
@@ -473,16 +524,14 @@ pub async fn run(
     };
     let initial_eval_s = evaluating.elapsed().as_secs_f64();
     let mut rounds = Vec::new();
-    let mut secure = SecureState::default();
-    // Refusals of this lab's plaintext update in the current round.
-    let mut refusals: Option<Refusals> = None;
-
-    // The last global this lab received: what it ends with if it leaves while waiting.
-    let mut last_global: Option<GlobalModel> = None;
+    // The training statistics of the update in flight, for its round's report.
+    let mut last_stats: Option<TrainStats> = None;
+    // Set by the observer to simulate a lab that died mid-protocol.
+    let mut silent = false;
     let mut clock = RoundClock::new();
     // Round-timing reports in flight (sent off the round's path); awaited before returning.
     let mut timing_reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    let (final_model, ended) = loop {
+    let (final_model, ended) = 'run: loop {
         let task = clock
             .time(
                 Phase::Wait,
@@ -499,20 +548,10 @@ pub async fn run(
             .task
             .ok_or(ParticipantError::EmptyAnswer("FetchTask"))?;
 
-        match task {
+        let mut next = match task {
             pb::fetch_task_response::Task::Wait(w) => {
-                // Not while a secure session is open: that round still needs this lab.
-                if options.leave.is_requested() && secure.upload.is_none() {
-                    info!(participant = %options.name, "leaving the federation, as this lab's operator asked");
-                    leave(&client, &options, &id, pb::LeaveReason::OperatorRequest).await;
-                    break (
-                        last_global.take().unwrap_or_else(|| template.clone()),
-                        RunEnd::LeftOnRequest,
-                    );
-                }
-                tracing::debug!(participant = %options.name, reason = %w.reason, "waiting");
-                let pause = Duration::from_millis(w.retry_after_ms.min(5_000).into());
-                clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
+                tracing::debug!(participant = %name, reason = %w.reason, "waiting");
+                lab.wait(w.retry_after_ms.into(), options.leave.is_requested())
             }
             pb::fetch_task_response::Task::Train(t) => {
                 let Fetched::Adapter(global) = clock
@@ -532,328 +571,48 @@ pub async fn run(
                 else {
                     continue;
                 };
-                if let Some(max_rounds) = options.max_rounds
-                    && rounds.len() as u64 >= max_rounds
-                {
-                    // Only between rounds: never in the middle of a secure round.
-                    info!(participant = %options.name, max_rounds, round = t.round, "this lab's policy allows no more rounds; leaving the federation");
-                    leave(&client, &options, &id, pb::LeaveReason::MaxRounds).await;
-                    break (global, RunEnd::MaxRounds { max_rounds });
-                }
-                if options.leave.is_requested() {
-                    info!(participant = %options.name, round = t.round, "leaving the federation before this round, as this lab's operator asked");
-                    leave(&client, &options, &id, pb::LeaveReason::OperatorRequest).await;
-                    break (global, RunEnd::LeftOnRequest);
-                }
-                let global: &GlobalModel = last_global.insert(global);
-                let global_hash = global.content_hash();
-                // Secure or plaintext is the pinned plan's choice, never the task's.
-                match (&t.secure, plan.secure_aggregation.enabled) {
-                    (None, true) => {
-                        error!(participant = %options.name, round = t.round, "the aggregator asked for this lab's update in plaintext under a secure plan; refusing");
-                        return Err(ParticipantError::PlaintextRequested { round: t.round });
-                    }
-                    (Some(_), false) => {
-                        return Err(ParticipantError::SecureUnplanned { round: t.round });
-                    }
-                    _ => {}
-                }
-                let attempt = t.secure.as_ref().map_or(0, |s| s.attempt);
-                fedcore::secagg::spec::check_round_numbers(t.round, attempt, plan.rounds.rounds)?;
-                if let Some(session) = &t.secure {
-                    let session = session_id(&session.session)?;
-                    // Never a second unmasking from the same model, never an old round
-                    // (see module docs); a named deviation stops the lab.
-                    let verdict = reveals.check(t.round, &global_hash, &session).inspect_err(|e| {
-                        error!(participant = %options.name, round = t.round, error = %e, "refusing the aggregator's task");
+                let secure = match &t.secure {
+                    Some(s) => Some(SecureTrain {
+                        session: session_id(&s.session)?,
+                        attempt: s.attempt,
+                        index: s.index,
+                    }),
+                    None => None,
+                };
+                let work = work_from_wire(
+                    t.work.as_ref(),
+                    default_rank,
+                    (&b_layout.hash_hex(), b_layout.len()),
+                )?;
+                let task = TrainTask {
+                    round: t.round,
+                    secure,
+                    work,
+                    global,
+                    randomness: RoundRandomness::draw(&mut rand::rng()),
+                };
+                let deciding = std::time::Instant::now();
+                let next = lab
+                    .train(task, options.leave.is_requested())
+                    .inspect_err(|e| {
+                        error!(participant = %name, round = t.round, error = %e, "refusing the aggregator's task");
                     })?;
-                    if verdict == Verdict::AlreadyRevealed {
-                        error!(participant = %options.name, round = t.round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        continue;
-                    }
-                }
-                let fresh = secure
-                    .trained
-                    .as_ref()
-                    .is_none_or(|d| d.round != t.round || d.global_hash != global_hash);
-                let work = RoundPlan::new(&plan, &strategy, &options.name, t.round, global);
-                work.check(&t, &template.adapter)?;
-                if fresh {
-                    let seed = plan.training.local_seed(&options.name, t.round);
-                    let spec = plan.training.clone();
-                    let data = corpus.clone();
-                    let dev = device.clone();
-                    let download = strategy.download(global, &options.name, personal.as_ref())?;
-                    // HetLoRA: train the first `rank` components at the global rank, the
-                    // others held at zero (they get no gradient; see hetlora::zero_beyond).
-                    let hetero = download.config().rank < plan.lora.rank;
-                    let start = if hetero {
-                        hetlora::zero_beyond(&global.adapter, work.rank)?
-                    } else {
-                        download.clone()
-                    };
-                    let trains = work.trains;
-                    // FedEx-LoRA: the server's merged corrections (zeros before the first
-                    // merge; empty under every other mode).
-                    let base_delta = global.base_delta.clone();
-                    let train_options = TrainOptions {
-                        prox_mu: plan.strategy.fedprox.mu,
-                    };
-                    // Only when the lab's policy lets it report them (see module docs).
-                    let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);
-                    let mut steps = RoundSteps {
-                        observer: observer.clone(),
-                        name: options.name.clone(),
-                        round: t.round,
-                        steps: spec.local_steps,
-                    };
-                    let training_started = std::time::Instant::now();
-                    let (trained, stats, scores, evaluating) = tokio::task::spawn_blocking(move || {
-                        let mut evaluating = Duration::ZERO;
-                        // A failed evaluation costs the report, never the round.
-                        let mut heldout = |m: &LoraLlama| {
-                            let start = std::time::Instant::now();
-                            let stats = evaluate(m, &data.heldout, spec.seq_len, &dev)
-                                .inspect_err(|e| warn!(error = %e, "held-out evaluation failed; no metrics report this round"))
-                                .ok();
-                            evaluating += start.elapsed();
-                            stats
-                        };
-                        let m = model.load_base_delta(&base_delta)?.load_adapter(&start)?;
-                        let before = if score { heldout(&m) } else { None };
-                        let m = m.set_trainable(trains.a, trains.b);
-                        let (m, stats) = train_local_observed(
-                            m,
-                            &data.train,
-                            &spec,
-                            seed,
-                            &dev,
-                            &train_options,
-                            &mut steps,
-                        )?;
-                        let scores = before.and_then(|before| {
-                            Some(HeldoutScores {
-                                after: heldout(&m)?,
-                                before,
-                            })
-                        });
-                        Ok::<_, ModelError>((m, stats, scores, evaluating))
-                    })
-                    .await??;
-                    model = trained;
-                    if let Some(scores) = &scores {
-                        clock
-                            .time(
-                                Phase::Evaluate,
-                                report_metrics(&client, &options, &id, t.round, scores),
-                            )
-                            .await;
-                    }
-                    let trained_full = model.try_export_adapter()?;
-                    let trained = if hetero {
-                        hetlora::truncate(&trained_full, work.rank)?
-                    } else {
-                        trained_full.clone()
-                    };
-                    let values =
-                        strategy.upload(&work.layout, &options.name, &download, &trained)?;
-                    if strategy.mode() == AggregationMode::FedSaLora {
-                        personal = Some(trained_full);
-                    }
-                    let num_samples = corpus.train_samples() as u64;
-                    clock.add(Phase::Evaluate, evaluating);
-                    clock.add(
-                        Phase::Train,
-                        training_started.elapsed().saturating_sub(evaluating),
-                    );
-                    observer.round_trained(&options.name, t.round, &stats, &values, num_samples);
-                    secure.trained = Some(TrainedUpdate {
-                        round: t.round,
-                        global_hash: global_hash.clone(),
-                        values,
-                        num_samples,
-                        stats,
-                    });
-                }
-                let trained = secure.trained.as_ref().expect("set above");
-                match &t.secure {
-                    Some(session) => {
-                        let session = SecureTrain {
-                            session: session_id(&session.session)?,
-                            attempt: session.attempt,
-                            index: session.index,
-                        };
-                        if !observer.secure_step(
-                            &options.name,
-                            t.round,
-                            fedcore::secagg::protocol::Stage::AdvertiseKeys,
-                        ) {
-                            secure.silent = true;
-                        }
-                        if secure.silent {
-                            clock
-                                .time(Phase::Wait, tokio::time::sleep(Duration::from_millis(200)))
-                                .await;
-                            continue;
-                        }
-                        let opening = std::time::Instant::now();
-                        let (upload, advert) = open_secure(&options, &plan, session, trained)?;
-                        clock.add(Phase::Secure, opening.elapsed());
-                        info!(
-                            participant = %options.name,
-                            round = t.round,
-                            attempt = session.attempt,
-                            loss_first = trained.stats.first_loss,
-                            loss_last = trained.stats.last_loss,
-                            clipped = upload.encoded().clipped,
-                            "trained; advertising keys for secure aggregation"
-                        );
-                        if upload.encoded().clipped > 0 {
-                            warn!(participant = %options.name, clipped = upload.encoded().clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
-                        }
-                        let sent = clock
-                            .time(
-                                Phase::Secure,
-                                send_secure(
-                                    &client,
-                                    &options,
-                                    &id,
-                                    t.round,
-                                    session.attempt,
-                                    SecureMessage::Advertise(advert),
-                                ),
-                            )
-                            .await?;
-                        secure.upload = sent.then_some(upload);
-                    }
-                    None => {
-                        let layout_hash = work.layout.manifest().hash_hex();
-                        let submitted = clock
-                            .time(
-                                Phase::Upload,
-                                submit_plaintext(
-                                    &client,
-                                    &options,
-                                    &id,
-                                    &t,
-                                    (layout_hash, global_hash),
-                                    trained,
-                                    &*observer,
-                                ),
-                            )
-                            .await?;
-                        match submitted {
-                            Submitted::Taken(mut report) => {
-                                refusals = None;
-                                report.timing = clock.finish_round();
-                                observer.round_finished(&options.name, t.round, &report.timing);
-                                timing_reports.extend(report_round_timing(
-                                    &client,
-                                    &options,
-                                    &id,
-                                    t.round,
-                                    &report.timing,
-                                ));
-                                rounds.push(report);
-                            }
-                            Submitted::Refused(status) => {
-                                // Usually the round closed without us and the next task
-                                // moves on; a center that keeps refusing the same round
-                                // is not answered at full speed, nor forever.
-                                let r = refusals.get_or_insert_with(|| Refusals::new(t.round));
-                                if r.round != t.round {
-                                    *r = Refusals::new(t.round);
-                                }
-                                r.tries += 1;
-                                if r.tries >= MAX_REFUSED_UPLOADS {
-                                    return Err(ParticipantError::UpdateRefused {
-                                        round: t.round,
-                                        tries: r.tries,
-                                        status,
-                                    });
-                                }
-                                clock.time(Phase::Wait, tokio::time::sleep(r.backoff)).await;
-                                r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
-                            }
-                        }
-                    }
-                }
+                clock.add(Phase::Secure, deciding.elapsed());
+                next
             }
             pb::fetch_task_response::Task::SecureStep(step) => {
-                let pause = Duration::from_millis(200);
-                let Some(upload) = secure.upload.as_mut() else {
-                    // No session for this attempt (e.g. this process restarted): the
-                    // aggregator will count this lab as dropped and ask again next attempt.
-                    clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
-                    continue;
-                };
-                if upload.round() != step.round || upload.attempt() != step.attempt {
+                let owned = step_from_wire(step.step.as_ref())?;
+                let stage = owned.as_step().stage();
+                if silent || !observer.secure_step(&name, step.round, stage) {
+                    silent = true;
+                    let pause = Duration::from_millis(fedcore::round::lab::STEP_PAUSE_MS);
                     clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
                     continue;
                 }
                 let responding = std::time::Instant::now();
-                let owned = step_from_wire(step.step.as_ref())?;
-                let stage = owned.as_step().stage();
-                if secure.silent || !observer.secure_step(&options.name, step.round, stage) {
-                    secure.silent = true;
-                    clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
-                    continue;
-                }
-                let reply = match upload.respond(&owned.as_step()) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        // The aggregator misbehaved (or lost data): refuse and say why.
-                        error!(participant = %options.name, round = step.round, attempt = step.attempt, error = %e, "refusing the aggregator's secure-aggregation request");
-                        secure.upload = None;
-                        continue;
-                    }
-                };
-                let revealed = upload.revealed();
-                if revealed {
-                    // Recorded (on disk, synced) before a single share leaves.
-                    let Some(trained) = secure.trained.as_ref() else {
-                        secure.upload = None;
-                        continue;
-                    };
-                    reveals.record(trained.round, &trained.global_hash, &upload.session())?;
-                }
-                let accepted = match reply {
-                    Reply::Message(msg) => {
-                        send_secure(&client, &options, &id, step.round, step.attempt, msg).await?
-                    }
-                    Reply::Masked(m) => {
-                        send_masked(
-                            &client,
-                            &options,
-                            &id,
-                            (step.round, step.attempt),
-                            m.words,
-                            &observer,
-                        )
-                        .await?
-                    }
-                };
+                let next = lab.secure_step(step.round, step.attempt, &owned.as_step())?;
                 clock.add(Phase::Secure, responding.elapsed());
-                if revealed {
-                    if let Some(trained) = secure.trained.take()
-                        && accepted
-                    {
-                        info!(participant = %options.name, round = step.round, "shares revealed; secure aggregation of this round is done on our side");
-                        observer.update_accepted(&options.name, step.round, false);
-                        let timing = clock.finish_round();
-                        observer.round_finished(&options.name, step.round, &timing);
-                        timing_reports.extend(report_round_timing(
-                            &client, &options, &id, step.round, &timing,
-                        ));
-                        rounds.push(RoundReport {
-                            round: step.round,
-                            train: trained.stats,
-                            timing,
-                        });
-                    }
-                    secure.upload = None;
-                }
+                next
             }
             pb::fetch_task_response::Task::Finished(f) => {
                 let Fetched::Adapter(final_model) = fetch_global(
@@ -869,7 +628,7 @@ pub async fn run(
                 else {
                     continue;
                 };
-                info!(participant = %options.name, rounds = f.rounds_completed, reason = %f.reason, "run finished");
+                info!(participant = %name, rounds = f.rounds_completed, reason = %f.reason, "run finished");
                 break (
                     final_model,
                     RunEnd::Finished {
@@ -877,18 +636,225 @@ pub async fn run(
                     },
                 );
             }
+        };
+        // Perform what the machine decided, feeding each outcome back, until it says to ask
+        // for the next task.
+        loop {
+            next = match next {
+                Next::Pause { ms, why } => {
+                    if let Pause::AlreadyRevealed { round } = why {
+                        error!(participant = %name, round, "the aggregator restarted secure aggregation of a round this lab already unmasked; not taking part again");
+                    }
+                    clock
+                        .time(Phase::Wait, tokio::time::sleep(Duration::from_millis(ms)))
+                        .await;
+                    break;
+                }
+                Next::Leave { reason, global } => {
+                    let (end, wire) = match reason {
+                        fedcore::round::LeaveReason::MaxRounds => {
+                            let max_rounds = options.max_rounds.unwrap_or_default();
+                            info!(participant = %name, max_rounds, "this lab's policy allows no more rounds; leaving the federation");
+                            (RunEnd::MaxRounds { max_rounds }, pb::LeaveReason::MaxRounds)
+                        }
+                        _ => {
+                            info!(participant = %name, "leaving the federation, as this lab's operator asked");
+                            (RunEnd::LeftOnRequest, pb::LeaveReason::OperatorRequest)
+                        }
+                    };
+                    leave(&client, &options, &id, wire).await;
+                    break 'run (global, end);
+                }
+                Next::Train(order) => {
+                    let round = order.round;
+                    let (trained, stats, scores, evaluating, training) =
+                        train_round(model, order, &plan, &corpus, &device, &options, &observer)
+                            .await?;
+                    model = trained;
+                    if let Some(scores) = &scores {
+                        clock
+                            .time(
+                                Phase::Evaluate,
+                                report_metrics(&client, &options, &id, round, scores),
+                            )
+                            .await;
+                    }
+                    let trained_full = model.try_export_adapter()?;
+                    let num_samples = corpus.train_samples() as u64;
+                    let opening = std::time::Instant::now();
+                    let next = lab.trained(trained_full, num_samples)?;
+                    clock.add(
+                        if secure_plan {
+                            Phase::Secure
+                        } else {
+                            Phase::Train
+                        },
+                        opening.elapsed(),
+                    );
+                    clock.add(Phase::Evaluate, evaluating);
+                    clock.add(Phase::Train, training.saturating_sub(evaluating));
+                    if let Some((values, num_samples)) = lab.update() {
+                        observer.round_trained(&name, round, &stats, values, num_samples);
+                    }
+                    last_stats = Some(stats);
+                    next
+                }
+                Next::Send(SecureMessage::Advertise(advert)) => {
+                    let Some(upload) = lab.secure_upload() else {
+                        break;
+                    };
+                    let (round, attempt) = (upload.round(), upload.attempt());
+                    if !observer.secure_step(
+                        &name,
+                        round,
+                        fedcore::secagg::protocol::Stage::AdvertiseKeys,
+                    ) {
+                        silent = true;
+                    }
+                    if silent {
+                        let pause = Duration::from_millis(fedcore::round::lab::STEP_PAUSE_MS);
+                        clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
+                        break;
+                    }
+                    let clipped = upload.encoded().clipped;
+                    info!(
+                        participant = %name,
+                        round,
+                        attempt,
+                        loss_first = last_stats.as_ref().map(|s| s.first_loss),
+                        loss_last = last_stats.as_ref().map(|s| s.last_loss),
+                        clipped,
+                        "trained; advertising keys for secure aggregation"
+                    );
+                    if clipped > 0 {
+                        warn!(participant = %name, clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
+                    }
+                    let accepted = clock
+                        .time(
+                            Phase::Secure,
+                            send_secure(
+                                &client,
+                                &options,
+                                &id,
+                                round,
+                                attempt,
+                                SecureMessage::Advertise(advert),
+                            ),
+                        )
+                        .await?;
+                    match lab.sent(accepted) {
+                        Some(next) => next,
+                        None => break,
+                    }
+                }
+                Next::Send(message) => {
+                    let (round, attempt) = lab
+                        .secure_upload()
+                        .map(|u| (u.round(), u.attempt()))
+                        .unwrap_or_default();
+                    let accepted = clock
+                        .time(
+                            Phase::Secure,
+                            send_secure(&client, &options, &id, round, attempt, message),
+                        )
+                        .await?;
+                    match lab.sent(accepted) {
+                        Some(next) => next,
+                        None => break,
+                    }
+                }
+                Next::RevealAfter { persist, message } => {
+                    let (round, attempt) = lab
+                        .secure_upload()
+                        .map(|u| (u.round(), u.attempt()))
+                        .unwrap_or_default();
+                    // On disk, synced, before a single share leaves.
+                    reveals.save(persist)?;
+                    let accepted = clock
+                        .time(
+                            Phase::Secure,
+                            send_secure(&client, &options, &id, round, attempt, message),
+                        )
+                        .await?;
+                    match lab.sent(accepted) {
+                        Some(next) => next,
+                        None => break,
+                    }
+                }
+                Next::SendMasked(words) => {
+                    let (round, attempt) = lab
+                        .secure_upload()
+                        .map(|u| (u.round(), u.attempt()))
+                        .unwrap_or_default();
+                    let accepted = clock
+                        .time(
+                            Phase::Secure,
+                            send_masked(&client, &options, &id, (round, attempt), words, &observer),
+                        )
+                        .await?;
+                    match lab.sent(accepted) {
+                        Some(next) => next,
+                        None => break,
+                    }
+                }
+                Next::Upload(update) => {
+                    // Set with the update: the machine asks for an upload only of what it
+                    // had this process train.
+                    let stats = last_stats
+                        .clone()
+                        .expect("an update is uploaded only after it was trained");
+                    let submitted = clock
+                        .time(
+                            Phase::Upload,
+                            submit_plaintext(&client, &options, &id, &update, &stats, &*observer),
+                        )
+                        .await?;
+                    match submitted {
+                        Submitted::Taken => lab.uploaded(true)?,
+                        Submitted::Refused(status) => match lab.uploaded(false) {
+                            Ok(next) => next,
+                            Err(LabError::UpdateRefused { round, tries }) => {
+                                return Err(ParticipantError::UpdateRefused {
+                                    round,
+                                    tries,
+                                    status,
+                                });
+                            }
+                            Err(e) => return Err(e.into()),
+                        },
+                    }
+                }
+                Next::RoundDone { round } => {
+                    if secure_plan {
+                        info!(participant = %name, round, "shares revealed; secure aggregation of this round is done on our side");
+                        observer.update_accepted(&name, round, false);
+                    }
+                    let timing = clock.finish_round();
+                    observer.round_finished(&name, round, &timing);
+                    timing_reports
+                        .extend(report_round_timing(&client, &options, &id, round, &timing));
+                    rounds.push(RoundReport {
+                        round,
+                        train: last_stats
+                            .clone()
+                            .expect("a round is done only after its update was trained"),
+                        timing,
+                    });
+                    break;
+                }
+                Next::Refuse {
+                    round,
+                    attempt,
+                    error,
+                } => {
+                    // The aggregator misbehaved (or lost data): refuse and say why.
+                    error!(participant = %name, round, attempt, %error, "refusing the aggregator's secure-aggregation request");
+                    break;
+                }
+            };
         }
     };
-    // What this lab uses from now on: FedSA-LoRA's personalised model (global A, own B),
-    // `group_b`'s model of its group (global A, the group's B), else the global adapter.
-    let own_adapter = if matches!(
-        strategy.mode(),
-        AggregationMode::FedSaLora | AggregationMode::GroupB
-    ) {
-        strategy.download(&final_model, &options.name, personal.as_ref())?
-    } else {
-        final_model.adapter.clone()
-    };
+    let own_adapter = lab.own_adapter(&final_model)?;
     // The last round's timing report goes out while the run ends; give it a moment.
     for report in timing_reports {
         let _ = tokio::time::timeout(Duration::from_secs(5), report).await;
@@ -924,6 +890,79 @@ pub async fn run(
             final_eval_s: evaluating.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// Trains one round as the machine ordered, off the async runtime: the model after
+/// training, its statistics, the held-out scores before and after when the lab's policy
+/// lets it report them, and the time spent evaluating and in all.
+async fn train_round(
+    model: LoraLlama,
+    order: TrainOrder,
+    plan: &FederationPlan,
+    corpus: &Arc<LocalCorpus>,
+    device: &Device,
+    options: &ParticipantOptions,
+    observer: &Arc<dyn ParticipantObserver>,
+) -> Result<
+    (
+        LoraLlama,
+        TrainStats,
+        Option<HeldoutScores>,
+        Duration,
+        Duration,
+    ),
+    ParticipantError,
+> {
+    let spec = plan.training.clone();
+    let data = corpus.clone();
+    let dev = device.clone();
+    let train_options = TrainOptions {
+        prox_mu: plan.strategy.fedprox.mu,
+    };
+    // Only when the lab's policy lets it report them (see module docs).
+    let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);
+    let mut steps = RoundSteps {
+        observer: observer.clone(),
+        name: options.name.clone(),
+        round: order.round,
+        steps: spec.local_steps,
+    };
+    let started = std::time::Instant::now();
+    let (trained, stats, scores, evaluating) = tokio::task::spawn_blocking(move || {
+        let mut evaluating = Duration::ZERO;
+        // A failed evaluation costs the report, never the round.
+        let mut heldout = |m: &LoraLlama| {
+            let start = std::time::Instant::now();
+            let stats = evaluate(m, &data.heldout, spec.seq_len, &dev)
+                .inspect_err(|e| warn!(error = %e, "held-out evaluation failed; no metrics report this round"))
+                .ok();
+            evaluating += start.elapsed();
+            stats
+        };
+        let m = model
+            .load_base_delta(&order.base_delta)?
+            .load_adapter(&order.start)?;
+        let before = if score { heldout(&m) } else { None };
+        let m = m.set_trainable(order.trains.a, order.trains.b);
+        let (m, stats) = train_local_observed(
+            m,
+            &data.train,
+            &spec,
+            order.seed,
+            &dev,
+            &train_options,
+            &mut steps,
+        )?;
+        let scores = before.and_then(|before| {
+            Some(HeldoutScores {
+                after: heldout(&m)?,
+                before,
+            })
+        });
+        Ok::<_, ModelError>((m, stats, scores, evaluating))
+    })
+    .await??;
+    Ok((trained, stats, scores, evaluating, started.elapsed()))
 }
 
 /// Tries of a `Leave` call before giving up, and how long each may take.
@@ -999,60 +1038,6 @@ impl TrainObserver for RoundSteps {
     fn step(&mut self, report: &StepReport) {
         self.observer
             .train_step(&self.name, self.round, report, self.steps);
-    }
-}
-
-/// What the pinned plan's strategy asks of this participant in one round.
-struct RoundPlan {
-    round: u64,
-    mode: AggregationMode,
-    trains: fedcore::strategy::TrainedFactors,
-    rank: usize,
-    layout: fedcore::strategy::UploadLayout,
-}
-
-impl RoundPlan {
-    /// Round `round` (1-based) follows `round − 1` aggregated rounds, which is all the
-    /// strategy's per-round choices (RoLoRA's phase) depend on.
-    fn new(
-        plan: &FederationPlan,
-        strategy: &Strategy,
-        name: &str,
-        round: u64,
-        global: &GlobalModel,
-    ) -> Self {
-        let state = ServerState {
-            round: round.saturating_sub(1),
-            ..Default::default()
-        };
-        RoundPlan {
-            round,
-            mode: strategy.mode(),
-            trains: strategy.trains(&state),
-            rank: plan.strategy.participant_rank(&plan.lora, name),
-            layout: strategy.upload_layout(global, &state),
-        }
-    }
-
-    /// Refuses a task whose work differs from this plan's.
-    fn check(&self, t: &pb::TrainTask, template: &LoraAdapter) -> Result<(), ParticipantError> {
-        let b = template.b_manifest();
-        let wire = work_from_wire(t.work.as_ref(), self.rank, (&b.hash_hex(), b.len()))?;
-        let ours = mekong_proto::convert::WireWork {
-            mode: self.mode.name().to_string(),
-            trains: self.trains,
-            rank: self.rank,
-            upload_layout_hash: self.layout.manifest().hash_hex(),
-            upload_len: self.layout.len(),
-        };
-        if wire != ours {
-            return Err(ParticipantError::WorkMismatch {
-                round: self.round,
-                got: format!("{wire:?}"),
-                expected: format!("{ours:?}"),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -1280,24 +1265,6 @@ fn stream_broke(status: &tonic::Status) -> bool {
     transient(status) || status.code() == tonic::Code::DataLoss
 }
 
-/// The last trained update, kept so a restarted secure attempt reuses it.
-struct TrainedUpdate {
-    round: u64,
-    global_hash: String,
-    values: Vec<f32>,
-    num_samples: u64,
-    stats: TrainStats,
-}
-
-/// What the participant remembers between tasks about secure aggregation.
-#[derive(Default)]
-struct SecureState {
-    trained: Option<TrainedUpdate>,
-    upload: Option<SecureUpload>,
-    /// Set by the observer to simulate a lab that died mid-protocol.
-    silent: bool,
-}
-
 /// Refuses a plan other than the pinned one, and a secure plan this lab cannot sign for.
 fn check_plan(options: &ParticipantOptions, plan: &FederationPlan) -> Result<(), ParticipantError> {
     let fingerprint = plan.fingerprint();
@@ -1347,41 +1314,6 @@ fn session_id(bytes: &[u8]) -> Result<[u8; 32], WireError> {
         got: bytes.len(),
         expected: 32,
     })
-}
-
-/// Opens this attempt's protocol session with fresh randomness from the OS.
-fn open_secure(
-    options: &ParticipantOptions,
-    plan: &FederationPlan,
-    session: SecureTrain,
-    trained: &TrainedUpdate,
-) -> Result<(SecureUpload, fedcore::secagg::messages::AdvertiseKeys), ParticipantError> {
-    let identity = options
-        .identity
-        .as_ref()
-        .ok_or(ParticipantError::NoIdentity)?;
-    let mut rng = rand::rng();
-    let randomness = RoundRandomness::draw(&mut rng);
-    let identity_seed = identity.bytes();
-    // Same update, same rounding in every attempt (see `fedcore::round::rounding_seed`).
-    let rounding_seed =
-        fedcore::round::rounding_seed(&identity_seed, trained.round, &trained.global_hash);
-    let secrets = UploadSecrets {
-        identity_seed,
-        randomness,
-        rounding_seed,
-    };
-    Ok(SecureUpload::open(
-        plan,
-        &options.name,
-        session,
-        trained.round,
-        &trained.global_hash,
-        &trained.values,
-        trained.num_samples,
-        options.min_peers.max(MIN_PEERS_FLOOR),
-        secrets,
-    )?)
 }
 
 /// Sends one stage message; false when the stage had already closed without us.
@@ -1693,30 +1625,9 @@ fn late_is_not_fatal(
     }
 }
 
-/// How many times one round's plaintext update may be refused before the lab stops.
-const MAX_REFUSED_UPLOADS: u32 = 8;
-
-/// Refusals of one round's plaintext update: how many, and how long to wait next
-/// (doubling from 500 ms to 30 s).
-struct Refusals {
-    round: u64,
-    tries: u32,
-    backoff: Duration,
-}
-
-impl Refusals {
-    fn new(round: u64) -> Self {
-        Refusals {
-            round,
-            tries: 0,
-            backoff: Duration::from_millis(500),
-        }
-    }
-}
-
 /// What became of a plaintext update.
 enum Submitted {
-    Taken(RoundReport),
+    Taken,
     /// Refused (the round closed without it, or the aggregator would not take it).
     Refused(tonic::Status),
 }
@@ -1726,19 +1637,18 @@ async fn submit_plaintext(
     client: &FederationClient<Channel>,
     options: &ParticipantOptions,
     id: &str,
-    t: &pb::TrainTask,
-    (layout_hash, global_hash): (String, String),
-    trained: &TrainedUpdate,
+    update: &PlaintextUpload,
+    stats: &TrainStats,
     observer: &dyn ParticipantObserver,
 ) -> Result<Submitted, ParticipantError> {
-    let stats = &trained.stats;
+    let round = update.round;
     let request = pb::SubmitUpdateRequest {
         participant_id: id.to_string(),
-        round: t.round,
-        layout_hash,
-        base_adapter_hash: global_hash,
-        num_samples: trained.num_samples,
-        payload: Some(upload::encode(&trained.values)),
+        round,
+        layout_hash: update.layout_hash.clone(),
+        base_adapter_hash: update.global_hash.clone(),
+        num_samples: update.num_samples,
+        payload: Some(upload::encode(&update.values)),
         metrics: Some(pb::TrainingMetrics {
             steps: stats.steps as u32,
             tokens: stats.tokens as u64,
@@ -1746,7 +1656,7 @@ async fn submit_plaintext(
             train_loss_last: stats.last_loss,
         }),
     };
-    let bytes = 4 * trained.values.len() as u64;
+    let bytes = 4 * update.values.len() as u64;
     let submitted = if bytes <= PLAINTEXT_ONE_MESSAGE_BYTES {
         call_with_retry(options, "SubmitUpdate", || {
             let mut c = client.clone();
@@ -1762,40 +1672,30 @@ async fn submit_plaintext(
     };
     match submitted {
         Ok(None) => {
-            let bytes = 4 * trained.values.len() as u64;
-            observer.upload_progress(&options.name, t.round, bytes, bytes);
-            info!(participant = %options.name, round = t.round, "update accepted (its answer was lost with the connection)");
-            observer.update_accepted(&options.name, t.round, false);
-            Ok(Submitted::Taken(RoundReport {
-                round: t.round,
-                train: stats.clone(),
-                timing: RoundTiming::default(),
-            }))
+            observer.upload_progress(&options.name, round, bytes, bytes);
+            info!(participant = %options.name, round, "update accepted (its answer was lost with the connection)");
+            observer.update_accepted(&options.name, round, false);
+            Ok(Submitted::Taken)
         }
         Ok(Some(r)) => {
-            let bytes = 4 * trained.values.len() as u64;
-            observer.upload_progress(&options.name, t.round, bytes, bytes);
+            observer.upload_progress(&options.name, round, bytes, bytes);
             info!(
                 participant = %options.name,
-                round = t.round,
+                round,
                 loss_first = stats.first_loss,
                 loss_last = stats.last_loss,
                 received = r.updates_received,
                 cohort = r.cohort_size,
                 "update accepted"
             );
-            observer.update_accepted(&options.name, t.round, r.round_closed);
-            Ok(Submitted::Taken(RoundReport {
-                round: t.round,
-                train: stats.clone(),
-                timing: RoundTiming::default(),
-            }))
+            observer.update_accepted(&options.name, round, r.round_closed);
+            Ok(Submitted::Taken)
         }
         // The round closed without us (deadline): the next task tells us what next.
         Err(ParticipantError::Refused { status, .. })
             if status.code() == tonic::Code::FailedPrecondition =>
         {
-            warn!(participant = %options.name, round = t.round, %status, "update not taken");
+            warn!(participant = %options.name, round, %status, "update not taken");
             Ok(Submitted::Refused(status))
         }
         Err(e) => Err(e),

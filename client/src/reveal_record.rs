@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use fedcore::round::guard::{self, GuardError, RevealLog, Verdict};
+use fedcore::round::guard::{self, GuardError, RevealLog};
 use tracing::warn;
 
 /// The lab's reveal record for one plan, and where it is kept.
@@ -47,26 +47,15 @@ impl RevealRecord {
         self.path.as_deref()
     }
 
-    /// See [`RevealLog::check`].
-    pub fn check(
-        &self,
-        round: u64,
-        global_hash: &str,
-        session: &[u8; 32],
-    ) -> Result<Verdict, GuardError> {
-        self.log.check(round, global_hash, session)
+    /// The record as it stands (what the lab's round machine starts from).
+    pub fn log(&self) -> &RevealLog {
+        &self.log
     }
 
-    /// Records a reveal and, with a state directory, syncs it to disk before returning:
-    /// call it before the shares are sent. On an error nothing may be sent.
-    pub fn record(
-        &mut self,
-        round: u64,
-        global_hash: &str,
-        session: &[u8; 32],
-    ) -> Result<(), GuardError> {
-        let mut next = self.log.clone();
-        next.record(round, global_hash, session)?;
+    /// Keeps `next` (the record with a new reveal, from the lab's round machine) and, with a
+    /// state directory, syncs it to disk before returning: call it before the shares are
+    /// sent. On an error nothing may be sent.
+    pub fn save(&mut self, next: RevealLog) -> Result<(), GuardError> {
         if let Some(path) = &self.path {
             guard::write_file(path, &next)?;
         }

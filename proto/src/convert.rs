@@ -43,16 +43,9 @@ pub fn leave_reason_from_wire(code: i32) -> fedcore::round::LeaveReason {
     }
 }
 
-/// A round's work as received, checked for form; the participant compares it with what its
-/// pinned plan gives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireWork {
-    pub mode: String,
-    pub trains: TrainedFactors,
-    pub rank: usize,
-    pub upload_layout_hash: String,
-    pub upload_len: usize,
-}
+/// A round's work as received, checked for form: [`fedcore::round::lab::StatedWork`], which
+/// the lab compares with what its pinned plan gives.
+pub use fedcore::round::lab::StatedWork as WireWork;
 
 /// The wire form of a round's work under `mode`.
 pub fn work_to_wire(mode: &str, work: &RoundWork<'_>) -> pb::RoundWork {

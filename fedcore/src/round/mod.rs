@@ -23,6 +23,9 @@ mod control;
 #[cfg(test)]
 mod control_tests;
 pub mod guard;
+pub mod lab;
+#[cfg(test)]
+mod lab_tests;
 mod leave;
 #[cfg(test)]
 mod leave_tests;
@@ -257,6 +260,27 @@ pub struct RoundWork<'a> {
     pub layout: &'a UploadLayout,
 }
 
+impl<'a> RoundWork<'a> {
+    /// The one derivation of a round's work: the coordinator states it with this, and the
+    /// lab ([`lab::LabMachine`]) derives it from its pinned plan with this and refuses a task
+    /// that states anything else. `state` is the strategy's state before the round (after
+    /// `round − 1` aggregated rounds), `layout` the round's upload layout
+    /// ([`Strategy::upload_layout`] of the global the round starts from).
+    pub fn derive(
+        strategy: &Strategy,
+        lora: &crate::LoraSpec,
+        name: &str,
+        state: &ServerState,
+        layout: &'a UploadLayout,
+    ) -> Self {
+        RoundWork {
+            trains: strategy.trains(state),
+            rank: strategy.spec().participant_rank(lora, name),
+            layout,
+        }
+    }
+}
+
 /// What a participant needs to open its secure-aggregation session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SecureTrain {
@@ -436,11 +460,13 @@ impl Coordinator {
 
     /// What the open (or next) round asks of participant `name`.
     pub fn work_for(&self, name: &str) -> RoundWork<'_> {
-        RoundWork {
-            trains: self.strategy.trains(&self.server_state),
-            rank: self.strategy.spec().participant_rank(&self.plan.lora, name),
-            layout: &self.layout,
-        }
+        RoundWork::derive(
+            &self.strategy,
+            &self.plan.lora,
+            name,
+            &self.server_state,
+            &self.layout,
+        )
     }
 
     /// Closed rounds, oldest first.
