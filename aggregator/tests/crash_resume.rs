@@ -12,20 +12,23 @@
 //! safety; a second, shorter one kills a run over mutual TLS with provisioned kits, so the
 //! labs' reconnection through a fresh TLS handshake is covered too.
 
-mod common;
+use mekong_e2e::process as harness;
+
+/// The binary under test, run as its own process.
+const FEDAGGREGATOR: &str = env!("CARGO_BIN_EXE_fedaggregator");
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use common::{
-    Aggregator, EVENT_TIMEOUT, Enrolled, LABS, config, corpus, enroll_and_provision, free_port,
-    lab_options, plan, write_config,
-};
 use fedaggregator::config::TlsSection;
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::{self, Quiet};
+use harness::{
+    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
+};
+use mekong_e2e::{Enrolled, enroll_and_provision, provision_options};
 use mekong_proto::tls::ParticipantKit;
 
 const ROUNDS: u64 = 3;
@@ -151,13 +154,9 @@ enum Transport {
 fn provision_labs(dir: &Path) -> Enrolled {
     let names: Vec<(&str, &str)> = LABS.iter().map(|n| (*n, &n[4..])).collect();
     enroll_and_provision(
-        &dir.join("fed"),
         &dir.join("labs"),
-        "crash",
-        "127.0.0.1:0",
-        &[],
         &names,
-        1,
+        provision_options(&dir.join("fed"), "crash", "127.0.0.1:0", &[], 1),
     )
 }
 
@@ -178,7 +177,7 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
     config.tls = tls;
     let config_path = write_config(dir.path(), &config);
 
-    let mut aggregator = Aggregator::spawn(&config_path, LOG);
+    let mut aggregator = Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, LOG);
     let url = format!("http://127.0.0.1:{port}");
     let labs: Vec<_> = (0..LABS.len())
         .map(|i| {
@@ -207,7 +206,7 @@ async fn run(transport: Transport, kills: &'static [(u64, u8)]) -> (Outcome, Vec
             let line = wait_until(&mut aggregator, *target);
             aggregator.kill();
             eprintln!("kill {}: after {line}", k + 1);
-            aggregator = Aggregator::spawn(&config_path, LOG);
+            aggregator = Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, LOG);
             if let Some(resumed) = aggregator.seen.iter().find(|l| l.contains("resuming")) {
                 restarts.push(resumed.clone());
             }

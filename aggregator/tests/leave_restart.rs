@@ -12,15 +12,18 @@
 //! database it still knows who left and who was told, so it exits at once too; before the
 //! told set was saved, a restart forgot it and lingered for the labs.
 
-mod common;
+use mekong_e2e::process as harness;
+
+/// The binary under test, run as its own process.
+const FEDAGGREGATOR: &str = env!("CARGO_BIN_EXE_fedaggregator");
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use common::{Aggregator, LABS, config, corpus, free_port, lab_options, plan, write_config};
 use fedclient::participant::{self, ParticipantError, ParticipantReport, Quiet, RunEnd};
 use fedcore::FederationPlan;
+use harness::{Aggregator, LABS, config, corpus, free_port, lab_options, plan, write_config};
 use tokio::task::JoinHandle;
 
 /// Well under the configured `linger_after_finish_ms` (30 s): an exit this soon means the
@@ -56,7 +59,8 @@ async fn departures_and_who_was_told_survive_a_restart() {
     let port = free_port();
     let plan = plan("leave-restart", 5);
     let config_path = write_config(dir.path(), &config(dir.path(), port, plan.clone()));
-    let mut aggregator = Aggregator::spawn(&config_path, "info");
+    let mut aggregator =
+        Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, "info");
 
     let url = format!("http://127.0.0.1:{port}");
     let labs = spawn_labs(&url, &plan, Duration::from_secs(30));
@@ -86,7 +90,8 @@ async fn departures_and_who_was_told_survive_a_restart() {
         eprintln!("exited {:.1?} after the run finished", finished.elapsed());
 
         // Restarted: the departure, the reason and who was told are still there.
-        let mut again = Aggregator::spawn(&config_path, "info");
+        let mut again =
+            Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, "info");
         for expected in [
             ["resuming a finished run", "rounds=1"],
             ["the run had finished", "too few labs remain"],
@@ -135,7 +140,8 @@ async fn a_departure_survives_a_kill_and_no_later_round_waits_for_it() {
     plan.secure_aggregation.enabled = false;
     plan.rounds.min_updates = 2;
     let config_path = write_config(dir.path(), &config(dir.path(), port, plan.clone()));
-    let mut aggregator = Aggregator::spawn(&config_path, "info");
+    let mut aggregator =
+        Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, "info");
 
     let url = format!("http://127.0.0.1:{port}");
     let labs = spawn_labs(&url, &plan, Duration::from_secs(60));
@@ -143,7 +149,8 @@ async fn a_departure_survives_a_kill_and_no_later_round_waits_for_it() {
         // The departure is committed before it is logged.
         aggregator.wait_for(&["participant left the federation", "lab-km"]);
         aggregator.kill();
-        let mut again = Aggregator::spawn(&config_path, "info");
+        let mut again =
+            Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, "info");
         assert!(
             again
                 .seen
@@ -158,7 +165,7 @@ async fn a_departure_survives_a_kill_and_no_later_round_waits_for_it() {
     let mut reports = Vec::new();
     for lab in labs {
         reports.push(
-            tokio::time::timeout(common::EVENT_TIMEOUT, lab)
+            tokio::time::timeout(harness::EVENT_TIMEOUT, lab)
                 .await
                 .expect("the lab finishes")
                 .unwrap()

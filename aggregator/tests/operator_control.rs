@@ -10,7 +10,10 @@
 //! run that is not paused) exits non-zero with the reason. A request made while no aggregator
 //! runs is applied when it next starts.
 
-mod common;
+use mekong_e2e::process as harness;
+
+/// The binary under test, run as its own process.
+const FEDAGGREGATOR: &str = env!("CARGO_BIN_EXE_fedaggregator");
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -18,11 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use common::{
-    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
-};
 use fedaggregator::config::AdminSection;
 use fedclient::participant::{self, Quiet, RunEnd};
+use harness::{
+    Aggregator, EVENT_TIMEOUT, LABS, config, corpus, free_port, lab_options, plan, write_config,
+};
 
 /// The plan's run length; the operator stops the run long before it. Rounds of the tiny
 /// model take a fraction of a second, and the commands land wherever the run is by then,
@@ -71,7 +74,8 @@ async fn pause_holds_rounds_resume_goes_on_and_stop_finishes_early() {
     let config_path = write_config(dir.path(), &config);
     let admin = format!("http://127.0.0.1:{admin_port}");
 
-    let mut aggregator = Aggregator::spawn(&config_path, "info");
+    let mut aggregator =
+        Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &config_path, "info");
     let url = format!("http://127.0.0.1:{port}");
     let labs: Vec<_> = (0..LABS.len())
         .map(|i| {
@@ -232,14 +236,18 @@ async fn a_request_made_while_stopped_is_applied_at_the_next_start() {
             String::from_utf8_lossy(&out.stderr).contains("no state database there"),
             "{out:?}"
         );
-        drop(Aggregator::spawn(&cfg, "info"));
+        drop(Aggregator::spawn(
+            std::path::Path::new(FEDAGGREGATOR),
+            &cfg,
+            "info",
+        ));
         let out = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
             .args(["pause", "--wait-s", "1", "--config"])
             .arg(&cfg)
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
-        let mut aggregator = Aggregator::spawn(&cfg, "info");
+        let mut aggregator = Aggregator::spawn(std::path::Path::new(FEDAGGREGATOR), &cfg, "info");
         // The deadline ticker can apply the request before `serve` says it is serving.
         aggregator.saw_or_wait_for(&["operator request applied", "first round does not open"]);
         (stdout(&out), aggregator)

@@ -8,11 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedaggregator::config::{AggregatorConfig, TlsSection};
-mod common;
-
-use common::{Enrolled, enroll_and_provision};
 use fedaggregator::provision::{self, FederationCa, ProvisionError, ProvisionOptions};
 use fedaggregator::{RunningServer, start};
+use mekong_e2e::{Enrolled, enroll_and_provision, provision_options};
 use mekong_proto::tls::{self, ParticipantKit, TlsError};
 use mekong_proto::v1 as pb;
 use mekong_proto::v1::federation_client::FederationClient;
@@ -25,13 +23,9 @@ const LABS: [&str; 3] = ["lab-a", "lab-b", "lab-c"];
 fn provision_into(dir: &Path, federation: &str) -> Enrolled {
     let labs: Vec<(&str, &str)> = LABS.iter().map(|n| (*n, "lo")).collect();
     enroll_and_provision(
-        dir,
         &dir.join("labs"),
-        federation,
-        "localhost:50051",
-        &["127.0.0.1"],
         &labs,
-        30,
+        provision_options(dir, federation, "localhost:50051", &["127.0.0.1"], 30),
     )
 }
 

@@ -1,8 +1,11 @@
-//! Shared harness of Mekong's end-to-end tests: real aggregators on loopback, real
-//! participants training real burn models on the embedded UDHR text.
+//! Mekong's one test kit: what starts an aggregator (in process here, or as the real
+//! `fedaggregator` binary in [`process`]), provisions labs and runs them, used by the
+//! end-to-end tests in tests/tests/ and by the aggregator's own tests in aggregator/tests/.
+//! Real aggregators on loopback, real participants training real burn models.
 
 pub mod capture;
 pub mod cheating_center;
+pub mod process;
 pub mod wire_lab;
 
 use std::path::Path;
@@ -278,15 +281,28 @@ pub fn loopback_provision(
     fed: &Path,
     federation: &str,
 ) -> fedaggregator::provision::ProvisionOptions {
+    provision_options(fed, federation, "127.0.0.1:0", &[], 1)
+}
+
+/// Provisioning options for federation `federation` into `fed`, the aggregator at
+/// `aggregator_address` (with `sans` besides), certificates valid for `validity_days`,
+/// before the requests are added.
+pub fn provision_options(
+    fed: &Path,
+    federation: &str,
+    aggregator_address: &str,
+    sans: &[&str],
+    validity_days: u32,
+) -> fedaggregator::provision::ProvisionOptions {
     fedaggregator::provision::ProvisionOptions {
         out: fed.to_path_buf(),
         federation: federation.into(),
-        aggregator_address: "127.0.0.1:0".into(),
-        extra_sans: Vec::new(),
+        aggregator_address: aggregator_address.into(),
+        extra_sans: sans.iter().map(|s| s.to_string()).collect(),
         requests: Vec::new(),
         plan: None,
-        validity_days: 1,
-        ca_validity_days: 1,
+        validity_days,
+        ca_validity_days: validity_days.max(1),
         share_metrics: Vec::new(),
     }
 }

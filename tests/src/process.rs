@@ -1,10 +1,8 @@
-//! What the tests that drive the real `fedaggregator` binary share: the tiny secure plan,
-//! the labs' identities and text, an aggregator configuration, and the `serve` process with
-//! the lines it prints. (tests/src/lib.rs has the in-process twins of the plan and corpus;
-//! this crate's tests cannot depend on it, since it depends on this crate.)
-
-// Each test file uses only part of this module.
-#![allow(dead_code)]
+//! The kit of the tests that drive the real `fedaggregator` binary as a separate process
+//! (SIGKILL, restart, operator commands; in aggregator/tests/): the tiny secure plan with
+//! three labs whose identities are fixed, their text, a plaintext configuration with a state
+//! database, and the `serve` process with the lines it prints. The binary is the caller's:
+//! only the aggregator's own tests have `CARGO_BIN_EXE_fedaggregator`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -161,10 +159,11 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    /// Starts `fedaggregator serve --config <config>` with `RUST_LOG=<log>` and waits until
-    /// it serves.
-    pub fn spawn(config: &Path, log: &str) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fedaggregator"))
+    /// Starts `<binary> serve --config <config>` (`binary`: the `fedaggregator` executable,
+    /// `env!("CARGO_BIN_EXE_fedaggregator")` in the aggregator's tests) with
+    /// `RUST_LOG=<log>` and waits until it serves.
+    pub fn spawn(binary: &Path, config: &Path, log: &str) -> Self {
+        let mut child = Command::new(binary)
             .args(["serve", "--config"])
             .arg(config)
             .env("RUST_LOG", log)
@@ -274,59 +273,5 @@ impl Drop for Aggregator {
         // An incarnation may have finished and exited on its own.
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A federation made the way a real one is: each lab runs `fedclient enroll` (its library
-/// call) in its own directory under `labs`, the center provisions `fed` from the labs'
-/// requests alone, and each lab installs its kit beside its keys.
-pub struct Enrolled {
-    pub provisioned: fedaggregator::provision::Provisioned,
-    /// Each lab's directory (keys, request, installed kit), in roster order: what
-    /// `ParticipantKit::load` and `fedclient join --config` take.
-    pub labs: Vec<PathBuf>,
-}
-
-/// [`Enrolled`] for `(name, language)` labs, certificates valid for `validity_days`.
-pub fn enroll_and_provision(
-    fed: &Path,
-    labs: &Path,
-    federation: &str,
-    aggregator_address: &str,
-    sans: &[&str],
-    names: &[(&str, &str)],
-    validity_days: u32,
-) -> Enrolled {
-    let mut requests = Vec::new();
-    let mut lab_dirs = Vec::new();
-    for (name, language) in names {
-        let made = fedclient::enroll::enroll(&fedclient::enroll::EnrollOptions {
-            name: name.to_string(),
-            language: language.to_string(),
-            out: labs.join(name),
-        })
-        .expect("enroll");
-        requests.push(made.request);
-        lab_dirs.push(made.dir);
-    }
-    let provisioned =
-        fedaggregator::provision::provision(&fedaggregator::provision::ProvisionOptions {
-            out: fed.to_path_buf(),
-            federation: federation.into(),
-            aggregator_address: aggregator_address.into(),
-            extra_sans: sans.iter().map(|s| s.to_string()).collect(),
-            requests,
-            plan: None,
-            validity_days,
-            ca_validity_days: validity_days.max(1),
-            share_metrics: Vec::new(),
-        })
-        .expect("provisioning");
-    for (kit, lab) in provisioned.kits.iter().zip(&lab_dirs) {
-        fedclient::enroll::install_kit(kit, lab).expect("the kit installs beside the lab's keys");
-    }
-    Enrolled {
-        provisioned,
-        labs: lab_dirs,
     }
 }
