@@ -13,6 +13,7 @@
 //! - [`round`]: the round coordinator state machine the aggregator drives, with secure
 //!   aggregation on by default, and the participant's secure upload.
 //! - [`plan`]: the federation plan both sides agree on.
+//! - [`privacy`]: differential privacy, starting with the RDP accountant.
 //! - [`strategy`]: aggregation modes (FFA-LoRA, FedSVD, FedIT, HetLoRA, FedSA-LoRA, RoLoRA,
 //!   FedEx-LoRA, FLoRA), server optimizers, participant sampling and FedProx.
 //! - [`roster`]: the provisioned labs and their identity keys.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod manifest;
 pub mod peft;
 pub mod plan;
+pub mod privacy;
 pub mod roster;
 pub mod round;
 pub mod secagg;
