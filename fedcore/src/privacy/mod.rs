@@ -1,7 +1,10 @@
-//! Differential privacy (issue #20): the accountant first. Pure functions and state, no
-//! randomness drawn here.
+//! Differential privacy (issue #20): the accountant first. Pure functions and state; the
+//! randomness is always the caller's.
 //!
 //! - [`rdp`]: Rényi DP of the subsampled Gaussian, composition, conversion to (ε, δ),
 //!   checked against Opacus and Google's dp_accounting.
+//! - [`discrete`]: exact discrete Laplace and discrete Gaussian samplers (integer arithmetic
+//!   only), the noise a lab adds to its integer update before masking.
 
+pub mod discrete;
 pub mod rdp;
