@@ -597,7 +597,15 @@ pub async fn run(
                     .inspect_err(|e| {
                         error!(participant = %name, round = t.round, error = %e, "refusing the aggregator's task");
                     })?;
-                clock.add(Phase::Secure, deciding.elapsed());
+                // Under a secure plan this opens the session again for a later attempt.
+                clock.add(
+                    if secure_plan {
+                        Phase::Secure
+                    } else {
+                        Phase::Train
+                    },
+                    deciding.elapsed(),
+                );
                 next
             }
             pb::fetch_task_response::Task::SecureStep(step) => {
