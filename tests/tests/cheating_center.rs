@@ -340,3 +340,103 @@ async fn a_lab_restarted_on_its_state_never_unmasks_the_same_model_twice() {
         assert_eq!(log.last_round(), 1, "{}", record.display());
     }
 }
+
+/// Issue #24: a lab killed right after it revealed round 1's shares, restarted on its state
+/// directory, is offered a new attempt of round 1 from the same global model (what a center
+/// that restarts an attempt after learning a sum would do, here by rewriting round 2's task
+/// into round 1, attempt 1). The restarted process remembers the reveal from its record and
+/// stays out: it sends nothing for the new attempt (no keys, no masked input, no shares).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lab_killed_after_its_reveal_stays_out_of_a_restarted_attempt() {
+    tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let plan = plan(2);
+    let first: Arc<Mutex<Option<pb::TrainTask>>> = Arc::default();
+    let (_server, center) = honest_behind_cheating(
+        &plan,
+        dir.path(),
+        Deviation {
+            task: Some(on_train(move |t| {
+                let mut first = first.lock().unwrap();
+                if t.round == 1 {
+                    first.get_or_insert_with(|| t.clone());
+                } else if let Some(round_one) = first.as_ref() {
+                    *t = round_one.clone();
+                    if let Some(s) = &mut t.secure {
+                        s.attempt += 1;
+                    }
+                }
+            })),
+            ..Default::default()
+        },
+    )
+    .await;
+    let recorder = Arc::new(Recorder::default());
+    let spawn_labs = || {
+        (0..CODES.len())
+            .map(|i| {
+                let mut options = lab_options(&center.url(), i, Some(&plan));
+                options.state_dir = Some(dir.path().join(name(i)));
+                tokio::spawn(participant::run(
+                    options,
+                    corpus(CODES[i]),
+                    Device::flex(),
+                    recorder.clone(),
+                ))
+            })
+            .collect::<Vec<_>>()
+    };
+    let unmasked = |round: u64, attempt: u32| {
+        center
+            .received()
+            .secure_messages
+            .iter()
+            .filter(|m| {
+                m.round == round
+                    && m.attempt == attempt
+                    && matches!(
+                        m.message,
+                        Some(pb::secure_aggregate_request::Message::Unmask(_))
+                    )
+            })
+            .count()
+    };
+    // Round 1, honestly, until every lab has revealed; then every lab process is killed.
+    let labs = spawn_labs();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while unmasked(1, 0) < CODES.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "round 1 never unmasked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for lab in &labs {
+        lab.abort();
+    }
+    // Restarted on their state directories, they are offered attempt 1 of round 1.
+    let sent_before = center.received().secure_messages.len();
+    let labs = spawn_labs();
+    tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    for lab in &labs {
+        assert!(!lab.is_finished(), "a lab that stays out keeps waiting");
+        lab.abort();
+    }
+    let received = center.received();
+    let new_attempt = received
+        .secure_messages
+        .iter()
+        .skip(sent_before)
+        .filter(|m| m.round == 1 && m.attempt == 1)
+        .count();
+    assert_eq!(new_attempt, 0, "nothing sent for the restarted attempt");
+    assert!(
+        !received.masked.keys().any(|(_, r, a)| *r == 1 && *a == 1),
+        "no masked input for it"
+    );
+    assert_eq!(
+        received.count("Join"),
+        2 * CODES.len(),
+        "each lab joined again after its restart"
+    );
+}
