@@ -5,6 +5,9 @@
 //!   checked against Opacus and Google's dp_accounting.
 //! - [`discrete`]: exact discrete Laplace and discrete Gaussian samplers (integer arithmetic
 //!   only), the noise a lab adds to its integer update before masking.
+//! - [`ddg`]: the accountant of that noise summed over the labs (the distributed discrete
+//!   Gaussian), checked against its authors' implementation.
 
+pub mod ddg;
 pub mod discrete;
 pub mod rdp;
