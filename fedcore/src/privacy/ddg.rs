@@ -125,7 +125,7 @@ impl DistributedDiscreteGaussian {
 /// (Zhu and Wang 2019, Theorem 5, the upper bound):
 /// (1/(α−1))·log((1−q)^{α−1}(αq − q + 1) + C(α,2)q²(1−q)^{α−2}e^{ε(2)}
 ///   + 3·Σ_{l=3}^{α} C(α,l)(1−q)^{α−l}q^l e^{(l−1)ε(l)}).
-fn subsampled_upper(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
+pub(super) fn subsampled_upper(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
     let a = alpha as f64;
     let (log_q, log_1mq) = (q.ln(), (-q).ln_1p());
     let log_binom =

@@ -7,7 +7,9 @@
 //!   only), the noise a lab adds to its integer update before masking.
 //! - [`ddg`]: the accountant of that noise summed over the labs (the distributed discrete
 //!   Gaussian), checked against its authors' implementation.
+//! - [`skellam`]: the same for Skellam noise (sums of Skellams stay Skellam).
 
 pub mod ddg;
 pub mod discrete;
 pub mod rdp;
+pub mod skellam;
