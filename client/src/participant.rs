@@ -756,10 +756,7 @@ pub async fn run(
                     }
                 }
                 Next::Send(message) => {
-                    let (round, attempt) = lab
-                        .secure_upload()
-                        .map(|u| (u.round(), u.attempt()))
-                        .unwrap_or_default();
+                    let (round, attempt) = session_attempt(&lab);
                     let accepted = clock
                         .time(
                             Phase::Secure,
@@ -772,10 +769,7 @@ pub async fn run(
                     }
                 }
                 Next::RevealAfter { persist, message } => {
-                    let (round, attempt) = lab
-                        .secure_upload()
-                        .map(|u| (u.round(), u.attempt()))
-                        .unwrap_or_default();
+                    let (round, attempt) = session_attempt(&lab);
                     // On disk, synced, before a single share leaves.
                     reveals.save(persist)?;
                     let accepted = clock
@@ -790,10 +784,7 @@ pub async fn run(
                     }
                 }
                 Next::SendMasked(words) => {
-                    let (round, attempt) = lab
-                        .secure_upload()
-                        .map(|u| (u.round(), u.attempt()))
-                        .unwrap_or_default();
+                    let (round, attempt) = session_attempt(&lab);
                     let accepted = clock
                         .time(
                             Phase::Secure,
@@ -898,6 +889,13 @@ pub async fn run(
             final_eval_s: evaluating.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// The round and attempt of the lab's open secure session (what its messages are for).
+fn session_attempt(lab: &LabMachine) -> (u64, u32) {
+    lab.secure_upload()
+        .map(|u| (u.round(), u.attempt()))
+        .unwrap_or_default()
 }
 
 /// Trains one round as the machine ordered, off the async runtime: the model after

@@ -16,9 +16,9 @@ use fedaggregator::config::{ServerSection, StateSection, TlsSection};
 use fedclient::data::{ByteTokenizer, LocalCorpus};
 use fedclient::identity::IdentitySeed;
 use fedclient::participant::ParticipantOptions;
+use fedcore::FederationPlan;
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
-use fedcore::{FederationPlan, LoraSpec, ModelSpec, RoundSpec, TargetModule, TrainingSpec};
 
 pub const LABS: [&str; 3] = ["lab-lo", "lab-km", "lab-th"];
 
@@ -29,55 +29,24 @@ pub fn identity(i: usize) -> IdentitySeed {
     IdentitySeed::from_bytes([(i as u8).wrapping_mul(53).wrapping_add(7); 32])
 }
 
-/// The tiny model of the end-to-end tests, [`LABS`], secure aggregation, deadlines long
+/// [`crate::test_plan`]'s tiny model for [`LABS`], with secure aggregation and deadlines long
 /// enough that no lab is ever dropped (the result must not depend on timing).
 pub fn plan(federation: &str, rounds: u64) -> FederationPlan {
-    FederationPlan {
-        federation: federation.into(),
-        model: ModelSpec {
-            hidden_size: 32,
-            intermediate_size: 64,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            max_position_embeddings: 64,
-            ..ModelSpec::tiny()
-        },
-        lora: LoraSpec {
-            rank: 4,
-            alpha: 8.0,
-            target_modules: vec![TargetModule::Q, TargetModule::V, TargetModule::Down],
-            a_seed: 11,
-            dropout: 0.0,
-        },
-        training: TrainingSpec {
-            local_steps: 3,
-            batch_size: 4,
-            seq_len: 32,
-            learning_rate: 1e-2,
-            weight_decay: 0.0,
-            seed: 5,
-            ..TrainingSpec::default()
-        },
-        rounds: RoundSpec {
-            rounds,
-            participants: LABS.len(),
-            min_updates: LABS.len(),
-            round_timeout_ms: 300_000,
-        },
-        roster: LABS
-            .iter()
-            .enumerate()
-            .map(|(i, name)| RosterEntry {
-                name: name.to_string(),
-                public_key: identity(i).public_key_hex(),
-            })
-            .collect(),
-        secure_aggregation: SecureAggregationSpec {
-            stage_timeout_ms: 300_000,
-            ..Default::default()
-        },
-        strategy: Default::default(),
-    }
+    let mut plan = crate::test_plan(LABS.len(), rounds, LABS.len(), 300_000);
+    plan.federation = federation.into();
+    plan.roster = LABS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| RosterEntry {
+            name: name.to_string(),
+            public_key: identity(i).public_key_hex(),
+        })
+        .collect();
+    plan.secure_aggregation = SecureAggregationSpec {
+        stage_timeout_ms: 300_000,
+        ..Default::default()
+    };
+    plan
 }
 
 /// Deterministic local text per lab (the tiny byte-level model needs no real language).

@@ -90,26 +90,9 @@ impl DistributedDiscreteGaussian {
 
     /// RDP at each of `orders` of `steps` aggregations, each over labs sampled at rate `q`.
     pub fn rdp(&self, q: f64, steps: u64, orders: &[u64]) -> Result<Vec<f64>, AccountantError> {
-        if !(q > 0.0 && q <= 1.0) {
-            return Err(AccountantError::SamplingRate(q));
-        }
         let (l1, l2) = self.scales();
         let tau = self.tau();
-        orders
-            .iter()
-            .map(|&alpha| {
-                if alpha < 2 {
-                    return Err(AccountantError::Order(alpha as f64));
-                }
-                let once = |a: u64| self.rdp_once(a, l1, l2, tau);
-                let one = if q == 1.0 {
-                    once(alpha)
-                } else {
-                    subsampled_upper(alpha, q, &once).min(once(alpha))
-                };
-                Ok(one * steps as f64)
-            })
-            .collect()
+        compose_sampled(q, steps, orders, &|a| self.rdp_once(a, l1, l2, tau))
     }
 
     /// (ε, the order that gives it) at `delta` for `steps` aggregations at sampling rate `q`.
@@ -121,11 +104,39 @@ impl DistributedDiscreteGaussian {
     }
 }
 
+/// RDP at each of `orders` of `steps` runs of a mechanism with RDP `once`, each over labs
+/// sampled at rate `q` (the better of the sampled bound and the unsampled RDP), for the
+/// distributed mechanisms at integer orders ≥ 2.
+pub(super) fn compose_sampled(
+    q: f64,
+    steps: u64,
+    orders: &[u64],
+    once: &dyn Fn(u64) -> f64,
+) -> Result<Vec<f64>, AccountantError> {
+    if !(q > 0.0 && q <= 1.0) {
+        return Err(AccountantError::SamplingRate(q));
+    }
+    orders
+        .iter()
+        .map(|&alpha| {
+            if alpha < 2 {
+                return Err(AccountantError::Order(alpha as f64));
+            }
+            let one = if q == 1.0 {
+                once(alpha)
+            } else {
+                subsampled_upper(alpha, q, once).min(once(alpha))
+            };
+            Ok(one * steps as f64)
+        })
+        .collect()
+}
+
 /// RDP of a mechanism with RDP `eps` under sampling at rate q < 1, at integer order α
 /// (Zhu and Wang 2019, Theorem 5, the upper bound):
 /// (1/(α−1))·log((1−q)^{α−1}(αq − q + 1) + C(α,2)q²(1−q)^{α−2}e^{ε(2)}
 ///   + 3·Σ_{l=3}^{α} C(α,l)(1−q)^{α−l}q^l e^{(l−1)ε(l)}).
-pub(super) fn subsampled_upper(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
+fn subsampled_upper(alpha: u64, q: f64, eps: &dyn Fn(u64) -> f64) -> f64 {
     let a = alpha as f64;
     let (log_q, log_1mq) = (q.ln(), (-q).ln_1p());
     let log_binom =

@@ -7,7 +7,7 @@
 //! client sampling by Zhu and Wang's Theorem 5. Checked against the authors' implementation
 //! (`skellam_epsilon`) in `fedcore/tests/dp_ddg.rs`.
 
-use super::ddg::{orders, rounded_l1_bound, rounded_l2_bound, subsampled_upper};
+use super::ddg::{compose_sampled, orders, rounded_l1_bound, rounded_l2_bound};
 use super::rdp::{AccountantError, epsilon};
 
 /// The parameters of one distributed Skellam aggregation.
@@ -46,25 +46,8 @@ impl DistributedSkellam {
 
     /// RDP at each of `orders` of `steps` aggregations over labs sampled at rate `q`.
     pub fn rdp(&self, q: f64, steps: u64, orders: &[u64]) -> Result<Vec<f64>, AccountantError> {
-        if !(q > 0.0 && q <= 1.0) {
-            return Err(AccountantError::SamplingRate(q));
-        }
         let (l1, l2) = self.sensitivities();
-        orders
-            .iter()
-            .map(|&alpha| {
-                if alpha < 2 {
-                    return Err(AccountantError::Order(alpha as f64));
-                }
-                let once = |a: u64| self.rdp_once(a, l1, l2);
-                let one = if q == 1.0 {
-                    once(alpha)
-                } else {
-                    subsampled_upper(alpha, q, &once).min(once(alpha))
-                };
-                Ok(one * steps as f64)
-            })
-            .collect()
+        compose_sampled(q, steps, orders, &|a| self.rdp_once(a, l1, l2))
     }
 
     /// (ε, the order that gives it) at `delta`.
