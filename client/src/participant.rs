@@ -769,19 +769,10 @@ pub async fn run(
                     }
                 }
                 Next::RevealAfter { persist, message } => {
-                    let (round, attempt) = session_attempt(&lab);
-                    // On disk, synced, before a single share leaves.
+                    // On disk, synced, before a single share leaves; then sent as any other
+                    // stage message.
                     reveals.save(persist)?;
-                    let accepted = clock
-                        .time(
-                            Phase::Secure,
-                            send_secure(&client, &options, &id, round, attempt, message),
-                        )
-                        .await?;
-                    match lab.sent(accepted) {
-                        Some(next) => next,
-                        None => break,
-                    }
+                    Next::Send(message)
                 }
                 Next::SendMasked(words) => {
                     let (round, attempt) = session_attempt(&lab);

@@ -306,3 +306,43 @@ pub fn provision_options(
         share_metrics: Vec::new(),
     }
 }
+
+/// Joins `client`'s aggregator as `name` with `language`; the participant id it hands out.
+pub async fn join_as(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    name: &str,
+    language: &str,
+) -> String {
+    client
+        .join(pb::JoinRequest {
+            participant_name: name.into(),
+            language: language.into(),
+            client_version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .participant_id
+}
+
+/// The first chunk of a plaintext update stream under participant id `id` for round 1
+/// (made-up layout and base hashes), carrying `values` and not the last.
+pub fn first_update_chunk(id: &str, values: Vec<u8>) -> pb::UpdateChunk {
+    use sha2::Digest;
+    pb::UpdateChunk {
+        header: Some(pb::SubmitUpdateRequest {
+            participant_id: id.to_string(),
+            round: 1,
+            layout_hash: "x".into(),
+            base_adapter_hash: "y".into(),
+            num_samples: 1,
+            payload: None,
+            metrics: None,
+        }),
+        offset: 0,
+        sha256: sha2::Sha256::digest(&values).to_vec(),
+        values_f32_le: values,
+        last: false,
+        ..Default::default()
+    }
+}

@@ -8,10 +8,10 @@ use std::time::Duration;
 use burn::prelude::Device;
 use fedclient::participant;
 use mekong_e2e::{
-    aggregator_config, corpus, participant_options, secure_test_plan, test_identity, test_plan,
+    aggregator_config, corpus, first_update_chunk, join_as, participant_options, secure_test_plan,
+    test_identity, test_plan,
 };
 use mekong_proto::v1::{self as pb, federation_client::FederationClient};
-use sha2::Digest;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -116,29 +116,12 @@ async fn strangers_ids_and_huge_labels_are_refused_up_front() {
     let server = waiting_aggregator(dir.path()).await;
     let mut client = FederationClient::connect(server.url()).await.unwrap();
 
-    let header = |id: &str| pb::SubmitUpdateRequest {
-        participant_id: id.to_string(),
-        round: 1,
-        layout_hash: "x".into(),
-        base_adapter_hash: "y".into(),
-        num_samples: 1,
-        payload: None,
-        metrics: None,
-    };
     for i in 0..20 {
         let id = format!("{i:032x}");
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let values = vec![0u8; 1024];
-        tx.send(pb::UpdateChunk {
-            header: Some(header(&id)),
-            offset: 0,
-            sha256: sha2::Sha256::digest(&values).to_vec(),
-            values_f32_le: values,
-            last: false,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        tx.send(first_update_chunk(&id, vec![0u8; 1024]))
+            .await
+            .unwrap();
         // The sender stays open: before the fix, the aggregator buffered the chunk and
         // waited for the next; now it answers at once.
         let refused = tokio::time::timeout(
@@ -206,37 +189,12 @@ async fn a_second_update_stream_of_a_lab_is_refused_while_the_first_is_open() {
     let dir = tempfile::tempdir().unwrap();
     let server = waiting_aggregator(dir.path()).await;
     let mut client = FederationClient::connect(server.url()).await.unwrap();
-    let id = client
-        .join(pb::JoinRequest {
-            participant_name: "lab-twice".into(),
-            language: "lo".into(),
-            client_version: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .participant_id;
+    let id = join_as(&mut client, "lab-twice", "lo").await;
     let open = |client: &FederationClient<tonic::transport::Channel>| {
         let mut client = client.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let values = vec![0u8; 1024];
-        tx.try_send(pb::UpdateChunk {
-            header: Some(pb::SubmitUpdateRequest {
-                participant_id: id.clone(),
-                round: 1,
-                layout_hash: "x".into(),
-                base_adapter_hash: "y".into(),
-                num_samples: 1,
-                payload: None,
-                metrics: None,
-            }),
-            offset: 0,
-            sha256: sha2::Sha256::digest(&values).to_vec(),
-            values_f32_le: values,
-            last: false,
-            ..Default::default()
-        })
-        .unwrap();
+        tx.try_send(first_update_chunk(&id, vec![0u8; 1024]))
+            .unwrap();
         let call =
             tokio::spawn(async move { client.submit_update_stream(ReceiverStream::new(rx)).await });
         (tx, call)
@@ -272,16 +230,7 @@ async fn a_lab_that_left_is_served_no_later_global_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let server = waiting_aggregator(dir.path()).await;
     let mut client = FederationClient::connect(server.url()).await.unwrap();
-    let id = client
-        .join(pb::JoinRequest {
-            participant_name: "lab-gone".into(),
-            language: "lo".into(),
-            client_version: "test".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .participant_id;
+    let id = join_as(&mut client, "lab-gone", "lo").await;
     let hash = server.status().global_hash;
     let download = |client: &mut FederationClient<tonic::transport::Channel>| {
         let request = pb::DownloadAdapterRequest {

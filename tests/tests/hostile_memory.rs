@@ -285,7 +285,6 @@ async fn round(dir: &Path, attack: bool) -> String {
 /// breaks each stream; it joins with a megabyte language label.
 async fn the_other_attacks(kit: &ParticipantKit, server: &fedaggregator::RunningServer) {
     use mekong_proto::v1::{self as pb, federation_client::FederationClient};
-    use sha2::Digest;
     use tokio_stream::wrappers::ReceiverStream;
     let mut client = FederationClient::new(kit.channel().unwrap());
     let join = |language: String| pb::JoinRequest {
@@ -319,23 +318,10 @@ async fn the_other_attacks(kit: &ParticipantKit, server: &fedaggregator::Running
 
     for i in 0..20 {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let values = vec![0u8; 64 * 1024];
-        tx.send(pb::UpdateChunk {
-            header: Some(pb::SubmitUpdateRequest {
-                participant_id: format!("{i:032x}"),
-                round: 1,
-                layout_hash: "x".into(),
-                base_adapter_hash: "y".into(),
-                num_samples: 1,
-                payload: None,
-                metrics: None,
-            }),
-            offset: 0,
-            sha256: sha2::Sha256::digest(&values).to_vec(),
-            values_f32_le: values,
-            last: false,
-            ..Default::default()
-        })
+        tx.send(mekong_e2e::first_update_chunk(
+            &format!("{i:032x}"),
+            vec![0u8; 64 * 1024],
+        ))
         .await
         .unwrap();
         let call = client.submit_update_stream(ReceiverStream::new(rx));
