@@ -348,6 +348,7 @@ impl AggregatorConfig {
             state: StateSection::default(),
             limits: Default::default(),
             plan: FederationPlan {
+                privacy: Default::default(),
                 federation: "mekong-federation".into(),
                 model: fedcore::ModelSpec::tiny(),
                 lora: Default::default(),

@@ -23,9 +23,10 @@ pub fn status_for(error: &RoundError) -> Status {
         | RoundError::NotInCohort { .. }
         | RoundError::Left { .. }
         | RoundError::WrongBaseAdapter { .. } => Code::FailedPrecondition,
-        RoundError::Aggregate(_) | RoundError::SecureSum(_) | RoundError::Strategy(_) => {
-            Code::Internal
-        }
+        RoundError::Aggregate(_)
+        | RoundError::SecureSum(_)
+        | RoundError::Strategy(_)
+        | RoundError::Accountant(_) => Code::Internal,
         RoundError::NotOnRoster(_) => Code::PermissionDenied,
         RoundError::SecureAggregationRequired | RoundError::SecureAggregationOff => {
             Code::FailedPrecondition

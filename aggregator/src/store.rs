@@ -29,7 +29,7 @@ struct RoundFile<'a> {
     strategy: StrategyFile,
     /// Present for securely aggregated rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
-    secure_aggregation: Option<SecureFile>,
+    secure_aggregation: Option<SecureFile<'a>>,
     /// Where the round's time went at the center; absent for a round this process resumed.
     #[serde(skip_serializing_if = "Option::is_none")]
     timing: Option<&'a CenterTiming>,
@@ -52,10 +52,13 @@ struct StrategyFile {
 }
 
 #[derive(Serialize)]
-struct SecureFile {
+struct SecureFile<'a> {
     attempt: u32,
     /// Largest per-value error quantisation can have put into the mean update.
     quantisation_error_bound: f64,
+    /// Under `[plan.privacy]`: the noised sum's mechanism and ε (round and spent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    differential_privacy: Option<&'a fedcore::round::PrivacyRecord>,
 }
 
 impl AdapterStore {
@@ -110,6 +113,7 @@ impl AdapterStore {
             secure_aggregation: record.secure.as_ref().map(|s| SecureFile {
                 attempt: s.attempt,
                 quantisation_error_bound: s.error_bound,
+                differential_privacy: s.privacy.as_ref(),
             }),
             timing,
         })

@@ -36,7 +36,7 @@ enum Command {
         /// This lab's participant.toml (or the directory holding it): the kit `fedaggregator
         /// provision` made from this lab's `fedclient enroll` request, unpacked into the
         /// enrollment directory beside the lab's own client.key and identity.key: the
-        /// aggregator's address, this lab's name, language, certificate and keys; its `[policy]` (min_peers, max_rounds, share_metrics,
+        /// aggregator's address, this lab's name, language, certificate and keys; its `[policy]` (min_peers, max_rounds, max_epsilon, share_metrics,
         /// plan_sha256) and `[local]` (data, model, heldout, device) sections supply the
         /// rest. Connections are then mutual TLS. The options below override the file.
         #[arg(long, visible_alias = "kit")]
@@ -97,6 +97,11 @@ enum Command {
         /// `policy.max_rounds`, else every round].
         #[arg(long)]
         max_rounds: Option<u64>,
+        /// Most ε (at the plan's δ) this lab's data may spend; the lab refuses a plan
+        /// without `[privacy]` and leaves before a round that could exceed it [default: the
+        /// config's `policy.max_epsilon`, else no limit].
+        #[arg(long)]
+        max_epsilon: Option<f64>,
         /// Aggregate metrics this lab reports for the aggregator's status page and
         /// /metrics (comma-separated; `heldout_loss`, `round_timing`, or `none`) [default: the config's
         /// `policy.share_metrics`, else none].
@@ -222,6 +227,7 @@ async fn main() -> Result<()> {
             state_dir,
             min_peers,
             max_rounds,
+            max_epsilon,
             share_metrics,
         } => {
             let state_dir = state_dir.or_else(|| {
@@ -255,6 +261,9 @@ async fn main() -> Result<()> {
             }
             if max_rounds.is_some() {
                 policy.max_rounds = max_rounds;
+            }
+            if max_epsilon.is_some() {
+                policy.max_epsilon = max_epsilon;
             }
             if plan_sha256.is_some() {
                 policy.plan_sha256 = plan_sha256;
@@ -378,6 +387,16 @@ async fn main() -> Result<()> {
                     "left after {} rounds, as asked (Ctrl-C); the federation goes on without this lab",
                     report.rounds.len()
                 ),
+                RunEnd::PrivacyBudget { max_epsilon, spent } => println!(
+                    "left after {} rounds with ε = {spent:.3} spent: another round could exceed this lab's budget (max_epsilon = {max_epsilon}); the federation goes on",
+                    report.rounds.len()
+                ),
+            }
+            if let Some(spent) = report.epsilon_spent {
+                println!(
+                    "privacy: this lab's data has spent ε = {spent:.3} (δ = {:e}) in this federation",
+                    report.plan.privacy.delta
+                );
             }
             if let (Some(before), Some(after)) = (&report.initial_eval, &report.final_eval) {
                 println!(

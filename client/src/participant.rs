@@ -170,6 +170,9 @@ pub enum ParticipantError {
         got: String,
         expected: String,
     },
+    /// The lab's privacy budget (`policy.max_epsilon`) against the plan's `[privacy]`.
+    #[error("privacy: {0}")]
+    Privacy(LabError),
 }
 
 impl From<LabError> for ParticipantError {
@@ -198,6 +201,10 @@ impl From<LabError> for ParticipantError {
             LabError::NoIdentity => ParticipantError::NoIdentity,
             LabError::Secure(e) => ParticipantError::Secure(e),
             LabError::Strategy(e) => ParticipantError::Strategy(e),
+            e
+            @ (LabError::NoPrivacy { .. } | LabError::MaxEpsilon(_) | LabError::Accountant(_)) => {
+                ParticipantError::Privacy(e)
+            }
             LabError::Plan(e) => ParticipantError::Plan(e),
         }
     }
@@ -266,6 +273,9 @@ pub struct ParticipantOptions {
     /// This lab's local policy: the most rounds it contributes to before it leaves the
     /// federation on its own. `None`: every round of the plan.
     pub max_rounds: Option<u64>,
+    /// This lab's local policy: the most ε its data may spend (`max_epsilon`); it refuses
+    /// a plan without `[privacy]` and leaves before a round that could exceed it.
+    pub max_epsilon: Option<f64>,
     /// Set by the lab's operator to leave before the run ends (see [`LeaveRequest`]).
     pub leave: LeaveRequest,
 }
@@ -296,6 +306,7 @@ impl ParticipantOptions {
             base: None,
             share_metrics: BTreeSet::new(),
             max_rounds: None,
+            max_epsilon: None,
             leave: LeaveRequest::default(),
         }
     }
@@ -305,6 +316,7 @@ impl ParticipantOptions {
     pub fn with_policy(mut self, policy: &LocalPolicy) -> Self {
         self.min_peers = policy.min_peers;
         self.max_rounds = policy.max_rounds;
+        self.max_epsilon = policy.max_epsilon;
         self.share_metrics = policy.share_metrics.iter().copied().collect();
         if policy.plan_sha256.is_some() {
             self.plan_sha256 = policy.plan_sha256.clone();
@@ -367,7 +379,7 @@ pub struct RoundReport {
 }
 
 /// Why a participant's run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RunEnd {
     /// The aggregator finished the run.
     Finished { rounds_completed: u64 },
@@ -376,6 +388,9 @@ pub enum RunEnd {
     /// The lab's operator asked it to leave ([`LeaveRequest`]); it left while the run went
     /// on.
     LeftOnRequest,
+    /// Another round could have taken the lab past its privacy budget (`max_epsilon`); it
+    /// left with `spent` ε spent, while the run went on.
+    PrivacyBudget { max_epsilon: f64, spent: f64 },
 }
 
 /// Which held-out scores a participant computes on its own text. Each costs a forward pass
@@ -430,6 +445,9 @@ pub struct ParticipantReport {
     /// (`[out, in]` per adapted module, already scaled; empty under every other mode).
     pub final_base_delta: BTreeMap<String, Matrix>,
     pub ended: RunEnd,
+    /// Under `[privacy]`: the ε (at the plan's δ) this lab's data spent, from its reveal
+    /// record (earlier runs of the same plan included).
+    pub epsilon_spent: Option<f64>,
     /// Where the run's time went outside the rounds.
     pub timing: RunTiming,
 }
@@ -478,6 +496,7 @@ pub async fn run(
     let mut lab = LabMachine::new(
         plan.clone(),
         LabSetup {
+            max_epsilon: options.max_epsilon,
             name: options.name.clone(),
             max_rounds: options.max_rounds,
             min_peers: options.min_peers.max(MIN_PEERS_FLOOR),
@@ -665,6 +684,15 @@ pub async fn run(
                             info!(participant = %name, max_rounds, "this lab's policy allows no more rounds; leaving the federation");
                             (RunEnd::MaxRounds { max_rounds }, pb::LeaveReason::MaxRounds)
                         }
+                        fedcore::round::LeaveReason::PrivacyBudget => {
+                            let max_epsilon = options.max_epsilon.unwrap_or_default();
+                            let spent = lab.epsilon_spent()?.unwrap_or_default();
+                            info!(participant = %name, max_epsilon, spent, "another round could exceed this lab's privacy budget; leaving the federation");
+                            (
+                                RunEnd::PrivacyBudget { max_epsilon, spent },
+                                pb::LeaveReason::PrivacyBudget,
+                            )
+                        }
                         _ => {
                             info!(participant = %name, "leaving the federation, as this lab's operator asked");
                             (RunEnd::LeftOnRequest, pb::LeaveReason::OperatorRequest)
@@ -819,6 +847,9 @@ pub async fn run(
                         info!(participant = %name, round, "shares revealed; secure aggregation of this round is done on our side");
                         observer.update_accepted(&name, round, false);
                     }
+                    if let Some(spent) = lab.epsilon_spent()? {
+                        info!(participant = %name, round, epsilon = spent, delta = plan.privacy.delta, "privacy spent by this lab's data so far (every noised sum its updates entered)");
+                    }
                     let timing = clock.finish_round();
                     observer.round_finished(&name, round, &timing);
                     timing_reports
@@ -872,6 +903,7 @@ pub async fn run(
         final_adapter: final_model.adapter,
         own_adapter,
         final_base_delta: final_model.base_delta,
+        epsilon_spent: lab.epsilon_spent()?,
         ended,
         timing: RunTiming {
             wall_s: run_started.elapsed().as_secs_f64(),

@@ -19,6 +19,7 @@ use fedclient::model::RowBatch;
 use fedclient::participant::{self, ParticipantObserver, ParticipantOptions, RunTiming, Scoring};
 use fedclient::round_clock::RoundTiming;
 use fedclient::train::{BatchSource, RandomWindows, TrainStats, train, train_local};
+use fedcore::privacy::PrivacySpec;
 use fedcore::roster::RosterEntry;
 use fedcore::secagg::spec::SecureAggregationSpec;
 use fedcore::strategy::{GroupSpec, StrategySpec};
@@ -209,6 +210,8 @@ pub struct PilotOptions {
     /// curves. Two held-out evaluations per lab and round, which the breakdown shows as
     /// `evaluate` and training alone does not pay: off by default.
     pub share_losses: bool,
+    /// `[plan.privacy]`: distributed differential privacy on every sum (off by default).
+    pub privacy: PrivacySpec,
 }
 
 impl Default for PilotOptions {
@@ -234,6 +237,7 @@ impl Default for PilotOptions {
             secure: true,
             admin_port: 0,
             share_losses: false,
+            privacy: PrivacySpec::default(),
         }
     }
 }
@@ -251,6 +255,8 @@ pub struct LabRow {
     /// The model the lab ends up using after the federation (the global adapter, or under
     /// `group_b` the global A with its language's B).
     pub federated: EvalStats,
+    /// Under `[privacy]`: the ε (at the plan's δ) the lab's data spent, by its own count.
+    pub epsilon: Option<f64>,
     /// The lab alone, the same rounds × steps on its own shard.
     pub local_only: Option<EvalStats>,
     /// One model on the pooled text of the lab's language, the same rounds × steps, each
@@ -314,6 +320,8 @@ pub struct PilotReport {
     /// error bound of any round's mean update.
     pub secure: bool,
     pub max_error_bound: f64,
+    /// The plan's `[privacy]`, when on.
+    pub privacy: Option<PrivacySpec>,
 }
 
 /// How the labs' final models were scored.
@@ -364,13 +372,16 @@ impl PilotOptions {
     }
 
     /// The aggregation mode this run uses (see [`Self::strategy`]).
+    /// `group_b` carries per-language counts that differential-privacy noise would corrupt,
+    /// so a run with `[privacy]` picks FedSA-LoRA instead.
     pub fn aggregation_mode(&self) -> AggregationMode {
-        self.strategy
-            .unwrap_or(if self.layout.labs_per_language() >= 3 {
+        self.strategy.unwrap_or(
+            if self.layout.labs_per_language() >= 3 && !self.privacy.enabled() {
                 AggregationMode::GroupB
             } else {
                 AggregationMode::FedSaLora
-            })
+            },
+        )
     }
 
     /// The federation plan these options describe. `model` is the architecture every lab
@@ -391,6 +402,7 @@ impl PilotOptions {
             min_labs: self.layout.labs_per_language().min(3),
         });
         FederationPlan {
+            privacy: self.privacy.clone(),
             federation: FEDERATION.into(),
             model,
             lora: LoraSpec {
@@ -683,14 +695,16 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         .into_iter()
         .zip(final_scores.into_iter().zip(before))
         .zip(local_results.into_iter().zip(central_results))
+        .zip(&reports)
         .map(
-            |((data, (federated, before)), (local_only, centralised))| LabRow {
+            |(((data, (federated, before)), (local_only, centralised)), report)| LabRow {
                 lab: data.name,
                 code: data.language,
                 name: data.language_name,
                 train_tokens: data.corpus.train_samples(),
                 before,
                 federated,
+                epsilon: report.epsilon_spent,
                 local_only,
                 centralised,
             },
@@ -717,6 +731,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         final_scoring,
         secure: options.secure,
         max_error_bound,
+        privacy: plan.privacy.enabled().then(|| plan.privacy.clone()),
     })
 }
 

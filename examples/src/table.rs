@@ -30,7 +30,8 @@ pub fn render(report: &PilotReport) -> String {
         .max()
         .unwrap_or(3)
         .max(3);
-    let _ = writeln!(
+    let private = report.privacy.is_some();
+    let _ = write!(
         out,
         "{:<lab_width$} {:<16} {:>7} {:>7} {:>9} {:>10} {:>11} {:>8} {:>13}",
         "lab",
@@ -43,6 +44,7 @@ pub fn render(report: &PilotReport) -> String {
         "of gain",
         "bits/ch (fed)",
     );
+    let _ = writeln!(out, "{}", if private { "       ε" } else { "" });
     let fmt = |e: Option<&fedclient::eval::EvalStats>| {
         e.map_or_else(|| "-".to_string(), |e| format!("{:.3}", e.loss))
     };
@@ -55,7 +57,7 @@ pub fn render(report: &PilotReport) -> String {
         let share = row
             .share_of_centralised_gain()
             .map_or_else(|| "-".to_string(), |s| format!("{:.0}%", 100.0 * s));
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{:<lab_width$} {:<16} {:>7} {:>7.3} {:>8.3}{verdict} {:>10} {:>11} {:>8} {:>13.3}",
             row.lab,
@@ -68,6 +70,12 @@ pub fn render(report: &PilotReport) -> String {
             share,
             row.federated.bits_per_char,
         );
+        let epsilon = match (private, row.epsilon) {
+            (true, Some(e)) => format!(" {e:>7.2}"),
+            (true, None) => format!(" {:>7}", "-"),
+            (false, _) => String::new(),
+        };
+        let _ = writeln!(out, "{epsilon}");
     }
     let judged: Vec<_> = report
         .rows
@@ -116,6 +124,13 @@ pub fn render(report: &PilotReport) -> String {
         let _ = writeln!(
             out,
             "secure aggregation: OFF — the aggregator saw every lab's update in plaintext"
+        );
+    }
+    if let Some(p) = &report.privacy {
+        let _ = writeln!(
+            out,
+            "differential privacy: distributed discrete Gaussian on every sum (noise multiplier {}, L2 clip {} per lab update, δ = {:e}); ε: what each lab's data spent over the rounds it contributed to, by its own count",
+            p.noise_multiplier, p.l2_clip, p.delta
         );
     }
     let _ = writeln!(

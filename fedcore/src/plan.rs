@@ -10,8 +10,10 @@ pub use crate::adapter::LoraSpec;
 use crate::adapter::{AdapterConfig, LoraAdapter, ModuleShape, TargetModule};
 use crate::architecture::Architecture;
 use crate::error::ConfigError;
+use crate::privacy::PrivacySpec;
+use crate::privacy::distributed::{DdgEncoding, rotation_seed};
 use crate::roster::{Roster, RosterEntry};
-use crate::secagg::spec::SecureAggregationSpec;
+use crate::secagg::spec::{SecureAggregationSpec, UpdateEncoding};
 use crate::strategy::{AggregationMode, GlobalModel, Strategy, StrategySpec};
 
 /// Architecture of a decoder of the Llama family (Llama 2/3, Qwen2, Mistral, SmolLM2) or of
@@ -576,6 +578,10 @@ pub struct FederationPlan {
     /// the JSON when it is the default, so older plans keep their fingerprint.
     #[serde(default, skip_serializing_if = "StrategySpec::is_default")]
     pub strategy: StrategySpec,
+    /// `[privacy]`: differential-privacy noise in every sum the center unmasks. Absent =
+    /// off, and left out of the JSON then, so older plans keep their fingerprint.
+    #[serde(default, skip_serializing_if = "PrivacySpec::is_default")]
+    pub privacy: PrivacySpec,
 }
 
 impl FederationPlan {
@@ -590,6 +596,13 @@ impl FederationPlan {
         self.rounds.validate()?;
         let roster = Roster::new(&self.roster)?;
         self.secure_aggregation.validate(roster.len())?;
+        self.privacy
+            .validate(&self.secure_aggregation, roster.len(), self.strategy.mode)?;
+        if self.privacy.enabled() {
+            // The coarsest grid any upload gets (one value): refused here rather than when
+            // a round opens.
+            self.update_encoding(1, 1)?;
+        }
         if !roster.is_empty() && self.rounds.participants > roster.len() {
             return Err(ConfigError::field(
                 "rounds.participants",
@@ -624,6 +637,29 @@ impl FederationPlan {
             }
         }
         Ok(())
+    }
+
+    /// How round `round`'s secure uploads of `len` values are encoded: with the plan's
+    /// differential-privacy noise when `[privacy]` is on (the noise calibrated to the
+    /// fewest labs a sum can hold, the threshold, less the colluders tolerated), else
+    /// fixed-point and sample-weighted. Lab and center derive it the same way.
+    pub fn update_encoding(&self, len: usize, round: u64) -> Result<UpdateEncoding, ConfigError> {
+        let secure = &self.secure_aggregation;
+        if !self.privacy.enabled() {
+            return Ok(UpdateEncoding::Weighted(secure.encoding(len)?));
+        }
+        let members = self.roster()?.len();
+        let floor = self
+            .privacy
+            .honest_in(secure, secure.threshold_for(members));
+        let encoding = DdgEncoding::new(
+            &self.privacy,
+            len,
+            floor,
+            members,
+            rotation_seed(&self.fingerprint(), round),
+        )?;
+        Ok(UpdateEncoding::Private(Box::new(encoding)))
     }
 
     /// The validated roster (empty when none is configured).
@@ -745,6 +781,7 @@ mod tests {
 
     fn plan() -> FederationPlan {
         FederationPlan {
+            privacy: Default::default(),
             federation: "test".into(),
             model: ModelSpec::tiny(),
             lora: LoraSpec::default(),

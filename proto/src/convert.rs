@@ -28,6 +28,7 @@ pub fn leave_reason_to_wire(reason: fedcore::round::LeaveReason) -> pb::LeaveRea
     match reason {
         R::MaxRounds => pb::LeaveReason::MaxRounds,
         R::OperatorRequest => pb::LeaveReason::OperatorRequest,
+        R::PrivacyBudget => pb::LeaveReason::PrivacyBudget,
         R::Unspecified => pb::LeaveReason::Unspecified,
     }
 }
@@ -39,6 +40,7 @@ pub fn leave_reason_from_wire(code: i32) -> fedcore::round::LeaveReason {
     match pb::LeaveReason::try_from(code) {
         Ok(pb::LeaveReason::MaxRounds) => R::MaxRounds,
         Ok(pb::LeaveReason::OperatorRequest) => R::OperatorRequest,
+        Ok(pb::LeaveReason::PrivacyBudget) => R::PrivacyBudget,
         Ok(pb::LeaveReason::Unspecified) | Err(_) => R::Unspecified,
     }
 }

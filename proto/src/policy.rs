@@ -15,7 +15,7 @@ use fedcore::secagg::protocol::MIN_PEERS_FLOOR;
 use serde::{Deserialize, Serialize};
 
 /// `[policy]` of participant.toml: the lab's rules, checked by its own runtime.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalPolicy {
     /// Fewest peers this lab accepts in a secure-aggregation round: a smaller round would
@@ -26,6 +26,11 @@ pub struct LocalPolicy {
     /// Missing: as many as the plan runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u64>,
+    /// The most ε (at the plan's `[privacy] delta`) this lab's data may spend in the
+    /// federation. Set: the lab refuses a plan without differential-privacy noise, and
+    /// leaves before a round that could take it past the limit. Missing: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_epsilon: Option<f64>,
     /// Aggregate metrics the lab reports for the operator's status page. Empty: none.
     #[serde(default)]
     pub share_metrics: Vec<SharedMetric>,
@@ -44,6 +49,7 @@ impl Default for LocalPolicy {
         LocalPolicy {
             min_peers: MIN_PEERS_FLOOR,
             max_rounds: None,
+            max_epsilon: None,
             share_metrics: Vec::new(),
             plan_sha256: None,
         }
@@ -51,12 +57,14 @@ impl Default for LocalPolicy {
 }
 
 /// A `[policy]` value the runtime cannot enforce.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy.min_peers = {0}: secure aggregation needs at least {MIN_PEERS_FLOOR} peers")]
     MinPeers(usize),
     #[error("policy.max_rounds = 0: a lab that takes part in no round need not join")]
     MaxRounds,
+    #[error("policy.max_epsilon = {0}: expected a positive number (8 is a common budget)")]
+    MaxEpsilon(f64),
     #[error("policy.plan_sha256 = {0:?}: expected 64 hexadecimal digits")]
     PlanSha256(String),
 }
@@ -69,6 +77,11 @@ impl LocalPolicy {
         }
         if self.max_rounds == Some(0) {
             return Err(PolicyError::MaxRounds);
+        }
+        if let Some(e) = self.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(PolicyError::MaxEpsilon(e));
         }
         if let Some(h) = &self.plan_sha256
             && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))

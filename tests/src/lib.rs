@@ -31,6 +31,7 @@ pub fn test_plan(
     timeout_ms: u64,
 ) -> FederationPlan {
     FederationPlan {
+        privacy: Default::default(),
         federation: "e2e".into(),
         model: ModelSpec {
             hidden_size: 32,

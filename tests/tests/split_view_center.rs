@@ -101,6 +101,7 @@ impl Attack {
         let loot = self.loot.lock().unwrap();
         let spec = &self.plan.secure_aggregation;
         let len = self.plan.initial_adapter().b_manifest().len();
+        let vector_len = self.plan.update_encoding(len, 1).unwrap().vector_len();
         spec.round_config(
             &self.plan.fingerprint(),
             5,
@@ -108,7 +109,7 @@ impl Attack {
             1,
             0,
             loot.global_hash.as_deref().unwrap(),
-            len,
+            vector_len,
             3,
         )
     }

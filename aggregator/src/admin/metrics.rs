@@ -58,6 +58,8 @@ pub struct Metrics {
     pub lab_phase_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     pub lab_round_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     pub lab_rounds_timed: Family<Labels, Counter>,
+    pub privacy_epsilon_spent: Gauge<f64, AtomicU64>,
+    pub privacy_epsilon_round: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -90,6 +92,8 @@ impl Metrics {
             lab_phase_seconds: Family::default(),
             lab_round_seconds: Family::default(),
             lab_rounds_timed: Family::default(),
+            privacy_epsilon_spent: Gauge::default(),
+            privacy_epsilon_round: Gauge::default(),
         };
         let r = &mut registry;
         r.register(
@@ -216,6 +220,16 @@ impl Metrics {
             "lab_rounds_timed",
             "Rounds a lab reported timing for (divide lab_phase_seconds by it for the mean per round)",
             m.lab_rounds_timed.clone(),
+        );
+        r.register(
+            "privacy_epsilon_spent",
+            "Under [plan.privacy]: the most ε (at the plan's δ) any lab has spent in this run, composed over the noised rounds it contributed to (0 before the first, or without privacy)",
+            m.privacy_epsilon_spent.clone(),
+        );
+        r.register(
+            "privacy_epsilon_round",
+            "Under [plan.privacy]: ε of the last closed round's noised sum alone",
+            m.privacy_epsilon_round.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -171,8 +171,8 @@ fn rounds(h: &mut String, s: &StatusReport) {
     }
     h.push_str(
         "<table id=\"rounds\"><tr><th>round</th><th>contributors</th><th>dropped</th>\
-         <th>left</th><th>samples</th><th>attempt</th><th>quantisation bound</th><th>duration</th>\
-         <th>adapter</th></tr>",
+         <th>left</th><th>samples</th><th>attempt</th><th>quantisation bound</th>\
+         <th>ε round / spent</th><th>duration</th><th>adapter</th></tr>",
     );
     // Newest first: the last round is what an operator looks for.
     for r in s.rounds.iter().rev() {
@@ -187,7 +187,7 @@ fn rounds(h: &mut String, s: &StatusReport) {
             h,
             "<tr class=\"round\" id=\"round-{}\"><td class=\"num\">{}</td><td>{}</td><td>{}</td>\
              <td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{:.2} s</td><td class=\"mono\">{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{:.2} s</td><td class=\"mono\">{}</td></tr>",
             r.round,
             r.round,
             names(&r.contributors),
@@ -198,6 +198,10 @@ fn rounds(h: &mut String, s: &StatusReport) {
                 .map_or("plaintext".into(), |a| a.to_string()),
             r.quantisation_bound
                 .map_or("—".into(), |b| format!("{b:.3e}")),
+            match (r.epsilon_round, r.epsilon_spent) {
+                (Some(round), Some(spent)) => format!("{round:.2} / {spent:.2}"),
+                _ => "—".into(),
+            },
             r.duration_s,
             escape(short(&r.adapter_sha256))
         );
@@ -504,6 +508,8 @@ mod tests {
             total_samples: 1,
             secure_attempt: None,
             quantisation_bound: None,
+            epsilon_round: None,
+            epsilon_spent: None,
             duration_s: 1.0,
             adapter_sha256: "ab".repeat(32),
             stages: Vec::new(),

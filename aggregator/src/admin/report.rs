@@ -112,6 +112,12 @@ pub struct RoundRow {
     pub secure_attempt: Option<u32>,
     /// Largest per-value error quantisation can have put into the mean update.
     pub quantisation_bound: Option<f64>,
+    /// Under `[plan.privacy]`: ε of this round's noised sum, and the most any of its
+    /// contributors has spent in the run so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_round: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon_spent: Option<f64>,
     /// From the round's opening to its close.
     pub duration_s: f64,
     pub adapter_sha256: String,

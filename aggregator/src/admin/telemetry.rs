@@ -391,6 +391,11 @@ impl Telemetry {
                         .participants_dropped
                         .inc_by(record.dropped.len() as u64);
                     r.participants_dropped += record.dropped.len() as u64;
+                    let privacy = record.secure.as_ref().and_then(|s| s.privacy.as_ref());
+                    if let Some(p) = privacy {
+                        self.metrics.privacy_epsilon_spent.set(p.epsilon_spent);
+                        self.metrics.privacy_epsilon_round.set(p.epsilon_round);
+                    }
                     for name in &record.contributors {
                         if let Some(p) = r.participants.get_mut(name) {
                             p.rounds_contributed += 1;
@@ -404,6 +409,8 @@ impl Telemetry {
                         total_samples: record.total_samples,
                         secure_attempt: record.secure.as_ref().map(|s| s.attempt),
                         quantisation_bound: record.secure.as_ref().map(|s| s.error_bound),
+                        epsilon_round: privacy.map(|p| p.epsilon_round),
+                        epsilon_spent: privacy.map(|p| p.epsilon_spent),
                         duration_s: seconds(duration_ms),
                         adapter_sha256: record.adapter_hash.clone(),
                         stages: stages
@@ -641,6 +648,7 @@ mod tests {
             secure: Some(SecureRecord {
                 attempt: 1,
                 error_bound: 1e-5,
+                privacy: None,
             }),
         })
     }

@@ -8,6 +8,7 @@ use crate::error::ModelError;
 
 fn plan(lora: LoraSpec) -> FederationPlan {
     FederationPlan {
+        privacy: Default::default(),
         federation: "test".into(),
         model: ModelSpec::tiny(),
         lora,

@@ -12,6 +12,7 @@ use anyhow::{Result, anyhow};
 use clap::Parser;
 use fedclient::device::DeviceChoice;
 use fedcore::AggregationMode;
+use fedcore::privacy::{PrivacyMode, PrivacySpec};
 use mekong_examples::layout::Layout;
 use mekong_examples::pilot::{PilotModel, PilotOptions};
 
@@ -78,6 +79,17 @@ struct Args {
     /// draws loss curves (two held-out evaluations per lab and round).
     #[arg(long)]
     share_losses: bool,
+    /// Differential privacy on every sum: each lab adds its share of discrete Gaussian
+    /// noise before masking, this many times the L2 clip in all (`[plan.privacy] mode =
+    /// "distributed"`; docs/privacy.md). Picks fedsa_lora under `--strategy auto`.
+    #[arg(long)]
+    dp_noise: Option<f64>,
+    /// With --dp-noise: each lab's update is scaled to at most this L2 norm.
+    #[arg(long, default_value_t = PrivacySpec::default().l2_clip)]
+    dp_clip: f64,
+    /// With --dp-noise: the δ of the (ε, δ) guarantee.
+    #[arg(long, default_value_t = PrivacySpec::default().delta)]
+    dp_delta: f64,
 }
 
 #[tokio::main]
@@ -123,6 +135,15 @@ async fn main() -> Result<()> {
         secure: !a.insecure_plaintext,
         admin_port: a.admin_port,
         share_losses: a.share_losses,
+        privacy: match a.dp_noise {
+            Some(noise_multiplier) => PrivacySpec {
+                mode: PrivacyMode::Distributed,
+                noise_multiplier,
+                l2_clip: a.dp_clip,
+                delta: a.dp_delta,
+            },
+            None => PrivacySpec::default(),
+        },
         ..defaults
     };
     let report = mekong_examples::pilot::run(options).await?;

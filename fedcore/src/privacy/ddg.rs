@@ -23,7 +23,8 @@ pub fn orders() -> Vec<u64> {
 }
 
 /// The parameters of one distributed discrete Gaussian aggregation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DistributedDiscreteGaussian {
     /// The grid step γ: values are scaled by 1/γ before rounding to integers.
     pub gamma: f64,

@@ -8,8 +8,18 @@
 //! - [`ddg`]: the accountant of that noise summed over the labs (the distributed discrete
 //!   Gaussian), checked against its authors' implementation.
 //! - [`skellam`]: the same for Skellam noise (sums of Skellams stay Skellam).
+//! - [`spec`]: `[plan.privacy]`, and how the noise is shared among the labs.
+//! - [`rotation`] and [`distributed`]: the encoding each lab applies before masking (clip,
+//!   rotate, round, noise) and the center's decoding of the sum.
+//! - [`ledger`]: the ε a lab has spent, from its own record of the sums it took part in.
 
 pub mod ddg;
 pub mod discrete;
+pub mod distributed;
+pub mod ledger;
 pub mod rdp;
+pub mod rotation;
 pub mod skellam;
+pub mod spec;
+
+pub use spec::{PrivacyMode, PrivacySpec};

@@ -10,6 +10,7 @@ use crate::update::encode_f32_le;
 
 fn plaintext_plan(participants: usize, rounds: u64) -> FederationPlan {
     FederationPlan {
+        privacy: Default::default(),
         federation: "control".into(),
         model: ModelSpec::tiny(),
         lora: LoraSpec::default(),

@@ -38,6 +38,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::ddg::DistributedDiscreteGaussian;
+
 /// Format version of the record.
 const VERSION: u32 = 1;
 
@@ -65,7 +67,7 @@ pub enum GuardError {
 }
 
 /// One plan's record of reveals (see the module docs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevealLog {
     version: u32,
@@ -79,12 +81,16 @@ pub struct RevealLog {
 }
 
 /// Where one reveal happened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Revealed {
     round: u64,
     /// Hex of the 32-byte session id of the run.
     session: String,
+    /// Under `[privacy]`: the noised sum the reveal let the center unmask (what it cost
+    /// this lab's privacy budget, see [`RevealLog::spent`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spent: Option<DistributedDiscreteGaussian>,
 }
 
 /// What the guard says about a task.
@@ -154,13 +160,15 @@ impl RevealLog {
         Ok(Verdict::Fresh)
     }
 
-    /// Records that this lab is about to reveal shares for `round` and `global_hash`;
-    /// refuses what [`Self::check`] refuses. Persist the record before the shares leave.
+    /// Records that this lab is about to reveal shares for `round` and `global_hash`, and
+    /// under `[privacy]` the noised sum they unmask (`spent`); refuses what [`Self::check`]
+    /// refuses. Persist the record before the shares leave.
     pub fn record(
         &mut self,
         round: u64,
         global_hash: &str,
         session: &[u8; 32],
+        spent: Option<DistributedDiscreteGaussian>,
     ) -> Result<(), GuardError> {
         match self.check(round, global_hash, session)? {
             Verdict::AlreadyRevealed => Ok(()),
@@ -171,11 +179,20 @@ impl RevealLog {
                     Revealed {
                         round,
                         session: hex::encode(session),
+                        spent,
                     },
                 );
                 Ok(())
             }
         }
+    }
+
+    /// The noised sums this lab's updates entered under this plan (the privacy it spent).
+    pub fn spent(&self) -> Vec<DistributedDiscreteGaussian> {
+        self.globals
+            .values()
+            .filter_map(|r| r.spent.clone())
+            .collect()
     }
 
     /// The record as bytes (JSON).
@@ -267,7 +284,7 @@ mod tests {
         const S: &[u8; 32] = &[7; 32];
         let mut log = RevealLog::new("AB");
         assert_eq!(log.check(1, "g1", S), Ok(Verdict::Fresh));
-        log.record(1, "g1", S).unwrap();
+        log.record(1, "g1", S, None).unwrap();
         // The same round and model again: an attempt restarted after this lab revealed.
         assert_eq!(log.check(1, "G1", S), Ok(Verdict::AlreadyRevealed));
         // The same model under a new round: the difference attack.
@@ -288,7 +305,7 @@ mod tests {
             "{err}"
         );
         // A new model under an old round: a replay.
-        log.record(3, "g3", S).unwrap();
+        log.record(3, "g3", S, None).unwrap();
         assert_eq!(
             log.check(2, "g2", S),
             Err(GuardError::RoundNotIncreasing { round: 2, last: 3 })
@@ -298,7 +315,7 @@ mod tests {
             Err(GuardError::RoundNotIncreasing { round: 3, last: 3 })
         );
         assert_eq!(log.check(4, "g4", S), Ok(Verdict::Fresh));
-        assert!(log.record(2, "g1", S).is_err());
+        assert!(log.record(2, "g1", S, None).is_err());
         assert_eq!(log.last_round(), 3);
     }
 
@@ -309,7 +326,7 @@ mod tests {
         assert!(path.ends_with("reveals-abcdef0123456789.json"));
         let mut log = read_file(&path, "abcdef0123456789ffff").unwrap();
         assert_eq!(log, RevealLog::new("abcdef0123456789ffff"));
-        log.record(2, "g2", &[1; 32]).unwrap();
+        log.record(2, "g2", &[1; 32], None).unwrap();
         write_file(&path, &log).unwrap();
         let back = read_file(&path, "ABCDEF0123456789FFFF").unwrap();
         assert_eq!(back, log);

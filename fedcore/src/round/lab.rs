@@ -28,6 +28,7 @@ use super::{
 };
 use crate::adapter::LoraAdapter;
 use crate::plan::FederationPlan;
+use crate::privacy::ledger::epsilon_spent;
 use crate::secagg::participant::RoundRandomness;
 use crate::secagg::spec::{RoundNumberError, check_round_numbers};
 use crate::strategy::{
@@ -105,6 +106,14 @@ pub enum LabError {
     Strategy(#[from] StrategyError),
     #[error("the plan is invalid: {0}")]
     Plan(#[from] crate::ConfigError),
+    #[error(
+        "this lab's policy caps its privacy budget (max_epsilon = {max_epsilon}), but the plan adds no differential-privacy noise ([privacy] mode = \"off\"): its updates would spend an unbounded ε, so it does not take part"
+    )]
+    NoPrivacy { max_epsilon: f64 },
+    #[error("policy.max_epsilon = {0}: expected a positive number")]
+    MaxEpsilon(f64),
+    #[error("the privacy accountant failed: {0}")]
+    Accountant(#[from] crate::privacy::rdp::AccountantError),
 }
 
 /// Who the lab is and what its policy allows.
@@ -116,6 +125,10 @@ pub struct LabSetup {
     pub min_peers: usize,
     /// The lab's identity secret; needed under secure aggregation.
     pub identity_seed: Option<Zeroizing<[u8; 32]>>,
+    /// The most ε (at the plan's δ) this lab's data may spend in this federation
+    /// (`max_epsilon`); none: no limit. A lab with a limit refuses a plan without
+    /// `[privacy]`, and leaves before the round that could take it past the limit.
+    pub max_epsilon: Option<f64>,
 }
 
 /// A training task, with the global adapter it names already downloaded by the shell.
@@ -201,6 +214,27 @@ pub enum Next {
     },
 }
 
+/// ε after one more round of `len` uploaded values on top of what `reveals` spent,
+/// counting on the fewest labs a sum can hold (the threshold less the colluders): what a
+/// lab's budget is checked against before it trains.
+fn epsilon_after(
+    plan: &FederationPlan,
+    reveals: &RevealLog,
+    round: u64,
+    len: usize,
+) -> Result<f64, LabError> {
+    let mut spent = reveals.spent();
+    if let Some(private) = plan.update_encoding(len, round)?.private() {
+        let secure = &plan.secure_aggregation;
+        let members = plan.roster()?.len();
+        let floor = plan
+            .privacy
+            .honest_in(secure, secure.threshold_for(members));
+        spent.push(private.mechanism(floor));
+    }
+    Ok(epsilon_spent(&spent, plan.privacy.delta)?)
+}
+
 /// The trained update of the open round, kept across its attempts.
 struct Trained {
     round: u64,
@@ -268,6 +302,14 @@ impl LabMachine {
         if plan.secure_aggregation.enabled && setup.identity_seed.is_none() {
             return Err(LabError::NoIdentity);
         }
+        if let Some(max_epsilon) = setup.max_epsilon {
+            if !(max_epsilon.is_finite() && max_epsilon > 0.0) {
+                return Err(LabError::MaxEpsilon(max_epsilon));
+            }
+            if !plan.privacy.enabled() {
+                return Err(LabError::NoPrivacy { max_epsilon });
+            }
+        }
         Ok(LabMachine {
             plan,
             strategy,
@@ -291,6 +333,18 @@ impl LabMachine {
 
     pub fn strategy(&self) -> &Strategy {
         &self.strategy
+    }
+
+    /// The ε (at the plan's δ) this lab's data has spent in this federation: every noised
+    /// sum its updates entered, from its reveal record. None without `[privacy]`.
+    pub fn epsilon_spent(&self) -> Result<Option<f64>, LabError> {
+        if !self.plan.privacy.enabled() {
+            return Ok(None);
+        }
+        Ok(Some(epsilon_spent(
+            &self.reveals.spent(),
+            self.plan.privacy.delta,
+        )?))
     }
 
     /// Whether a secure session of this lab is open: leaving now would break its round.
@@ -361,6 +415,14 @@ impl LabMachine {
             ..Default::default()
         };
         let layout = self.strategy.upload_layout(global, &state);
+        if let Some(limit) = self.setup.max_epsilon
+            && epsilon_after(&self.plan, &self.reveals, round, layout.len())? > limit
+        {
+            return Ok(Next::Leave {
+                reason: LeaveReason::PrivacyBudget,
+                global: global.clone(),
+            });
+        }
         let ours = RoundWork::derive(
             &self.strategy,
             &self.plan.lora,
@@ -545,7 +607,12 @@ impl LabMachine {
                 });
             };
             let mut next = self.reveals.clone();
-            next.record(trained.round, &trained.global_hash, &session)?;
+            next.record(
+                trained.round,
+                &trained.global_hash,
+                &session,
+                upload.spent().cloned(),
+            )?;
             self.reveals = next.clone();
             let Reply::Message(message) = reply else {
                 unreachable!("unmasking answers with a message");

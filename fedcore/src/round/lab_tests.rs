@@ -27,6 +27,8 @@ struct TestLab {
     silent_from: Option<crate::secagg::protocol::Stage>,
     /// Training orders the machine gave.
     trainings: usize,
+    /// Why the lab left, once it did.
+    left: Option<LeaveReason>,
 }
 
 fn setup(name: &str, i: usize) -> LabSetup {
@@ -35,6 +37,7 @@ fn setup(name: &str, i: usize) -> LabSetup {
         max_rounds: None,
         min_peers: 2,
         identity_seed: Some(Zeroizing::new(identity_seed(i))),
+        max_epsilon: None,
     }
 }
 
@@ -54,6 +57,7 @@ fn labs(c: &mut Coordinator, n: usize) -> Vec<TestLab> {
                 done: Vec::new(),
                 silent_from: None,
                 trainings: 0,
+                left: None,
             }
         })
         .collect()
@@ -144,6 +148,11 @@ fn perform(c: &mut Coordinator, lab: &mut TestLab, mut next: Next, now: u64) {
             }
             Next::RoundDone { round } => {
                 lab.done.push(round);
+                return;
+            }
+            Next::Leave { reason, .. } => {
+                c.leave(&lab.token, reason, now).unwrap();
+                lab.left = Some(reason);
                 return;
             }
             other => panic!("{}: unexpected {other:?}", lab.name),
@@ -433,4 +442,134 @@ fn refused_plaintext_updates_back_off_then_give_up_and_policy_leaves_between_rou
             ..
         }
     ));
+}
+
+/// Under `[privacy]`: secure rounds run with each lab's noise; the center's new global is
+/// exactly what the plaintext sum of the labs' noised encodings gives; each record's ε is
+/// the accountant's, and the labs' own ledgers agree with the center's; a lab whose budget
+/// covers two rounds leaves cleanly before the third, and the others go on.
+#[test]
+fn noised_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
+    use crate::privacy::ledger::epsilon_spent;
+    use crate::privacy::{PrivacyMode, PrivacySpec};
+    let mut plan = secure_plan(4, None, 3);
+    plan.privacy = PrivacySpec {
+        mode: PrivacyMode::Distributed,
+        noise_multiplier: 1.0,
+        l2_clip: 0.5,
+        delta: 1e-5,
+    };
+    let mut c = Coordinator::new(plan.clone(), [3; 32]).unwrap();
+    let initial = c.global().clone();
+    let len = c.layout.len();
+    // The threshold of 4 labs with one colluder is 3: sums of 4 have 3 labs of noise no
+    // coalition removes, the worst case 2.
+    let mechanism = |round: u64, honest: usize| {
+        plan.update_encoding(len, round)
+            .unwrap()
+            .private()
+            .unwrap()
+            .mechanism(honest)
+    };
+    let limit =
+        0.999 * epsilon_spent(&[mechanism(1, 3), mechanism(2, 3), mechanism(3, 2)], 1e-5).unwrap();
+    let mut labs = labs(&mut c, 4);
+    labs[0].machine = LabMachine::new(
+        plan.clone(),
+        LabSetup {
+            max_epsilon: Some(limit),
+            ..setup("lab0", 0)
+        },
+        labs[0].disk.clone(),
+    )
+    .unwrap();
+    drive(&mut c, &mut labs, 10);
+    assert_eq!(c.history().len(), 3, "{:?}", c.status());
+    assert_eq!(labs[0].left, Some(LeaveReason::PrivacyBudget));
+    assert_eq!(labs[0].done, [1, 2]);
+    assert_eq!(c.history()[2].contributors, ["lab1", "lab2", "lab3"]);
+
+    // Round 1's global is what the plaintext sum of the four noised encodings gives.
+    let encoding = plan.update_encoding(len, 1).unwrap();
+    let mut sum = vec![0u32; encoding.vector_len()];
+    for (i, lab) in labs.iter().enumerate() {
+        let bump = 0.01 * (lab.token.len() + lab.name.len()) as f32;
+        let seed = rounding_seed(&identity_seed(i), 1, &initial.content_hash());
+        let encoded = encoding.encode(&vec![bump; len], 100, seed).unwrap();
+        assert_eq!(
+            encoded.clipped, 1,
+            "{len} values of {bump} are over the clip"
+        );
+        let words = encoded.words;
+        for (s, w) in sum.iter_mut().zip(words) {
+            *s = s.wrapping_add(w);
+        }
+    }
+    let decoded = encoding.decode_sum(&sum, 4).unwrap();
+    let strategy = Strategy::for_plan(plan.strategy.clone(), &plan).unwrap();
+    let expected = strategy
+        .aggregate(
+            &initial,
+            &Default::default(),
+            &crate::strategy::AggregatedUpload::from_decoded(&decoded),
+        )
+        .unwrap();
+    assert_eq!(c.history()[0].adapter_hash, expected.global.content_hash());
+    // The noise is there, at the stated size, around the clipped mean: every lab's update
+    // is 0.1 in each value, scaled to norm 0.5.
+    let exact = 0.5 / (len as f64).sqrt();
+    let errors: Vec<f64> = decoded.mean_update.iter().map(|v| v - exact).collect();
+    let bias = errors.iter().sum::<f64>() / len as f64;
+    let sd = (errors.iter().map(|e| e * e).sum::<f64>() / len as f64).sqrt();
+    assert!(
+        bias.abs() < 5.0 * decoded.noise_stddev / (len as f64).sqrt(),
+        "bias {bias}"
+    );
+    assert!(
+        (sd / decoded.noise_stddev - 1.0).abs() < 0.05,
+        "{sd} vs {}",
+        decoded.noise_stddev
+    );
+
+    // ε as recorded, and as each lab counts it.
+    let mut all_rounds = Vec::new();
+    for (r, record) in c.history().iter().enumerate() {
+        let privacy = record.secure.as_ref().unwrap().privacy.as_ref().unwrap();
+        let honest = record.contributors.len() - 1;
+        assert_eq!(privacy.mechanism, mechanism(r as u64 + 1, honest));
+        let once = epsilon_spent(std::slice::from_ref(&privacy.mechanism), 1e-5).unwrap();
+        assert_eq!(privacy.epsilon_round, once);
+        all_rounds.push(privacy.mechanism.clone());
+        assert_eq!(
+            privacy.epsilon_spent,
+            epsilon_spent(&all_rounds, 1e-5).unwrap()
+        );
+    }
+    let spent = labs[1].machine.epsilon_spent().unwrap().unwrap();
+    assert_eq!(
+        spent,
+        c.history()[2]
+            .secure
+            .as_ref()
+            .unwrap()
+            .privacy
+            .as_ref()
+            .unwrap()
+            .epsilon_spent
+    );
+    let lab0 = labs[0].machine.epsilon_spent().unwrap().unwrap();
+    assert!(lab0 <= limit && lab0 == epsilon_spent(&all_rounds[..2], 1e-5).unwrap());
+
+    // A lab with a budget refuses a plan without noise.
+    let err = LabMachine::new(
+        secure_plan(4, None, 3),
+        LabSetup {
+            max_epsilon: Some(8.0),
+            ..setup("lab0", 0)
+        },
+        RevealLog::new("00"),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("max_epsilon = 8"), "{err}");
 }

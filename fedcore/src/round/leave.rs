@@ -43,6 +43,8 @@ pub enum LeaveReason {
     MaxRounds,
     /// The lab's operator asked it to leave.
     OperatorRequest,
+    /// Another round would take it past its privacy budget (`[policy] max_epsilon`).
+    PrivacyBudget,
     /// It gave no reason.
     Unspecified,
 }
@@ -53,6 +55,7 @@ impl LeaveReason {
         match self {
             LeaveReason::MaxRounds => "its max_rounds policy was reached",
             LeaveReason::OperatorRequest => "its operator asked it to leave",
+            LeaveReason::PrivacyBudget => "another round would exceed its privacy budget",
             LeaveReason::Unspecified => "no reason given",
         }
     }

@@ -51,6 +51,9 @@ use crate::aggregate::{AggregateError, MAX_SAMPLE_WEIGHT, WeightedSum};
 use crate::error::ConfigError;
 use crate::manifest::LayoutManifest;
 use crate::plan::FederationPlan;
+use crate::privacy::ddg::DistributedDiscreteGaussian;
+use crate::privacy::ledger::epsilon_spent;
+use crate::privacy::rdp::AccountantError;
 use crate::roster::{Roster, valid_name};
 use crate::secagg::messages::Index;
 use crate::secagg::protocol::{ProtocolError, Stage as SecureStage};
@@ -124,6 +127,8 @@ pub enum RoundError {
     SecureSum(#[from] DecodeError),
     #[error("the aggregation strategy refused the round: {0}")]
     Strategy(#[from] StrategyError),
+    #[error("the privacy accountant failed: {0}")]
+    Accountant(#[from] AccountantError),
 }
 
 /// What happened as a result of an input; the caller persists and announces these.
@@ -198,6 +203,26 @@ pub struct RoundRecord {
 pub struct SecureRecord {
     pub attempt: u32,
     pub error_bound: f64,
+    /// The differential privacy of the sum, under `[privacy]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyRecord>,
+}
+
+/// The differential privacy of one round's noised sum (`[privacy] mode = "distributed"`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyRecord {
+    /// The mechanism the center ran: its noise, grid and the labs summed whose noise no
+    /// coalition of the center and the tolerated colluders can remove.
+    pub mechanism: DistributedDiscreteGaussian,
+    /// Standard deviation of the noise in each value of the mean update.
+    pub noise_stddev: f64,
+    pub delta: f64,
+    /// ε of this round's sum alone.
+    pub epsilon_round: f64,
+    /// The most ε any contributor of this round has spent in this run so far (composed
+    /// over the rounds it contributed to, this one included).
+    pub epsilon_spent: f64,
 }
 
 /// Why a participant is told to wait.
@@ -1027,6 +1052,13 @@ impl Coordinator {
             return Ok(Vec::new());
         };
         let decoded = sec.encoding.decode_sum(sum, survivors.len())?;
+        let privacy = sec.encoding.private().map(|encoding| {
+            let honest = self
+                .plan
+                .privacy
+                .honest_in(&self.plan.secure_aggregation, survivors.len());
+            (encoding.mechanism(honest), decoded.noise_stddev)
+        });
         let outcome = self.strategy.aggregate(
             &self.global,
             &self.server_state,
@@ -1059,9 +1091,50 @@ impl Coordinator {
             secure: Some(SecureRecord {
                 attempt: sec.attempt,
                 error_bound: decoded.error_bound,
+                privacy: None,
             }),
         };
+        let record = match privacy {
+            Some((mechanism, noise_stddev)) => {
+                self.with_privacy(record, mechanism, noise_stddev)?
+            }
+            None => record,
+        };
         self.finish_round(record, outcome, now_ms)
+    }
+
+    /// `record` with its sum's privacy: ε of the round, and the most any of its
+    /// contributors has spent in the run (its earlier noised rounds composed with this one).
+    fn with_privacy(
+        &self,
+        mut record: RoundRecord,
+        mechanism: DistributedDiscreteGaussian,
+        noise_stddev: f64,
+    ) -> Result<RoundRecord, RoundError> {
+        let delta = self.plan.privacy.delta;
+        let epsilon_round = epsilon_spent(std::slice::from_ref(&mechanism), delta)?;
+        let mut epsilon_most = epsilon_round;
+        for name in &record.contributors {
+            let mut spent: Vec<DistributedDiscreteGaussian> = self
+                .history
+                .iter()
+                .filter(|r| r.contributors.contains(name))
+                .filter_map(|r| r.secure.as_ref()?.privacy.as_ref())
+                .map(|p| p.mechanism.clone())
+                .collect();
+            spent.push(mechanism.clone());
+            epsilon_most = epsilon_most.max(epsilon_spent(&spent, delta)?);
+        }
+        if let Some(secure) = record.secure.as_mut() {
+            secure.privacy = Some(PrivacyRecord {
+                mechanism,
+                noise_stddev,
+                delta,
+                epsilon_round,
+                epsilon_spent: epsilon_most,
+            });
+        }
+        Ok(record)
     }
 
     fn name_of(&self, token: &str) -> Result<&str, RoundError> {
@@ -1146,11 +1219,14 @@ impl Coordinator {
         attempt: u32,
     ) -> (
         crate::secagg::protocol::RoundConfig,
-        crate::secagg::spec::WeightedEncoding,
+        crate::secagg::spec::UpdateEncoding,
         BTreeSet<Index>,
     ) {
         let spec = &self.plan.secure_aggregation;
-        let len = self.layout.len();
+        let encoding = self
+            .plan
+            .update_encoding(self.layout.len(), round)
+            .expect("the plan's secure-aggregation and privacy sections were validated");
         let mut cfg = spec.round_config(
             &self.plan.fingerprint(),
             self.roster.len(),
@@ -1158,13 +1234,10 @@ impl Coordinator {
             round,
             attempt,
             &self.global_hash,
-            len,
+            encoding.vector_len(),
             crate::secagg::protocol::MIN_PEERS_FLOOR,
         );
         cfg.groups = self.plan.survivor_groups();
-        let encoding = spec
-            .encoding(len)
-            .expect("the plan's secure-aggregation section was validated");
         // A cohort member that left is not waited for by a new attempt.
         let indices = cohort
             .iter()
@@ -1240,6 +1313,7 @@ mod tests {
 
     pub(super) fn plan(participants: usize, min_updates: usize, rounds: u64) -> FederationPlan {
         FederationPlan {
+            privacy: Default::default(),
             federation: "test".into(),
             model: ModelSpec::tiny(),
             lora: LoraSpec::default(),

@@ -18,7 +18,7 @@ use crate::secagg::messages::{
 };
 use crate::secagg::protocol::{ProtocolError, RoundConfig, Stage};
 use crate::secagg::server::ServerSession;
-use crate::secagg::spec::WeightedEncoding;
+use crate::secagg::spec::UpdateEncoding;
 
 /// A participant's message for one of the stages that are not streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub(crate) enum Progress {
 pub(crate) struct SecureRound {
     pub attempt: u32,
     pub server: ServerSession,
-    pub encoding: WeightedEncoding,
+    pub encoding: UpdateEncoding,
     /// Cohort members' indices: who stage 0 waits for.
     cohort: BTreeSet<Index>,
     /// Members that left the federation during this attempt: no stage waits for them, as
@@ -110,7 +110,7 @@ impl SecureRound {
     pub fn new(
         cfg: RoundConfig,
         identities: IdentityKeys,
-        encoding: WeightedEncoding,
+        encoding: UpdateEncoding,
         cohort: BTreeSet<Index>,
         attempt: u32,
     ) -> Result<Self, ProtocolError> {
@@ -138,7 +138,7 @@ impl SecureRound {
     /// with), and the current stage gets a fresh deadline.
     pub fn resume(
         server: ServerSession,
-        encoding: WeightedEncoding,
+        encoding: UpdateEncoding,
         cohort: BTreeSet<Index>,
         attempt: u32,
         stage_deadline_ms: u64,

@@ -23,6 +23,7 @@ pub(super) fn identity_seed(i: usize) -> [u8; 32] {
 
 pub(super) fn secure_plan(labs: usize, threshold: Option<usize>, rounds: u64) -> FederationPlan {
     FederationPlan {
+        privacy: Default::default(),
         federation: "secure-test".into(),
         model: ModelSpec::tiny(),
         lora: LoraSpec::default(),

@@ -5,12 +5,23 @@
 use zeroize::Zeroizing;
 
 use crate::plan::FederationPlan;
+use crate::privacy::ddg::DistributedDiscreteGaussian;
+use crate::privacy::distributed::DdgError;
 use crate::round::{SecureMessage, SecureStep, SecureTrain};
 use crate::secagg::messages::{AdvertiseKeys, Index, MaskedInput};
 use crate::secagg::participant::{ParticipantSession, RoundRandomness};
 use crate::secagg::protocol::ProtocolError;
 use crate::secagg::spec::EncodedUpdate;
 use crate::update::UpdateError;
+
+impl From<DdgError> for UploadError {
+    fn from(e: DdgError) -> Self {
+        match e {
+            DdgError::Update(e) => UploadError::Update(e),
+            other => UploadError::Noise(other),
+        }
+    }
+}
 
 /// Why a secure upload could not start or go on.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -23,6 +34,8 @@ pub enum UploadError {
     NotOnRoster(String),
     #[error("the update cannot be encoded: {0}")]
     Update(#[from] UpdateError),
+    #[error("the update cannot be noised: {0}")]
+    Noise(DdgError),
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
 }
@@ -42,7 +55,8 @@ pub struct UploadSecrets {
     pub identity_seed: Zeroizing<[u8; 32]>,
     /// Fresh per attempt.
     pub randomness: RoundRandomness,
-    /// Seed of the stochastic rounding; [`rounding_seed`] derives it.
+    /// Seed of the stochastic rounding (and, under `[privacy]`, of the noise);
+    /// [`rounding_seed`] derives it.
     pub rounding_seed: [u8; 32],
 }
 
@@ -78,6 +92,11 @@ pub struct SecureUpload {
     words: Zeroizing<Vec<u32>>,
     encoded: EncodedSummary,
     revealed: bool,
+    /// Under `[privacy]`: the noise this lab added, the grid, and the colluders the noise
+    /// accounting discounts; the sum's mechanism is fixed once the survivors are known.
+    privacy: Option<(DistributedDiscreteGaussian, usize)>,
+    /// The noised sum the reveal lets the center unmask.
+    spent: Option<DistributedDiscreteGaussian>,
 }
 
 /// What encoding did to the update, for logs.
@@ -114,6 +133,7 @@ impl SecureUpload {
             });
         }
         let spec = &plan.secure_aggregation;
+        let encoding = plan.update_encoding(delta.len(), round)?;
         let mut cfg = spec.round_config(
             &plan.fingerprint(),
             roster.len(),
@@ -121,18 +141,20 @@ impl SecureUpload {
             round,
             task.attempt,
             global_hash,
-            delta.len(),
+            encoding.vector_len(),
             min_peers,
         );
         // Under `group_b` this lab refuses any survivor list that would expose a group's
         // slot over too few labs (its own group's or another's).
         cfg.groups = plan.survivor_groups();
-        let encoding = spec.encoding(delta.len())?;
         let EncodedUpdate {
             words,
             clipped,
             weight,
         } = encoding.encode(delta, num_samples, secrets.rounding_seed)?;
+        let privacy = encoding
+            .private()
+            .map(|e| (e.mechanism(1), spec.max_colluding));
         let mut session = ParticipantSession::new(
             cfg,
             me,
@@ -150,6 +172,8 @@ impl SecureUpload {
                 words: Zeroizing::new(words),
                 encoded: EncodedSummary { clipped, weight },
                 revealed: false,
+                privacy,
+                spent: None,
             },
             advert,
         ))
@@ -178,6 +202,12 @@ impl SecureUpload {
         self.revealed
     }
 
+    /// Under `[privacy]`, once shares are revealed: the noised sum they let the center
+    /// unmask (its survivors known from the signed list).
+    pub fn spent(&self) -> Option<&DistributedDiscreteGaussian> {
+        self.spent.as_ref()
+    }
+
     /// Answers one step; a step inconsistent with what this participant saw is refused.
     pub fn respond(&mut self, step: &SecureStep<'_>) -> Result<Reply, ProtocolError> {
         Ok(match step {
@@ -193,6 +223,12 @@ impl SecureUpload {
             SecureStep::Unmask(request) => {
                 let response = self.session.unmask(request)?;
                 self.revealed = true;
+                self.spent = self.privacy.as_ref().map(|(template, colluders)| {
+                    DistributedDiscreteGaussian {
+                        num_clients: request.survivors.len().saturating_sub(*colluders).max(1),
+                        ..template.clone()
+                    }
+                });
                 Reply::Message(SecureMessage::Unmask(response))
             }
         })

@@ -18,6 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::privacy::distributed::{DdgEncoding, DdgError};
 use crate::secagg::crypto::SessionContext;
 use crate::secagg::graph::Graph;
 use crate::secagg::protocol::{Neighbourhood, RoundConfig};
@@ -204,7 +205,8 @@ impl SecureAggregationSpec {
     }
 
     /// The protocol parameters of attempt `attempt` of round `round`, for a roster of
-    /// `members` labs, uploads of `upload_len` values, and a participant's own floor
+    /// `members` labs, masked vectors of `vector_len` words (the encoding's
+    /// [`UpdateEncoding::vector_len`]), and a participant's own floor
     /// `min_peers`. Both sides derive it the same way; the participant from the plan it
     /// pinned, so a server cannot lower the threshold. The neighbourhood graph's seed comes
     /// from the plan's fingerprint and the round alone ([`graph_seed`]), never from the
@@ -218,7 +220,7 @@ impl SecureAggregationSpec {
         round: u64,
         attempt: u32,
         global_hash: &str,
-        upload_len: usize,
+        vector_len: usize,
         min_peers: usize,
     ) -> RoundConfig {
         RoundConfig {
@@ -230,7 +232,7 @@ impl SecureAggregationSpec {
             min_peers,
             neighbourhood: self.neighbourhood(members),
             graph_seed: graph_seed(plan_fingerprint, round),
-            vector_len: upload_len + 1,
+            vector_len,
             model_hash: model_hash_bytes(global_hash),
             groups: None,
         }
@@ -336,6 +338,9 @@ pub struct DecodedSum {
     pub total_weight: u64,
     /// Largest per-value error of `mean_update` due to quantisation.
     pub error_bound: f64,
+    /// Standard deviation of the differential-privacy noise in each value of
+    /// `mean_update` (0 without `[plan.privacy]`).
+    pub noise_stddev: f64,
 }
 
 /// Why a secure sum could not be decoded.
@@ -425,7 +430,57 @@ impl WeightedEncoding {
             mean_update,
             total_weight,
             error_bound: self.quantizer.error_bound(summands as u64) * factor,
+            noise_stddev: 0.0,
         })
+    }
+}
+
+/// How an update becomes the words it masks: fixed-point and sample-weighted, or with
+/// distributed differential-privacy noise (`[plan.privacy]`, unweighted: a lab's sample
+/// count would be data the noise does not cover).
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateEncoding {
+    Weighted(WeightedEncoding),
+    Private(Box<DdgEncoding>),
+}
+
+impl UpdateEncoding {
+    /// Words per masked vector.
+    pub fn vector_len(&self) -> usize {
+        match self {
+            UpdateEncoding::Weighted(e) => e.vector_len(),
+            UpdateEncoding::Private(e) => e.vector_len(),
+        }
+    }
+
+    /// Encodes an update `delta` trained on `num_samples` samples, with rounding (and
+    /// noise) drawn from `seed`.
+    pub fn encode(
+        &self,
+        delta: &[f32],
+        num_samples: u64,
+        seed: [u8; 32],
+    ) -> Result<EncodedUpdate, DdgError> {
+        match self {
+            UpdateEncoding::Weighted(e) => Ok(e.encode(delta, num_samples, seed)?),
+            UpdateEncoding::Private(e) => e.encode(delta, seed),
+        }
+    }
+
+    /// Decodes the unmasked sum of `summands` encoded updates.
+    pub fn decode_sum(&self, sum: &[u32], summands: usize) -> Result<DecodedSum, DecodeError> {
+        match self {
+            UpdateEncoding::Weighted(e) => e.decode_sum(sum, summands),
+            UpdateEncoding::Private(e) => e.decode_sum(sum, summands),
+        }
+    }
+
+    /// The differentially private codec, when the plan has one.
+    pub fn private(&self) -> Option<&DdgEncoding> {
+        match self {
+            UpdateEncoding::Weighted(_) => None,
+            UpdateEncoding::Private(e) => Some(e),
+        }
     }
 }
 
@@ -554,8 +609,8 @@ mod tests {
         assert_ne!(a, graph_seed("ab", 4));
         assert_ne!(a, graph_seed("ac", 3));
         let spec = SecureAggregationSpec::default();
-        let c1 = spec.round_config("ab", 5, [1; 32], 3, 0, "00", 10, 3);
-        let c2 = spec.round_config("ab", 5, [9; 32], 3, 700, "00", 10, 3);
+        let c1 = spec.round_config("ab", 5, [1; 32], 3, 0, "00", 11, 3);
+        let c2 = spec.round_config("ab", 5, [9; 32], 3, 700, "00", 11, 3);
         assert_eq!(c1.graph_seed, c2.graph_seed);
         assert_ne!(c1.context, c2.context);
     }

@@ -263,6 +263,7 @@ fn group_configuration_is_refused_by_name() {
 fn the_plan_checks_groups_against_the_roster_and_the_colluders() {
     let names = ["lo-1", "lo-2", "lo-3"];
     let mut plan = FederationPlan {
+        privacy: Default::default(),
         federation: "test".into(),
         model: crate::plan::ModelSpec::tiny(),
         lora: crate::plan::LoraSpec::default(),

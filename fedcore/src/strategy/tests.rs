@@ -1005,6 +1005,7 @@ min_participants = 3
 #[test]
 fn a_plan_validates_its_strategy() {
     let mut plan = FederationPlan {
+        privacy: Default::default(),
         federation: "t".into(),
         model: crate::plan::ModelSpec::tiny(),
         lora: LoraSpec::default(),
