@@ -107,6 +107,54 @@ pub fn evaluate(
     })
 }
 
+/// The total next-token NLL (nats) of each of `sequences` (token ids, all the same length,
+/// at least two tokens; every token after the first predicted, the first too after the
+/// model's `<bos>` prefix): how surprised the model is by each whole sequence. What a
+/// memorisation test ranks a planted sequence by, against candidates like it.
+pub fn sequence_nll(
+    model: &LoraLlama,
+    sequences: &[Vec<u32>],
+    device: &Device,
+) -> Result<Vec<f64>, ModelError> {
+    let Some(first) = sequences.first() else {
+        return Ok(Vec::new());
+    };
+    let len = first.len();
+    if len < 2 || sequences.iter().any(|s| s.len() != len) {
+        return Err(ConfigError::field(
+            "sequences",
+            format!("must all have the same length of at least 2 tokens (the first has {len})"),
+        )
+        .into());
+    }
+    if model.device() != *device {
+        return Err(ModelError::DeviceMismatch {
+            model: format!("{:?}", model.device()),
+            requested: format!("{device:?}"),
+        });
+    }
+    let spec = model.model_spec();
+    let model = model.valid();
+    let device = device.clone().without_autodiff();
+    let prefix = model.window_prefix();
+    let predicted = if prefix.is_some() { len } else { len - 1 };
+    let mut out = Vec::with_capacity(sequences.len());
+    for chunk in sequences.chunks(EVAL_BATCH) {
+        let tokens: Vec<u32> = chunk.iter().flatten().copied().collect();
+        let starts: Vec<usize> = (0..chunk.len()).map(|i| i * len).collect();
+        let batch = RowBatch::windows_after(prefix, &tokens, &starts, predicted);
+        batch.check(spec.vocab_size, spec.max_position_embeddings)?;
+        let (nll, weights) = batch.to_device(&device).nll(&model);
+        let rows: Vec<f32> = (nll * weights)
+            .sum_dim(1)
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| ModelError::backend("reading sequence losses", e))?;
+        out.extend(rows.into_iter().map(f64::from));
+    }
+    Ok(out)
+}
+
 /// Held-out scores of training-style rows: the loss only where the rows' weights say (a chat
 /// model's replies, not the prompts), as training takes it.
 #[derive(Debug, Clone, PartialEq)]

@@ -73,6 +73,7 @@ use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
 use crate::reveal_record::RevealRecord;
 use crate::round_clock::{Phase, RoundClock, RoundTiming};
+use crate::train::dp_sgd::{PoissonRecords, RecordDp};
 use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
 
@@ -448,8 +449,30 @@ pub struct ParticipantReport {
     /// Under `[privacy]`: the ε (at the plan's δ) this lab's data spent, from its reveal
     /// record (earlier runs of the same plan included).
     pub epsilon_spent: Option<f64>,
+    /// Under `[privacy.record]`: the record-level ε (at the plan's δ) of this lab's DP-SGD
+    /// over the steps it took in this run.
+    pub record_epsilon: Option<f64>,
     /// Where the run's time went outside the rounds.
     pub timing: RunTiming,
+}
+
+/// A lab's record-level DP-SGD so far: its sampling rate, the noise, the steps taken.
+struct RecordPrivacy {
+    rate: f64,
+    noise_multiplier: f64,
+    steps: u64,
+}
+
+impl RecordPrivacy {
+    /// ε at `delta` of the steps taken (the Poisson-subsampled Gaussian, composed).
+    fn epsilon(&self, delta: f64) -> Result<f64, ParticipantError> {
+        let mut accountant = fedcore::privacy::rdp::RdpAccountant::default();
+        accountant
+            .subsampled_gaussian(self.rate, self.noise_multiplier, self.steps)
+            .and_then(|()| accountant.epsilon(delta))
+            .map(|(epsilon, _)| epsilon)
+            .map_err(|e| ParticipantError::Privacy(LabError::Accountant(e)))
+    }
 }
 
 /// A lab's whole run in seconds: what happened before its first round and after its last,
@@ -532,6 +555,22 @@ pub async fn run(
 
     let corpus = Arc::new(corpus);
     let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
+    // Record-level DP-SGD: this lab's sampling rate (from its own number of records) and
+    // the steps it has taken, for its own accountant.
+    let mut record_privacy = match &plan.privacy.record {
+        Some(record) => Some(RecordPrivacy {
+            rate: PoissonRecords::new(
+                &corpus.train,
+                plan.training.seq_len,
+                model.window_prefix(),
+                plan.training.batch_size,
+            )?
+            .rate(),
+            noise_multiplier: record.noise_multiplier,
+            steps: 0,
+        }),
+        None => None,
+    };
     let setup_s = run_started.elapsed().as_secs_f64();
     let evaluating = std::time::Instant::now();
     let initial_eval = if options.scoring.base {
@@ -707,6 +746,11 @@ pub async fn run(
                         train_round(model, order, &plan, &corpus, &device, &options, &observer)
                             .await?;
                     model = trained;
+                    if let Some(record) = record_privacy.as_mut() {
+                        record.steps += stats.steps as u64;
+                        let epsilon = record.epsilon(plan.privacy.delta)?;
+                        info!(participant = %name, round, epsilon, delta = plan.privacy.delta, sampling_rate = record.rate, steps = record.steps, "record-level privacy spent by this lab's DP-SGD so far");
+                    }
                     if let Some(scores) = &scores {
                         clock
                             .time(
@@ -762,7 +806,18 @@ pub async fn run(
                         clipped,
                         "trained; advertising keys for secure aggregation"
                     );
-                    if clipped > 0 {
+                    if plan.privacy.enabled() {
+                        // The whole update is scaled to the L2 clip: its norm says whether the
+                        // clip suits this model and data (docs/privacy.md).
+                        let norm = lab.update().map_or(0.0, |(values, _)| {
+                            values
+                                .iter()
+                                .map(|v| f64::from(*v).powi(2))
+                                .sum::<f64>()
+                                .sqrt()
+                        });
+                        info!(participant = %name, round, l2_norm = norm, l2_clip = plan.privacy.l2_clip, scaled_down = clipped > 0, "update noised for differential privacy");
+                    } else if clipped > 0 {
                         warn!(participant = %name, clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
                     }
                     let accepted = clock
@@ -893,6 +948,10 @@ pub async fn run(
     } else {
         None
     };
+    let epsilon_spent = lab.epsilon_spent()?;
+    let record_epsilon = record_privacy
+        .map(|r| r.epsilon(plan.privacy.delta))
+        .transpose()?;
     Ok(ParticipantReport {
         name: options.name,
         language: options.language,
@@ -903,7 +962,8 @@ pub async fn run(
         final_adapter: final_model.adapter,
         own_adapter,
         final_base_delta: final_model.base_delta,
-        epsilon_spent: lab.epsilon_spent()?,
+        epsilon_spent,
+        record_epsilon,
         ended,
         timing: RunTiming {
             wall_s: run_started.elapsed().as_secs_f64(),
@@ -947,6 +1007,10 @@ async fn train_round(
     let dev = device.clone();
     let train_options = TrainOptions {
         prox_mu: plan.strategy.fedprox.mu,
+        record_dp: plan.privacy.record.map(|r| RecordDp {
+            noise_multiplier: r.noise_multiplier,
+            max_grad_norm: r.max_grad_norm,
+        }),
     };
     // Only when the lab's policy lets it report them (see module docs).
     let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);

@@ -5,6 +5,7 @@
 //! held-out loss per language before training, after federated training, and after
 //! local-only training with the same number of steps.
 
+pub mod canary;
 pub mod corpus;
 pub mod experiment;
 pub mod layout;

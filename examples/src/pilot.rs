@@ -26,6 +26,7 @@ use fedcore::strategy::{GroupSpec, StrategySpec};
 use fedcore::{AggregationMode, FederationPlan, LoraSpec, ModelSpec, RoundSpec, TrainingSpec};
 use mekong_proto::tls::ParticipantKit;
 
+use crate::canary::{Canary, Exposure};
 use crate::layout::{LabData, Layout};
 
 /// The pilot federation's name (its plan's `federation` and its CA's name).
@@ -212,6 +213,9 @@ pub struct PilotOptions {
     pub share_losses: bool,
     /// `[plan.privacy]`: distributed differential privacy on every sum (off by default).
     pub privacy: PrivacySpec,
+    /// A memorisation test: a canary planted in one lab's training text, its exposure
+    /// measured under the models after the run ([`crate::canary`]).
+    pub canary: Option<Canary>,
 }
 
 impl Default for PilotOptions {
@@ -238,6 +242,7 @@ impl Default for PilotOptions {
             admin_port: 0,
             share_losses: false,
             privacy: PrivacySpec::default(),
+            canary: None,
         }
     }
 }
@@ -257,6 +262,8 @@ pub struct LabRow {
     pub federated: EvalStats,
     /// Under `[privacy]`: the ε (at the plan's δ) the lab's data spent, by its own count.
     pub epsilon: Option<f64>,
+    /// Under `[privacy.record]`: the record-level ε of the lab's DP-SGD.
+    pub record_epsilon: Option<f64>,
     /// The lab alone, the same rounds × steps on its own shard.
     pub local_only: Option<EvalStats>,
     /// One model on the pooled text of the lab's language, the same rounds × steps, each
@@ -299,6 +306,8 @@ pub struct PilotReport {
     pub device: String,
     pub rounds: u64,
     pub steps: usize,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
     pub final_adapter_dir: PathBuf,
     /// Scoring the base model on every language's held-out text (once per language).
     pub base_scoring_time: Duration,
@@ -320,8 +329,62 @@ pub struct PilotReport {
     /// error bound of any round's mean update.
     pub secure: bool,
     pub max_error_bound: f64,
-    /// The plan's `[privacy]`, when on.
+    /// The plan's `[privacy]`, when either kind of noise is on.
     pub privacy: Option<PrivacySpec>,
+    /// The memorisation test's outcome, when one ran.
+    pub canary: Option<CanaryReport>,
+}
+
+/// The canary's exposure under the models after the run.
+#[derive(Debug, Clone)]
+pub struct CanaryReport {
+    pub canary: Canary,
+    /// Under the model the canary's own lab ends with.
+    pub own: Exposure,
+    /// Under the final global adapter (what the center publishes).
+    pub global: Exposure,
+    /// The highest under any other lab's own model.
+    pub others_max: Exposure,
+}
+
+/// Candidates each exposure ranks the canary against.
+const CANARY_CANDIDATES: usize = 999;
+
+/// The canary's exposure under its lab's model, the global adapter and every other lab's.
+fn canary_exposures(
+    canary: &Canary,
+    plan: &FederationPlan,
+    base: Option<&Checkpoint>,
+    labs: &[LabData],
+    reports: &[participant::ParticipantReport],
+    tokenizer: &dyn TextTokenizer,
+    device: &burn::prelude::Device,
+) -> Result<CanaryReport> {
+    let score = |adapter: &fedcore::LoraAdapter,
+                 base_delta: &std::collections::BTreeMap<String, fedcore::Matrix>|
+     -> Result<Exposure> {
+        let model = LoraLlama::for_plan(&plan.model, &plan.lora, base, device)?
+            .load_base_delta(base_delta)?
+            .load_adapter(adapter)?;
+        canary.exposure(&model, tokenizer, CANARY_CANDIDATES, device)
+    };
+    let mut own = None;
+    let mut others_max: Option<Exposure> = None;
+    for (lab, report) in labs.iter().zip(reports) {
+        let e = score(&report.own_adapter, &report.final_base_delta)?;
+        if lab.name == canary.lab {
+            own = Some(e);
+        } else if others_max.is_none_or(|m| e.bits > m.bits) {
+            others_max = Some(e);
+        }
+    }
+    let first = &reports[0];
+    Ok(CanaryReport {
+        canary: canary.clone(),
+        own: own.ok_or_else(|| anyhow!("the canary's lab {} did not report", canary.lab))?,
+        global: score(&first.final_adapter, &first.final_base_delta)?,
+        others_max: others_max.ok_or_else(|| anyhow!("no other lab to compare with"))?,
+    })
 }
 
 /// How the labs' final models were scored.
@@ -463,7 +526,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         None => Box::new(ByteTokenizer),
         Some(checkpoint) => Box::new(pilot_tokenizer(checkpoint)?),
     };
-    let lab_data = options
+    let mut lab_data = options
         .layout
         .labs(
             &options.languages,
@@ -471,6 +534,13 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
             tokenizer.as_ref(),
         )
         .context("preparing the labs' text")?;
+    if let Some(canary) = &options.canary {
+        let lab = lab_data
+            .iter_mut()
+            .find(|l| l.name == canary.lab)
+            .ok_or_else(|| anyhow!("--canary-lab {}: no such lab in this layout", canary.lab))?;
+        canary.plant(&mut lab.corpus, tokenizer.as_ref());
+    }
 
     // Each lab enrolls as `fedclient enroll` does: its identity and TLS keys are made in its
     // own directory and never leave it; only its request goes to the center.
@@ -666,6 +736,21 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         labs: final_scores.len(),
         time: scoring_started.elapsed(),
     };
+    let canary = match &options.canary {
+        Some(canary) => Some(
+            canary_exposures(
+                canary,
+                &plan,
+                base.as_deref(),
+                &lab_data,
+                &reports,
+                tokenizer.as_ref(),
+                &device,
+            )
+            .context("measuring the canary's exposure")?,
+        ),
+        None => None,
+    };
     let federated_time = started.elapsed();
 
     let started = Instant::now();
@@ -705,6 +790,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
                 before,
                 federated,
                 epsilon: report.epsilon_spent,
+                record_epsilon: report.record_epsilon,
                 local_only,
                 centralised,
             },
@@ -720,6 +806,7 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         device: selected.label,
         rounds: options.rounds,
         steps: options.steps,
+        seq_len: options.seq_len,
         final_adapter_dir,
         base_scoring_time,
         federated_time,
@@ -731,7 +818,9 @@ pub async fn run(options: PilotOptions) -> Result<PilotReport> {
         final_scoring,
         secure: options.secure,
         max_error_bound,
-        privacy: plan.privacy.enabled().then(|| plan.privacy.clone()),
+        privacy: (plan.privacy.enabled() || plan.privacy.record_level())
+            .then(|| plan.privacy.clone()),
+        canary,
     })
 }
 

@@ -30,7 +30,8 @@ pub fn render(report: &PilotReport) -> String {
         .max()
         .unwrap_or(3)
         .max(3);
-    let private = report.privacy.is_some();
+    let private = report.privacy.as_ref().is_some_and(|p| p.enabled());
+    let record = report.privacy.as_ref().is_some_and(|p| p.record_level());
     let _ = write!(
         out,
         "{:<lab_width$} {:<16} {:>7} {:>7} {:>9} {:>10} {:>11} {:>8} {:>13}",
@@ -44,7 +45,12 @@ pub fn render(report: &PilotReport) -> String {
         "of gain",
         "bits/ch (fed)",
     );
-    let _ = writeln!(out, "{}", if private { "       ε" } else { "" });
+    let _ = writeln!(
+        out,
+        "{}{}",
+        if private { "       ε" } else { "" },
+        if record { " record ε" } else { "" }
+    );
     let fmt = |e: Option<&fedclient::eval::EvalStats>| {
         e.map_or_else(|| "-".to_string(), |e| format!("{:.3}", e.loss))
     };
@@ -70,12 +76,17 @@ pub fn render(report: &PilotReport) -> String {
             share,
             row.federated.bits_per_char,
         );
-        let epsilon = match (private, row.epsilon) {
-            (true, Some(e)) => format!(" {e:>7.2}"),
-            (true, None) => format!(" {:>7}", "-"),
+        let column = |on: bool, value: Option<f64>, width: usize| match (on, value) {
+            (true, Some(e)) => format!(" {e:>width$.2}"),
+            (true, None) => format!(" {:>width$}", "-"),
             (false, _) => String::new(),
         };
-        let _ = writeln!(out, "{epsilon}");
+        let _ = writeln!(
+            out,
+            "{}{}",
+            column(private, row.epsilon, 7),
+            column(record, row.record_epsilon, 8)
+        );
     }
     let judged: Vec<_> = report
         .rows
@@ -126,11 +137,43 @@ pub fn render(report: &PilotReport) -> String {
             "secure aggregation: OFF — the aggregator saw every lab's update in plaintext"
         );
     }
-    if let Some(p) = &report.privacy {
+    if let Some(p) = report.privacy.as_ref().filter(|p| p.enabled()) {
         let _ = writeln!(
             out,
             "differential privacy: distributed discrete Gaussian on every sum (noise multiplier {}, L2 clip {} per lab update, δ = {:e}); ε: what each lab's data spent over the rounds it contributed to, by its own count",
             p.noise_multiplier, p.l2_clip, p.delta
+        );
+    }
+    if let Some((p, r)) = report
+        .privacy
+        .as_ref()
+        .and_then(|p| p.record.map(|r| (p, r)))
+    {
+        let _ = writeln!(
+            out,
+            "record-level DP-SGD in every lab (noise multiplier {}, per-record gradient clip {}, Poisson sampling of disjoint {}-token records, δ = {:e}); record ε: each lab's, from its own sampling rate",
+            r.noise_multiplier, r.max_grad_norm, report.seq_len, p.delta
+        );
+    }
+    if let Some(c) = &report.canary {
+        let show = |e: &crate::canary::Exposure| {
+            format!(
+                "{:.1} bits (rank {} of {})",
+                e.bits,
+                e.rank,
+                e.candidates + 1
+            )
+        };
+        let _ = writeln!(
+            out,
+            "canary: \"{}\" × {} in {}'s training text; exposure (chance ≈ 1 bit, at most {:.1}): its own model {}, the global adapter {}, the most under another lab's model {}",
+            crate::canary::Canary::sentence(&c.canary.secret),
+            c.canary.repeats,
+            c.canary.lab,
+            ((c.global.candidates + 1) as f64).log2(),
+            show(&c.own),
+            show(&c.global),
+            show(&c.others_max)
         );
     }
     let _ = writeln!(

@@ -596,8 +596,12 @@ impl FederationPlan {
         self.rounds.validate()?;
         let roster = Roster::new(&self.roster)?;
         self.secure_aggregation.validate(roster.len())?;
-        self.privacy
-            .validate(&self.secure_aggregation, roster.len(), self.strategy.mode)?;
+        self.privacy.validate(
+            &self.secure_aggregation,
+            roster.len(),
+            self.strategy.mode,
+            &self.training,
+        )?;
         if self.privacy.enabled() {
             // The coarsest grid any upload gets (one value): refused here rather than when
             // a round opens.

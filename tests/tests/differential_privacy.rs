@@ -33,6 +33,7 @@ async fn noised_secure_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
         noise_multiplier: 1.0,
         l2_clip: 0.05,
         delta: 1e-5,
+        record: None,
     };
     plan.validate().unwrap();
     let len = plan.initial_adapter().b_manifest().len();
@@ -195,4 +196,68 @@ async fn noised_secure_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
         Some(spent_all),
         "{round_json}"
     );
+}
+
+/// Record-level DP-SGD in every lab (`[plan.privacy.record]`), with plaintext aggregation:
+/// the guarantee is each lab's own, so it needs no secure aggregation. The run completes
+/// and each lab's record-level ε is the accountant's for its own sampling rate (its number
+/// of disjoint records) over the steps it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_level_dp_sgd_runs_and_each_lab_counts_its_own_epsilon() {
+    use fedclient::train::dp_sgd::PoissonRecords;
+    use fedcore::privacy::RecordDpSpec;
+    use fedcore::privacy::rdp::RdpAccountant;
+    use mekong_e2e::test_plan;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = test_plan(3, 2, 3, 60_000);
+    plan.privacy.record = Some(RecordDpSpec {
+        noise_multiplier: 1.1,
+        max_grad_norm: 0.5,
+    });
+    plan.validate().unwrap();
+    let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
+        .await
+        .unwrap();
+    let codes = ["lo", "km", "th"];
+    let mut labs = Vec::new();
+    for code in codes {
+        let options = participant_options(&server.url(), &format!("lab-{code}"), code);
+        labs.push(tokio::spawn(participant::run(
+            options,
+            corpus(code),
+            Device::flex(),
+            Arc::new(fedclient::participant::Quiet),
+        )));
+    }
+    let mut reports = Vec::new();
+    for lab in labs {
+        reports.push(lab.await.unwrap().unwrap());
+    }
+    server.finished().await;
+    assert_eq!(server.status().history.len(), 2);
+    for (report, code) in reports.iter().zip(codes) {
+        assert_eq!(
+            report.ended,
+            RunEnd::Finished {
+                rounds_completed: 2
+            }
+        );
+        assert_eq!(report.epsilon_spent, None, "no noise on the sum");
+        let data = corpus(code);
+        let rate = PoissonRecords::new(
+            &data.train,
+            plan.training.seq_len,
+            None,
+            plan.training.batch_size,
+        )
+        .unwrap()
+        .rate();
+        let mut accountant = RdpAccountant::default();
+        let steps = 2 * plan.training.local_steps as u64;
+        accountant.subsampled_gaussian(rate, 1.1, steps).unwrap();
+        let (expected, _) = accountant.epsilon(plan.privacy.delta).unwrap();
+        assert_eq!(report.record_epsilon, Some(expected), "{}", report.name);
+        assert!(expected > 0.0 && expected.is_finite());
+    }
 }

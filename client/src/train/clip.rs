@@ -43,6 +43,12 @@ impl ModuleVisitor for Scale<'_> {
     }
 }
 
+/// Multiplies the gradient of every parameter of `module` by `factor`.
+pub fn scale<M: Module>(module: &M, grads: &mut GradientsParams, factor: f32) {
+    let mut visitor = Scale { grads, factor };
+    module.visit(&mut visitor);
+}
+
 /// The global L2 norm of `grads` over `module`'s parameters (0 when none has a gradient).
 pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> Result<f64, ModelError> {
     let mut visitor = SquaredNorm { grads, total: None };
@@ -66,11 +72,7 @@ pub fn clip_global_norm<M: Module>(
     // PyTorch: coef = max_norm / (norm + 1e-6), applied only when below 1.
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
-        let mut visitor = Scale {
-            grads,
-            factor: coef as f32,
-        };
-        module.visit(&mut visitor);
+        scale(module, grads, coef as f32);
     }
     Ok(norm)
 }

@@ -20,6 +20,7 @@
 //! rows).
 
 pub mod clip;
+pub mod dp_sgd;
 pub mod prox;
 pub mod schedule;
 pub mod source;
@@ -95,6 +96,9 @@ pub struct TrainOptions {
     /// `μ·(w − w_t)` for each trained tensor, `w_t` its value when training started (the
     /// downloaded adapter), i.e. the gradient of `(μ/2)‖w − w_t‖²`.
     pub prox_mu: f64,
+    /// Record-level DP-SGD (`[plan.privacy.record]`): per-record clipping and Gaussian
+    /// noise on Poisson-sampled disjoint records ([`dp_sgd`]) instead of random windows.
+    pub record_dp: Option<dp_sgd::RecordDp>,
 }
 
 /// Trains `model`'s trainable LoRA factors for `spec.local_steps` optimizer steps on
@@ -139,7 +143,93 @@ pub fn train_with(
     let vocab = model.model_spec().vocab_size;
     let max_positions = model.model_spec().max_position_embeddings;
     let autodiff = device.clone().autodiff();
-    let mut model = model.train();
+    let model = model.train();
+    let mut next_gradient = |model: &LoraLlama, step: usize| -> Result<StepGradient, ModelError> {
+        let micro: Vec<_> = (0..spec.grad_accumulation)
+            .map(|_| source.next_batch())
+            .collect::<Result<_, _>>()?;
+        for batch in &micro {
+            batch.check(vocab, max_positions)?;
+        }
+        let weight: f64 = micro.iter().map(|b| b.trained_targets()).sum();
+        // A step whose rows hold no trained target (all prompt) still steps the optimizer
+        // with a zero gradient; dividing by 1 keeps the loss at 0 rather than NaN.
+        let norm = weight.max(1.0);
+        let mut accumulator = GradientsAccumulator::<LoraLlama>::new();
+        let mut loss_sum = 0f64;
+        let mut tokens = 0;
+        for batch in &micro {
+            let (nll, weights) = batch.to_device(&autodiff).nll(model);
+            let loss = (nll * weights).sum().div_scalar(norm as f32);
+            let grads = GradientsParams::from_grads(loss.backward(), model);
+            let value: f32 = loss
+                .try_into_scalar()
+                .map_err(|e| ModelError::backend("reading the training loss", e))?;
+            if !value.is_finite() {
+                return Err(ModelError::Diverged { step, loss: value });
+            }
+            loss_sum += f64::from(value);
+            tokens += batch.rows * batch.seq;
+            accumulator.accumulate(model, grads);
+        }
+        Ok(StepGradient {
+            grads: accumulator.grads(),
+            loss: loss_sum,
+            tokens,
+            trained_targets: weight,
+        })
+    };
+    train_steps(model, spec, observer, options, &mut next_gradient)
+}
+
+/// Record-level DP-SGD ([`dp_sgd`]): `spec.local_steps` steps, each on the noised gradient
+/// of a Poisson sample of `records`, with sampling and noise drawn from `rng`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dp(
+    model: LoraLlama,
+    spec: &TrainingSpec,
+    records: &dp_sgd::PoissonRecords<'_>,
+    dp: dp_sgd::RecordDp,
+    device: &Device,
+    observer: &mut dyn TrainObserver,
+    options: &TrainOptions,
+    rng: &mut dyn rand::RngCore,
+) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
+    spec.validate(model.model_spec())?;
+    if model.device() != *device {
+        return Err(ModelError::DeviceMismatch {
+            model: format!("{:?}", model.device()),
+            requested: format!("{device:?}"),
+        });
+    }
+    let autodiff = device.clone().autodiff();
+    let model = model.train();
+    let mut next_gradient = |model: &LoraLlama, step: usize| {
+        dp_sgd::noised_gradient(model, records, dp, &autodiff, step, rng)
+    };
+    train_steps(model, spec, observer, options, &mut next_gradient)
+}
+
+/// One optimizer step's gradient, with what it was computed from.
+pub(crate) struct StepGradient {
+    pub grads: GradientsParams,
+    /// Weighted mean loss of the step's targets, before the update.
+    pub loss: f64,
+    pub tokens: usize,
+    pub trained_targets: f64,
+}
+
+/// The optimizer loop shared by plain training and DP-SGD: `spec.local_steps` steps, each on
+/// the gradient `next_gradient` computes for the model as it stands (then FedProx's term,
+/// global clipping when configured, the learning-rate schedule, the optimizer).
+fn train_steps(
+    model: LoraLlama,
+    spec: &TrainingSpec,
+    observer: &mut dyn TrainObserver,
+    options: &TrainOptions,
+    next_gradient: &mut dyn FnMut(&LoraLlama, usize) -> Result<StepGradient, ModelError>,
+) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
+    let mut model = model;
     let mut optim = match spec.optimizer {
         // PyTorch's AdamW defaults (burn's epsilon default is 1e-5).
         LocalOptimizer::AdamW => AdamWConfig::new()
@@ -158,36 +248,13 @@ pub fn train_with(
         .then(|| prox::Reference::capture(&model))
         .transpose()?;
     let mut reports = Vec::with_capacity(spec.local_steps);
-
     for step in 0..spec.local_steps {
-        let micro: Vec<_> = (0..spec.grad_accumulation)
-            .map(|_| source.next_batch())
-            .collect::<Result<_, _>>()?;
-        for batch in &micro {
-            batch.check(vocab, max_positions)?;
-        }
-        let weight: f64 = micro.iter().map(|b| b.trained_targets()).sum();
-        // A step whose rows hold no trained target (all prompt) still steps the optimizer
-        // with a zero gradient; dividing by 1 keeps the loss at 0 rather than NaN.
-        let norm = weight.max(1.0);
-        let mut accumulator = GradientsAccumulator::<LoraLlama>::new();
-        let mut loss_sum = 0f64;
-        let mut tokens = 0;
-        for batch in &micro {
-            let (nll, weights) = batch.to_device(&autodiff).nll(&model);
-            let loss = (nll * weights).sum().div_scalar(norm as f32);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            let value: f32 = loss
-                .try_into_scalar()
-                .map_err(|e| ModelError::backend("reading the training loss", e))?;
-            if !value.is_finite() {
-                return Err(ModelError::Diverged { step, loss: value });
-            }
-            loss_sum += f64::from(value);
-            tokens += batch.rows * batch.seq;
-            accumulator.accumulate(&model, grads);
-        }
-        let mut grads = accumulator.grads();
+        let StepGradient {
+            mut grads,
+            loss,
+            tokens,
+            trained_targets,
+        } = next_gradient(&model, step)?;
         if let Some(reference) = &reference {
             reference.add_gradient(&model, &mut grads, options.prox_mu);
         }
@@ -199,11 +266,11 @@ pub fn train_with(
         model = optim.step(learning_rate, model, grads);
         let report = StepReport {
             step,
-            loss: loss_sum,
+            loss,
             learning_rate,
             grad_norm,
             tokens,
-            trained_targets: weight,
+            trained_targets,
         };
         observer.step(&report);
         reports.push(report);
@@ -252,6 +319,21 @@ pub fn train_local_observed(
     spec.validate(model.model_spec())?;
     check_vocab(tokens, model.model_spec().vocab_size)?;
     let prefix = model.window_prefix();
+    if let Some(dp) = options.record_dp {
+        let records = dp_sgd::PoissonRecords::new(tokens, spec.seq_len, prefix, spec.batch_size)?;
+        // The sample and the noise must be secret: the OS's randomness, not the plan's seeds.
+        let (model, reports) = train_dp(
+            model,
+            spec,
+            &records,
+            dp,
+            device,
+            observer,
+            options,
+            &mut rand::rng(),
+        )?;
+        return Ok((model, TrainStats::from_reports(&reports)));
+    }
     let mut source = RandomWindows::new(tokens, spec.batch_size, spec.seq_len, prefix, seed)?;
     let (model, reports) = train_with(model, spec, &mut source, device, observer, options)?;
     Ok((model, TrainStats::from_reports(&reports)))
@@ -479,7 +561,10 @@ mod tests {
                 optimizer: fedcore::LocalOptimizer::Sgd,
                 ..spec(5, 2, 16, 1e-2)
             };
-            let options = TrainOptions { prox_mu: mu };
+            let options = TrainOptions {
+                prox_mu: mu,
+                ..Default::default()
+            };
             let (model, _) = train_local_with(model, &tokens, &spec, 3, &device, &options).unwrap();
             let b = b_values(&model);
             let moved: f64 = b

@@ -12,7 +12,8 @@ use anyhow::{Result, anyhow};
 use clap::Parser;
 use fedclient::device::DeviceChoice;
 use fedcore::AggregationMode;
-use fedcore::privacy::{PrivacyMode, PrivacySpec};
+use fedcore::privacy::{PrivacyMode, PrivacySpec, RecordDpSpec};
+use mekong_examples::canary::Canary;
 use mekong_examples::layout::Layout;
 use mekong_examples::pilot::{PilotModel, PilotOptions};
 
@@ -87,7 +88,22 @@ struct Args {
     /// With --dp-noise: each lab's update is scaled to at most this L2 norm.
     #[arg(long, default_value_t = PrivacySpec::default().l2_clip)]
     dp_clip: f64,
-    /// With --dp-noise: the δ of the (ε, δ) guarantee.
+    /// Record-level DP-SGD in every lab (`[plan.privacy.record]`): per-record gradients
+    /// clipped to --dp-sgd-clip, Gaussian noise of this many times the clip.
+    #[arg(long)]
+    dp_sgd_noise: Option<f64>,
+    /// With --dp-sgd-noise: each record's gradient is scaled to at most this L2 norm.
+    #[arg(long, default_value_t = 1.0)]
+    dp_sgd_clip: f64,
+    /// A memorisation test: plant a canary sentence with a random six-digit secret in this
+    /// lab's training text (e.g. lab-lo-ministry) and report its exposure under the models
+    /// after the run.
+    #[arg(long)]
+    canary_lab: Option<String>,
+    /// With --canary-lab: how many times the canary is repeated in the lab's text.
+    #[arg(long, default_value_t = 20)]
+    canary_repeats: usize,
+    /// With --dp-noise or --dp-sgd-noise: the δ of the (ε, δ) guarantee.
     #[arg(long, default_value_t = PrivacySpec::default().delta)]
     dp_delta: f64,
 }
@@ -135,15 +151,26 @@ async fn main() -> Result<()> {
         secure: !a.insecure_plaintext,
         admin_port: a.admin_port,
         share_losses: a.share_losses,
-        privacy: match a.dp_noise {
-            Some(noise_multiplier) => PrivacySpec {
-                mode: PrivacyMode::Distributed,
-                noise_multiplier,
-                l2_clip: a.dp_clip,
-                delta: a.dp_delta,
+        privacy: PrivacySpec {
+            mode: if a.dp_noise.is_some() {
+                PrivacyMode::Distributed
+            } else {
+                PrivacyMode::Off
             },
-            None => PrivacySpec::default(),
+            noise_multiplier: a
+                .dp_noise
+                .unwrap_or(PrivacySpec::default().noise_multiplier),
+            l2_clip: a.dp_clip,
+            delta: a.dp_delta,
+            record: a.dp_sgd_noise.map(|noise_multiplier| RecordDpSpec {
+                noise_multiplier,
+                max_grad_norm: a.dp_sgd_clip,
+            }),
         },
+        canary: a
+            .canary_lab
+            .as_deref()
+            .map(|lab| Canary::new(lab, a.canary_repeats, 0x00ca_4a12)),
         ..defaults
     };
     let report = mekong_examples::pilot::run(options).await?;

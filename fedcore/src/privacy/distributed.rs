@@ -282,6 +282,7 @@ mod tests {
             noise_multiplier: noise,
             l2_clip: clip,
             delta: 1e-5,
+            record: None,
         }
     }
 

@@ -22,4 +22,4 @@ pub mod rotation;
 pub mod skellam;
 pub mod spec;
 
-pub use spec::{PrivacyMode, PrivacySpec};
+pub use spec::{PrivacyMode, PrivacySpec, RecordDpSpec};

@@ -26,6 +26,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::plan::TrainingSpec;
 use crate::secagg::spec::SecureAggregationSpec;
 use crate::strategy::AggregationMode;
 
@@ -53,6 +54,26 @@ pub struct PrivacySpec {
     pub l2_clip: f64,
     /// The δ of the (ε, δ) guarantee: well below 1 / (number of labs).
     pub delta: f64,
+    /// `[privacy.record]`: record-level DP-SGD inside each lab, on top of (or without) the
+    /// noise on the sum. Absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<RecordDpSpec>,
+}
+
+/// `[privacy.record]`: DP-SGD in each lab's local training (Abadi et al. 2016): the lab's
+/// text cut into disjoint records of `training.seq_len` predictions, each step a Poisson
+/// sample of them at rate `training.batch_size / records`, each record's gradient clipped to
+/// `max_grad_norm`, Gaussian noise of `noise_multiplier · max_grad_norm` on the sum. The
+/// guarantee holds per record against anyone who sees the lab's updates, secure aggregation
+/// or not; each lab's ε depends on its own number of records.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordDpSpec {
+    /// σ: the noise's standard deviation over `max_grad_norm`.
+    pub noise_multiplier: f64,
+    /// C: each record's gradient (all trained tensors together) is scaled to at most this
+    /// L2 norm.
+    pub max_grad_norm: f64,
 }
 
 impl Default for PrivacySpec {
@@ -62,6 +83,7 @@ impl Default for PrivacySpec {
             noise_multiplier: 1.0,
             l2_clip: 0.05,
             delta: 1e-5,
+            record: None,
         }
     }
 }
@@ -88,7 +110,12 @@ impl PrivacySpec {
         secure: &SecureAggregationSpec,
         members: usize,
         mode: AggregationMode,
+        training: &TrainingSpec,
     ) -> Result<(), ConfigError> {
+        if let Some(record) = &self.record {
+            record.validate(training)?;
+            check_delta(self.delta)?;
+        }
         if !self.enabled() {
             return Ok(());
         }
@@ -122,12 +149,7 @@ impl PrivacySpec {
                 format!("{} must be a positive number", self.l2_clip),
             ));
         }
-        if !(self.delta > 0.0 && self.delta < 1.0) {
-            return Err(ConfigError::field(
-                "privacy.delta",
-                format!("{} must be between 0 and 1 (exclusive)", self.delta),
-            ));
-        }
+        check_delta(self.delta)?;
         if members > 0 && self.delta >= 1.0 / members as f64 {
             return Err(ConfigError::field(
                 "privacy.delta",
@@ -140,10 +162,59 @@ impl PrivacySpec {
         Ok(())
     }
 
+    /// Whether record-level DP-SGD is on.
+    pub fn record_level(&self) -> bool {
+        self.record.is_some()
+    }
+
     /// The labs whose noise no coalition can remove from a sum of `summed` labs, under
     /// `secure`: the summed minus the colluders tolerated, at least one.
     pub fn honest_in(&self, secure: &SecureAggregationSpec, summed: usize) -> usize {
         summed.saturating_sub(secure.max_colluding).max(1)
+    }
+}
+
+fn check_delta(delta: f64) -> Result<(), ConfigError> {
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(ConfigError::field(
+            "privacy.delta",
+            format!("{delta} must be between 0 and 1 (exclusive)"),
+        ));
+    }
+    Ok(())
+}
+
+impl RecordDpSpec {
+    /// Checks the section against the training it changes; errors name the field.
+    pub fn validate(&self, training: &TrainingSpec) -> Result<(), ConfigError> {
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
+            return Err(ConfigError::field(
+                "privacy.record.noise_multiplier",
+                format!("{} must be a positive number", self.noise_multiplier),
+            ));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm > 0.0) {
+            return Err(ConfigError::field(
+                "privacy.record.max_grad_norm",
+                format!("{} must be a positive number", self.max_grad_norm),
+            ));
+        }
+        if training.max_grad_norm.is_some() {
+            return Err(ConfigError::field(
+                "training.max_grad_norm",
+                "must be unset under [privacy.record]: each record's gradient is clipped to privacy.record.max_grad_norm instead",
+            ));
+        }
+        if training.grad_accumulation != 1 {
+            return Err(ConfigError::field(
+                "training.grad_accumulation",
+                format!(
+                    "{} must be 1 under [privacy.record]: a DP-SGD step is one Poisson sample of records (raise training.batch_size for larger steps)",
+                    training.grad_accumulation
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -161,7 +232,13 @@ mod tests {
     #[test]
     fn each_bad_field_is_named() {
         let secure = SecureAggregationSpec::default();
-        on().validate(&secure, 6, AggregationMode::FfaLora).unwrap();
+        on().validate(
+            &secure,
+            6,
+            AggregationMode::FfaLora,
+            &TrainingSpec::default(),
+        )
+        .unwrap();
         PrivacySpec::default()
             .validate(
                 &SecureAggregationSpec {
@@ -170,6 +247,7 @@ mod tests {
                 },
                 0,
                 AggregationMode::GroupB,
+                &TrainingSpec::default(),
             )
             .unwrap();
         let cases = [
@@ -214,9 +292,75 @@ mod tests {
             ),
         ];
         for (spec, secure, mode, field) in cases {
-            let err = spec.validate(&secure, 6, mode).unwrap_err().to_string();
+            let err = spec
+                .validate(&secure, 6, mode, &TrainingSpec::default())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn record_level_dp_refuses_what_it_replaces() {
+        let record = PrivacySpec {
+            record: Some(RecordDpSpec {
+                noise_multiplier: 1.0,
+                max_grad_norm: 1.0,
+            }),
+            ..Default::default()
+        };
+        let plaintext = SecureAggregationSpec {
+            enabled: false,
+            ..Default::default()
+        };
+        // Without secure aggregation too: the guarantee is the lab's own.
+        record
+            .validate(
+                &plaintext,
+                0,
+                AggregationMode::GroupB,
+                &TrainingSpec::default(),
+            )
+            .unwrap();
+        for (training, field) in [
+            (
+                TrainingSpec {
+                    max_grad_norm: Some(1.0),
+                    ..Default::default()
+                },
+                "training.max_grad_norm",
+            ),
+            (
+                TrainingSpec {
+                    grad_accumulation: 2,
+                    ..Default::default()
+                },
+                "training.grad_accumulation",
+            ),
+        ] {
+            let err = record
+                .validate(&plaintext, 0, AggregationMode::FfaLora, &training)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{err}");
+        }
+        let zero = PrivacySpec {
+            record: Some(RecordDpSpec {
+                noise_multiplier: 0.0,
+                max_grad_norm: 1.0,
+            }),
+            ..Default::default()
+        };
+        let err = zero
+            .validate(
+                &plaintext,
+                0,
+                AggregationMode::FfaLora,
+                &TrainingSpec::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("privacy.record.noise_multiplier"), "{err}");
     }
 
     #[test]

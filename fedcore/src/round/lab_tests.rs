@@ -458,6 +458,7 @@ fn noised_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
         noise_multiplier: 1.0,
         l2_clip: 0.5,
         delta: 1e-5,
+        record: None,
     };
     let mut c = Coordinator::new(plan.clone(), [3; 32]).unwrap();
     let initial = c.global().clone();
