@@ -243,6 +243,35 @@ mod tests {
             .heldout
     }
 
+    /// Each sequence's total NLL is what evaluating it alone gives (mean × predictions),
+    /// whatever the batch it is scored in; unequal lengths are refused.
+    #[test]
+    fn sequence_nll_is_each_sequences_total_loss() {
+        let device = Device::flex();
+        let model = LoraLlama::new(&ModelSpec::tiny(), &LoraSpec::default(), &device).unwrap();
+        let texts = [
+            "The code is 123456.",
+            "The code is 654321.",
+            "The code is 000000.",
+        ];
+        let sequences: Vec<Vec<u32>> = texts.iter().map(|t| ByteTokenizer.encode(t)).collect();
+        let scores = sequence_nll(&model, &sequences, &device).unwrap();
+        assert_eq!(scores.len(), 3);
+        for (text, score) in texts.iter().zip(&scores) {
+            let h = heldout(text);
+            let alone = evaluate(&model, &h, 64, &device).unwrap();
+            let total = alone.loss * alone.tokens as f64;
+            assert!(
+                (score - total).abs() < 1e-3 * total,
+                "{text}: {score} vs {total}"
+            );
+        }
+        let one = sequence_nll(&model, &sequences[1..2], &device).unwrap();
+        assert!((one[0] - scores[1]).abs() < 1e-4 * scores[1]);
+        let uneven = vec![sequences[0].clone(), vec![1, 2]];
+        assert!(sequence_nll(&model, &uneven, &device).is_err());
+    }
+
     #[test]
     fn every_token_after_the_first_is_scored_once_whatever_the_window() {
         let device = Device::flex();

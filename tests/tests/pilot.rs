@@ -86,10 +86,25 @@ async fn pilot_runs_and_reports_every_language() {
         batch_size: 4,
         seq_len: 32,
         out_dir: dir.path().join("pilot"),
+        // Distributed DP on every sum, and a canary in one lab's text.
+        privacy: fedcore::privacy::PrivacySpec {
+            mode: fedcore::privacy::PrivacyMode::Distributed,
+            ..Default::default()
+        },
+        canary: Some(mekong_examples::canary::Canary::new("lab-km", 10, 1)),
         ..PilotOptions::default()
     };
     let report = mekong_examples::pilot::run(options).await.unwrap();
     assert_eq!(report.rows.len(), 3);
+    let epsilon = report.rows[0].epsilon.expect("ε under [privacy]");
+    assert!(epsilon > 0.0 && epsilon.is_finite());
+    assert!(report.rows.iter().all(|r| r.epsilon == Some(epsilon)));
+    let canary = report.canary.as_ref().expect("the canary was measured");
+    for e in [canary.own, canary.global, canary.others_max] {
+        assert_eq!(e.candidates, 999);
+        assert!((1..=1000).contains(&e.rank));
+        assert!(e.bits >= 0.0 && e.bits <= 1000f64.log2() + 1e-9);
+    }
     // One lab per language: A shared, each lab's own B.
     assert_eq!(report.strategy, AggregationMode::FedSaLora);
     // Three labs, each with its own B: three models, three scores.
@@ -123,7 +138,9 @@ async fn pilot_runs_and_reports_every_language() {
     assert!(
         table.contains("Lao (lo)")
             && table.contains("Indonesian (id)")
-            && table.contains("secure aggregation: on"),
+            && table.contains("secure aggregation: on")
+            && table.contains("differential privacy: distributed")
+            && table.contains("canary: \"The access code"),
         "{table}"
     );
     let adapter = fedcore::peft::read_dir(&report.final_adapter_dir).unwrap();
