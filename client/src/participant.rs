@@ -202,10 +202,10 @@ impl From<LabError> for ParticipantError {
             LabError::NoIdentity => ParticipantError::NoIdentity,
             LabError::Secure(e) => ParticipantError::Secure(e),
             LabError::Strategy(e) => ParticipantError::Strategy(e),
-            e
-            @ (LabError::NoPrivacy { .. } | LabError::MaxEpsilon(_) | LabError::Accountant(_)) => {
-                ParticipantError::Privacy(e)
-            }
+            e @ (LabError::NoPrivacy { .. }
+            | LabError::MaxEpsilon(_)
+            | LabError::Accountant(_)
+            | LabError::RecordRate(_)) => ParticipantError::Privacy(e),
             LabError::Plan(e) => ParticipantError::Plan(e),
         }
     }
@@ -456,25 +456,6 @@ pub struct ParticipantReport {
     pub timing: RunTiming,
 }
 
-/// A lab's record-level DP-SGD so far: its sampling rate, the noise, the steps taken.
-struct RecordPrivacy {
-    rate: f64,
-    noise_multiplier: f64,
-    steps: u64,
-}
-
-impl RecordPrivacy {
-    /// ε at `delta` of the steps taken (the Poisson-subsampled Gaussian, composed).
-    fn epsilon(&self, delta: f64) -> Result<f64, ParticipantError> {
-        let mut accountant = fedcore::privacy::rdp::RdpAccountant::default();
-        accountant
-            .subsampled_gaussian(self.rate, self.noise_multiplier, self.steps)
-            .and_then(|()| accountant.epsilon(delta))
-            .map(|(epsilon, _)| epsilon)
-            .map_err(|e| ParticipantError::Privacy(LabError::Accountant(e)))
-    }
-}
-
 /// A lab's whole run in seconds: what happened before its first round and after its last,
 /// beside the rounds ([`RoundReport::timing`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -515,11 +496,27 @@ pub async fn run(
         &plan.fingerprint(),
         &options.name,
     )?;
+    let corpus = Arc::new(corpus);
+    let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
+    // Record-level DP-SGD: this lab's sampling rate, from its own number of records.
+    let record_sampling_rate = match &plan.privacy.record {
+        Some(_) => Some(
+            PoissonRecords::new(
+                &corpus.train,
+                plan.training.seq_len,
+                model.window_prefix(),
+                plan.training.batch_size,
+            )?
+            .rate(),
+        ),
+        None => None,
+    };
     // The round protocol, as a sans-IO machine: this function performs what it decides.
     let mut lab = LabMachine::new(
         plan.clone(),
         LabSetup {
             max_epsilon: options.max_epsilon,
+            record_sampling_rate,
             name: options.name.clone(),
             max_rounds: options.max_rounds,
             min_peers: options.min_peers.max(MIN_PEERS_FLOOR),
@@ -553,24 +550,6 @@ pub async fn run(
     let default_rank = plan.strategy.participant_rank(&plan.lora, &name);
     let b_layout = template.adapter.b_manifest();
 
-    let corpus = Arc::new(corpus);
-    let mut model = LoraLlama::for_plan(&plan.model, &plan.lora, options.base.as_deref(), &device)?;
-    // Record-level DP-SGD: this lab's sampling rate (from its own number of records) and
-    // the steps it has taken, for its own accountant.
-    let mut record_privacy = match &plan.privacy.record {
-        Some(record) => Some(RecordPrivacy {
-            rate: PoissonRecords::new(
-                &corpus.train,
-                plan.training.seq_len,
-                model.window_prefix(),
-                plan.training.batch_size,
-            )?
-            .rate(),
-            noise_multiplier: record.noise_multiplier,
-            steps: 0,
-        }),
-        None => None,
-    };
     let setup_s = run_started.elapsed().as_secs_f64();
     let evaluating = std::time::Instant::now();
     let initial_eval = if options.scoring.base {
@@ -746,11 +725,6 @@ pub async fn run(
                         train_round(model, order, &plan, &corpus, &device, &options, &observer)
                             .await?;
                     model = trained;
-                    if let Some(record) = record_privacy.as_mut() {
-                        record.steps += stats.steps as u64;
-                        let epsilon = record.epsilon(plan.privacy.delta)?;
-                        info!(participant = %name, round, epsilon, delta = plan.privacy.delta, sampling_rate = record.rate, steps = record.steps, "record-level privacy spent by this lab's DP-SGD so far");
-                    }
                     if let Some(scores) = &scores {
                         clock
                             .time(
@@ -905,6 +879,9 @@ pub async fn run(
                     if let Some(spent) = lab.epsilon_spent()? {
                         info!(participant = %name, round, epsilon = spent, delta = plan.privacy.delta, "privacy spent by this lab's data so far (every noised sum its updates entered)");
                     }
+                    if let Some(spent) = lab.record_epsilon_spent()? {
+                        info!(participant = %name, round, epsilon = spent, delta = plan.privacy.delta, sampling_rate = record_sampling_rate, "record-level privacy spent by this lab's DP-SGD so far (every round whose update left it)");
+                    }
                     let timing = clock.finish_round();
                     observer.round_finished(&name, round, &timing);
                     timing_reports
@@ -949,9 +926,7 @@ pub async fn run(
         None
     };
     let epsilon_spent = lab.epsilon_spent()?;
-    let record_epsilon = record_privacy
-        .map(|r| r.epsilon(plan.privacy.delta))
-        .transpose()?;
+    let record_epsilon = lab.record_epsilon_spent()?;
     Ok(ParticipantReport {
         name: options.name,
         language: options.language,

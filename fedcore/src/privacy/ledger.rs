@@ -8,7 +8,7 @@
 //! carries its own parameters and ε is recomputed from all of them (RDP adds at each order).
 
 use super::ddg::{DistributedDiscreteGaussian, orders};
-use super::rdp::{AccountantError, epsilon};
+use super::rdp::{AccountantError, RdpAccountant, epsilon};
 
 /// ε at `delta` after every mechanism in `spent`, composed (0 when empty).
 pub fn epsilon_spent(
@@ -27,6 +27,22 @@ pub fn epsilon_spent(
     }
     let orders: Vec<f64> = orders.iter().map(|&a| a as f64).collect();
     Ok(epsilon(&orders, &total, delta)?.0)
+}
+
+/// Record-level ε at `delta` of `steps` DP-SGD steps, each a Poisson sample at rate `q`
+/// with noise multiplier `noise_multiplier` (the subsampled Gaussian, composed).
+pub fn record_epsilon(
+    q: f64,
+    noise_multiplier: f64,
+    steps: u64,
+    delta: f64,
+) -> Result<f64, AccountantError> {
+    if steps == 0 {
+        return Ok(0.0);
+    }
+    let mut accountant = RdpAccountant::default();
+    accountant.subsampled_gaussian(q, noise_multiplier, steps)?;
+    Ok(accountant.epsilon(delta)?.0)
 }
 
 #[cfg(test)]

@@ -187,6 +187,11 @@ impl RevealLog {
         }
     }
 
+    /// How many updates this lab revealed (each let the center unmask one sum).
+    pub fn reveals(&self) -> u64 {
+        self.globals.len() as u64
+    }
+
     /// The noised sums this lab's updates entered under this plan (the privacy it spent).
     pub fn spent(&self) -> Vec<DistributedDiscreteGaussian> {
         self.globals

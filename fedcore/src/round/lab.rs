@@ -28,7 +28,7 @@ use super::{
 };
 use crate::adapter::LoraAdapter;
 use crate::plan::FederationPlan;
-use crate::privacy::ledger::epsilon_spent;
+use crate::privacy::ledger::{epsilon_spent, record_epsilon};
 use crate::secagg::participant::RoundRandomness;
 use crate::secagg::spec::{RoundNumberError, check_round_numbers};
 use crate::strategy::{
@@ -112,6 +112,10 @@ pub enum LabError {
     NoPrivacy { max_epsilon: f64 },
     #[error("policy.max_epsilon = {0}: expected a positive number")]
     MaxEpsilon(f64),
+    #[error(
+        "the plan trains with DP-SGD ([privacy.record]) but this lab's sampling rate is {0:?}; expected batch_size / records, in (0, 1]"
+    )]
+    RecordRate(Option<f64>),
     #[error("the privacy accountant failed: {0}")]
     Accountant(#[from] crate::privacy::rdp::AccountantError),
 }
@@ -127,8 +131,13 @@ pub struct LabSetup {
     pub identity_seed: Option<Zeroizing<[u8; 32]>>,
     /// The most ε (at the plan's δ) this lab's data may spend in this federation
     /// (`max_epsilon`); none: no limit. A lab with a limit refuses a plan without
-    /// `[privacy]`, and leaves before the round that could take it past the limit.
+    /// `[privacy]`, and leaves before the round that could take it past the limit (for
+    /// each kind of DP the plan has: the client-level ε of the noised sums, the record-level
+    /// ε of its DP-SGD).
     pub max_epsilon: Option<f64>,
+    /// Under `[privacy.record]`: this lab's DP-SGD sampling rate, `batch_size / records`
+    /// of its own text (the shell counts its records).
+    pub record_sampling_rate: Option<f64>,
 }
 
 /// A training task, with the global adapter it names already downloaded by the shell.
@@ -306,9 +315,16 @@ impl LabMachine {
             if !(max_epsilon.is_finite() && max_epsilon > 0.0) {
                 return Err(LabError::MaxEpsilon(max_epsilon));
             }
-            if !plan.privacy.enabled() {
+            if !plan.privacy.enabled() && !plan.privacy.record_level() {
                 return Err(LabError::NoPrivacy { max_epsilon });
             }
+        }
+        if plan.privacy.record_level()
+            && !setup
+                .record_sampling_rate
+                .is_some_and(|q| q > 0.0 && q <= 1.0)
+        {
+            return Err(LabError::RecordRate(setup.record_sampling_rate));
         }
         Ok(LabMachine {
             plan,
@@ -343,6 +359,33 @@ impl LabMachine {
         }
         Ok(Some(epsilon_spent(
             &self.reveals.spent(),
+            self.plan.privacy.delta,
+        )?))
+    }
+
+    /// The record-level ε (at the plan's δ) of this lab's DP-SGD: the steps of every round
+    /// whose update left the lab (revealed under secure aggregation, handed in otherwise).
+    /// None without `[privacy.record]`.
+    pub fn record_epsilon_spent(&self) -> Result<Option<f64>, LabError> {
+        self.record_epsilon_after(0)
+    }
+
+    /// The record-level ε after `more` further rounds (None without `[privacy.record]`).
+    fn record_epsilon_after(&self, more: u64) -> Result<Option<f64>, LabError> {
+        let (Some(record), Some(q)) = (&self.plan.privacy.record, self.setup.record_sampling_rate)
+        else {
+            return Ok(None);
+        };
+        let rounds = if self.plan.secure_aggregation.enabled {
+            self.reveals.reveals()
+        } else {
+            self.rounds_done
+        };
+        let steps = (rounds + more) * self.plan.training.local_steps as u64;
+        Ok(Some(record_epsilon(
+            q,
+            record.noise_multiplier,
+            steps,
             self.plan.privacy.delta,
         )?))
     }
@@ -390,6 +433,15 @@ impl LabMachine {
                 global: task.global,
             });
         }
+        // Another round of DP-SGD would spend its steps whatever the round's layout.
+        if let Some(limit) = self.setup.max_epsilon
+            && self.record_epsilon_after(1)?.is_some_and(|e| e > limit)
+        {
+            return Ok(Next::Leave {
+                reason: LeaveReason::PrivacyBudget,
+                global: task.global,
+            });
+        }
         let global = self.last_global.insert(task.global);
         let global_hash = global.content_hash();
         match (&task.secure, self.plan.secure_aggregation.enabled) {
@@ -416,6 +468,7 @@ impl LabMachine {
         };
         let layout = self.strategy.upload_layout(global, &state);
         if let Some(limit) = self.setup.max_epsilon
+            && self.plan.privacy.enabled()
             && epsilon_after(&self.plan, &self.reveals, round, layout.len())? > limit
         {
             return Ok(Next::Leave {

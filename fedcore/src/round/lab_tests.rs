@@ -38,6 +38,7 @@ fn setup(name: &str, i: usize) -> LabSetup {
         min_peers: 2,
         identity_seed: Some(Zeroizing::new(identity_seed(i))),
         max_epsilon: None,
+        record_sampling_rate: Some(0.05),
     }
 }
 
@@ -573,4 +574,52 @@ fn noised_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("max_epsilon = 8"), "{err}");
+}
+
+/// Under `[privacy.record]` a lab counts the DP-SGD steps of every round it revealed, and
+/// leaves before the round whose steps would take it past its budget; a lab that cannot
+/// say its sampling rate refuses the plan.
+#[test]
+fn a_lab_leaves_before_dp_sgd_would_exceed_its_budget() {
+    use crate::privacy::RecordDpSpec;
+    use crate::privacy::ledger::record_epsilon;
+    let mut plan = secure_plan(4, None, 3);
+    plan.privacy.record = Some(RecordDpSpec {
+        noise_multiplier: 1.0,
+        max_grad_norm: 1.0,
+    });
+    let steps = plan.training.local_steps as u64;
+    let two = record_epsilon(0.05, 1.0, 2 * steps, 1e-5).unwrap();
+    let three = record_epsilon(0.05, 1.0, 3 * steps, 1e-5).unwrap();
+    assert!(two < three);
+    let mut c = Coordinator::new(plan.clone(), [3; 32]).unwrap();
+    let mut labs = labs(&mut c, 4);
+    labs[0].machine = LabMachine::new(
+        plan.clone(),
+        LabSetup {
+            max_epsilon: Some((two + three) / 2.0),
+            ..setup("lab0", 0)
+        },
+        labs[0].disk.clone(),
+    )
+    .unwrap();
+    drive(&mut c, &mut labs, 10);
+    assert_eq!(c.history().len(), 3, "{:?}", c.status());
+    assert_eq!(labs[0].left, Some(LeaveReason::PrivacyBudget));
+    assert_eq!(labs[0].done, [1, 2]);
+    assert_eq!(labs[0].machine.record_epsilon_spent().unwrap(), Some(two));
+    assert_eq!(labs[1].machine.record_epsilon_spent().unwrap(), Some(three));
+    // No noise on the sums: no client-level ε.
+    assert_eq!(labs[1].machine.epsilon_spent().unwrap(), None);
+    let err = LabMachine::new(
+        plan,
+        LabSetup {
+            record_sampling_rate: None,
+            ..setup("lab0", 0)
+        },
+        RevealLog::new("00"),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("sampling rate"), "{err}");
 }
