@@ -198,19 +198,23 @@ async fn noised_secure_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
     );
 }
 
-/// Record-level DP-SGD in every lab (`[plan.privacy.record]`), with plaintext aggregation:
-/// the guarantee is each lab's own, so it needs no secure aggregation. The run completes
-/// and each lab's record-level ε is the accountant's for its own sampling rate (its number
-/// of disjoint records) over the steps it took.
+/// Record-level DP-SGD in every lab (`[plan.privacy.record]`) under secure aggregation: the
+/// run completes, and each lab's record-level ε (counted from the rounds it revealed) is
+/// the accountant's for its own sampling rate (its number of disjoint records) over the
+/// steps it took. The guarantee is each lab's own; without secure aggregation it holds too
+/// (`a_lab_leaves_before_dp_sgd_would_exceed_its_budget` covers the counting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_level_dp_sgd_runs_and_each_lab_counts_its_own_epsilon() {
     use fedclient::train::dp_sgd::PoissonRecords;
     use fedcore::privacy::RecordDpSpec;
     use fedcore::privacy::rdp::RdpAccountant;
-    use mekong_e2e::test_plan;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut plan = test_plan(3, 2, 3, 60_000);
+    let codes = ["lo", "km", "th"];
+    let names: Vec<String> = codes.iter().map(|c| format!("lab-{c}")).collect();
+    let identities: Vec<_> = (0..3).map(test_identity).collect();
+    let roster: Vec<(&str, _)> = names.iter().map(String::as_str).zip(&identities).collect();
+    let mut plan = secure_test_plan(&roster, 2, 60_000, 60_000);
     plan.privacy.record = Some(RecordDpSpec {
         noise_multiplier: 1.1,
         max_grad_norm: 0.5,
@@ -219,10 +223,11 @@ async fn record_level_dp_sgd_runs_and_each_lab_counts_its_own_epsilon() {
     let server = fedaggregator::start(&aggregator_config(plan.clone(), dir.path()))
         .await
         .unwrap();
-    let codes = ["lo", "km", "th"];
     let mut labs = Vec::new();
-    for code in codes {
-        let options = participant_options(&server.url(), &format!("lab-{code}"), code);
+    for (i, code) in codes.iter().enumerate() {
+        let mut options = participant_options(&server.url(), &names[i], code);
+        options.identity = Some(Arc::new(test_identity(i as u8)));
+        options.plan_sha256 = Some(plan.fingerprint());
         labs.push(tokio::spawn(participant::run(
             options,
             corpus(code),

@@ -95,6 +95,17 @@ impl LoraLlama {
         self
     }
 
+    /// Gives every trained LoRA factor `n` per-example copies for the next batch of `n`
+    /// examples (DP-SGD's per-example gradients in one backward pass; see
+    /// `LoraLinear::expand_per_example`), returning them with the ids of the factors.
+    pub(crate) fn expand_per_example(&mut self, n: usize) -> Vec<super::lora_linear::PerExample> {
+        let mut out = Vec::new();
+        for (_, layer, target) in self.adapted() {
+            out.extend(self.layers[layer].target_mut(target).expand_per_example(n));
+        }
+        out
+    }
+
     /// Sets A and B of every adapted module from `adapter`. The adapter must carry exactly the
     /// modules this model adapts, with the model's rank and alpha; everything is checked before
     /// anything is written. Which factors train is kept (see [`Self::set_trainable`]).

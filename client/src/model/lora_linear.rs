@@ -43,6 +43,17 @@ pub struct LoraBranch {
     scaling: f32,
     /// PEFT's `lora_dropout` on the branch's input; active only in training (autodiff).
     dropout: Dropout,
+    /// DP-SGD's per-example copies of the trained factors (`[n, in, r]`, `[n, r, out]`),
+    /// present only inside one DP-SGD step ([`LoraLinear::expand_per_example`]): example
+    /// `i` of the batch goes through copy `i`, so each copy's gradient is that example's.
+    a_each: Option<Param<Tensor<3>>>,
+    b_each: Option<Param<Tensor<3>>>,
+}
+
+/// A factor's per-example copy, and the id of the parameter it copies.
+pub(crate) struct PerExample {
+    pub of: ParamId,
+    pub copies: Param<Tensor<3>>,
 }
 
 impl LoraLinear {
@@ -101,6 +112,8 @@ impl LoraLinear {
             b_t: Param::from_data(b_t, device),
             scaling,
             dropout: DropoutConfig::new(dropout).init(),
+            a_each: None,
+            b_each: None,
         });
         Ok(self)
     }
@@ -125,6 +138,8 @@ impl LoraLinear {
                 .transform_for_load(Tensor::from_data(b_t, &device), b_id),
             scaling: branch.scaling,
             dropout: branch.dropout,
+            a_each: None,
+            b_each: None,
         });
         Ok(())
     }
@@ -173,6 +188,8 @@ impl LoraLinear {
                 b_t: branch.b_t.set_require_grad(b),
                 scaling: branch.scaling,
                 dropout: branch.dropout,
+                a_each: None,
+                b_each: None,
             });
         }
     }
@@ -210,6 +227,10 @@ impl LoraLinear {
         };
         match &self.lora {
             None => linear(x, weight, bias),
+            Some(branch) if branch.a_each.is_some() || branch.b_each.is_some() => {
+                let base = linear(x.clone(), weight, bias);
+                base + branch.per_example_forward(x)
+            }
             Some(branch) => {
                 let base = linear(x.clone(), weight, bias);
                 let low_rank = linear(branch.dropout.forward(x), branch.a_t.val(), None)
@@ -217,6 +238,44 @@ impl LoraLinear {
                 base + linear(low_rank, branch.b_t.val(), None)
             }
         }
+    }
+
+    /// Gives every trained factor of the branch `n` per-example copies (fresh leaves equal
+    /// to it), through which the rows of the next batch of `n` examples go: the copies'
+    /// gradients are then the per-example gradients DP-SGD clips, in one backward pass.
+    /// The factors themselves get no gradient from a model with copies: DP-SGD expands a
+    /// clone of the model for one step and drops it.
+    pub(crate) fn expand_per_example(&mut self, n: usize) -> Vec<PerExample> {
+        let Some(branch) = self.lora.as_mut() else {
+            return Vec::new();
+        };
+        let copy = |p: &Param<Tensor<2>>| -> Option<Param<Tensor<3>>> {
+            let value = p.val();
+            value.is_require_grad().then(|| {
+                let [rows, cols] = value.dims();
+                // Built on the inner backend and brought back as a fresh leaf.
+                Param::from_tensor(
+                    Tensor::from_inner(value.inner().reshape([1, rows, cols]).repeat_dim(0, n))
+                        .require_grad(),
+                )
+            })
+        };
+        branch.a_each = copy(&branch.a_t);
+        branch.b_each = copy(&branch.b_t);
+        let mut out = Vec::new();
+        if let Some(copies) = &branch.a_each {
+            out.push(PerExample {
+                of: branch.a_t.id,
+                copies: copies.clone(),
+            });
+        }
+        if let Some(copies) = &branch.b_each {
+            out.push(PerExample {
+                of: branch.b_t.id,
+                copies: copies.clone(),
+            });
+        }
+        out
     }
 
     /// Checks that `module`'s A is `[r, in]` and B `[out, r]` for this layer (and, when a
@@ -243,6 +302,30 @@ impl LoraLinear {
         };
         check("lora_A", [expected_rank, in_f], module.a.shape())?;
         check("lora_B", [out_f, expected_rank], module.b.shape())
+    }
+}
+
+impl LoraBranch {
+    /// `(alpha/r)·(x·Aᵢᵀ)·Bᵢᵀ` with example `i`'s copies for the rows of example `i` (the
+    /// leading axis of `x`), the shared factor where a factor has no copies.
+    fn per_example_forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let n = dims[0];
+        let inner = dims[D - 1];
+        let rows: usize = dims[1..D - 1].iter().product();
+        let x3: Tensor<3> = self.dropout.forward(x).reshape([n, rows, inner]);
+        let low = match &self.a_each {
+            Some(a) => x3.matmul(a.val()),
+            None => linear(x3, self.a_t.val(), None),
+        }
+        .mul_scalar(self.scaling);
+        let out = match &self.b_each {
+            Some(b) => low.matmul(b.val()),
+            None => linear(low, self.b_t.val(), None),
+        };
+        let mut shape = dims;
+        shape[D - 1] = out.dims()[2];
+        out.reshape(shape)
     }
 }
 

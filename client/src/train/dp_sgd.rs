@@ -19,12 +19,11 @@
 //! Opacus): `steps` steps at rate `q` with noise multiplier σ.
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 
 use super::StepGradient;
-use super::clip::{global_norm, scale};
 use crate::error::ModelError;
 use crate::model::{LoraLlama, RowBatch};
 
@@ -99,6 +98,11 @@ impl<'a> PoissonRecords<'a> {
             .collect()
     }
 
+    /// The records starting at `starts`, one row each.
+    pub fn batch(&self, starts: &[usize]) -> RowBatch {
+        RowBatch::windows_after(self.prefix, self.tokens, starts, self.seq_len)
+    }
+
     /// The record starting at `start`, as a one-row batch.
     pub fn record(&self, start: usize) -> RowBatch {
         RowBatch::windows_after(self.prefix, self.tokens, &[start], self.seq_len)
@@ -109,6 +113,12 @@ impl<'a> PoissonRecords<'a> {
 /// records' gradients, each clipped to `dp.max_grad_norm`, summed, noised and divided by
 /// the expected batch size. `rng` draws the sample and the noise: it must be secret (the
 /// OS's randomness) outside tests.
+///
+/// The per-record gradients come from one forward and one backward pass over the whole
+/// sample: every trained LoRA factor gets one copy per record
+/// ([`LoraLlama::expand_per_example`]), record `i` goes through copy `i`, so copy `i`'s
+/// gradient is record `i`'s gradient. The copies are `records × rank × width`, small beside
+/// the activations.
 pub(crate) fn noised_gradient<R: Rng + ?Sized>(
     model: &LoraLlama,
     records: &PoissonRecords<'_>,
@@ -118,30 +128,55 @@ pub(crate) fn noised_gradient<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Result<StepGradient, ModelError> {
     let sample = records.sample(rng);
-    let mut accumulator = GradientsAccumulator::<LoraLlama>::new();
-    let (mut loss_sum, mut tokens, mut targets) = (0f64, 0, 0f64);
-    for &start in &sample {
-        let batch = records.record(start);
-        let weight = batch.trained_targets().max(1.0);
-        let (nll, weights) = batch.to_device(autodiff).nll(model);
-        let loss = (nll * weights).sum().div_scalar(weight as f32);
-        let mut grads = GradientsParams::from_grads(loss.backward(), model);
-        let value: f32 = loss
+    let mut grads = GradientsParams::new();
+    let (mut loss, mut tokens, mut targets) = (0f64, 0, 0f64);
+    if !sample.is_empty() {
+        let n = sample.len();
+        let batch = records.batch(&sample);
+        let mut expanded = model.clone();
+        let copies = expanded.expand_per_example(n);
+        let (nll, weights) = batch.to_device(autodiff).nll(&expanded);
+        // Every record has `seq` targets of weight 1: the sum of the records' mean losses.
+        let total = (nll * weights).sum().div_scalar(batch.seq as f32);
+        let value: f32 = total
+            .clone()
             .try_into_scalar()
             .map_err(|e| ModelError::backend("reading the training loss", e))?;
         if !value.is_finite() {
             return Err(ModelError::Diverged { step, loss: value });
         }
-        let norm = global_norm(model, &grads)?;
-        if norm > dp.max_grad_norm {
-            scale(model, &mut grads, (dp.max_grad_norm / norm) as f32);
+        let backward = total.backward();
+        let per_record: Vec<_> = copies
+            .iter()
+            .filter_map(|c| c.copies.val().grad(&backward).map(|g| (c.of, g)))
+            .collect();
+        let mut squared: Option<Tensor<1>> = None;
+        for (_, g) in &per_record {
+            let sq = g.clone().square().sum_dim(2).sum_dim(1).reshape([n]);
+            squared = Some(match squared {
+                Some(acc) => acc + sq,
+                None => sq,
+            });
         }
-        accumulator.accumulate(model, grads);
-        loss_sum += f64::from(value);
-        tokens += batch.rows * batch.seq;
-        targets += batch.trained_targets();
+        if let Some(squared) = squared {
+            // min(1, C / ‖g_i‖) per record.
+            let factors = squared
+                .sqrt()
+                .clamp_min(1e-30)
+                .recip()
+                .mul_scalar(dp.max_grad_norm as f32)
+                .clamp_max(1.0)
+                .reshape([n, 1, 1]);
+            for (id, g) in per_record {
+                let [_, rows, cols] = g.dims();
+                let clipped = (g * factors.clone()).sum_dim(0).reshape([rows, cols]);
+                grads.register::<2>(id, clipped);
+            }
+        }
+        loss = f64::from(value) / n as f64;
+        tokens = batch.rows * batch.seq;
+        targets = batch.trained_targets();
     }
-    let mut grads = accumulator.grads();
     let mut visitor = AddNoise {
         grads: &mut grads,
         stddev: dp.noise_multiplier * dp.max_grad_norm,
@@ -155,7 +190,7 @@ pub(crate) fn noised_gradient<R: Rng + ?Sized>(
     }
     Ok(StepGradient {
         grads,
-        loss: loss_sum / sample.len().max(1) as f64,
+        loss,
         tokens,
         trained_targets: targets,
     })
@@ -204,8 +239,68 @@ fn gaussian<R: Rng + ?Sized>(rng: &mut R) -> f64 {
 mod tests {
     use super::*;
     use crate::data::TextTokenizer;
+    use crate::train::clip::{global_norm, scale};
+    use burn::optim::GradientsAccumulator;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    /// The reference [`noised_gradient`] is tested against: one backward pass per sampled
+    /// record (microbatches of one), each gradient clipped on its own. Otherwise the same.
+    /// One DP-SGD step's gradient for `model` (on the autodiff device `autodiff`): the sampled
+    /// records' gradients, each clipped to `dp.max_grad_norm`, summed, noised and divided by
+    /// the expected batch size. `rng` draws the sample and the noise: it must be secret (the
+    /// OS's randomness) outside tests.
+    fn noised_gradient_per_record<R: Rng + ?Sized>(
+        model: &LoraLlama,
+        records: &PoissonRecords<'_>,
+        dp: RecordDp,
+        autodiff: &Device,
+        step: usize,
+        rng: &mut R,
+    ) -> Result<StepGradient, ModelError> {
+        let sample = records.sample(rng);
+        let mut accumulator = GradientsAccumulator::<LoraLlama>::new();
+        let (mut loss_sum, mut tokens, mut targets) = (0f64, 0, 0f64);
+        for &start in &sample {
+            let batch = records.record(start);
+            let weight = batch.trained_targets().max(1.0);
+            let (nll, weights) = batch.to_device(autodiff).nll(model);
+            let loss = (nll * weights).sum().div_scalar(weight as f32);
+            let mut grads = GradientsParams::from_grads(loss.backward(), model);
+            let value: f32 = loss
+                .try_into_scalar()
+                .map_err(|e| ModelError::backend("reading the training loss", e))?;
+            if !value.is_finite() {
+                return Err(ModelError::Diverged { step, loss: value });
+            }
+            let norm = global_norm(model, &grads)?;
+            if norm > dp.max_grad_norm {
+                scale(model, &mut grads, (dp.max_grad_norm / norm) as f32);
+            }
+            accumulator.accumulate(model, grads);
+            loss_sum += f64::from(value);
+            tokens += batch.rows * batch.seq;
+            targets += batch.trained_targets();
+        }
+        let mut grads = accumulator.grads();
+        let mut visitor = AddNoise {
+            grads: &mut grads,
+            stddev: dp.noise_multiplier * dp.max_grad_norm,
+            divide_by: records.expected_batch(),
+            rng,
+            error: None,
+        };
+        model.visit(&mut visitor);
+        if let Some(e) = visitor.error {
+            return Err(e);
+        }
+        Ok(StepGradient {
+            grads,
+            loss: loss_sum / sample.len().max(1) as f64,
+            tokens,
+            trained_targets: targets,
+        })
+    }
 
     #[test]
     fn records_are_disjoint_and_sampled_at_their_rate() {
@@ -345,6 +440,101 @@ mod tests {
         let sd = (diffs.iter().map(|d| d * d).sum::<f64>() / diffs.len() as f64).sqrt();
         let expected = 2.0 * clip / n;
         assert!((sd / expected - 1.0).abs() < 0.05, "{sd} vs {expected}");
+    }
+
+    /// The one-pass per-example gradients equal one backward pass per record, clipped or
+    /// not (same sample, no noise).
+    #[test]
+    fn one_pass_equals_one_pass_per_record() {
+        let (model, tokens, device) = setup();
+        // A nonzero B, so that A has a gradient too.
+        let mut adapter = model.export_adapter();
+        for (_, module) in adapter.modules_mut() {
+            for (i, v) in module.b.data_mut().iter_mut().enumerate() {
+                *v = 0.01 * ((i % 7) as f32 - 3.0);
+            }
+        }
+        let model = model.load_adapter(&adapter).unwrap();
+        let autodiff = device.autodiff();
+        let records = PoissonRecords::new(&tokens, 32, None, 6).unwrap();
+        // B alone (FFA-LoRA), A and B (FedIT, FedSA-LoRA), A alone (a RoLoRA A round).
+        for ((a, b), clip) in [(false, true), (true, true), (true, false)]
+            .into_iter()
+            .flat_map(|t| [1e9, 0.05, 1e-4].map(|c| (t, c)))
+        {
+            let model = model.clone().set_trainable(a, b);
+            let dp = RecordDp {
+                noise_multiplier: 0.0,
+                max_grad_norm: clip,
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let fast = noised_gradient(&model, &records, dp, &autodiff, 0, &mut rng).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let slow =
+                noised_gradient_per_record(&model, &records, dp, &autodiff, 0, &mut rng).unwrap();
+            assert!(
+                (fast.loss - slow.loss).abs() < 1e-4 * slow.loss,
+                "clip {clip}"
+            );
+            let _ = (a, b);
+            assert_eq!(fast.tokens, slow.tokens);
+            let (a, b) = (flatten(&model, &fast.grads), flatten(&model, &slow.grads));
+            assert_eq!(a.len(), b.len());
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0);
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * scale, "clip {clip}: {x} vs {y}");
+            }
+        }
+    }
+
+    /// The per-example copies' batched products on wgpu give flex's clipped gradient (same
+    /// sample, no noise): DP-SGD on a lab's GPU computes what the CPU does.
+    #[test]
+    fn wgpu_gives_flexs_clipped_gradient() {
+        use crate::device::{DeviceChoice, select_device, wgpu_available};
+        let required = std::env::var("MEKONG_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+        if !wgpu_available() {
+            assert!(!required, "MEKONG_REQUIRE_WGPU=1 but wgpu found no adapter");
+            eprintln!("SKIPPED wgpu_gives_flexs_clipped_gradient: no wgpu adapter");
+            return;
+        }
+        let wgpu = select_device(DeviceChoice::Wgpu).unwrap().device;
+        let text = crate::train::tests::sample_text();
+        let tokens = crate::data::ByteTokenizer.encode(&text);
+        let records = PoissonRecords::new(&tokens, 32, None, 4).unwrap();
+        let dp = RecordDp {
+            noise_multiplier: 0.0,
+            max_grad_norm: 0.05,
+        };
+        let gradient = |device: &Device| {
+            let model = LoraLlama::new(
+                &fedcore::ModelSpec::tiny(),
+                &fedcore::LoraSpec::default(),
+                device,
+            )
+            .unwrap()
+            .set_trainable(true, true)
+            .train();
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            let g = noised_gradient(
+                &model,
+                &records,
+                dp,
+                &device.clone().autodiff(),
+                0,
+                &mut rng,
+            )
+            .unwrap();
+            flatten(&model, &g.grads)
+        };
+        let (flex, gpu) = (gradient(&Device::flex()), gradient(&wgpu));
+        assert_eq!(flex.len(), gpu.len());
+        let scale = flex.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(scale > 0.0);
+        for (a, b) in flex.iter().zip(&gpu) {
+            assert!((a - b).abs() <= 1e-3 * scale, "flex {a} vs wgpu {b}");
+        }
     }
 
     #[test]
