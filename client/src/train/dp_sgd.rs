@@ -177,23 +177,33 @@ pub(crate) fn noised_gradient<R: Rng + ?Sized>(
         tokens = batch.rows * batch.seq;
         targets = batch.trained_targets();
     }
-    let mut visitor = AddNoise {
-        grads: &mut grads,
-        stddev: dp.noise_multiplier * dp.max_grad_norm,
-        divide_by: records.expected_batch(),
-        rng,
-        error: None,
-    };
-    model.visit(&mut visitor);
-    if let Some(e) = visitor.error {
-        return Err(e);
-    }
+    add_noise(model, &mut grads, dp, records, rng)?;
     Ok(StepGradient {
         grads,
         loss,
         tokens,
         trained_targets: targets,
     })
+}
+
+/// Adds DP-SGD's noise, N(0, (σ·C)²), to the gradient of every trained tensor of `model`
+/// and divides by the expected batch size.
+fn add_noise<R: Rng + ?Sized>(
+    model: &LoraLlama,
+    grads: &mut GradientsParams,
+    dp: RecordDp,
+    records: &PoissonRecords<'_>,
+    rng: &mut R,
+) -> Result<(), ModelError> {
+    let mut visitor = AddNoise {
+        grads,
+        stddev: dp.noise_multiplier * dp.max_grad_norm,
+        divide_by: records.expected_batch(),
+        rng,
+        error: None,
+    };
+    model.visit(&mut visitor);
+    visitor.error.map_or(Ok(()), Err)
 }
 
 /// Adds N(0, stddev²) to every trained tensor's gradient (a zero gradient when no sampled
@@ -283,17 +293,7 @@ mod tests {
             targets += batch.trained_targets();
         }
         let mut grads = accumulator.grads();
-        let mut visitor = AddNoise {
-            grads: &mut grads,
-            stddev: dp.noise_multiplier * dp.max_grad_norm,
-            divide_by: records.expected_batch(),
-            rng,
-            error: None,
-        };
-        model.visit(&mut visitor);
-        if let Some(e) = visitor.error {
-            return Err(e);
-        }
+        add_noise(model, &mut grads, dp, records, rng)?;
         Ok(StepGradient {
             grads,
             loss: loss_sum / sample.len().max(1) as f64,

@@ -133,13 +133,7 @@ pub fn train_with(
     observer: &mut dyn TrainObserver,
     options: &TrainOptions,
 ) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
-    spec.validate(model.model_spec())?;
-    if model.device() != *device {
-        return Err(ModelError::DeviceMismatch {
-            model: format!("{:?}", model.device()),
-            requested: format!("{device:?}"),
-        });
-    }
+    check_model(&model, spec, device)?;
     let vocab = model.model_spec().vocab_size;
     let max_positions = model.model_spec().max_position_embeddings;
     let autodiff = device.clone().autodiff();
@@ -195,6 +189,17 @@ pub fn train_dp(
     options: &TrainOptions,
     rng: &mut dyn rand::RngCore,
 ) -> Result<(LoraLlama, Vec<StepReport>), ModelError> {
+    check_model(&model, spec, device)?;
+    let autodiff = device.clone().autodiff();
+    let model = model.train();
+    let mut next_gradient = |model: &LoraLlama, step: usize| {
+        dp_sgd::noised_gradient(model, records, dp, &autodiff, step, rng)
+    };
+    train_steps(model, spec, observer, options, &mut next_gradient)
+}
+
+/// Checks `spec` against `model`'s architecture and that `model` lives on `device`.
+fn check_model(model: &LoraLlama, spec: &TrainingSpec, device: &Device) -> Result<(), ModelError> {
     spec.validate(model.model_spec())?;
     if model.device() != *device {
         return Err(ModelError::DeviceMismatch {
@@ -202,12 +207,7 @@ pub fn train_dp(
             requested: format!("{device:?}"),
         });
     }
-    let autodiff = device.clone().autodiff();
-    let model = model.train();
-    let mut next_gradient = |model: &LoraLlama, step: usize| {
-        dp_sgd::noised_gradient(model, records, dp, &autodiff, step, rng)
-    };
-    train_steps(model, spec, observer, options, &mut next_gradient)
+    Ok(())
 }
 
 /// One optimizer step's gradient, with what it was computed from.
