@@ -125,7 +125,13 @@ pub fn render(report: &PilotReport) -> String {
         out,
         "transport: mutual TLS (a federation CA, a certificate per lab for the key it enrolled, provisioned for this run)"
     );
-    if report.secure {
+    if report.secure && private {
+        let _ = writeln!(
+            out,
+            "secure aggregation: on — the aggregator saw only each round's noised sum (rounding within ±{:.1e} per value, beside the noise)",
+            report.max_error_bound
+        );
+    } else if report.secure {
         let _ = writeln!(
             out,
             "secure aggregation: on — the aggregator saw only each round's sum (mean update within ±{:.1e} per value of the exact weighted mean)",
