@@ -505,6 +505,42 @@ mod tests {
         assert!(err.contains("strategy.fedex.max_dense_values"), "{err}");
     }
 
+    /// `[plan.privacy]` as an operator writes it: it loads, changes the fingerprint, is left
+    /// out of the example (off by default), and each bad field is named.
+    #[test]
+    fn privacy_section_loads_and_names_bad_fields() {
+        let example = AggregatorConfig::example().to_toml();
+        assert!(
+            !example.contains("[plan.privacy]"),
+            "off by default: left out"
+        );
+        let text = format!(
+            "{example}\n[plan.privacy]\nmode = \"distributed\"\nnoise_multiplier = 1.2\nl2_clip = 0.1\n\n[plan.privacy.record]\nnoise_multiplier = 1.0\nmax_grad_norm = 0.5\n"
+        );
+        let c = AggregatorConfig::from_toml(&text, "agg.toml").unwrap();
+        assert_eq!(
+            c.plan.privacy.mode,
+            fedcore::privacy::PrivacyMode::Distributed
+        );
+        assert_eq!(c.plan.privacy.record.map(|r| r.max_grad_norm), Some(0.5));
+        assert_ne!(
+            c.plan.fingerprint(),
+            AggregatorConfig::example().plan.fingerprint()
+        );
+        for (section, field) in [
+            ("mode = \"distributed\"\ndelta = 0.9", "privacy.delta"),
+            ("mode = \"distributed\"\nl2_clip = -1.0", "privacy.l2_clip"),
+            ("mode = \"laplace\"", "unknown variant `laplace`"),
+            ("mode = \"distributed\"\nclip = 1.0", "unknown field `clip`"),
+        ] {
+            let text = format!("{example}\n[plan.privacy]\n{section}\n");
+            let err = AggregatorConfig::from_toml(&text, "agg.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(field), "{section}: {err}");
+        }
+    }
+
     #[test]
     fn admin_section_is_optional_and_checked() {
         let text = AggregatorConfig::example().to_toml();

@@ -597,7 +597,7 @@ pub fn requests_in(dir: &Path) -> Result<Vec<PathBuf>, ProvisionError> {
 
 /// Reads `provision --plan FILE`: the `[plan]` sections of an aggregator.toml (`[plan]`,
 /// `[plan.model]`, `[plan.lora]`, `[plan.training]`, `[plan.rounds]`,
-/// `[plan.secure_aggregation]`, `[plan.strategy]`). The roster is the requests' and the
+/// `[plan.secure_aggregation]`, `[plan.strategy]`, `[plan.privacy]`). The roster is the requests' and the
 /// federation is provisioning's, so a file that sets a roster, or another federation, is
 /// refused; so is any other top-level section (provisioning writes `[server]`, `[tls]`,
 /// `[admin]` and `[state]` itself; edit them afterwards, they are not in the fingerprint).
