@@ -73,7 +73,7 @@ use crate::identity::IdentitySeed;
 use crate::model::LoraLlama;
 use crate::reveal_record::RevealRecord;
 use crate::round_clock::{Phase, RoundClock, RoundTiming};
-use crate::train::dp_sgd::{PoissonRecords, RecordDp};
+use crate::train::dp_sgd::PoissonRecords;
 use crate::train::{StepReport, TrainObserver, TrainOptions, TrainStats, train_local_observed};
 use crate::upload;
 
@@ -390,7 +390,8 @@ pub enum RunEnd {
     /// on.
     LeftOnRequest,
     /// Another round could have taken the lab past its privacy budget (`max_epsilon`); it
-    /// left with `spent` ε spent, while the run went on.
+    /// left with `spent` ε spent (the larger of its client-level and record-level ε),
+    /// while the run went on.
     PrivacyBudget { max_epsilon: f64, spent: f64 },
 }
 
@@ -704,7 +705,12 @@ pub async fn run(
                         }
                         fedcore::round::LeaveReason::PrivacyBudget => {
                             let max_epsilon = options.max_epsilon.unwrap_or_default();
-                            let spent = lab.epsilon_spent()?.unwrap_or_default();
+                            // The larger ε: whichever kind reached the budget.
+                            let spent = lab
+                                .epsilon_spent()?
+                                .into_iter()
+                                .chain(lab.record_epsilon_spent()?)
+                                .fold(0.0, f64::max);
                             info!(participant = %name, max_epsilon, spent, "another round could exceed this lab's privacy budget; leaving the federation");
                             (
                                 RunEnd::PrivacyBudget { max_epsilon, spent },
@@ -770,7 +776,8 @@ pub async fn run(
                         clock.time(Phase::Wait, tokio::time::sleep(pause)).await;
                         break;
                     }
-                    let clipped = upload.encoded().clipped;
+                    let encoded = upload.encoded();
+                    let clipped = encoded.clipped;
                     info!(
                         participant = %name,
                         round,
@@ -780,16 +787,9 @@ pub async fn run(
                         clipped,
                         "trained; advertising keys for secure aggregation"
                     );
-                    if plan.privacy.enabled() {
+                    if let Some(norm) = encoded.l2_norm {
                         // The whole update is scaled to the L2 clip: its norm says whether the
                         // clip suits this model and data (docs/privacy.md).
-                        let norm = lab.update().map_or(0.0, |(values, _)| {
-                            values
-                                .iter()
-                                .map(|v| f64::from(*v).powi(2))
-                                .sum::<f64>()
-                                .sqrt()
-                        });
                         info!(participant = %name, round, l2_norm = norm, l2_clip = plan.privacy.l2_clip, scaled_down = clipped > 0, "update noised for differential privacy");
                     } else if clipped > 0 {
                         warn!(participant = %name, clipped, clip = plan.secure_aggregation.clip, "update values clipped before quantisation");
@@ -982,10 +982,7 @@ async fn train_round(
     let dev = device.clone();
     let train_options = TrainOptions {
         prox_mu: plan.strategy.fedprox.mu,
-        record_dp: plan.privacy.record.map(|r| RecordDp {
-            noise_multiplier: r.noise_multiplier,
-            max_grad_norm: r.max_grad_norm,
-        }),
+        record_dp: plan.privacy.record,
     };
     // Only when the lab's policy lets it report them (see module docs).
     let score = options.share_metrics.contains(&SharedMetric::HeldoutLoss);

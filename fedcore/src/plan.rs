@@ -660,6 +660,7 @@ impl FederationPlan {
             &self.privacy,
             len,
             floor,
+            secure.max_colluding,
             members,
             rotation_seed(&self.fingerprint(), round),
         )?;

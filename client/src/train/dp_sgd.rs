@@ -26,15 +26,7 @@ use rand::Rng;
 use super::StepGradient;
 use crate::error::ModelError;
 use crate::model::{LoraLlama, RowBatch};
-
-/// DP-SGD's two settings (`[plan.privacy.record]`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RecordDp {
-    /// σ: the noise's standard deviation over the clip.
-    pub noise_multiplier: f64,
-    /// C: each record's gradient is scaled to at most this L2 norm.
-    pub max_grad_norm: f64,
-}
+use fedcore::privacy::RecordDpSpec;
 
 /// A lab's text as disjoint records, and their Poisson sampling (see the module docs).
 pub struct PoissonRecords<'a> {
@@ -122,7 +114,7 @@ impl<'a> PoissonRecords<'a> {
 pub(crate) fn noised_gradient<R: Rng + ?Sized>(
     model: &LoraLlama,
     records: &PoissonRecords<'_>,
-    dp: RecordDp,
+    dp: RecordDpSpec,
     autodiff: &Device,
     step: usize,
     rng: &mut R,
@@ -191,7 +183,7 @@ pub(crate) fn noised_gradient<R: Rng + ?Sized>(
 fn add_noise<R: Rng + ?Sized>(
     model: &LoraLlama,
     grads: &mut GradientsParams,
-    dp: RecordDp,
+    dp: RecordDpSpec,
     records: &PoissonRecords<'_>,
     rng: &mut R,
 ) -> Result<(), ModelError> {
@@ -263,7 +255,7 @@ mod tests {
     fn noised_gradient_per_record<R: Rng + ?Sized>(
         model: &LoraLlama,
         records: &PoissonRecords<'_>,
-        dp: RecordDp,
+        dp: RecordDpSpec,
         autodiff: &Device,
         step: usize,
         rng: &mut R,
@@ -348,17 +340,23 @@ mod tests {
         c.out
     }
 
-    fn setup() -> (LoraLlama, Vec<u32>, Device) {
-        let device = Device::flex();
+    /// The tiny model on `device` in training mode, and the sample text's tokens.
+    fn setup_on(device: &Device) -> (LoraLlama, Vec<u32>) {
         let text = crate::train::tests::sample_text();
         let tokens = crate::data::ByteTokenizer.encode(&text);
         let model = LoraLlama::new(
             &fedcore::ModelSpec::tiny(),
             &fedcore::LoraSpec::default(),
-            &device,
+            device,
         )
         .unwrap()
         .train();
+        (model, tokens)
+    }
+
+    fn setup() -> (LoraLlama, Vec<u32>, Device) {
+        let device = Device::flex();
+        let (model, tokens) = setup_on(&device);
         (model, tokens, device)
     }
 
@@ -372,7 +370,7 @@ mod tests {
         let records = PoissonRecords::new(&tokens, 32, None, usize::MAX).unwrap();
         assert_eq!(records.rate(), 1.0);
         let n = records.records();
-        let dp = RecordDp {
+        let dp = RecordDpSpec {
             noise_multiplier: 0.0,
             max_grad_norm: 1e9,
         };
@@ -407,7 +405,7 @@ mod tests {
         let clipped = noised_gradient(
             &model,
             &records,
-            RecordDp {
+            RecordDpSpec {
                 noise_multiplier: 0.0,
                 max_grad_norm: clip,
             },
@@ -423,7 +421,7 @@ mod tests {
         let noised = noised_gradient(
             &model,
             &records,
-            RecordDp {
+            RecordDpSpec {
                 noise_multiplier: 2.0,
                 max_grad_norm: clip,
             },
@@ -463,7 +461,7 @@ mod tests {
             .flat_map(|t| [1e9, 0.05, 1e-4].map(|c| (t, c)))
         {
             let model = model.clone().set_trainable(a, b);
-            let dp = RecordDp {
+            let dp = RecordDpSpec {
                 noise_multiplier: 0.0,
                 max_grad_norm: clip,
             };
@@ -500,22 +498,14 @@ mod tests {
             return;
         }
         let wgpu = select_device(DeviceChoice::Wgpu).unwrap().device;
-        let text = crate::train::tests::sample_text();
-        let tokens = crate::data::ByteTokenizer.encode(&text);
+        let tokens = crate::data::ByteTokenizer.encode(&crate::train::tests::sample_text());
         let records = PoissonRecords::new(&tokens, 32, None, 4).unwrap();
-        let dp = RecordDp {
+        let dp = RecordDpSpec {
             noise_multiplier: 0.0,
             max_grad_norm: 0.05,
         };
         let gradient = |device: &Device| {
-            let model = LoraLlama::new(
-                &fedcore::ModelSpec::tiny(),
-                &fedcore::LoraSpec::default(),
-                device,
-            )
-            .unwrap()
-            .set_trainable(true, true)
-            .train();
+            let model = setup_on(device).0.set_trainable(true, true);
             let mut rng = ChaCha8Rng::seed_from_u64(5);
             let g = noised_gradient(
                 &model,

@@ -98,7 +98,7 @@ pub struct TrainOptions {
     pub prox_mu: f64,
     /// Record-level DP-SGD (`[plan.privacy.record]`): per-record clipping and Gaussian
     /// noise on Poisson-sampled disjoint records ([`dp_sgd`]) instead of random windows.
-    pub record_dp: Option<dp_sgd::RecordDp>,
+    pub record_dp: Option<fedcore::privacy::RecordDpSpec>,
 }
 
 /// Trains `model`'s trainable LoRA factors for `spec.local_steps` optimizer steps on
@@ -183,7 +183,7 @@ pub fn train_dp(
     model: LoraLlama,
     spec: &TrainingSpec,
     records: &dp_sgd::PoissonRecords<'_>,
-    dp: dp_sgd::RecordDp,
+    dp: fedcore::privacy::RecordDpSpec,
     device: &Device,
     observer: &mut dyn TrainObserver,
     options: &TrainOptions,

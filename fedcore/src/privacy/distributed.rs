@@ -42,7 +42,7 @@ use rand_chacha::ChaCha20Rng;
 use super::ddg::DistributedDiscreteGaussian;
 use super::discrete::{SamplerError, discrete_gaussian};
 use super::rotation::{Rotation, padded_dim};
-use super::spec::{PrivacySpec, ROUNDING_BETA};
+use super::spec::{PrivacySpec, ROUNDING_BETA, honest_labs};
 use crate::error::ConfigError;
 use crate::secagg::spec::{DecodeError, DecodedSum, EncodedUpdate};
 use crate::update::{UpdateError, check_finite};
@@ -75,6 +75,28 @@ pub struct DdgEncoding {
     /// Each lab's noise variance on the grid (an integer, so the sampler is exact).
     grid_variance: u64,
     l2_clip: f64,
+    /// The fewest labs whose noise no coalition can remove, in any sum the protocol allows.
+    honest_floor: usize,
+    /// Labs that may subtract their own noise (`secure_aggregation.max_colluding`).
+    colluders: usize,
+}
+
+/// The mechanism of a sum, once the labs summed are known: the labs beyond the colluders
+/// contribute the noise no coalition removes ([`honest_labs`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SumAccounting {
+    template: DistributedDiscreteGaussian,
+    colluders: usize,
+}
+
+impl SumAccounting {
+    /// The mechanism of a sum of `summed` labs.
+    pub fn for_summed(&self, summed: usize) -> DistributedDiscreteGaussian {
+        DistributedDiscreteGaussian {
+            num_clients: honest_labs(summed, self.colluders),
+            ..self.template.clone()
+        }
+    }
 }
 
 /// Why a lab's update could not be encoded.
@@ -93,11 +115,13 @@ pub enum DdgError {
 impl DdgEncoding {
     /// The codec for uploads of `len` values under `spec`, whose noise is calibrated so
     /// that `honest_floor` labs' noise reaches `noise_multiplier · l2_clip`, for sums of at
-    /// most `max_summands` labs, rotated with `rotation_seed`.
+    /// most `max_summands` labs of which `colluders` may subtract their own noise, rotated
+    /// with `rotation_seed`.
     pub fn new(
         spec: &PrivacySpec,
         len: usize,
         honest_floor: usize,
+        colluders: usize,
         max_summands: usize,
         rotation_seed: [u8; 32],
     ) -> Result<Self, ConfigError> {
@@ -126,6 +150,8 @@ impl DdgEncoding {
             gamma,
             grid_variance: grid_variance as u64,
             l2_clip: spec.l2_clip,
+            honest_floor: honest_floor.max(1),
+            colluders,
         })
     }
 
@@ -159,6 +185,21 @@ impl DdgEncoding {
             beta: ROUNDING_BETA,
             dim: self.dim() as u64,
         }
+    }
+
+    /// How the sums of this encoding are accounted: the mechanism once the labs summed
+    /// are known ([`SumAccounting::for_summed`]).
+    pub fn accounting(&self) -> SumAccounting {
+        SumAccounting {
+            template: self.mechanism(1),
+            colluders: self.colluders,
+        }
+    }
+
+    /// The mechanism of the smallest sum the protocol lets the center unmask (the
+    /// threshold less the colluders): what a lab's budget is checked against.
+    pub fn worst_case(&self) -> DistributedDiscreteGaussian {
+        self.mechanism(self.honest_floor)
     }
 
     /// Encodes `delta` (finite, `len` values) with rounding and noise drawn from `seed`.
@@ -221,6 +262,7 @@ impl DdgEncoding {
             words,
             clipped: usize::from(scale < 1.0),
             weight: 1,
+            l2_norm: Some(norm),
         })
     }
 
@@ -295,7 +337,7 @@ mod tests {
     #[test]
     fn the_sum_decodes_to_the_mean_of_the_clipped_updates_plus_the_stated_noise() {
         let len = 3000;
-        let enc = DdgEncoding::new(&spec(1.0, 0.5), len, 2, 6, rotation_seed("ab", 1)).unwrap();
+        let enc = DdgEncoding::new(&spec(1.0, 0.5), len, 2, 0, 6, rotation_seed("ab", 1)).unwrap();
         assert_eq!(enc.dim(), 4096);
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let mut sum = vec![0u32; enc.vector_len()];
@@ -340,7 +382,7 @@ mod tests {
 
     #[test]
     fn the_same_seed_gives_the_same_words_and_wrong_counts_are_refused() {
-        let enc = DdgEncoding::new(&spec(0.8, 1.0), 10, 3, 4, [1; 32]).unwrap();
+        let enc = DdgEncoding::new(&spec(0.8, 1.0), 10, 3, 0, 4, [1; 32]).unwrap();
         let delta = [0.1f32; 10];
         assert_eq!(
             enc.encode(&delta, [5; 32]).unwrap(),
@@ -366,7 +408,7 @@ mod tests {
     #[test]
     fn the_largest_sum_stays_inside_the_modulus() {
         // Six identical updates at the clip, concentrated in one value.
-        let enc = DdgEncoding::new(&spec(0.5, 1.0), 64, 2, 6, [2; 32]).unwrap();
+        let enc = DdgEncoding::new(&spec(0.5, 1.0), 64, 2, 0, 6, [2; 32]).unwrap();
         let mut delta = vec![0f32; 64];
         delta[0] = 1.0;
         let mut sum = vec![0u32; enc.vector_len()];

@@ -170,8 +170,14 @@ impl PrivacySpec {
     /// The labs whose noise no coalition can remove from a sum of `summed` labs, under
     /// `secure`: the summed minus the colluders tolerated, at least one.
     pub fn honest_in(&self, secure: &SecureAggregationSpec, summed: usize) -> usize {
-        summed.saturating_sub(secure.max_colluding).max(1)
+        honest_labs(summed, secure.max_colluding)
     }
+}
+
+/// The labs whose noise no coalition of the center and `colluders` labs can remove from a
+/// sum of `summed` labs (colluders know their own noise): at least one.
+pub fn honest_labs(summed: usize, colluders: usize) -> usize {
+    summed.saturating_sub(colluders).max(1)
 }
 
 fn check_delta(delta: f64) -> Result<(), ConfigError> {

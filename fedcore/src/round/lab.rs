@@ -234,12 +234,7 @@ fn epsilon_after(
 ) -> Result<f64, LabError> {
     let mut spent = reveals.spent();
     if let Some(private) = plan.update_encoding(len, round)?.private() {
-        let secure = &plan.secure_aggregation;
-        let members = plan.roster()?.len();
-        let floor = plan
-            .privacy
-            .honest_in(secure, secure.threshold_for(members));
-        spent.push(private.mechanism(floor));
+        spent.push(private.worst_case());
     }
     Ok(epsilon_spent(&spent, plan.privacy.delta)?)
 }

@@ -161,6 +161,19 @@ fn perform(c: &mut Coordinator, lab: &mut TestLab, mut next: Next, now: u64) {
     }
 }
 
+/// Gives `lab` (lab0) a privacy budget of `max_epsilon` under `plan`, from its record on disk.
+fn give_budget(lab: &mut TestLab, plan: &FederationPlan, max_epsilon: f64) {
+    lab.machine = LabMachine::new(
+        plan.clone(),
+        LabSetup {
+            max_epsilon: Some(max_epsilon),
+            ..setup("lab0", 0)
+        },
+        lab.disk.clone(),
+    )
+    .unwrap();
+}
+
 /// Lets every lab act on its current task until nobody has anything left to do.
 fn drive(c: &mut Coordinator, labs: &mut [TestLab], now: u64) {
     loop {
@@ -476,15 +489,7 @@ fn noised_rounds_are_accounted_and_a_lab_leaves_at_its_budget() {
     let limit =
         0.999 * epsilon_spent(&[mechanism(1, 3), mechanism(2, 3), mechanism(3, 2)], 1e-5).unwrap();
     let mut labs = labs(&mut c, 4);
-    labs[0].machine = LabMachine::new(
-        plan.clone(),
-        LabSetup {
-            max_epsilon: Some(limit),
-            ..setup("lab0", 0)
-        },
-        labs[0].disk.clone(),
-    )
-    .unwrap();
+    give_budget(&mut labs[0], &plan, limit);
     drive(&mut c, &mut labs, 10);
     assert_eq!(c.history().len(), 3, "{:?}", c.status());
     assert_eq!(labs[0].left, Some(LeaveReason::PrivacyBudget));
@@ -594,15 +599,7 @@ fn a_lab_leaves_before_dp_sgd_would_exceed_its_budget() {
     assert!(two < three);
     let mut c = Coordinator::new(plan.clone(), [3; 32]).unwrap();
     let mut labs = labs(&mut c, 4);
-    labs[0].machine = LabMachine::new(
-        plan.clone(),
-        LabSetup {
-            max_epsilon: Some((two + three) / 2.0),
-            ..setup("lab0", 0)
-        },
-        labs[0].disk.clone(),
-    )
-    .unwrap();
+    give_budget(&mut labs[0], &plan, (two + three) / 2.0);
     drive(&mut c, &mut labs, 10);
     assert_eq!(c.history().len(), 3, "{:?}", c.status());
     assert_eq!(labs[0].left, Some(LeaveReason::PrivacyBudget));

@@ -1053,11 +1053,10 @@ impl Coordinator {
         };
         let decoded = sec.encoding.decode_sum(sum, survivors.len())?;
         let privacy = sec.encoding.private().map(|encoding| {
-            let honest = self
-                .plan
-                .privacy
-                .honest_in(&self.plan.secure_aggregation, survivors.len());
-            (encoding.mechanism(honest), decoded.noise_stddev)
+            (
+                encoding.accounting().for_summed(survivors.len()),
+                decoded.noise_stddev,
+            )
         });
         let outcome = self.strategy.aggregate(
             &self.global,

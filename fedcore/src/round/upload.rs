@@ -6,7 +6,7 @@ use zeroize::Zeroizing;
 
 use crate::plan::FederationPlan;
 use crate::privacy::ddg::DistributedDiscreteGaussian;
-use crate::privacy::distributed::DdgError;
+use crate::privacy::distributed::{DdgError, SumAccounting};
 use crate::round::{SecureMessage, SecureStep, SecureTrain};
 use crate::secagg::messages::{AdvertiseKeys, Index, MaskedInput};
 use crate::secagg::participant::{ParticipantSession, RoundRandomness};
@@ -92,18 +92,19 @@ pub struct SecureUpload {
     words: Zeroizing<Vec<u32>>,
     encoded: EncodedSummary,
     revealed: bool,
-    /// Under `[privacy]`: the noise this lab added, the grid, and the colluders the noise
-    /// accounting discounts; the sum's mechanism is fixed once the survivors are known.
-    privacy: Option<(DistributedDiscreteGaussian, usize)>,
+    /// Under `[privacy]`: how the sum is accounted once its survivors are known.
+    privacy: Option<SumAccounting>,
     /// The noised sum the reveal lets the center unmask.
     spent: Option<DistributedDiscreteGaussian>,
 }
 
 /// What encoding did to the update, for logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EncodedSummary {
     pub clipped: usize,
     pub weight: u64,
+    /// Under `[privacy]`: the update's L2 norm before clipping.
+    pub l2_norm: Option<f64>,
 }
 
 impl SecureUpload {
@@ -151,10 +152,9 @@ impl SecureUpload {
             words,
             clipped,
             weight,
+            l2_norm,
         } = encoding.encode(delta, num_samples, secrets.rounding_seed)?;
-        let privacy = encoding
-            .private()
-            .map(|e| (e.mechanism(1), spec.max_colluding));
+        let privacy = encoding.private().map(|e| e.accounting());
         let mut session = ParticipantSession::new(
             cfg,
             me,
@@ -170,7 +170,11 @@ impl SecureUpload {
                 session_id: task.session,
                 session,
                 words: Zeroizing::new(words),
-                encoded: EncodedSummary { clipped, weight },
+                encoded: EncodedSummary {
+                    clipped,
+                    weight,
+                    l2_norm,
+                },
                 revealed: false,
                 privacy,
                 spent: None,
@@ -223,12 +227,10 @@ impl SecureUpload {
             SecureStep::Unmask(request) => {
                 let response = self.session.unmask(request)?;
                 self.revealed = true;
-                self.spent = self.privacy.as_ref().map(|(template, colluders)| {
-                    DistributedDiscreteGaussian {
-                        num_clients: request.survivors.len().saturating_sub(*colluders).max(1),
-                        ..template.clone()
-                    }
-                });
+                self.spent = self
+                    .privacy
+                    .as_ref()
+                    .map(|a| a.for_summed(request.survivors.len()));
                 Reply::Message(SecureMessage::Unmask(response))
             }
         })

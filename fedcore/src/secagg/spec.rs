@@ -320,13 +320,16 @@ pub fn model_hash_bytes(global_hash: &str) -> [u8; 32] {
 }
 
 /// A participant's update as the words it masks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EncodedUpdate {
     pub words: Vec<u32>,
     /// Values clipped to `[-clip, clip]`; worth a warning when not zero.
     pub clipped: usize,
     /// The capped sample weight carried in the last word.
     pub weight: u64,
+    /// Under `[privacy]`: the update's L2 norm before it was scaled to the clip (whether
+    /// the clip suits the model and data).
+    pub l2_norm: Option<f64>,
 }
 
 /// The sum of the survivors' updates, decoded.
@@ -396,6 +399,7 @@ impl WeightedEncoding {
             words,
             clipped: q.clipped,
             weight,
+            l2_norm: None,
         })
     }
 
